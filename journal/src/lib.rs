@@ -1,0 +1,8 @@
+//! The Keel journal: a multi-node, quorum-replicated, fsync'd, ordered log of
+//! streams with fencing and leases, served over gRPC. Consensus is openraft,
+//! the on-disk log is raft-log; the client library hides leader redirects.
+
+pub mod log_store;
+pub mod state_machine;
+pub mod streams;
+pub mod types;

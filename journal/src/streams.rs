@@ -1,0 +1,516 @@
+//! The journal's decisions: what each command does to the streams.
+//!
+//! Invariants this file protects, for every stream:
+//! - records are numbered 1, 2, 3… with no gap and no reuse; `last_seq` only
+//!   grows, `first_seq` (the oldest retained record) only grows;
+//! - an append is applied only if its writer is the stream's current leader
+//!   (fencing): a deposed leader can never add a record;
+//! - the leader changes only by compare-and-set (`SetLeader`) or by taking an
+//!   expired lease while caught up (`TakeLease`), so at most one writer wins;
+//! - time comes only from `stamp_unix_ms` written by the Raft leader into the
+//!   entry; the journal clock is the largest stamp seen and never goes back.
+//!
+//! `Streams::apply` is a pure function of (state, command): every node applies
+//! the same entries in the same order and reaches the same state. No I/O here.
+
+use std::collections::BTreeMap;
+use std::collections::VecDeque;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::types::Command;
+use crate::types::Outcome;
+use crate::types::Payload;
+
+/// Largest single record.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+/// Largest total payload of one append.
+pub const MAX_APPEND_BYTES: usize = 8 << 20;
+/// Most records in one append.
+pub const MAX_APPEND_RECORDS: usize = 65_536;
+/// Longest stream name or meta key.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Largest meta value.
+pub const MAX_META_VALUE_BYTES: usize = 64 << 10;
+/// Most meta keys per stream.
+pub const MAX_META_KEYS: usize = 256;
+/// Untrimmed payload a stream may hold before appends are refused; the
+/// journal keeps records in memory, so this bounds its memory per stream.
+pub const MAX_RETAINED_BYTES_PER_STREAM: u64 = 1 << 30;
+/// Lease length given by `SetLeader` when the stream never had a lease.
+pub const DEFAULT_LEASE_MS: u64 = 1_000;
+/// Longest lease a candidate may ask for.
+pub const MAX_LEASE_MS: u64 = 60_000;
+
+/// One stream's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stream {
+    /// Current leader uuid; empty when none.
+    pub leader: String,
+    pub lease_deadline_unix_ms: u64,
+    pub lease_ms: u64,
+    /// Seq of `records[0]`; `last_seq + 1` when no record is retained.
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub records: VecDeque<Payload>,
+    pub retained_bytes: u64,
+    pub meta: BTreeMap<String, Payload>,
+}
+
+impl Stream {
+    fn new() -> Stream {
+        Stream { first_seq: 1, lease_ms: DEFAULT_LEASE_MS, ..Default::default() }
+    }
+
+    /// Records with seq in `from..`, at most `max_records` of them and at most
+    /// `max_bytes` (but always at least one when any is available).
+    pub fn records_from(&self, from_seq: u64, max_records: usize, max_bytes: usize) -> Vec<(u64, Payload)> {
+        let mut out = Vec::new();
+        if from_seq < self.first_seq || from_seq > self.last_seq {
+            return out;
+        }
+        let mut bytes = 0usize;
+        let start = (from_seq - self.first_seq) as usize;
+        for (i, rec) in self.records.iter().enumerate().skip(start) {
+            if !out.is_empty() && (out.len() >= max_records || bytes + rec.len() > max_bytes) {
+                break;
+            }
+            bytes += rec.len();
+            out.push((self.first_seq + i as u64, rec.clone()));
+        }
+        out
+    }
+
+    fn check_invariants(&self) {
+        debug_assert_eq!(self.first_seq + self.records.len() as u64, self.last_seq + 1);
+        debug_assert_eq!(self.retained_bytes, self.records.iter().map(|r| r.len() as u64).sum::<u64>());
+    }
+}
+
+/// All streams, plus the journal clock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Streams {
+    /// The largest `stamp_unix_ms` applied so far.
+    pub clock_unix_ms: u64,
+    pub streams: BTreeMap<String, Stream>,
+}
+
+/// Validation shared by the gRPC layer (before proposing) and `apply`.
+pub fn validate(cmd: &Command) -> Result<(), String> {
+    fn name(what: &str, s: &str) -> Result<(), String> {
+        if s.is_empty() {
+            return Err(format!("{what} must not be empty"));
+        }
+        if s.len() > MAX_NAME_BYTES {
+            return Err(format!("{what} is {} bytes; the limit is {MAX_NAME_BYTES}", s.len()));
+        }
+        Ok(())
+    }
+    fn uuid(what: &str, s: &str, allow_empty: bool) -> Result<(), String> {
+        if s.is_empty() && allow_empty {
+            return Ok(());
+        }
+        uuid::Uuid::parse_str(s).map(|_| ()).map_err(|e| format!("{what} {s:?} is not a uuid: {e}"))
+    }
+    match cmd {
+        Command::Append { stream, leader, records, .. } => {
+            name("stream", stream)?;
+            uuid("leader_uuid", leader, false)?;
+            if records.is_empty() {
+                return Err("append carries no records".into());
+            }
+            if records.len() > MAX_APPEND_RECORDS {
+                return Err(format!("append carries {} records; the limit is {MAX_APPEND_RECORDS}", records.len()));
+            }
+            let mut total = 0usize;
+            for (i, r) in records.iter().enumerate() {
+                if r.is_empty() {
+                    return Err(format!("record {i} is empty; records must carry at least one byte"));
+                }
+                if r.len() > MAX_RECORD_BYTES {
+                    return Err(format!("record {i} is {} bytes; the limit is {MAX_RECORD_BYTES}", r.len()));
+                }
+                total += r.len();
+            }
+            if total > MAX_APPEND_BYTES {
+                return Err(format!("append is {total} bytes; the limit is {MAX_APPEND_BYTES}"));
+            }
+        }
+        Command::SetLeader { stream, new, expected_old, .. } => {
+            name("stream", stream)?;
+            uuid("new_uuid", new, true)?;
+            uuid("expected_old", expected_old, true)?;
+        }
+        Command::TakeLease { stream, candidate, lease_ms, .. } => {
+            name("stream", stream)?;
+            uuid("candidate_uuid", candidate, false)?;
+            if *lease_ms == 0 || *lease_ms > MAX_LEASE_MS {
+                return Err(format!("lease_ms {lease_ms} is out of range 1..={MAX_LEASE_MS}"));
+            }
+        }
+        Command::RenewLease { stream, uuid: u, .. } => {
+            name("stream", stream)?;
+            uuid("uuid", u, false)?;
+        }
+        Command::Trim { stream, .. } => name("stream", stream)?,
+        Command::CasMeta { stream, key, value, .. } => {
+            name("stream", stream)?;
+            name("key", key)?;
+            if value.len() > MAX_META_VALUE_BYTES {
+                return Err(format!("meta value is {} bytes; the limit is {MAX_META_VALUE_BYTES}", value.len()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show(bytes: Option<&Payload>) -> String {
+    match bytes {
+        None => "<absent>".into(),
+        Some(b) => String::from_utf8_lossy(b).into_owned(),
+    }
+}
+
+impl Streams {
+    /// Applies one command; the outcome says what happened.
+    pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        if let Err(reason) = validate(cmd) {
+            return Outcome::Invalid { reason };
+        }
+        match cmd {
+            Command::Append { stream, leader, records, expect_last_seq } => {
+                let Some(s) = self.streams.get_mut(stream) else {
+                    return Outcome::UnknownStream { stream: stream.clone() };
+                };
+                if s.leader != *leader {
+                    return Outcome::Fenced { stream: stream.clone(), leader: s.leader.clone() };
+                }
+                if let Some(expect) = expect_last_seq {
+                    if *expect != s.last_seq {
+                        return Outcome::SeqMismatch { last_seq: s.last_seq };
+                    }
+                }
+                let add: u64 = records.iter().map(|r| r.len() as u64).sum();
+                if s.retained_bytes + add > MAX_RETAINED_BYTES_PER_STREAM {
+                    return Outcome::StreamFull { retained_bytes: s.retained_bytes, limit: MAX_RETAINED_BYTES_PER_STREAM };
+                }
+                for r in records {
+                    s.records.push_back(r.clone());
+                }
+                s.retained_bytes += add;
+                s.last_seq += records.len() as u64;
+                s.check_invariants();
+                Outcome::Appended { last_seq: s.last_seq }
+            }
+            Command::SetLeader { stream, new, expected_old, stamp_unix_ms } => {
+                let now = self.tick(*stamp_unix_ms);
+                let current = self.streams.get(stream).map(|s| s.leader.as_str()).unwrap_or("");
+                if current != expected_old {
+                    return Outcome::CasFailed { actual: current.to_string() };
+                }
+                let s = self.streams.entry(stream.clone()).or_insert_with(Stream::new);
+                let old = std::mem::replace(&mut s.leader, new.clone());
+                s.lease_deadline_unix_ms = if new.is_empty() { 0 } else { now + s.lease_ms };
+                Outcome::LeaderSet { old }
+            }
+            Command::TakeLease { stream, candidate, caught_up_seq, lease_ms, stamp_unix_ms } => {
+                let now = self.tick(*stamp_unix_ms);
+                let s = match self.streams.get_mut(stream) {
+                    Some(s) => s,
+                    None if *caught_up_seq == 0 => self.streams.entry(stream.clone()).or_insert_with(Stream::new),
+                    None => return Outcome::UnknownStream { stream: stream.clone() },
+                };
+                if !s.leader.is_empty() && s.leader != *candidate && now < s.lease_deadline_unix_ms {
+                    return Outcome::LeaseHeld { leader: s.leader.clone(), deadline_unix_ms: s.lease_deadline_unix_ms };
+                }
+                if *caught_up_seq != s.last_seq {
+                    return Outcome::NotCaughtUp { last_seq: s.last_seq };
+                }
+                s.leader = candidate.clone();
+                s.lease_ms = *lease_ms;
+                s.lease_deadline_unix_ms = now + lease_ms;
+                Outcome::Lease { leader: s.leader.clone(), deadline_unix_ms: s.lease_deadline_unix_ms, last_seq: s.last_seq }
+            }
+            Command::RenewLease { stream, uuid, stamp_unix_ms } => {
+                let now = self.tick(*stamp_unix_ms);
+                let Some(s) = self.streams.get_mut(stream) else {
+                    return Outcome::UnknownStream { stream: stream.clone() };
+                };
+                if s.leader != *uuid {
+                    return Outcome::Fenced { stream: stream.clone(), leader: s.leader.clone() };
+                }
+                s.lease_deadline_unix_ms = s.lease_deadline_unix_ms.max(now + s.lease_ms);
+                Outcome::Lease { leader: s.leader.clone(), deadline_unix_ms: s.lease_deadline_unix_ms, last_seq: s.last_seq }
+            }
+            Command::Trim { stream, upto_seq } => {
+                let Some(s) = self.streams.get_mut(stream) else {
+                    return Outcome::UnknownStream { stream: stream.clone() };
+                };
+                if *upto_seq > s.last_seq {
+                    return Outcome::Invalid {
+                        reason: format!("cannot trim {stream} up to {upto_seq}: its last seq is {}", s.last_seq),
+                    };
+                }
+                while s.first_seq <= *upto_seq {
+                    let r = s.records.pop_front().expect("a record for every seq in first..=last");
+                    s.retained_bytes -= r.len() as u64;
+                    s.first_seq += 1;
+                }
+                s.check_invariants();
+                Outcome::Trimmed { first_seq: s.first_seq }
+            }
+            Command::CasMeta { stream, key, expected, value } => {
+                let Some(s) = self.streams.get_mut(stream) else {
+                    return Outcome::UnknownStream { stream: stream.clone() };
+                };
+                let current = s.meta.get(key);
+                if current != expected.as_ref() {
+                    return Outcome::CasFailed { actual: show(current) };
+                }
+                if current.is_none() && s.meta.len() >= MAX_META_KEYS {
+                    return Outcome::Invalid { reason: format!("stream {stream} already has {MAX_META_KEYS} meta keys") };
+                }
+                s.meta.insert(key.clone(), value.clone());
+                Outcome::MetaSet
+            }
+        }
+    }
+
+    /// Advances the journal clock to `stamp` (never backwards); returns it.
+    fn tick(&mut self, stamp_unix_ms: u64) -> u64 {
+        self.clock_unix_ms = self.clock_unix_ms.max(stamp_unix_ms);
+        self.clock_unix_ms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: &str = "s1";
+
+    fn id(n: u8) -> String {
+        uuid::Uuid::from_bytes([n; 16]).to_string()
+    }
+    fn rec(s: &str) -> Payload {
+        Payload::from(s.as_bytes().to_vec())
+    }
+    fn append(leader: &str, recs: &[&str]) -> Command {
+        Command::Append {
+            stream: S.into(),
+            leader: leader.into(),
+            records: recs.iter().map(|r| rec(r)).collect(),
+            expect_last_seq: None,
+        }
+    }
+    fn set_leader(new: &str, old: &str, t: u64) -> Command {
+        Command::SetLeader { stream: S.into(), new: new.into(), expected_old: old.into(), stamp_unix_ms: t }
+    }
+    fn take(c: &str, seq: u64, lease: u64, t: u64) -> Command {
+        Command::TakeLease { stream: S.into(), candidate: c.into(), caught_up_seq: seq, lease_ms: lease, stamp_unix_ms: t }
+    }
+    fn renew(c: &str, t: u64) -> Command {
+        Command::RenewLease { stream: S.into(), uuid: c.into(), stamp_unix_ms: t }
+    }
+
+    #[test]
+    fn append_to_unknown_stream_is_rejected() {
+        let mut st = Streams::default();
+        assert_eq!(st.apply(&append(&id(1), &["a"])), Outcome::UnknownStream { stream: S.into() });
+    }
+
+    #[test]
+    fn only_the_leader_appends_and_seqs_are_dense() {
+        let mut st = Streams::default();
+        assert_eq!(st.apply(&set_leader(&id(1), "", 10)), Outcome::LeaderSet { old: "".into() });
+        assert_eq!(st.apply(&append(&id(1), &["a", "b"])), Outcome::Appended { last_seq: 2 });
+        assert_eq!(st.apply(&append(&id(2), &["x"])), Outcome::Fenced { stream: S.into(), leader: id(1) });
+        assert_eq!(st.apply(&append(&id(1), &["c"])), Outcome::Appended { last_seq: 3 });
+        let s = &st.streams[S];
+        let got: Vec<_> = s.records_from(1, 100, 1 << 20).into_iter().map(|(q, r)| (q, r.into_vec())).collect();
+        assert_eq!(got, vec![(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"c".to_vec())]);
+    }
+
+    #[test]
+    fn set_leader_is_compare_and_set() {
+        let mut st = Streams::default();
+        st.apply(&set_leader(&id(1), "", 10));
+        assert_eq!(st.apply(&set_leader(&id(2), "", 11)), Outcome::CasFailed { actual: id(1) });
+        assert_eq!(st.apply(&set_leader(&id(2), &id(3), 11)), Outcome::CasFailed { actual: id(1) });
+        assert_eq!(st.apply(&set_leader(&id(2), &id(1), 12)), Outcome::LeaderSet { old: id(1) });
+        // The old leader is fenced from now on.
+        assert!(matches!(st.apply(&append(&id(1), &["a"])), Outcome::Fenced { .. }));
+    }
+
+    #[test]
+    fn lease_cannot_be_taken_while_live_and_can_after_expiry() {
+        let mut st = Streams::default();
+        assert!(matches!(st.apply(&take(&id(1), 0, 1000, 100)), Outcome::Lease { deadline_unix_ms: 1100, .. }));
+        assert_eq!(
+            st.apply(&take(&id(2), 0, 1000, 1099)),
+            Outcome::LeaseHeld { leader: id(1), deadline_unix_ms: 1100 }
+        );
+        // Renewal by the holder extends it.
+        assert!(matches!(st.apply(&renew(&id(1), 1099)), Outcome::Lease { deadline_unix_ms: 2099, .. }));
+        assert!(matches!(st.apply(&take(&id(2), 0, 1000, 2098)), Outcome::LeaseHeld { .. }));
+        // Renewal by anyone else is fenced.
+        assert!(matches!(st.apply(&renew(&id(2), 1060)), Outcome::Fenced { .. }));
+        // After expiry a caught-up candidate wins and fences the old one.
+        assert!(matches!(st.apply(&take(&id(2), 0, 500, 2099)), Outcome::Lease { deadline_unix_ms: 2599, .. }));
+        assert!(matches!(st.apply(&append(&id(1), &["late"])), Outcome::Fenced { .. }));
+        assert!(matches!(st.apply(&renew(&id(1), 2100)), Outcome::Fenced { .. }));
+        assert_eq!(st.apply(&append(&id(2), &["a"])), Outcome::Appended { last_seq: 1 });
+    }
+
+    #[test]
+    fn lagging_candidate_cannot_take_the_lease() {
+        let mut st = Streams::default();
+        st.apply(&take(&id(1), 0, 100, 0));
+        st.apply(&append(&id(1), &["a", "b"]));
+        assert_eq!(st.apply(&take(&id(2), 1, 100, 1000)), Outcome::NotCaughtUp { last_seq: 2 });
+        assert_eq!(st.apply(&take(&id(2), 3, 100, 1000)), Outcome::NotCaughtUp { last_seq: 2 });
+        assert!(matches!(st.apply(&take(&id(2), 2, 100, 1000)), Outcome::Lease { .. }));
+    }
+
+    #[test]
+    fn the_clock_never_goes_back() {
+        let mut st = Streams::default();
+        st.apply(&take(&id(1), 0, 100, 5000));
+        // A stamp from a node whose clock is behind does not reopen the lease.
+        assert!(matches!(st.apply(&take(&id(2), 0, 100, 1000)), Outcome::LeaseHeld { .. }));
+        assert_eq!(st.clock_unix_ms, 5000);
+    }
+
+    #[test]
+    fn trim_drops_prefix_and_keeps_seqs() {
+        let mut st = Streams::default();
+        st.apply(&set_leader(&id(1), "", 0));
+        st.apply(&append(&id(1), &["a", "bb", "ccc"]));
+        assert_eq!(st.apply(&Command::Trim { stream: S.into(), upto_seq: 2 }), Outcome::Trimmed { first_seq: 3 });
+        let s = &st.streams[S];
+        assert_eq!(s.retained_bytes, 3);
+        assert!(s.records_from(2, 10, 100).is_empty());
+        assert_eq!(s.records_from(3, 10, 100).len(), 1);
+        assert!(matches!(st.apply(&Command::Trim { stream: S.into(), upto_seq: 9 }), Outcome::Invalid { .. }));
+        assert_eq!(st.apply(&append(&id(1), &["d"])), Outcome::Appended { last_seq: 4 });
+    }
+
+    #[test]
+    fn expect_last_seq_makes_retries_safe() {
+        let mut st = Streams::default();
+        st.apply(&set_leader(&id(1), "", 0));
+        let cmd = Command::Append { stream: S.into(), leader: id(1), records: vec![rec("a")], expect_last_seq: Some(0) };
+        assert_eq!(st.apply(&cmd), Outcome::Appended { last_seq: 1 });
+        assert_eq!(st.apply(&cmd), Outcome::SeqMismatch { last_seq: 1 });
+    }
+
+    #[test]
+    fn meta_is_compare_and_set() {
+        let mut st = Streams::default();
+        st.apply(&set_leader(&id(1), "", 0));
+        let cas = |exp: Option<&str>, v: &str| Command::CasMeta {
+            stream: S.into(),
+            key: "addr".into(),
+            expected: exp.map(rec),
+            value: rec(v),
+        };
+        assert_eq!(st.apply(&cas(None, "a:1")), Outcome::MetaSet);
+        assert_eq!(st.apply(&cas(None, "b:1")), Outcome::CasFailed { actual: "a:1".into() });
+        assert_eq!(st.apply(&cas(Some("a:1"), "b:1")), Outcome::MetaSet);
+    }
+
+    #[test]
+    fn bad_input_is_invalid_not_a_panic() {
+        let mut st = Streams::default();
+        st.apply(&set_leader(&id(1), "", 0));
+        let bad = [
+            append("not-a-uuid", &["a"]),
+            append(&id(1), &[]),
+            append(&id(1), &[""]),
+            Command::Append {
+                stream: S.into(),
+                leader: id(1),
+                records: vec![Payload::from(vec![0u8; MAX_RECORD_BYTES + 1])],
+                expect_last_seq: None,
+            },
+            Command::Append { stream: "".into(), leader: id(1), records: vec![rec("a")], expect_last_seq: None },
+            take(&id(2), 0, 0, 0),
+            take(&id(2), 0, MAX_LEASE_MS + 1, 0),
+            set_leader("zzz", "", 0),
+        ];
+        for cmd in bad {
+            assert!(matches!(st.apply(&cmd), Outcome::Invalid { .. }), "{cmd:?}");
+        }
+        assert_eq!(st.streams[S].last_seq, 0);
+    }
+
+    #[test]
+    fn records_from_respects_bounds() {
+        let mut st = Streams::default();
+        st.apply(&set_leader(&id(1), "", 0));
+        st.apply(&append(&id(1), &["aaaa", "bbbb", "cccc"]));
+        let s = &st.streams[S];
+        assert_eq!(s.records_from(1, 2, 1 << 20).len(), 2);
+        assert_eq!(s.records_from(1, 10, 5).len(), 1);
+        // A record larger than max_bytes is still returned alone.
+        assert_eq!(s.records_from(1, 10, 1).len(), 1);
+        assert!(s.records_from(4, 10, 100).is_empty());
+        assert!(s.records_from(0, 10, 100).is_empty());
+    }
+
+    mod prop {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn any_cmd() -> impl Strategy<Value = Command> {
+            let who = 0u8..3;
+            prop_oneof![
+                (who.clone(), proptest::collection::vec(1usize..4, 1..3), proptest::option::of(0u64..6)).prop_map(
+                    |(w, lens, exp)| Command::Append {
+                        stream: S.into(),
+                        leader: id(w),
+                        records: lens.into_iter().map(|n| Payload::from(vec![b'x'; n])).collect(),
+                        expect_last_seq: exp,
+                    }
+                ),
+                (who.clone(), who.clone(), 0u64..3000).prop_map(|(n, o, t)| set_leader(&id(n), &id(o), t)),
+                (who.clone(), 0u64..6, 1u64..1000, 0u64..3000).prop_map(|(c, s, l, t)| take(&id(c), s, l, t)),
+                (who, 0u64..3000).prop_map(|(c, t)| renew(&id(c), t)),
+                (0u64..8).prop_map(|u| Command::Trim { stream: S.into(), upto_seq: u }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn invariants_hold_under_any_command_sequence(cmds in proptest::collection::vec(any_cmd(), 0..60)) {
+                let mut st = Streams::default();
+                let mut last = 0u64;
+                let mut first = 1u64;
+                let mut clock = 0u64;
+                for cmd in &cmds {
+                    let before = st.streams.get(S).cloned();
+                    let out = st.apply(cmd);
+                    let s = st.streams.get(S).cloned().unwrap_or_else(Stream::new);
+                    prop_assert!(s.last_seq >= last, "last_seq went back");
+                    prop_assert!(s.first_seq >= first, "first_seq went back");
+                    prop_assert!(st.clock_unix_ms >= clock, "clock went back");
+                    prop_assert_eq!(s.first_seq + s.records.len() as u64, s.last_seq + 1);
+                    // Records change only through an accepted append by the leader, or a trim.
+                    if s.last_seq != last {
+                        let is_leader_append = matches!((cmd, &before), (Command::Append { leader, .. }, Some(b)) if *leader == b.leader);
+                        prop_assert!(is_leader_append, "records added by {:?} -> {:?}", cmd, out);
+                    }
+                    last = s.last_seq;
+                    first = s.first_seq;
+                    clock = st.clock_unix_ms;
+                    // Applying the same history on another node gives the same state.
+                }
+                let mut replay = Streams::default();
+                for cmd in &cmds { replay.apply(cmd); }
+                prop_assert_eq!(replay, st);
+            }
+        }
+    }
+}
