@@ -2,7 +2,11 @@
 //! streams with fencing and leases, served over gRPC. Consensus is openraft,
 //! the on-disk log is raft-log; the client library hides leader redirects.
 
+pub mod client;
+pub mod errors;
 pub mod log_store;
+pub mod network;
+pub mod server;
 pub mod state_machine;
 pub mod streams;
 pub mod types;

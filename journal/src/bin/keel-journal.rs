@@ -1,1 +1,405 @@
-fn main() {}
+//! `keel-journal`: run a journal node (`serve`), operate a cluster (`ctl`),
+//! measure it (`bench`, `fsync-probe`).
+
+use std::io::Read as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+use clap::Parser;
+use clap::Subcommand;
+use keel_journal::client::JournalClient;
+use keel_journal::client::JournalError;
+use keel_journal::server::ServeConfig;
+use keel_journal::server::parse_peers;
+use keel_journal::server::serve;
+
+#[derive(Parser)]
+#[command(name = "keel-journal", about = "Keel's fenced, quorum-durable journal")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one journal node.
+    Serve(ServeArgs),
+    /// Operate on a running journal cluster.
+    Ctl {
+        /// Comma-separated host:port of journal nodes.
+        #[arg(long, env = "KEEL_JOURNAL")]
+        endpoints: String,
+        #[command(subcommand)]
+        op: CtlOp,
+    },
+    /// Measure append throughput and latency.
+    Bench {
+        #[arg(long, env = "KEEL_JOURNAL")]
+        endpoints: String,
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+        #[arg(long, default_value = "bench")]
+        stream: String,
+    },
+    /// Measure this disk's fdatasync latency (4 KiB writes) in DIR.
+    FsyncProbe {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long)]
+    node_id: u64,
+    /// Address to listen on (clients and peers).
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Directory for the Raft log and snapshots.
+    #[arg(long)]
+    data: PathBuf,
+    /// All members: 1=HOST:PORT,2=HOST:PORT,… (one entry = single-node journal).
+    #[arg(long)]
+    peers: String,
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    election_min_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    election_max_ms: u64,
+    #[arg(long, default_value_t = 50_000)]
+    snapshot_every_entries: u64,
+    #[arg(long, default_value_t = 5_000)]
+    write_timeout_ms: u64,
+    #[arg(long, default_value_t = 1024)]
+    read_batch_records: usize,
+    #[arg(long, default_value_t = 1 << 20)]
+    read_batch_bytes: usize,
+}
+
+#[derive(Subcommand)]
+enum CtlOp {
+    /// Show every node's Raft state.
+    Status,
+    /// Compare-and-set the stream leader (creates the stream).
+    SetLeader {
+        stream: String,
+        new: String,
+        /// The leader expected now; omit for "no leader".
+        #[arg(long, default_value = "")]
+        expect: String,
+    },
+    /// Append stdin as one record.
+    Append {
+        stream: String,
+        #[arg(long)]
+        leader: String,
+        #[arg(long)]
+        expect_last_seq: Option<u64>,
+    },
+    /// Print records (seq, then payload) from SEQ on.
+    Read {
+        stream: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long)]
+        follow: bool,
+        /// Print payloads as hex instead of raw bytes.
+        #[arg(long)]
+        hex: bool,
+    },
+    TakeLease {
+        stream: String,
+        candidate: String,
+        #[arg(long)]
+        caught_up_seq: u64,
+        #[arg(long, default_value_t = 1000)]
+        lease_ms: u64,
+    },
+    RenewLease {
+        stream: String,
+        uuid: String,
+    },
+    Trim {
+        stream: String,
+        upto: u64,
+    },
+    StreamInfo {
+        stream: String,
+    },
+    GetMeta {
+        stream: String,
+        key: String,
+    },
+    CasMeta {
+        stream: String,
+        key: String,
+        value: String,
+        #[arg(long)]
+        expect: Option<String>,
+    },
+}
+
+/// Exit codes of `ctl`.
+const EXIT_FAILED: u8 = 1;
+const EXIT_FENCED: u8 = 3;
+const EXIT_OUTCOME_UNKNOWN: u8 = 4;
+const EXIT_UNAVAILABLE: u8 = 5;
+
+fn exit_for(e: &JournalError) -> ExitCode {
+    eprintln!("keel-journal: {e}");
+    ExitCode::from(match e {
+        JournalError::Fenced { .. } => EXIT_FENCED,
+        JournalError::OutcomeUnknown(_) => EXIT_OUTCOME_UNKNOWN,
+        JournalError::Unavailable(_) => EXIT_UNAVAILABLE,
+        JournalError::Rejected { .. } => EXIT_FAILED,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match cli.cmd {
+        Cmd::Serve(a) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info,openraft=warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let peers = match parse_peers(&a.peers) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("keel-journal: bad --peers: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let cfg = ServeConfig {
+                node_id: a.node_id,
+                listen: a.listen,
+                data_dir: a.data,
+                peers,
+                heartbeat_ms: a.heartbeat_ms,
+                election_min_ms: a.election_min_ms,
+                election_max_ms: a.election_max_ms,
+                snapshot_every_entries: a.snapshot_every_entries,
+                write_timeout_ms: a.write_timeout_ms,
+                read_batch_records: a.read_batch_records,
+                read_batch_bytes: a.read_batch_bytes,
+            };
+            if let Err(e) = cfg.validate() {
+                eprintln!("keel-journal: bad configuration: {e}");
+                return ExitCode::from(2);
+            }
+            match rt.block_on(serve(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keel-journal: {e:#}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        Cmd::Ctl { endpoints, op } => {
+            let client = match JournalClient::from_list(&endpoints) {
+                Ok(c) => c,
+                Err(e) => return exit_for(&e),
+            };
+            match rt.block_on(ctl(&client, op)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => exit_for(&e),
+            }
+        }
+        Cmd::Bench { endpoints, clients, seconds, payload_bytes, stream } => {
+            let client = match JournalClient::from_list(&endpoints) {
+                Ok(c) => c,
+                Err(e) => return exit_for(&e),
+            };
+            match rt.block_on(bench(Arc::new(client), clients, seconds, payload_bytes, &stream)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => exit_for(&e),
+            }
+        }
+        Cmd::FsyncProbe { dir, count } => match fsync_probe(&dir, count) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keel-journal: fsync probe in {}: {e}", dir.display());
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+    }
+}
+
+async fn ctl(client: &JournalClient, op: CtlOp) -> Result<(), JournalError> {
+    match op {
+        CtlOp::Status => {
+            let mut any = false;
+            for (i, ep) in client.endpoints().iter().enumerate() {
+                match client.node_status(i).await {
+                    Ok(s) => {
+                        any = true;
+                        println!(
+                            "{ep}\tnode={}\tstate={}\tterm={}\tleader={}\tlast_log={}\tapplied={}\tstreams={}",
+                            s.node_id,
+                            s.state,
+                            s.term,
+                            s.raft_leader_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                            s.last_log_index,
+                            s.last_applied_index,
+                            s.streams.join(",")
+                        );
+                    }
+                    Err(e) => println!("{ep}\tdown\t{e}"),
+                }
+            }
+            if !any {
+                return Err(JournalError::Unavailable("UNAVAILABLE: no journal node answered".into()));
+            }
+        }
+        CtlOp::SetLeader { stream, new, expect } => {
+            let old = client.set_leader(&stream, &new, &expect).await?;
+            println!("{old}");
+        }
+        CtlOp::Append { stream, leader, expect_last_seq } => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| JournalError::Rejected { kind: "io".into(), message: format!("reading stdin: {e}") })?;
+            let seq = client.append(&stream, &leader, vec![buf], expect_last_seq).await?;
+            println!("{seq}");
+        }
+        CtlOp::Read { stream, from, follow, hex } => {
+            let mut reader = client.read(&stream, from, follow);
+            let mut out = std::io::stdout().lock();
+            while let Some(batch) = reader.next_batch().await? {
+                for r in batch {
+                    let payload = if hex {
+                        r.payload.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    } else {
+                        String::from_utf8_lossy(&r.payload).into_owned()
+                    };
+                    let _ = writeln!(out, "{}\t{}", r.seq, payload);
+                }
+                let _ = out.flush();
+            }
+        }
+        CtlOp::TakeLease { stream, candidate, caught_up_seq, lease_ms } => {
+            let l = client.take_lease(&stream, &candidate, caught_up_seq, lease_ms).await?;
+            println!("leader={}\tdeadline_unix_ms={}\tlast_seq={}", l.leader_uuid, l.deadline_unix_ms, l.last_seq);
+        }
+        CtlOp::RenewLease { stream, uuid } => {
+            let l = client.renew_lease(&stream, &uuid).await?;
+            println!("leader={}\tdeadline_unix_ms={}\tlast_seq={}", l.leader_uuid, l.deadline_unix_ms, l.last_seq);
+        }
+        CtlOp::Trim { stream, upto } => {
+            println!("first_seq={}", client.trim(&stream, upto).await?);
+        }
+        CtlOp::StreamInfo { stream } => {
+            let s = client.stream_info(&stream).await?;
+            println!(
+                "leader={}\tlease_deadline_unix_ms={}\tfirst_seq={}\tlast_seq={}\tbytes={}",
+                s.leader_uuid, s.lease_deadline_unix_ms, s.first_seq, s.last_seq, s.bytes
+            );
+        }
+        CtlOp::GetMeta { stream, key } => match client.get_meta(&stream, &key).await? {
+            Some(v) => println!("{}", String::from_utf8_lossy(&v)),
+            None => {
+                return Err(JournalError::Rejected {
+                    kind: "not-found".into(),
+                    message: format!("meta key {key:?} is not set on stream {stream:?}"),
+                })
+            }
+        },
+        CtlOp::CasMeta { stream, key, value, expect } => {
+            client.cas_meta(&stream, &key, expect.map(String::into_bytes), value.into_bytes()).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn bench(
+    client: Arc<JournalClient>,
+    clients: usize,
+    seconds: u64,
+    payload_bytes: usize,
+    stream: &str,
+) -> Result<(), JournalError> {
+    // Become the stream's leader, whoever held it before.
+    let me = uuid::Uuid::new_v4().to_string();
+    let current = match client.stream_info(stream).await {
+        Ok(info) => info.leader_uuid,
+        Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => String::new(),
+        Err(e) => return Err(e),
+    };
+    client.set_leader(stream, &me, &current).await?;
+
+    let stop_at = Instant::now() + Duration::from_secs(seconds);
+    let payload = vec![b'k'; payload_bytes];
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, me, payload, stream) = (client.clone(), me.clone(), payload.clone(), stream.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut errors = 0u64;
+            while Instant::now() < stop_at {
+                let t = Instant::now();
+                match client.append(&stream, &me, vec![payload.clone()], None).await {
+                    Ok(_) => hist.record(t.elapsed().as_micros().max(1) as u64).expect("in bounds"),
+                    Err(e) if e.is_fenced() => return Err(e),
+                    Err(_) => errors += 1,
+                }
+            }
+            Ok((hist, errors))
+        }));
+    }
+    let started = Instant::now();
+    let mut all = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await.expect("bench task")?;
+        all.add(&h).expect("same bounds");
+        errors += e;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "clients={clients} payload_bytes={payload_bytes} seconds={secs:.1} appends={} errors={errors} appends_per_sec={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3}",
+        all.len(),
+        all.len() as f64 / secs,
+        all.value_at_quantile(0.5) as f64 / 1000.0,
+        all.value_at_quantile(0.99) as f64 / 1000.0,
+        all.value_at_quantile(0.999) as f64 / 1000.0,
+    );
+    Ok(())
+}
+
+fn fsync_probe(dir: &std::path::Path, count: usize) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("fsync-probe.tmp");
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+    let block = vec![7u8; 4096];
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+    for _ in 0..count {
+        f.write_all(&block)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        hist.record(t.elapsed().as_micros().max(1) as u64).expect("in bounds");
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    println!(
+        "fdatasync count={count} p50_us={} p99_us={}",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99)
+    );
+    Ok(())
+}

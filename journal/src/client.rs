@@ -1,0 +1,393 @@
+//! The journal client library: talks to any journal node and hides which one
+//! is the Raft leader.
+//!
+//! Retry rules (what makes retries safe):
+//! - `not-leader` answers and refused connections mean the request was never
+//!   proposed: retry at the hinted leader, else the next endpoint, until
+//!   `retry_for` runs out (then `Unavailable`).
+//! - A write whose request may have reached a node but got no answer
+//!   (timeout, connection lost) is `OutcomeUnknown`, never retried here: the
+//!   caller decides (an append can retry with `expect_last_seq`).
+//! - Reads are retried on any transport failure and resume where they were.
+
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use keel_proto::journal as pb;
+use keel_proto::journal::journal_client::JournalClient as RawClient;
+use tonic::Code;
+use tonic::Status;
+use tonic::transport::Channel;
+
+pub use crate::errors::JournalError;
+use crate::errors::ERROR_KEY;
+use crate::errors::RAFT_LEADER_KEY;
+
+/// Client bounds.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+    /// TCP connect timeout per attempt.
+    pub connect_timeout: Duration,
+    /// How long to keep looking for a leader before `Unavailable`.
+    pub retry_for: Duration,
+    /// Pause between rounds over all endpoints.
+    pub retry_pause: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_millis(500),
+            retry_for: Duration::from_secs(10),
+            retry_pause: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Largest message the client sends or accepts.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+pub struct JournalClient {
+    endpoints: Vec<String>,
+    cfg: ClientConfig,
+    /// Index into `endpoints` of the node to try first (the last leader seen).
+    preferred: Mutex<usize>,
+    channels: Mutex<Vec<Option<Channel>>>,
+}
+
+/// Whether a failed call can be retried without risk of applying it twice.
+enum Failure {
+    /// Not proposed anywhere: retry, preferably at this endpoint.
+    Redirect(Option<String>),
+    /// Transport failure; `sent` says the request may have been delivered.
+    Transport { sent: bool, message: String },
+    /// A definite answer.
+    Final(JournalError),
+}
+
+fn classify(status: &Status) -> Failure {
+    let word = status.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok());
+    match word {
+        Some("not-leader") => Failure::Redirect(
+            status.metadata().get(RAFT_LEADER_KEY).and_then(|v| v.to_str().ok()).map(str::to_string),
+        ),
+        Some(_) => Failure::Final(JournalError::from_status(status)),
+        None => {
+            let mut chain = format!("{status}");
+            let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+            while let Some(e) = src {
+                chain.push_str(&format!(": {e}"));
+                src = e.source();
+            }
+            let refused = chain.contains("onnection refused")
+                || chain.contains("tcp connect error")
+                || chain.contains("error trying to connect");
+            match status.code() {
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal => {
+                    Failure::Transport { sent: !refused, message: chain }
+                }
+                _ => Failure::Final(JournalError::from_status(status)),
+            }
+        }
+    }
+}
+
+impl JournalClient {
+    /// `endpoints` are `host:port` of journal nodes (any subset works).
+    pub fn new(endpoints: Vec<String>, cfg: ClientConfig) -> Result<JournalClient, JournalError> {
+        if endpoints.is_empty() {
+            return Err(JournalError::Unavailable("no journal endpoints given".into()));
+        }
+        for e in &endpoints {
+            Channel::from_shared(format!("http://{e}"))
+                .map_err(|err| JournalError::Rejected { kind: "invalid".into(), message: format!("bad endpoint {e:?}: {err}") })?;
+        }
+        let n = endpoints.len();
+        Ok(JournalClient { endpoints, cfg, preferred: Mutex::new(0), channels: Mutex::new(vec![None; n]) })
+    }
+
+    /// Parses a comma-separated endpoint list.
+    pub fn from_list(list: &str) -> Result<JournalClient, JournalError> {
+        let endpoints = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        JournalClient::new(endpoints, ClientConfig::default())
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn raw(&self, i: usize) -> RawClient<Channel> {
+        let mut chans = self.channels.lock().unwrap();
+        let ch = chans[i].get_or_insert_with(|| {
+            Channel::from_shared(format!("http://{}", self.endpoints[i]))
+                .expect("validated in new")
+                .connect_timeout(self.cfg.connect_timeout)
+                .tcp_nodelay(true)
+                .connect_lazy()
+        });
+        RawClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// A client for one specific endpoint (for per-node status).
+    pub fn node(&self, i: usize) -> RawClient<Channel> {
+        self.raw(i)
+    }
+
+    /// Runs `call` against nodes until one answers definitely. `idempotent`
+    /// calls are retried after transport failures too.
+    async fn run<T, F, Fut>(&self, what: &str, idempotent: bool, mut call: F) -> Result<T, JournalError>
+    where
+        F: FnMut(RawClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.cfg.retry_for;
+        let n = self.endpoints.len();
+        let mut i = *self.preferred.lock().unwrap();
+        let mut tried_in_round = 0;
+        let mut last;
+        loop {
+            match call(self.raw(i), self.cfg.request_timeout).await {
+                Ok(v) => {
+                    *self.preferred.lock().unwrap() = i;
+                    return Ok(v);
+                }
+                Err(status) => match classify(&status) {
+                    Failure::Final(e) => return Err(e),
+                    Failure::Transport { sent: true, message } if !idempotent => {
+                        return Err(JournalError::OutcomeUnknown(format!(
+                            "OUTCOME_UNKNOWN: {what} sent to {} got no answer ({message}); it may or may not be applied",
+                            self.endpoints[i]
+                        )));
+                    }
+                    Failure::Transport { message, .. } => {
+                        last = format!("{}: {message}", self.endpoints[i]);
+                        i = (i + 1) % n;
+                        tried_in_round += 1;
+                    }
+                    Failure::Redirect(hint) => {
+                        last = format!("{}: {}", self.endpoints[i], status.message());
+                        match hint.and_then(|h| self.endpoints.iter().position(|e| *e == h)) {
+                            Some(j) if j != i => i = j,
+                            _ => {
+                                i = (i + 1) % n;
+                                tried_in_round += 1;
+                            }
+                        }
+                    }
+                },
+            }
+            if Instant::now() >= deadline {
+                return Err(JournalError::Unavailable(format!(
+                    "UNAVAILABLE: {what}: no journal node accepted it within {} ms (last: {last})",
+                    self.cfg.retry_for.as_millis()
+                )));
+            }
+            if tried_in_round >= n {
+                tried_in_round = 0;
+                tokio::time::sleep(self.cfg.retry_pause).await;
+            }
+        }
+    }
+
+    /// Appends `records`; returns the seq of the last one.
+    pub async fn append(
+        &self,
+        stream: &str,
+        leader_uuid: &str,
+        records: Vec<Vec<u8>>,
+        expect_last_seq: Option<u64>,
+    ) -> Result<u64, JournalError> {
+        let req = pb::AppendRequest {
+            stream: stream.into(),
+            leader_uuid: leader_uuid.into(),
+            records: records.into_iter().map(Into::into).collect(),
+            expect_last_seq,
+        };
+        self.run("append", false, |mut c, t| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(t);
+            async move { c.append(r).await.map(|r| r.into_inner().last_seq) }
+        })
+        .await
+    }
+
+    /// Compare-and-set of the stream leader; returns the old leader.
+    pub async fn set_leader(&self, stream: &str, new: &str, expected_old: &str) -> Result<String, JournalError> {
+        let req = pb::SetLeaderRequest { stream: stream.into(), new_uuid: new.into(), expected_old: expected_old.into() };
+        self.run("set-leader", false, |mut c, t| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(t);
+            async move { c.set_leader(r).await.map(|r| r.into_inner().old_uuid) }
+        })
+        .await
+    }
+
+    pub async fn take_lease(
+        &self,
+        stream: &str,
+        candidate: &str,
+        caught_up_seq: u64,
+        lease_ms: u64,
+    ) -> Result<pb::LeaseResponse, JournalError> {
+        let req = pb::TakeLeaseRequest {
+            stream: stream.into(),
+            candidate_uuid: candidate.into(),
+            caught_up_seq,
+            lease_ms,
+        };
+        self.run("take-lease", false, |mut c, t| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(t);
+            async move { c.take_lease(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn renew_lease(&self, stream: &str, uuid: &str) -> Result<pb::LeaseResponse, JournalError> {
+        let req = pb::RenewLeaseRequest { stream: stream.into(), uuid: uuid.into() };
+        // Renewing twice is harmless: retry like a read.
+        self.run("renew-lease", true, |mut c, t| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(t);
+            async move { c.renew_lease(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn trim(&self, stream: &str, upto_seq: u64) -> Result<u64, JournalError> {
+        let req = pb::TrimRequest { stream: stream.into(), upto_seq };
+        self.run("trim", true, |mut c, t| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(t);
+            async move { c.trim(r).await.map(|r| r.into_inner().first_seq) }
+        })
+        .await
+    }
+
+    pub async fn get_meta(&self, stream: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        let req = pb::GetMetaRequest { stream: stream.into(), key: key.into() };
+        self.run("get-meta", true, |mut c, t| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(t);
+            async move {
+                c.get_meta(r).await.map(|r| {
+                    let r = r.into_inner();
+                    r.found.then(|| r.value.to_vec())
+                })
+            }
+        })
+        .await
+    }
+
+    pub async fn cas_meta(
+        &self,
+        stream: &str,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+    ) -> Result<(), JournalError> {
+        let req = pb::CasMetaRequest {
+            stream: stream.into(),
+            key: key.into(),
+            expected: expected.map(Into::into),
+            value: value.into(),
+        };
+        self.run("cas-meta", false, |mut c, t| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(t);
+            async move { c.cas_meta(r).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn stream_info(&self, stream: &str) -> Result<pb::StreamInfoResponse, JournalError> {
+        let req = pb::StreamInfoRequest { stream: stream.into() };
+        self.run("stream-info", true, |mut c, t| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(t);
+            async move { c.stream_info(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Status of one node, by its index in `endpoints`.
+    pub async fn node_status(&self, i: usize) -> Result<pb::StatusResponse, JournalError> {
+        let mut r = tonic::Request::new(pb::StatusRequest {});
+        r.set_timeout(self.cfg.request_timeout);
+        self.raw(i).status(r).await.map(|r| r.into_inner()).map_err(|s| match classify(&s) {
+            Failure::Final(e) => e,
+            _ => JournalError::Unavailable(format!("{}: {}", self.endpoints[i], s.message())),
+        })
+    }
+
+    /// Reads `stream` from `from_seq` (0 = the first retained record); with
+    /// `follow`, keeps tailing new records.
+    pub fn read(&self, stream: &str, from_seq: u64, follow: bool) -> Reader<'_> {
+        Reader { client: self, stream: stream.into(), next_seq: from_seq, follow, current: None, done: false }
+    }
+}
+
+/// A resumable reader over a stream; survives node failures.
+pub struct Reader<'a> {
+    client: &'a JournalClient,
+    stream: String,
+    next_seq: u64,
+    follow: bool,
+    current: Option<tonic::Streaming<pb::ReadResponse>>,
+    done: bool,
+}
+
+impl Reader<'_> {
+    /// The next batch of records; `None` at the end (only without `follow`).
+    pub async fn next_batch(&mut self) -> Result<Option<Vec<pb::Record>>, JournalError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            if self.current.is_none() {
+                let req = pb::ReadRequest { stream: self.stream.clone(), from_seq: self.next_seq, follow: self.follow };
+                let s = self
+                    .client
+                    .run("read", true, |mut c, _t| {
+                        let r = req.clone();
+                        async move { c.read(r).await.map(|r| r.into_inner()) }
+                    })
+                    .await?;
+                self.current = Some(s);
+            }
+            match self.current.as_mut().unwrap().message().await {
+                Ok(Some(batch)) => {
+                    // A resumed read may start from a lagging node; drop anything already seen.
+                    let records: Vec<_> = batch.records.into_iter().filter(|r| r.seq >= self.next_seq).collect();
+                    if let Some(last) = records.last() {
+                        debug_assert!(records.windows(2).all(|w| w[1].seq == w[0].seq + 1), "gap in read");
+                        self.next_seq = last.seq + 1;
+                        return Ok(Some(records));
+                    }
+                }
+                Ok(None) => {
+                    self.current = None;
+                    if !self.follow {
+                        self.done = true;
+                    }
+                }
+                Err(status) => {
+                    self.current = None;
+                    if let Failure::Final(e) = classify(&status) {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(self.client.cfg.retry_pause).await;
+                }
+            }
+        }
+    }
+
+    /// Seq of the next record this reader will return.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}

@@ -1,0 +1,168 @@
+//! Journal errors on the wire and in the client.
+//!
+//! The server turns every rejection into a gRPC `Status` whose message says
+//! what happened and what to do, plus the metadata key `keel-error` (one word,
+//! see proto/journal.proto) so clients classify without parsing messages.
+//! `JournalError::from_status` is the inverse, used by the client library.
+
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+
+use crate::types::Outcome;
+
+pub const ERROR_KEY: &str = "keel-error";
+pub const STREAM_LEADER_KEY: &str = "keel-stream-leader";
+pub const RAFT_LEADER_KEY: &str = "keel-raft-leader";
+
+fn tagged(mut status: Status, word: &'static str) -> Status {
+    status.metadata_mut().insert(ERROR_KEY, MetadataValue::from_static(word));
+    status
+}
+
+fn with_meta(mut status: Status, key: &'static str, value: &str) -> Status {
+    if let Ok(v) = value.parse() {
+        status.metadata_mut().insert(key, v);
+    }
+    status
+}
+
+pub fn invalid(reason: impl Into<String>) -> Status {
+    tagged(Status::invalid_argument(format!("INVALID: {}", reason.into())), "invalid")
+}
+
+pub fn unknown_stream(stream: &str) -> Status {
+    tagged(
+        Status::not_found(format!(
+            "UNKNOWN_STREAM: stream {stream:?} does not exist; create it with set-leader or take-lease"
+        )),
+        "unknown-stream",
+    )
+}
+
+pub fn trimmed(stream: &str, from: u64, first: u64) -> Status {
+    tagged(
+        Status::out_of_range(format!(
+            "TRIMMED: stream {stream:?} no longer holds seq {from}; its first retained seq is {first}; \
+             restore from a snapshot first"
+        )),
+        "trimmed",
+    )
+}
+
+pub fn not_leader(leader: Option<u64>, addr: Option<String>) -> Status {
+    let msg = match (&leader, &addr) {
+        (Some(id), Some(a)) => format!("NOT_LEADER: this journal node is not the Raft leader; node {id} at {a} is"),
+        _ => "NOT_LEADER: this journal node is not the Raft leader and knows no leader yet; retry shortly".into(),
+    };
+    let status = tagged(Status::unavailable(msg), "not-leader");
+    match addr {
+        Some(a) => with_meta(status, RAFT_LEADER_KEY, &a),
+        None => status,
+    }
+}
+
+pub fn outcome_unknown(msg: impl Into<String>) -> Status {
+    tagged(Status::unavailable(format!("OUTCOME_UNKNOWN: {}", msg.into())), "outcome-unknown")
+}
+
+/// The status for a rejection decided by the state machine.
+pub fn from_outcome(outcome: Outcome) -> Status {
+    match outcome {
+        Outcome::Fenced { stream, leader } => with_meta(
+            tagged(
+                Status::failed_precondition(format!(
+                    "FENCED: this writer is no longer leader of stream {stream} (leader is {})",
+                    if leader.is_empty() { "nobody" } else { &leader }
+                )),
+                "fenced",
+            ),
+            STREAM_LEADER_KEY,
+            &leader,
+        ),
+        Outcome::CasFailed { actual } => tagged(
+            Status::aborted(format!("CAS_FAILED: the current value is {}", if actual.is_empty() { "empty" } else { &actual })),
+            "cas-failed",
+        ),
+        Outcome::LeaseHeld { leader, deadline_unix_ms } => with_meta(
+            tagged(
+                Status::failed_precondition(format!(
+                    "LEASE_HELD: {leader} holds the lease until {deadline_unix_ms} (unix ms); retry after it expires"
+                )),
+                "lease-held",
+            ),
+            STREAM_LEADER_KEY,
+            &leader,
+        ),
+        Outcome::NotCaughtUp { last_seq } => tagged(
+            Status::failed_precondition(format!(
+                "NOT_CAUGHT_UP: the stream's last seq is {last_seq}; read up to it before taking the lease"
+            )),
+            "not-caught-up",
+        ),
+        Outcome::SeqMismatch { last_seq } => tagged(
+            Status::failed_precondition(format!("SEQ_MISMATCH: the stream's last seq is {last_seq}")),
+            "seq-mismatch",
+        ),
+        Outcome::UnknownStream { stream } => unknown_stream(&stream),
+        Outcome::StreamFull { retained_bytes, limit } => tagged(
+            Status::resource_exhausted(format!(
+                "STREAM_FULL: the stream holds {retained_bytes} untrimmed bytes (limit {limit}); trim it after a snapshot"
+            )),
+            "stream-full",
+        ),
+        Outcome::Invalid { reason } => invalid(reason),
+        other => Status::internal(format!("unexpected outcome {other:?}")),
+    }
+}
+
+/// A journal call's failure, as the client library reports it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JournalError {
+    /// The writer is not the stream's leader: stop writing.
+    #[error("{message}")]
+    Fenced { leader: String, message: String },
+    /// The request may or may not have been applied.
+    #[error("{0}")]
+    OutcomeUnknown(String),
+    /// No node could be reached or none is leader (nothing was applied).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{message}")]
+    Rejected { kind: String, message: String },
+}
+
+impl JournalError {
+    pub fn from_status(status: &Status) -> JournalError {
+        let word = status.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let message = status.message().to_string();
+        match word {
+            "fenced" => JournalError::Fenced {
+                leader: status
+                    .metadata()
+                    .get(STREAM_LEADER_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string(),
+                message,
+            },
+            "outcome-unknown" => JournalError::OutcomeUnknown(message),
+            "not-leader" => JournalError::Unavailable(message),
+            "" => JournalError::Rejected { kind: format!("{:?}", status.code()), message },
+            w => JournalError::Rejected { kind: w.to_string(), message },
+        }
+    }
+
+    /// The `keel-error` word (or gRPC code) of a rejection.
+    pub fn kind(&self) -> &str {
+        match self {
+            JournalError::Fenced { .. } => "fenced",
+            JournalError::OutcomeUnknown(_) => "outcome-unknown",
+            JournalError::Unavailable(_) => "unavailable",
+            JournalError::Rejected { kind, .. } => kind,
+        }
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, JournalError::Fenced { .. })
+    }
+}

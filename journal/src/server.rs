@@ -1,0 +1,471 @@
+//! A journal node: one openraft member serving the `Journal` API to clients
+//! and the `Raft` transport to its peers, on one gRPC port.
+//!
+//! Writes: validated here, stamped with this node's clock when they depend on
+//! time (only the Raft leader's stamp is ever proposed: a follower answers
+//! `not-leader` before stamping), proposed with `client_write`, and answered
+//! only after openraft reports the entry committed (fsync'd on a quorum) and
+//! applied. A proposal whose fate is not known (timeout, entry discarded by a
+//! leader change, node shutting down) is answered `outcome-unknown`, never as
+//! success or as a clean failure.
+//!
+//! Reads (`Read`, `GetMeta`, `StreamInfo`) are served from this node's applied
+//! state: committed data, possibly behind the leader by a few entries.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::SystemTime;
+
+use futures::Stream;
+use keel_proto::journal as pb;
+use keel_proto::journal::journal_server::Journal;
+use keel_proto::journal::journal_server::JournalServer;
+use keel_proto::journal::raft_server::RaftServer;
+use openraft::errors::ClientWriteError;
+use openraft::errors::RaftError;
+use openraft::impls::BasicNode;
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::mpsc;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use crate::errors;
+use crate::log_store::LogStore;
+use crate::network::MAX_RAFT_MESSAGE_BYTES;
+use crate::network::Network;
+use crate::network::SnapshotMessage;
+use crate::network::decode;
+use crate::network::encode;
+use crate::state_machine::StateMachineStore;
+use crate::streams::MAX_APPEND_BYTES;
+use crate::streams::validate;
+use crate::types::Command;
+use crate::types::NodeId;
+use crate::types::Outcome;
+use crate::types::Raft;
+
+/// Every bound and duration of a journal node.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub node_id: NodeId,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// All members, this node included: id -> host:port.
+    pub peers: BTreeMap<NodeId, String>,
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a Raft snapshot after this many entries.
+    pub snapshot_every_entries: u64,
+    /// How long a write may wait for commit before it is `outcome-unknown`.
+    pub write_timeout_ms: u64,
+    /// Records per `Read` response message.
+    pub read_batch_records: usize,
+    /// Bytes per `Read` response message.
+    pub read_batch_bytes: usize,
+}
+
+impl ServeConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.peers.contains_key(&self.node_id) {
+            return Err(format!("--peers does not list this node's id {}", self.node_id));
+        }
+        for (id, addr) in &self.peers {
+            if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
+                return Err(format!("peer {id} address {addr:?} is not host:port"));
+            }
+        }
+        if self.heartbeat_ms == 0 || self.heartbeat_ms * 2 > self.election_min_ms {
+            return Err(format!(
+                "heartbeat_ms ({}) must be > 0 and at most half of election_min_ms ({})",
+                self.heartbeat_ms, self.election_min_ms
+            ));
+        }
+        if self.election_min_ms >= self.election_max_ms {
+            return Err("election_min_ms must be below election_max_ms".into());
+        }
+        if self.write_timeout_ms < self.election_max_ms {
+            return Err("write_timeout_ms must be at least election_max_ms".into());
+        }
+        if self.read_batch_records == 0 || self.read_batch_bytes == 0 {
+            return Err("read batch bounds must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `1=127.0.0.1:7001,2=…`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+        let id: NodeId = id.trim().parse().map_err(|_| format!("peer id {id:?} is not a number"))?;
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            return Err(format!("peer id {id} is listed twice"));
+        }
+    }
+    if out.is_empty() {
+        return Err("--peers lists no node".into());
+    }
+    Ok(out)
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
+}
+
+/// Runs a journal node until the process is stopped.
+pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let log_store = LogStore::open(&cfg.data_dir.join("raft-log"))?;
+    let sm = StateMachineStore::open(&cfg.data_dir.join("state"))?;
+
+    let raft_config = openraft::Config {
+        cluster_name: "keel-journal".into(),
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_min_ms,
+        election_timeout_max: cfg.election_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: 1000,
+        install_snapshot_timeout: 30_000,
+        ..Default::default()
+    }
+    .validate()?;
+    let raft = Raft::new(cfg.node_id, Arc::new(raft_config), Network, log_store, sm.clone()).await?;
+
+    let node = Arc::new(Node { cfg: cfg.clone(), raft: raft.clone(), sm });
+    let journal = JournalServer::from_arc(node.clone())
+        .max_decoding_message_size(MAX_APPEND_BYTES * 2)
+        .max_encoding_message_size(MAX_APPEND_BYTES * 2);
+    let raft_svc = RaftServer::new(RaftTransport { raft: raft.clone() })
+        .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    tracing::info!(node_id = cfg.node_id, listen = %cfg.listen, peers = ?cfg.peers, "journal node started");
+
+    tokio::spawn(log_state_changes(raft.clone()));
+    tokio::spawn(initialize_when_pristine(raft.clone(), cfg.peers.clone()));
+
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(journal)
+        .add_service(raft_svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    raft.shutdown().await.ok();
+    Ok(())
+}
+
+/// Every member proposes the same initial membership; openraft accepts it on
+/// a pristine node and refuses it once the node has any log, so this is safe
+/// on every start.
+async fn initialize_when_pristine(raft: Raft, peers: BTreeMap<NodeId, String>) {
+    match raft.is_initialized().await {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read raft state");
+            return;
+        }
+    }
+    let members: BTreeMap<NodeId, BasicNode> =
+        peers.into_iter().map(|(id, addr)| (id, BasicNode { addr })).collect();
+    match raft.initialize(members).await {
+        Ok(()) => tracing::info!("initialized the journal membership"),
+        Err(e) => tracing::info!(error = %e, "membership not initialized here (another member did, or will)"),
+    }
+}
+
+/// One log line per change of role or Raft leader.
+async fn log_state_changes(raft: Raft) {
+    let mut rx = raft.metrics();
+    let mut last = None;
+    loop {
+        let now = {
+            let m = rx.borrow_watched();
+            (m.state, m.current_leader, m.current_term)
+        };
+        if last != Some(now) {
+            tracing::info!(state = ?now.0, leader = ?now.1, term = now.2, "raft state");
+            last = Some(now);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+struct Node {
+    cfg: ServeConfig,
+    raft: Raft,
+    sm: StateMachineStore,
+}
+
+impl Node {
+    /// Answers `not-leader` unless this node is the Raft leader, so a time
+    /// stamp is only ever taken from the leader's clock.
+    fn require_leader(&self) -> Result<(), Status> {
+        let leader = self.raft.metrics().borrow_watched().current_leader;
+        if leader == Some(self.cfg.node_id) {
+            return Ok(());
+        }
+        let addr = leader.and_then(|l| self.cfg.peers.get(&l).cloned());
+        Err(errors::not_leader(leader, addr))
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<Outcome, Status> {
+        validate(&cmd).map_err(errors::invalid)?;
+        let timeout = Duration::from_millis(self.cfg.write_timeout_ms);
+        let what = cmd.to_string();
+        match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
+            Err(_) => Err(errors::outcome_unknown(format!(
+                "{what} was proposed but not committed within {} ms; it may or may not be applied",
+                self.cfg.write_timeout_ms
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                let addr = f.leader_node.as_ref().map(|n| n.addr.clone());
+                Err(errors::not_leader(f.leader_id, addr))
+            }
+            Ok(Err(e)) => Err(errors::outcome_unknown(format!("{what}: {e}; it may or may not be applied"))),
+        }
+    }
+
+    fn stamp(&self) -> Result<u64, Status> {
+        self.require_leader()?;
+        Ok(now_unix_ms())
+    }
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Journal for Node {
+    async fn append(&self, req: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::Append {
+            stream: r.stream,
+            leader: r.leader_uuid,
+            records: r.records.into_iter().map(|b| serde_bytes::ByteBuf::from(b.to_vec())).collect(),
+            expect_last_seq: r.expect_last_seq,
+        };
+        match self.propose(cmd).await? {
+            Outcome::Appended { last_seq } => Ok(Response::new(pb::AppendResponse { last_seq })),
+            other => Err(errors::from_outcome(other)),
+        }
+    }
+
+    async fn set_leader(
+        &self,
+        req: Request<pb::SetLeaderRequest>,
+    ) -> Result<Response<pb::SetLeaderResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::SetLeader {
+            stream: r.stream,
+            new: r.new_uuid,
+            expected_old: r.expected_old,
+            stamp_unix_ms: self.stamp()?,
+        };
+        match self.propose(cmd).await? {
+            Outcome::LeaderSet { old } => Ok(Response::new(pb::SetLeaderResponse { old_uuid: old })),
+            other => Err(errors::from_outcome(other)),
+        }
+    }
+
+    async fn take_lease(&self, req: Request<pb::TakeLeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::TakeLease {
+            stream: r.stream,
+            candidate: r.candidate_uuid,
+            caught_up_seq: r.caught_up_seq,
+            lease_ms: r.lease_ms,
+            stamp_unix_ms: self.stamp()?,
+        };
+        lease_reply(self.propose(cmd).await?)
+    }
+
+    async fn renew_lease(&self, req: Request<pb::RenewLeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::RenewLease { stream: r.stream, uuid: r.uuid, stamp_unix_ms: self.stamp()? };
+        lease_reply(self.propose(cmd).await?)
+    }
+
+    type ReadStream = ReadStream;
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let r = req.into_inner();
+        // Fail fast, before the stream starts, on a stream that does not exist.
+        let first = self.sm.with_streams(|s| s.streams.get(&r.stream).map(|st| st.first_seq));
+        let Some(first) = first else {
+            return Err(errors::unknown_stream(&r.stream));
+        };
+        let mut next = if r.from_seq == 0 { first } else { r.from_seq };
+        let (tx, rx) = mpsc::channel(READ_CHANNEL_BATCHES);
+        let sm = self.sm.clone();
+        let (max_records, max_bytes) = (self.cfg.read_batch_records, self.cfg.read_batch_bytes);
+        tokio::spawn(async move {
+            let mut applied = sm.subscribe();
+            loop {
+                let batch = sm.with_streams(|s| match s.streams.get(&r.stream) {
+                    None => Err(errors::unknown_stream(&r.stream)),
+                    Some(st) if next < st.first_seq => Err(errors::trimmed(&r.stream, next, st.first_seq)),
+                    Some(st) => Ok(st.records_from(next, max_records, max_bytes)),
+                });
+                match batch {
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Ok(records) if !records.is_empty() => {
+                        next = records.last().unwrap().0 + 1;
+                        let msg = pb::ReadResponse {
+                            records: records
+                                .into_iter()
+                                .map(|(seq, p)| pb::Record { seq, payload: p.into_vec().into() })
+                                .collect(),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return; // reader went away
+                        }
+                    }
+                    Ok(_) if !r.follow => return,
+                    Ok(_) => {
+                        tokio::select! {
+                            changed = applied.changed() => if changed.is_err() { return },
+                            _ = tx.closed() => return,
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn trim(&self, req: Request<pb::TrimRequest>) -> Result<Response<pb::TrimResponse>, Status> {
+        let r = req.into_inner();
+        match self.propose(Command::Trim { stream: r.stream, upto_seq: r.upto_seq }).await? {
+            Outcome::Trimmed { first_seq } => Ok(Response::new(pb::TrimResponse { first_seq })),
+            other => Err(errors::from_outcome(other)),
+        }
+    }
+
+    async fn get_meta(&self, req: Request<pb::GetMetaRequest>) -> Result<Response<pb::GetMetaResponse>, Status> {
+        let r = req.into_inner();
+        self.sm.with_streams(|s| {
+            let st = s.streams.get(&r.stream).ok_or_else(|| errors::unknown_stream(&r.stream))?;
+            Ok(Response::new(match st.meta.get(&r.key) {
+                Some(v) => pb::GetMetaResponse { found: true, value: v.to_vec().into() },
+                None => pb::GetMetaResponse { found: false, value: Default::default() },
+            }))
+        })
+    }
+
+    async fn cas_meta(&self, req: Request<pb::CasMetaRequest>) -> Result<Response<pb::CasMetaResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::CasMeta {
+            stream: r.stream,
+            key: r.key,
+            expected: r.expected.map(|b| serde_bytes::ByteBuf::from(b.to_vec())),
+            value: serde_bytes::ByteBuf::from(r.value.to_vec()),
+        };
+        match self.propose(cmd).await? {
+            Outcome::MetaSet => Ok(Response::new(pb::CasMetaResponse {})),
+            other => Err(errors::from_outcome(other)),
+        }
+    }
+
+    async fn stream_info(
+        &self,
+        req: Request<pb::StreamInfoRequest>,
+    ) -> Result<Response<pb::StreamInfoResponse>, Status> {
+        let r = req.into_inner();
+        self.sm.with_streams(|s| {
+            let st = s.streams.get(&r.stream).ok_or_else(|| errors::unknown_stream(&r.stream))?;
+            Ok(Response::new(pb::StreamInfoResponse {
+                leader_uuid: st.leader.clone(),
+                lease_deadline_unix_ms: st.lease_deadline_unix_ms,
+                first_seq: st.first_seq,
+                last_seq: st.last_seq,
+                bytes: st.retained_bytes,
+            }))
+        })
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader_addr = m.current_leader.and_then(|l| self.cfg.peers.get(&l).cloned()).unwrap_or_default();
+        let members = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| pb::Member { node_id: *id, addr: n.addr.clone() })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: self.cfg.node_id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            raft_leader_id: m.current_leader,
+            raft_leader_addr: leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            streams: self.sm.with_streams(|s| s.streams.keys().cloned().collect()),
+        }))
+    }
+}
+
+/// Read responses buffered per reader before the reader must consume.
+const READ_CHANNEL_BATCHES: usize = 4;
+
+fn lease_reply(outcome: Outcome) -> Result<Response<pb::LeaseResponse>, Status> {
+    match outcome {
+        Outcome::Lease { leader, deadline_unix_ms, last_seq } => {
+            Ok(Response::new(pb::LeaseResponse { deadline_unix_ms, leader_uuid: leader, last_seq }))
+        }
+        other => Err(errors::from_outcome(other)),
+    }
+}
+
+/// Receives openraft's messages from peers.
+struct RaftTransport {
+    raft: Raft,
+}
+
+fn raft_reply<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
+    let data = encode(v).map_err(Status::internal)?;
+    Ok(Response::new(pb::RaftMessage { data: data.into() }))
+}
+
+#[tonic::async_trait]
+impl keel_proto::journal::raft_server::Raft for RaftTransport {
+    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
+        let res = self.raft.vote(rpc).await.map_err(|e| e.to_string());
+        raft_reply(&res)
+    }
+
+    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
+        let res = self.raft.append_entries(rpc).await.map_err(|e| e.to_string());
+        raft_reply(&res)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let msg: SnapshotMessage = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
+        let snapshot = openraft::alias::SnapshotOf::<crate::types::TypeConfig, Vec<u8>> {
+            meta: msg.meta,
+            snapshot: msg.data,
+        };
+        let res = self.raft.install_full_snapshot(msg.vote, snapshot).await.map_err(|e| e.to_string());
+        raft_reply(&res)
+    }
+}

@@ -1,0 +1,47 @@
+# Shared by scripts/*: dependency installation and build, idempotent.
+# Source it; it sets KEEL_ROOT, CARGO_TARGET_DIR and KEEL_BIN_DIR.
+
+KEEL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
+KEEL_PROFILE="${KEEL_PROFILE:-release}"
+export KEEL_BIN_DIR="$CARGO_TARGET_DIR/$KEEL_PROFILE"
+
+# apt packages Keel needs, by the command that proves each is present.
+KEEL_APT_PACKAGES=(
+  "cc:build-essential"
+  "pkg-config:pkg-config"
+  "setsid:util-linux"
+)
+
+keel_log() { printf '[keel] %s\n' "$*" >&2; }
+
+keel_install_deps() {
+  local missing=() entry cmd pkg
+  for entry in "${KEEL_APT_PACKAGES[@]}"; do
+    cmd="${entry%%:*}"; pkg="${entry#*:}"
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    keel_log "installing apt packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+      export PATH="$HOME/.cargo/bin:$PATH"
+    else
+      keel_log "cargo is missing: install a Rust toolchain (rustup) first"
+      exit 1
+    fi
+  fi
+}
+
+# Builds the binaries (release by default, KEEL_PROFILE=debug for debug).
+keel_build() {
+  local flag=()
+  [ "$KEEL_PROFILE" = release ] && flag=(--release)
+  keel_log "building ($KEEL_PROFILE) into $CARGO_TARGET_DIR"
+  (cd "$KEEL_ROOT" && cargo build "${flag[@]}" --workspace --bins --quiet)
+}

@@ -1,0 +1,407 @@
+//! The journal, end to end: real `keel-journal` processes over gRPC with real
+//! fsync; faults are kill -9, SIGSTOP/SIGCONT and torn files on disk.
+
+use std::process::Command;
+use std::time::Duration;
+
+use keel_journal::client::JournalClient;
+use keel_journal::client::JournalError;
+use keel_tests::JournalCluster;
+use keel_tests::bin;
+use keel_tests::new_uuid;
+use keel_tests::read_all;
+
+const S: &str = "shard-1";
+
+/// Appends one record as the only writer, retrying through leader changes.
+/// An outcome-unknown attempt is retried with `expect_last_seq`; a
+/// `seq-mismatch` then tells whether the earlier attempt landed.
+async fn append_acked(client: &JournalClient, leader: &str, payload: &[u8], last_seq: &mut u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.append(S, leader, vec![payload.to_vec()], Some(*last_seq)).await {
+            Ok(seq) => {
+                assert_eq!(seq, *last_seq + 1);
+                *last_seq = seq;
+                return seq;
+            }
+            Err(JournalError::Rejected { kind, .. }) if kind == "seq-mismatch" => {
+                // The earlier unknown attempt was applied: check it is ours.
+                let info = client.stream_info(S).await.expect("stream info");
+                assert_eq!(info.last_seq, *last_seq + 1, "someone else appended");
+                *last_seq += 1;
+                return *last_seq;
+            }
+            Err(e @ (JournalError::OutcomeUnknown(_) | JournalError::Unavailable(_))) => {
+                assert!(std::time::Instant::now() < deadline, "append never succeeded: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("append failed: {e}"),
+        }
+    }
+}
+
+fn ctl(endpoints: &str, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(bin("keel-journal"))
+        .args(["ctl", "--endpoints", endpoints])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_and_any_node_answers() {
+    let c = JournalCluster::start(3).await;
+    let client = c.client();
+    let a = new_uuid();
+    assert_eq!(client.set_leader(S, &a, "").await.unwrap(), "");
+    let mut last = 0;
+    for i in 0..50u32 {
+        append_acked(&client, &a, format!("r{i}").as_bytes(), &mut last).await;
+    }
+    // Every node, asked alone, eventually serves the same records; writes
+    // sent to a follower are redirected by the client.
+    for i in 0..3 {
+        let one = c.client_of(i);
+        let status = one.node_status(0).await.unwrap();
+        c.wait_applied(i, status.last_log_index).await;
+        let got = read_all(&one, S).await;
+        assert_eq!(got.len(), 50, "node {i}");
+        assert_eq!(got[7], (8, b"r7".to_vec()));
+    }
+    let follower = (c.wait_leader().await + 1) % 3;
+    let seq = c.client_of(follower).append(S, &a, vec![b"via-follower".to_vec()], None).await;
+    // A lone-endpoint client cannot follow the redirect to another node; it
+    // reports Unavailable with the leader's address, and nothing is applied.
+    match seq {
+        Err(JournalError::Unavailable(msg)) => assert!(msg.contains("NOT_LEADER"), "{msg}"),
+        other => panic!("expected a not-leader redirect, got {other:?}"),
+    }
+    assert_eq!(client.stream_info(S).await.unwrap().last_seq, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_and_compare_and_set() {
+    let c = JournalCluster::start(3).await;
+    let client = c.client();
+    let (a, b) = (new_uuid(), new_uuid());
+    client.set_leader(S, &a, "").await.unwrap();
+    assert_eq!(client.append(S, &a, vec![b"x".to_vec()], None).await.unwrap(), 1);
+
+    // A writer that is not the leader is fenced, and told who is.
+    match client.append(S, &b, vec![b"y".to_vec()], None).await {
+        Err(JournalError::Fenced { leader, message }) => {
+            assert_eq!(leader, a);
+            assert!(message.contains("FENCED"), "{message}");
+        }
+        other => panic!("expected FENCED, got {other:?}"),
+    }
+    // CAS with the wrong expectation fails and reports the actual leader.
+    match client.set_leader(S, &b, &b).await {
+        Err(JournalError::Rejected { kind, message }) => {
+            assert_eq!(kind, "cas-failed");
+            assert!(message.contains(&a), "{message}");
+        }
+        other => panic!("expected CAS failure, got {other:?}"),
+    }
+    assert_eq!(client.set_leader(S, &b, &a).await.unwrap(), a);
+    assert!(client.append(S, &a, vec![b"z".to_vec()], None).await.unwrap_err().is_fenced());
+    assert_eq!(client.append(S, &b, vec![b"w".to_vec()], None).await.unwrap(), 2);
+
+    // The CLI: exit 3 on FENCED with the reason on stderr, 0 on success.
+    let (code, _, err) = ctl(&c.endpoints(), &["append", S, "--leader", &a], b"late");
+    assert_eq!(code, 3, "stderr: {err}");
+    assert!(err.contains("FENCED"), "{err}");
+    let (code, out, err) = ctl(&c.endpoints(), &["append", S, "--leader", &b], b"cli");
+    assert_eq!(code, 0, "stderr: {err}");
+    assert_eq!(out.trim(), "3");
+    let (code, out, _) = ctl(&c.endpoints(), &["read", S, "--from", "2"], b"");
+    assert_eq!(code, 0);
+    assert_eq!(out, "2\tw\n3\tcli\n");
+    let got = read_all(&client, S).await;
+    assert_eq!(got.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(), vec![b"x".to_vec(), b"w".to_vec(), b"cli".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_expiry_and_takeover() {
+    let c = JournalCluster::start(3).await;
+    let client = c.client();
+    let (a, b) = (new_uuid(), new_uuid());
+    let l = client.take_lease(S, &a, 0, 800).await.unwrap();
+    assert_eq!(l.leader_uuid, a);
+    client.append(S, &a, vec![b"1".to_vec(), b"2".to_vec()], None).await.unwrap();
+
+    // While A's lease is live, B cannot take it, caught up or not.
+    let e = client.take_lease(S, &b, 2, 800).await.unwrap_err();
+    assert_eq!(e.kind(), "lease-held", "{e}");
+    // Renewal moves the deadline forward.
+    let r = client.renew_lease(S, &a).await.unwrap();
+    assert!(r.deadline_unix_ms >= l.deadline_unix_ms);
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Expired, but a lagging candidate still cannot win.
+    let e = client.take_lease(S, &b, 1, 800).await.unwrap_err();
+    assert_eq!(e.kind(), "not-caught-up", "{e}");
+    let won = client.take_lease(S, &b, 2, 800).await.unwrap();
+    assert_eq!((won.leader_uuid.as_str(), won.last_seq), (b.as_str(), 2));
+
+    // A is fenced for appends and renewals.
+    assert!(client.append(S, &a, vec![b"a".to_vec()], None).await.unwrap_err().is_fenced());
+    assert!(client.renew_lease(S, &a).await.unwrap_err().is_fenced());
+    assert_eq!(client.append(S, &b, vec![b"b".to_vec()], None).await.unwrap(), 3);
+}
+
+/// A lease holder paused (SIGSTOP) across its lease expiry resumes after a
+/// take-over: none of its appends lands after the take-over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_stale_leader_is_fenced_after_resume() {
+    let c = JournalCluster::start(3).await;
+    let client = c.client();
+    let (a, b) = (new_uuid(), new_uuid());
+    client.take_lease(S, &a, 0, 500).await.unwrap();
+
+    // A's writer: a separate process appending "A" in a loop until refused.
+    let script = format!(
+        "while true; do echo -n A | '{}' ctl --endpoints '{}' append {S} --leader {a} >/dev/null || exit $?; done",
+        bin("keel-journal").display(),
+        c.endpoints()
+    );
+    let mut writer = Command::new("setsid").args(["bash", "-c", &script]).spawn().unwrap();
+    let pgid = writer.id();
+    // Wait for some of A's appends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.stream_info(S).await.unwrap().last_seq < 5 {
+        assert!(std::time::Instant::now() < deadline, "writer made no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Pause the whole writer (shell and any in-flight ctl) past the lease.
+    let group = format!("-{pgid}");
+    assert!(Command::new("kill").args(["-STOP", "--", &group]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let caught_up = client.stream_info(S).await.unwrap().last_seq;
+    let won = client.take_lease(S, &b, caught_up, 5000).await.unwrap();
+    assert_eq!(won.leader_uuid, b);
+    let takeover_seq = won.last_seq;
+    client.append(S, &b, vec![b"B".to_vec()], None).await.unwrap();
+
+    assert!(Command::new("kill").args(["-CONT", "--", &group]).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || writer.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(3), "the resumed stale writer must exit FENCED");
+
+    let records = read_all(&client, S).await;
+    for (seq, p) in &records {
+        if *seq > takeover_seq {
+            assert_eq!(p, b"B", "record {seq} after the take-over came from the fenced leader");
+        }
+    }
+    assert_eq!(records.last().unwrap().1, b"B");
+}
+
+/// kill -9 of any node (the leader first) during appends loses no
+/// acknowledged record, and appends keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_any_node_keeps_appends_and_loses_nothing() {
+    let mut c = JournalCluster::start(3).await;
+    let client = c.client();
+    let a = new_uuid();
+    client.set_leader(S, &a, "").await.unwrap();
+    let mut last = 0;
+    let mut acked = Vec::new();
+    let mut n = 0u32;
+    let mut write = |count: u32| {
+        let v: Vec<Vec<u8>> = (n..n + count).map(|i| format!("rec-{i}").into_bytes()).collect();
+        n += count;
+        v
+    };
+    for victim_is_leader in [true, false] {
+        for p in write(30) {
+            append_acked(&client, &a, &p, &mut last).await;
+            acked.push(p);
+        }
+        let leader = c.wait_leader().await;
+        let victim = if victim_is_leader { leader } else { (leader + 1) % 3 };
+        c.kill(victim);
+        // Appends continue on the two survivors.
+        for p in write(30) {
+            append_acked(&client, &a, &p, &mut last).await;
+            acked.push(p);
+        }
+        c.restart(victim);
+    }
+    let got: Vec<Vec<u8>> = read_all(&client, S).await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(got, acked, "the stream must hold exactly the acknowledged records, in order");
+}
+
+/// kill -9 of all three nodes, then restart: every acknowledged record is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_of_all_nodes_recovers_everything() {
+    let mut c = JournalCluster::start(3).await;
+    let client = c.client();
+    let a = new_uuid();
+    client.set_leader(S, &a, "").await.unwrap();
+    let mut last = 0;
+    for i in 0..100u32 {
+        append_acked(&client, &a, format!("v{i}").as_bytes(), &mut last).await;
+    }
+    client.cas_meta(S, "snapshot", None, b"s3://x/1".to_vec()).await.unwrap();
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.restart(i);
+    }
+    c.wait_leader().await;
+    let client = c.client();
+    let got = read_all(&client, S).await;
+    assert_eq!(got.len(), 100);
+    assert!(got.iter().enumerate().all(|(i, (seq, p))| *seq == i as u64 + 1 && *p == format!("v{i}").into_bytes()));
+    assert_eq!(client.get_meta(S, "snapshot").await.unwrap().unwrap(), b"s3://x/1");
+    // Leadership survived too: the old leader can keep appending, others cannot.
+    assert_eq!(client.append(S, &a, vec![b"after".to_vec()], None).await.unwrap(), 101);
+    assert!(client.append(S, &new_uuid(), vec![b"x".to_vec()], None).await.unwrap_err().is_fenced());
+}
+
+/// A torn write at the end of one node's log (a crash mid-write) is repaired
+/// on restart, and that node catches up with the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_tail_on_one_node_is_repaired() {
+    let mut c = JournalCluster::start(3).await;
+    let client = c.client();
+    let a = new_uuid();
+    client.set_leader(S, &a, "").await.unwrap();
+    let mut last = 0;
+    for i in 0..40u32 {
+        append_acked(&client, &a, format!("t{i}").as_bytes(), &mut last).await;
+    }
+    let leader = c.wait_leader().await;
+    let victim = (leader + 1) % 3;
+    c.kill(victim);
+    // Tear the newest WAL file: cut its last bytes and add garbage.
+    let newest = newest_file(&c.nodes[victim].data.join("raft-log"));
+    let len = std::fs::metadata(&newest).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&newest).unwrap();
+    f.set_len(len.saturating_sub(7)).unwrap();
+    drop(f);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
+        f.write_all(&[0xAB; 13]).unwrap();
+    }
+    for i in 40..60u32 {
+        append_acked(&client, &a, format!("t{i}").as_bytes(), &mut last).await;
+    }
+    c.restart(victim);
+    let status = c.client_of(leader).node_status(0).await.unwrap();
+    c.wait_applied(victim, status.last_log_index).await;
+    let got = read_all(&c.client_of(victim), S).await;
+    assert_eq!(got.len(), 60);
+    assert!(got.iter().enumerate().all(|(i, (_, p))| *p == format!("t{i}").into_bytes()));
+}
+
+fn newest_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut files: Vec<_> = walk(dir).into_iter().filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false)).collect();
+    files.sort_by_key(|p| (std::fs::metadata(p).unwrap().modified().unwrap(), p.clone()));
+    files.pop().unwrap_or_else(|| panic!("no WAL file in {}", dir.display()))
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Bad input gets a clear status and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors() {
+    let c = JournalCluster::start(1).await;
+    let client = c.client();
+    let a = new_uuid();
+
+    let mut reader = client.read("no-such-stream", 0, false);
+    let e = reader.next_batch().await.unwrap_err();
+    assert_eq!(e.kind(), "unknown-stream", "{e}");
+    assert!(e.to_string().contains("no-such-stream"));
+
+    let e = client.append("no-such-stream", &a, vec![b"x".to_vec()], None).await.unwrap_err();
+    assert_eq!(e.kind(), "unknown-stream", "{e}");
+
+    let e = client.set_leader(S, "not-a-uuid", "").await.unwrap_err();
+    assert_eq!(e.kind(), "invalid", "{e}");
+    assert!(e.to_string().contains("not a uuid"), "{e}");
+
+    client.set_leader(S, &a, "").await.unwrap();
+    let e = client.append(S, &a, vec![Vec::new()], None).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid", "{e}");
+    let e = client.append(S, &a, vec![], None).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid", "{e}");
+    let big = vec![0u8; keel_journal::streams::MAX_RECORD_BYTES + 1];
+    let e = client.append(S, &a, vec![big], None).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid", "{e}");
+    assert!(e.to_string().contains("limit"), "{e}");
+    let e = client.take_lease(S, &a, 0, 0).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid", "{e}");
+    let e = client.trim(S, 5).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid", "{e}");
+
+    // Nothing was lost or added by the rejected calls; the node still works.
+    assert_eq!(client.append(S, &a, vec![b"ok".to_vec()], None).await.unwrap(), 1);
+    client.trim(S, 1).await.unwrap();
+    let e = client.read(S, 1, false).next_batch().await.unwrap_err();
+    assert_eq!(e.kind(), "trimmed", "{e}");
+
+    // A malformed frame on the Raft port is refused without harm.
+    let mut raw = keel_proto::journal::raft_client::RaftClient::connect(format!("http://{}", c.nodes[0].addr)).await.unwrap();
+    let status = raw.append_entries(keel_proto::journal::RaftMessage { data: vec![0xc1, 0xff, 0x00].into() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(client.append(S, &a, vec![b"still".to_vec()], None).await.unwrap(), 2);
+
+    // Bad configuration is refused at start with a message naming the problem.
+    let out = Command::new(bin("keel-journal"))
+        .args(["serve", "--node-id", "4", "--listen", "127.0.0.1:1", "--data", "/tmp/x", "--peers", "1=127.0.0.1:2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not list this node"), "{:?}", out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_read_tails_new_records() {
+    let c = JournalCluster::start(1).await;
+    let client = c.client();
+    let a = new_uuid();
+    client.set_leader(S, &a, "").await.unwrap();
+    client.append(S, &a, vec![b"1".to_vec()], None).await.unwrap();
+    let tail_client = c.client();
+    let tail = tokio::spawn(async move {
+        let mut r = tail_client.read(S, 1, true);
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            for rec in r.next_batch().await.unwrap().unwrap() {
+                seen.push(rec.payload.to_vec());
+            }
+        }
+        seen
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.append(S, &a, vec![b"2".to_vec(), b"3".to_vec()], None).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), tail).await.expect("tail returned").unwrap();
+    assert_eq!(seen, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+}
