@@ -4,7 +4,7 @@
 
 pub mod client;
 pub mod errors;
-pub mod log_store;
+pub mod raft_log_store;
 pub mod network;
 pub mod server;
 pub mod state_machine;

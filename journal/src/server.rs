@@ -35,7 +35,7 @@ use tonic::Response;
 use tonic::Status;
 
 use crate::errors;
-use crate::log_store::LogStore;
+use crate::raft_log_store::LogStore;
 use crate::network::MAX_RAFT_MESSAGE_BYTES;
 use crate::network::Network;
 use crate::network::SnapshotMessage;

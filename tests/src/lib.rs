@@ -164,6 +164,11 @@ impl JournalCluster {
 
 impl Drop for JournalCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the logs and data of a failed test for post-mortem.
+            self.dir.disable_cleanup(true);
+            eprintln!("journal cluster kept in {}", self.dir.path().display());
+        }
         for n in &mut self.nodes {
             if let Some(mut c) = n.child.take() {
                 let _ = c.kill();
