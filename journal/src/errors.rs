@@ -61,6 +61,20 @@ pub fn not_leader(leader: Option<u64>, addr: Option<String>) -> Status {
     }
 }
 
+pub fn overloaded(limit: usize) -> Status {
+    tagged(
+        Status::resource_exhausted(format!(
+            "OVERLOADED: {limit} writes are already queued on this journal node; nothing was applied, retry later"
+        )),
+        "overloaded",
+    )
+}
+
+/// This node cannot serve a leader-only request right now (nothing applied).
+pub fn not_leader_because(why: String) -> Status {
+    tagged(Status::unavailable(format!("NOT_LEADER: {why}; retry shortly")), "not-leader")
+}
+
 pub fn outcome_unknown(msg: impl Into<String>) -> Status {
     tagged(Status::unavailable(format!("OUTCOME_UNKNOWN: {}", msg.into())), "outcome-unknown")
 }

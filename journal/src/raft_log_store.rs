@@ -172,10 +172,13 @@ fn to_range<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
 
 impl LogStore {
     /// Opens (or creates) the log in `dir`, repairing a torn tail.
-    pub fn open(dir: &Path) -> io::Result<LogStore> {
+    /// `flush_wait` is how long raft-log's flush worker waits for more writes
+    /// before starting a sync (the group-commit window).
+    pub fn open(dir: &Path, flush_wait: std::time::Duration) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
         let dir_str = dir.to_str().ok_or_else(|| bad_data(format!("{} is not UTF-8", dir.display())))?;
-        let config = raft_log::Config::new(dir_str);
+        let mut config = raft_log::Config::new(dir_str);
+        config.wal.flush_batch_wait = Some(flush_wait);
         let log = RaftLog::open(Arc::new(config))
             .map_err(|e| io::Error::new(e.kind(), format!("opening the Raft log in {}: {e}", dir.display())))?;
         Ok(LogStore { log: Arc::new(Mutex::new(log)) })
@@ -297,6 +300,8 @@ mod tests {
     use crate::state_machine::StateMachineStore;
     use crate::types::Command;
 
+    const TEST_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
+
     struct Builder;
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
@@ -304,7 +309,7 @@ mod tests {
             &self,
         ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), openraft::StorageError<TypeConfig>> {
             let dir = tempfile::tempdir().unwrap();
-            let log = LogStore::open(&dir.path().join("log")).unwrap();
+            let log = LogStore::open(&dir.path().join("log"), TEST_FLUSH_WAIT).unwrap();
             let sm = StateMachineStore::open(&dir.path().join("sm")).unwrap();
             Ok((dir, log, sm))
         }
@@ -338,13 +343,13 @@ mod tests {
     async fn reopen_recovers_vote_committed_and_entries() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut s = LogStore::open(dir.path()).unwrap();
+            let mut s = LogStore::open(dir.path(), TEST_FLUSH_WAIT).unwrap();
             s.save_vote(&Vote::new(3, 2)).await.unwrap();
             append(&mut s, (1..=5).map(|i| entry(3, i)).collect()).await;
             s.save_committed(Some(log_id(3, 4))).await.unwrap();
             append(&mut s, vec![entry(3, 6)]).await;
         }
-        let mut s = LogStore::open(dir.path()).unwrap();
+        let mut s = LogStore::open(dir.path(), TEST_FLUSH_WAIT).unwrap();
         assert_eq!(s.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
         assert_eq!(s.read_committed().await.unwrap(), Some(log_id(3, 4)));
         let got = s.try_get_log_entries(1..7).await.unwrap();
@@ -361,7 +366,7 @@ mod tests {
     async fn torn_tail(tear: impl FnOnce(&mut std::fs::File, u64)) {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut s = LogStore::open(dir.path()).unwrap();
+            let mut s = LogStore::open(dir.path(), TEST_FLUSH_WAIT).unwrap();
             append(&mut s, (1..=10).map(|i| entry(1, i)).collect()).await;
         }
         let chunk = newest_chunk(dir.path());
@@ -369,7 +374,7 @@ mod tests {
         let len = f.metadata().unwrap().len();
         tear(&mut f, len);
         drop(f);
-        let mut s = LogStore::open(dir.path()).expect("a torn tail is repaired on open");
+        let mut s = LogStore::open(dir.path(), TEST_FLUSH_WAIT).expect("a torn tail is repaired on open");
         let got = s.try_get_log_entries(1..100).await.unwrap();
         // At most the torn record is lost; what remains is a gap-free prefix.
         assert!(got.len() >= 9, "lost more than the torn record: {} left", got.len());

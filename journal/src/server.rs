@@ -9,8 +9,9 @@
 //! leader change, node shutting down) is answered `outcome-unknown`, never as
 //! success or as a clean failure.
 //!
-//! Reads (`Read`, `GetMeta`, `StreamInfo`) are served from this node's applied
-//! state: committed data, possibly behind the leader by a few entries.
+//! Reads (`Read`, `GetMeta`, `StreamInfo`) are linearizable: served by the
+//! Raft leader after a ReadIndex round (`linearize`), so a read sees every
+//! write acknowledged before it began. Followers answer `not-leader`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,10 +27,10 @@ use keel_proto::journal::journal_server::Journal;
 use keel_proto::journal::journal_server::JournalServer;
 use keel_proto::journal::raft_server::RaftServer;
 use openraft::errors::ClientWriteError;
-use openraft::errors::RaftError;
 use openraft::impls::BasicNode;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
@@ -60,6 +61,9 @@ pub struct ServeConfig {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// Group-commit window: how long the log waits for more writes before
+    /// an fsync. 0 syncs as soon as anything is queued.
+    pub flush_wait_us: u64,
     /// Build a Raft snapshot after this many entries.
     pub snapshot_every_entries: u64,
     /// How long a write may wait for commit before it is `outcome-unknown`.
@@ -92,12 +96,18 @@ impl ServeConfig {
         if self.write_timeout_ms < self.election_max_ms {
             return Err("write_timeout_ms must be at least election_max_ms".into());
         }
+        if self.flush_wait_us > MAX_FLUSH_WAIT_US {
+            return Err(format!("flush_wait_us {} is above {MAX_FLUSH_WAIT_US}", self.flush_wait_us));
+        }
         if self.read_batch_records == 0 || self.read_batch_bytes == 0 {
             return Err("read batch bounds must be positive".into());
         }
         Ok(())
     }
 }
+
+/// Longest group-commit window accepted.
+pub const MAX_FLUSH_WAIT_US: u64 = 10_000;
 
 /// Parses `1=127.0.0.1:7001,2=…`.
 pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
@@ -123,7 +133,7 @@ fn now_unix_ms() -> u64 {
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&cfg.data_dir)?;
-    let log_store = LogStore::open(&cfg.data_dir.join("raft-log"))?;
+    let log_store = LogStore::open(&cfg.data_dir.join("raft-log"), Duration::from_micros(cfg.flush_wait_us))?;
     let sm = StateMachineStore::open(&cfg.data_dir.join("state"))?;
 
     let raft_config = openraft::Config {
@@ -139,7 +149,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     .validate()?;
     let raft = Raft::new(cfg.node_id, Arc::new(raft_config), Network, log_store, sm.clone()).await?;
 
-    let node = Arc::new(Node { cfg: cfg.clone(), raft: raft.clone(), sm });
+    let (proposals, queue) = mpsc::channel(MAX_QUEUED_PROPOSALS);
+    tokio::spawn(run_proposer(raft.clone(), queue));
+    let node = Arc::new(Node { cfg: cfg.clone(), raft: raft.clone(), sm, proposals });
     let journal = JournalServer::from_arc(node.clone())
         .max_decoding_message_size(MAX_APPEND_BYTES * 2)
         .max_encoding_message_size(MAX_APPEND_BYTES * 2);
@@ -157,12 +169,21 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .tcp_nodelay(true)
         .add_service(journal)
         .add_service(raft_svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
     raft.shutdown().await.ok();
     Ok(())
+}
+
+/// Accepted connections, with Nagle's algorithm off (replies are small and
+/// latency-bound).
+fn incoming(listener: tokio::net::TcpListener) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let conn = listener.accept().await.and_then(|(s, _)| s.set_nodelay(true).map(|()| s));
+        Some((conn, listener))
+    })
 }
 
 /// Every member proposes the same initial membership; openraft accepts it on
@@ -208,6 +229,98 @@ struct Node {
     cfg: ServeConfig,
     raft: Raft,
     sm: StateMachineStore,
+    proposals: mpsc::Sender<Proposal>,
+}
+
+/// Commands waiting to be proposed; past this, writes are refused at once.
+const MAX_QUEUED_PROPOSALS: usize = 16_384;
+/// Most commands in one Raft entry.
+const MAX_BATCH_COMMANDS: usize = 512;
+/// Most payload bytes in one Raft entry (a single larger command goes alone).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Raft entries proposed but not yet applied; while all are in flight, new
+/// commands queue up and leave together as the next batch.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
+
+struct Proposal {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Outcome, Status>>,
+}
+
+fn payload_bytes(cmd: &Command) -> usize {
+    match cmd {
+        Command::Append { records, .. } => records.iter().map(|r| r.len()).sum(),
+        Command::CasMeta { value, .. } => value.len(),
+        _ => 0,
+    }
+}
+
+/// Group commit: proposes queued commands as one Raft entry per batch, in
+/// arrival order (submission is sequential, so a client's pipelined commands
+/// keep their order), with at most `MAX_BATCHES_IN_FLIGHT` entries awaiting
+/// commit. Each command gets its own outcome.
+async fn run_proposer(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
+    let window = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = window.clone().acquire_owned().await else { return };
+        let mut bytes = payload_bytes(&first.cmd);
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(p) => {
+                    bytes += payload_bytes(&p.cmd);
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (mut cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        let cmd = if cmds.len() == 1 { cmds.pop().unwrap() } else { Command::Batch(cmds) };
+        let (responder, done) = openraft::impls::ProgressResponder::complete_only();
+        if let Err(fatal) = raft.client_write_ff(cmd, Some(responder)).await {
+            for r in replies {
+                let _ = r.send(Err(errors::outcome_unknown(format!("the journal node is stopping: {fatal}"))));
+            }
+            continue;
+        }
+        tokio::spawn(async move {
+            let result = done.await;
+            drop(permit);
+            deliver(result, replies);
+        });
+    }
+}
+
+/// Hands each waiting client its outcome.
+fn deliver<E: std::fmt::Display>(
+    result: Result<openraft::raft::ClientWriteResult<crate::types::TypeConfig>, E>,
+    replies: Vec<oneshot::Sender<Result<Outcome, Status>>>,
+) {
+    let outcomes: Vec<Result<Outcome, Status>> = match result {
+        Ok(Ok(resp)) => match resp.data {
+            Outcome::Batch(outs) if replies.len() > 1 => {
+                debug_assert_eq!(outs.len(), replies.len(), "one outcome per batched command");
+                outs.into_iter().map(Ok).collect()
+            }
+            single => vec![Ok(single)],
+        },
+        // Not appended anywhere: safe for the client to retry elsewhere.
+        Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+            let addr = f.leader_node.as_ref().map(|n| n.addr.clone());
+            replies.iter().map(|_| Err(errors::not_leader(f.leader_id, addr.clone()))).collect()
+        }
+        Ok(Err(e)) => replies
+            .iter()
+            .map(|_| Err(errors::outcome_unknown(format!("{e}; it may or may not be applied"))))
+            .collect(),
+        Err(e) => replies
+            .iter()
+            .map(|_| Err(errors::outcome_unknown(format!("{e}; it may or may not be applied"))))
+            .collect(),
+    };
+    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let _ = reply.send(outcome);
+    }
 }
 
 impl Node {
@@ -224,19 +337,38 @@ impl Node {
 
     async fn propose(&self, cmd: Command) -> Result<Outcome, Status> {
         validate(&cmd).map_err(errors::invalid)?;
-        let timeout = Duration::from_millis(self.cfg.write_timeout_ms);
         let what = cmd.to_string();
-        match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
+        let (tx, rx) = oneshot::channel();
+        self.proposals
+            .try_send(Proposal { cmd, reply: tx })
+            .map_err(|_| errors::overloaded(MAX_QUEUED_PROPOSALS))?;
+        let timeout = Duration::from_millis(self.cfg.write_timeout_ms);
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(errors::outcome_unknown(format!("{what}: the proposal was dropped; it may or may not be applied"))),
             Err(_) => Err(errors::outcome_unknown(format!(
                 "{what} was proposed but not committed within {} ms; it may or may not be applied",
                 self.cfg.write_timeout_ms
             ))),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+        }
+    }
+
+    /// Waits until this node, as Raft leader confirmed by a quorum, has
+    /// applied everything committed before the call: a read after this sees
+    /// every write acknowledged before the read began.
+    async fn linearize(&self) -> Result<(), Status> {
+        let timeout = Duration::from_millis(self.cfg.write_timeout_ms);
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(openraft::errors::RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f)))) => {
                 let addr = f.leader_node.as_ref().map(|n| n.addr.clone());
                 Err(errors::not_leader(f.leader_id, addr))
             }
-            Ok(Err(e)) => Err(errors::outcome_unknown(format!("{what}: {e}; it may or may not be applied"))),
+            Ok(Err(e)) => Err(errors::not_leader_because(e.to_string())),
+            Err(_) => Err(errors::not_leader_because(format!(
+                "could not confirm leadership with a quorum within {} ms",
+                self.cfg.write_timeout_ms
+            ))),
         }
     }
 
@@ -303,6 +435,7 @@ impl Journal for Node {
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let r = req.into_inner();
+        self.linearize().await?;
         // Fail fast, before the stream starts, on a stream that does not exist.
         let first = self.sm.with_streams(|s| s.streams.get(&r.stream).map(|st| st.first_seq));
         let Some(first) = first else {
@@ -360,6 +493,7 @@ impl Journal for Node {
 
     async fn get_meta(&self, req: Request<pb::GetMetaRequest>) -> Result<Response<pb::GetMetaResponse>, Status> {
         let r = req.into_inner();
+        self.linearize().await?;
         self.sm.with_streams(|s| {
             let st = s.streams.get(&r.stream).ok_or_else(|| errors::unknown_stream(&r.stream))?;
             Ok(Response::new(match st.meta.get(&r.key) {
@@ -388,6 +522,7 @@ impl Journal for Node {
         req: Request<pb::StreamInfoRequest>,
     ) -> Result<Response<pb::StreamInfoResponse>, Status> {
         let r = req.into_inner();
+        self.linearize().await?;
         self.sm.with_streams(|s| {
             let st = s.streams.get(&r.stream).ok_or_else(|| errors::unknown_stream(&r.stream))?;
             Ok(Response::new(pb::StreamInfoResponse {

