@@ -148,3 +148,29 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever arrives on the Raft port, decoding answers an error or a
+        /// value; it never panics.
+        #[test]
+        fn raft_message_decoders_never_panic(junk in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<AppendEntriesRequest<TypeConfig>>(&junk);
+            let _ = decode::<VoteRequest<TypeConfig>>(&junk);
+            let _ = decode::<SnapshotMessage>(&junk);
+            let _ = decode::<Result<VoteResponse<TypeConfig>, String>>(&junk);
+        }
+    }
+
+    #[test]
+    fn raft_messages_round_trip() {
+        let vote = VoteRequest::<TypeConfig>::new(openraft::impls::Vote::new(4, 2), None);
+        let back: VoteRequest<TypeConfig> = decode(&encode(&vote).unwrap()).unwrap();
+        assert_eq!(back, vote);
+    }
+}

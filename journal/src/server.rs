@@ -66,6 +66,8 @@ pub struct ServeConfig {
     pub flush_wait_us: u64,
     /// Build a Raft snapshot after this many entries.
     pub snapshot_every_entries: u64,
+    /// Log entries kept behind the latest snapshot (for lagging followers).
+    pub keep_log_entries: u64,
     /// How long a write may wait for commit before it is `outcome-unknown`.
     pub write_timeout_ms: u64,
     /// Records per `Read` response message.
@@ -95,6 +97,9 @@ impl ServeConfig {
         }
         if self.write_timeout_ms < self.election_max_ms {
             return Err("write_timeout_ms must be at least election_max_ms".into());
+        }
+        if self.snapshot_every_entries == 0 {
+            return Err("snapshot_every_entries must be positive".into());
         }
         if self.flush_wait_us > MAX_FLUSH_WAIT_US {
             return Err(format!("flush_wait_us {} is above {MAX_FLUSH_WAIT_US}", self.flush_wait_us));
@@ -142,7 +147,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         election_timeout_min: cfg.election_min_ms,
         election_timeout_max: cfg.election_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: cfg.keep_log_entries,
         install_snapshot_timeout: 30_000,
         ..Default::default()
     }

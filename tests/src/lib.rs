@@ -56,11 +56,17 @@ pub struct JournalCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<JournalNode>,
     peers: String,
+    extra_args: Vec<String>,
 }
 
 impl JournalCluster {
     /// Starts `n` nodes and waits for a Raft leader.
     pub async fn start(n: usize) -> JournalCluster {
+        JournalCluster::start_with(n, &[]).await
+    }
+
+    /// Like `start`, passing `args` to every `keel-journal serve`.
+    pub async fn start_with(n: usize, args: &[&str]) -> JournalCluster {
         let dir = tempfile::Builder::new().prefix("keel-journal-test").tempdir().unwrap();
         let nodes: Vec<JournalNode> = (1..=n as u64)
             .map(|id| JournalNode {
@@ -72,7 +78,8 @@ impl JournalCluster {
             })
             .collect();
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
-        let mut c = JournalCluster { dir, nodes, peers };
+        let extra_args = args.iter().map(|a| a.to_string()).collect();
+        let mut c = JournalCluster { dir, nodes, peers, extra_args };
         for i in 0..n {
             c.spawn(i);
         }
@@ -89,6 +96,7 @@ impl JournalCluster {
             .arg("--data")
             .arg(&node.data)
             .args(["--peers", &self.peers])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -316,6 +316,51 @@ async fn torn_tail_on_one_node_is_repaired() {
     assert!(got.iter().enumerate().all(|(i, (_, p))| *p == format!("t{i}").into_bytes()));
 }
 
+/// With frequent snapshots and no log kept behind them, a node whose disk was
+/// replaced (data wiped) rebuilds from a snapshot sent by the leader, and a
+/// restart of every node recovers from snapshot plus log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_rebuild_a_wiped_node_and_survive_restart() {
+    let mut c = JournalCluster::start_with(3, &["--snapshot-every-entries", "10", "--keep-log-entries", "0"]).await;
+    let client = c.client();
+    let a = new_uuid();
+    client.set_leader(S, &a, "").await.unwrap();
+    let mut last = 0;
+    for i in 0..20u32 {
+        append_acked(&client, &a, format!("s{i}").as_bytes(), &mut last).await;
+    }
+    let leader = c.wait_leader().await;
+    let lagging = (leader + 1) % 3;
+    c.kill(lagging);
+    for i in 20..80u32 {
+        append_acked(&client, &a, format!("s{i}").as_bytes(), &mut last).await;
+    }
+    client.trim(S, 30).await.unwrap();
+    std::fs::remove_dir_all(&c.nodes[lagging].data).unwrap();
+    assert!(
+        c.nodes[leader].data.join("state/snapshot.bin").exists(),
+        "the leader wrote no snapshot file"
+    );
+    c.restart(lagging);
+    let status = c.client_of(leader).node_status(0).await.unwrap();
+    c.wait_applied(lagging, status.last_log_index).await;
+    let log = std::fs::read_to_string(&c.nodes[lagging].log).unwrap();
+    assert!(log.contains("snapshot installed"), "the wiped node caught up without a snapshot");
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.restart(i);
+    }
+    c.wait_leader().await;
+    let client = c.client();
+    let got = read_all(&client, S).await;
+    assert_eq!(got.first().map(|r| r.0), Some(31));
+    assert_eq!(got.len(), 50);
+    assert!(got.iter().all(|(seq, p)| *p == format!("s{}", seq - 1).into_bytes()));
+    assert_eq!(client.append(S, &a, vec![b"after".to_vec()], None).await.unwrap(), 81);
+}
+
 fn newest_file(dir: &std::path::Path) -> std::path::PathBuf {
     let mut files: Vec<_> = walk(dir).into_iter().filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false)).collect();
     files.sort_by_key(|p| (std::fs::metadata(p).unwrap().modified().unwrap(), p.clone()));

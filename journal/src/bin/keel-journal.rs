@@ -89,6 +89,9 @@ struct ServeArgs {
     flush_wait_us: u64,
     #[arg(long, default_value_t = 50_000)]
     snapshot_every_entries: u64,
+    /// Log entries kept behind the latest snapshot.
+    #[arg(long, default_value_t = 1_000)]
+    keep_log_entries: u64,
     #[arg(long, default_value_t = 5_000)]
     write_timeout_ms: u64,
     #[arg(long, default_value_t = 1024)]
@@ -217,6 +220,7 @@ fn main() -> ExitCode {
                 election_max_ms: a.election_max_ms,
                 flush_wait_us: a.flush_wait_us,
                 snapshot_every_entries: a.snapshot_every_entries,
+                keep_log_entries: a.keep_log_entries,
                 write_timeout_ms: a.write_timeout_ms,
                 read_batch_records: a.read_batch_records,
                 read_batch_bytes: a.read_batch_bytes,
