@@ -31,6 +31,7 @@ use openraft::impls::BasicNode;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
@@ -156,7 +157,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 
     let (proposals, queue) = mpsc::channel(MAX_QUEUED_PROPOSALS);
     tokio::spawn(run_proposer(raft.clone(), queue));
-    let node = Arc::new(Node { cfg: cfg.clone(), raft: raft.clone(), sm, proposals });
+    let (recovered_tx, recovered) = watch::channel(false);
+    tokio::spawn(recover(raft.clone(), recovered_tx));
+    let node = Arc::new(Node { cfg: cfg.clone(), raft: raft.clone(), sm, proposals, recovered });
     let journal = JournalServer::from_arc(node.clone())
         .max_decoding_message_size(MAX_APPEND_BYTES * 2)
         .max_encoding_message_size(MAX_APPEND_BYTES * 2);
@@ -189,6 +192,28 @@ fn incoming(listener: tokio::net::TcpListener) -> impl Stream<Item = std::io::Re
         let conn = listener.accept().await.and_then(|(s, _)| s.set_nodelay(true).map(|()| s));
         Some((conn, listener))
     })
+}
+
+/// After a restart the persisted commit index may lag what was acknowledged
+/// (it is synced lazily), and a node that was leader resumes as leader at
+/// once. Until the cluster commit covers this node's whole durable log and
+/// the state machine applied it, reads could miss acknowledged writes, so
+/// `linearize` waits for this.
+async fn recover(raft: Raft, done: watch::Sender<bool>) {
+    loop {
+        match raft.wait_for_recovery(Some(Duration::from_secs(1))).await {
+            Ok(_) => {
+                tracing::info!("recovered: the state machine covers the durable log");
+                let _ = done.send(true);
+                return;
+            }
+            Err(openraft::metrics::WaitError::Timeout(..)) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "stopped waiting for recovery");
+                return;
+            }
+        }
+    }
 }
 
 /// Every member proposes the same initial membership; openraft accepts it on
@@ -235,6 +260,9 @@ struct Node {
     raft: Raft,
     sm: StateMachineStore,
     proposals: mpsc::Sender<Proposal>,
+    /// Becomes true once the state machine holds everything this node's
+    /// durable log may have acknowledged before a restart (see `recover`).
+    recovered: watch::Receiver<bool>,
 }
 
 /// Commands waiting to be proposed; past this, writes are refused at once.
@@ -363,6 +391,10 @@ impl Node {
     /// every write acknowledged before the read began.
     async fn linearize(&self) -> Result<(), Status> {
         let timeout = Duration::from_millis(self.cfg.write_timeout_ms);
+        let mut recovered = self.recovered.clone();
+        if tokio::time::timeout(timeout, recovered.wait_for(|r| *r)).await.map(|r| r.is_ok()) != Ok(true) {
+            return Err(errors::not_leader_because("this node is still recovering its log after a restart".into()));
+        }
         match tokio::time::timeout(timeout, self.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(openraft::errors::RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f)))) => {
