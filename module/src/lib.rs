@@ -1,3 +1,30 @@
 //! The Redis module of Keel: loaded with `redis-server --loadmodule`, it holds
 //! each write's reply until the journal has the write's effects durably.
-//! Not built yet: this crate only reserves its place in the workspace.
+//! Decisions live in `holds.rs`; this file is the thin layer over Redis.
+//!
+//! How a write flows:
+//! - a command filter rewrites a client's write command `CMD args…` into
+//!   `KEEL.W CMD args…` (reads pass untouched);
+//! - `KEEL.W` runs the command with `RM_Call` (as the client's ACL user, in
+//!   its database and protocol, propagated to replicas), keeps the reply and
+//!   blocks the client;
+//! - in beforeSleep, after Redis propagated the turn's effects, the turn's
+//!   held replies get `master_repl_offset` as their target;
+//! - the sidecar, which receives the replication stream and appends it to the
+//!   journal, calls `KEEL.ACK <offset>` once the journal holds it; replies
+//!   whose target is covered are released.
+//! A reply not released within `write_timeout_ms` is answered with an error
+//! saying the write's durability is unknown; `KEEL.FENCED` answers every held
+//! reply with an error.
+//!
+//! Not handled yet (open work): MULTI/EXEC (writes queued inside MULTI run
+//! unheld), blocking pops (run natively, unheld), read hazards (a read of a
+//! key with a pending write does not wait), replica role.
+
+pub mod config;
+pub mod holds;
+// The layer over Redis; unit tests run without Redis, so they leave it out.
+#[cfg(not(test))]
+mod ffi;
+#[cfg(not(test))]
+mod reply;
