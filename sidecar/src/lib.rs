@@ -1,3 +1,8 @@
 //! The sidecar of Keel: runs beside each redis-server and does the talking:
-//! fenced appends to the journal, lease renewal, election, replica catch-up.
-//! Not built yet: this crate only reserves its place in the workspace.
+//! journals the primary's replication stream as the stream's fenced leader
+//! and acknowledges durable offsets to the module. (Replicas, election and
+//! discovery come next.)
+
+pub mod primary;
+pub mod record;
+pub mod resp;

@@ -1,0 +1,120 @@
+//! `keel-sidecar`: `primary` journals a Redis primary's writes; `decode`
+//! prints a journaled stream as commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::Subcommand;
+use keel_journal::client::JournalClient;
+use keel_sidecar::primary::PrimaryConfig;
+use keel_sidecar::primary::Stop;
+use keel_sidecar::record::Kind;
+use keel_sidecar::record::Record;
+use keel_sidecar::resp::parse_command;
+
+#[derive(Parser)]
+#[command(name = "keel-sidecar", about = "Keel's sidecar: journals a Redis primary's writes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Journal the replication stream of the Redis primary beside us.
+    Primary {
+        /// The local redis-server (with the keel module loaded).
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        redis: String,
+        /// Comma-separated journal endpoints.
+        #[arg(long, env = "KEEL_JOURNAL")]
+        journal: String,
+        #[arg(long, default_value = "shard-1")]
+        stream: String,
+        /// Where this node keeps its identity.
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        lease_ms: u64,
+        #[arg(long, default_value_t = 64 << 20)]
+        max_buffered_bytes: usize,
+        #[arg(long, default_value_t = 1000)]
+        replconf_ack_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        retry_pause_ms: u64,
+    },
+    /// Print a journaled stream: one line per command (or RDB chunk).
+    Decode {
+        #[arg(long, env = "KEEL_JOURNAL")]
+        journal: String,
+        #[arg(long, default_value = "shard-1")]
+        stream: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match Cli::parse().cmd {
+        Cmd::Primary { redis, journal, stream, state_dir, lease_ms, max_buffered_bytes, replconf_ack_ms, retry_pause_ms } => {
+            let cfg = PrimaryConfig { redis, journal, stream, state_dir, lease_ms, max_buffered_bytes, replconf_ack_ms, retry_pause_ms };
+            if let Err(e) = cfg.validate() {
+                eprintln!("keel-sidecar: bad configuration: {e}");
+                return ExitCode::from(2);
+            }
+            match rt.block_on(keel_sidecar::primary::run(cfg)) {
+                Stop::Fenced(m) => {
+                    eprintln!("keel-sidecar: FENCED: {m}");
+                    ExitCode::from(3)
+                }
+                stop => {
+                    eprintln!("keel-sidecar: {stop}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Decode { journal, stream } => match rt.block_on(decode(&journal, &stream)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keel-sidecar: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+async fn decode(journal: &str, stream: &str) -> anyhow::Result<()> {
+    let client = JournalClient::from_list(journal)?;
+    let mut reader = client.read(stream, 0, false);
+    let mut carry: Vec<u8> = Vec::new();
+    let mut expect: Option<u64> = None;
+    while let Some(batch) = reader.next_batch().await? {
+        for r in batch {
+            let rec = Record::decode(&r.payload).map_err(|e| anyhow::anyhow!("record {}: {e}", r.seq))?;
+            match rec.kind {
+                Kind::Rdb => println!("#rdb\t{}\t{}\t{} bytes", rec.replid, rec.start, rec.payload.len()),
+                Kind::RdbEnd => {
+                    println!("#rdb-end\t{}\t{}", rec.replid, rec.start);
+                    expect = Some(rec.end);
+                }
+                Kind::Stream => {
+                    if let Some(e) = expect {
+                        anyhow::ensure!(e == rec.start, "gap or overlap: record {} starts at {} but {e} was expected", r.seq, rec.start);
+                    }
+                    expect = Some(rec.end);
+                    carry.extend_from_slice(&rec.payload);
+                    while let Some((args, used)) = parse_command(&carry)? {
+                        let words: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                        println!("{}", words.join(" "));
+                        carry.drain(..used);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Splits a Redis replication stream (RESP multi-bulk commands) into
+//! commands. Used to read journaled streams back (`keel-sidecar decode`).
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed RESP at byte {at}: {what}")]
+pub struct RespError {
+    pub at: usize,
+    pub what: &'static str,
+}
+
+/// Largest argument count or bulk length accepted.
+const MAX_LEN: usize = 512 << 20;
+
+fn line(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let rest = &b[at..];
+    let i = rest.windows(2).position(|w| w == b"\r\n")?;
+    Some((&rest[..i], at + i + 2))
+}
+
+fn number(digits: &[u8], at: usize) -> Result<usize, RespError> {
+    let s = std::str::from_utf8(digits).map_err(|_| RespError { at, what: "length is not ASCII" })?;
+    let n: usize = s.parse().map_err(|_| RespError { at, what: "length is not a number" })?;
+    if n > MAX_LEN {
+        return Err(RespError { at, what: "length over the limit" });
+    }
+    Ok(n)
+}
+
+/// Parses one command at the start of `b`: `Ok(Some((args, consumed)))`,
+/// `Ok(None)` if more bytes are needed.
+pub fn parse_command(b: &[u8]) -> Result<Option<(Vec<Vec<u8>>, usize)>, RespError> {
+    if b.is_empty() {
+        return Ok(None);
+    }
+    if b[0] != b'*' {
+        return Err(RespError { at: 0, what: "command does not start with '*'" });
+    }
+    let Some((n, mut at)) = line(b, 1) else { return Ok(None) };
+    let n = number(n, 1)?;
+    let mut args = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        if at >= b.len() {
+            return Ok(None);
+        }
+        if b[at] != b'$' {
+            return Err(RespError { at, what: "argument does not start with '$'" });
+        }
+        let Some((len, next)) = line(b, at + 1) else { return Ok(None) };
+        let len = number(len, at + 1)?;
+        if b.len() < next + len + 2 {
+            return Ok(None);
+        }
+        if &b[next + len..next + len + 2] != b"\r\n" {
+            return Err(RespError { at: next + len, what: "bulk not followed by CRLF" });
+        }
+        args.push(b[next..next + len].to_vec());
+        at = next + len + 2;
+    }
+    Ok(Some((args, at)))
+}
+
+/// Encodes a command as RESP.
+pub fn encode_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn parses_whole_and_partial_commands() {
+        let c = encode_command(&[b"SET", b"k", b"v"]);
+        assert_eq!(parse_command(&c).unwrap(), Some((vec![b"SET".to_vec(), b"k".to_vec(), b"v".to_vec()], c.len())));
+        for cut in 0..c.len() {
+            assert_eq!(parse_command(&c[..cut]).unwrap(), None, "cut at {cut}");
+        }
+        assert!(parse_command(b"+OK\r\n").is_err());
+        assert!(parse_command(b"*1\r\n$3\r\nabcX\r\n").is_err());
+        assert!(parse_command(b"*x\r\n").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(args in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 1..6)) {
+            let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+            let c = encode_command(&refs);
+            prop_assert_eq!(parse_command(&c).unwrap(), Some((args.clone(), c.len())));
+        }
+
+        #[test]
+        fn never_panics(junk in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let _ = parse_command(&junk);
+        }
+    }
+}
