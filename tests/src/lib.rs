@@ -134,6 +134,17 @@ impl JournalCluster {
         self.spawn(i);
     }
 
+    /// kill -9 every node, start them all again, wait for a leader.
+    pub async fn kill_and_restart_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        for i in 0..self.nodes.len() {
+            self.restart(i);
+        }
+        self.wait_leader().await;
+    }
+
     /// Index of the node that is Raft leader, waiting for one.
     pub async fn wait_leader(&self) -> usize {
         let client = self.client();

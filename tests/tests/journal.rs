@@ -41,6 +41,13 @@ async fn append_acked(client: &JournalClient, leader: &str, payload: &[u8], last
     }
 }
 
+/// Appends `{prefix}{i}` for every `i` in `range`, as the only writer.
+async fn append_numbered(client: &JournalClient, leader: &str, prefix: &str, range: std::ops::Range<u32>, last_seq: &mut u64) {
+    for i in range {
+        append_acked(client, leader, format!("{prefix}{i}").as_bytes(), last_seq).await;
+    }
+}
+
 fn ctl(endpoints: &str, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     use std::io::Write;
     let mut child = Command::new(bin("keel-journal"))
@@ -67,9 +74,7 @@ async fn three_nodes_replicate_and_any_node_answers() {
     let a = new_uuid();
     assert_eq!(client.set_leader(S, &a, "").await.unwrap(), "");
     let mut last = 0;
-    for i in 0..50u32 {
-        append_acked(&client, &a, format!("r{i}").as_bytes(), &mut last).await;
-    }
+    append_numbered(&client, &a, "r", 0..50, &mut last).await;
     // Whichever node a client tries first, it is led to the Raft leader and
     // reads every acknowledged record (reads are linearizable).
     for i in 0..3 {
@@ -267,13 +272,7 @@ async fn restart_of_all_nodes_recovers_everything() {
         let prev = if round == 0 { None } else { Some(format!("snap-{}", round - 1).into_bytes()) };
         client.cas_meta(S, "snapshot", prev, format!("snap-{round}").into_bytes()).await.unwrap();
         drop(client);
-        for i in 0..3 {
-            c.kill(i);
-        }
-        for i in 0..3 {
-            c.restart(i);
-        }
-        c.wait_leader().await;
+        c.kill_and_restart_all().await;
         let client = c.client();
         let got = read_all(&client, S).await;
         assert_eq!(got.len() as u64, (round + 1) * 30, "round {round}");
@@ -295,9 +294,7 @@ async fn torn_tail_on_one_node_is_repaired() {
     let a = new_uuid();
     client.set_leader(S, &a, "").await.unwrap();
     let mut last = 0;
-    for i in 0..40u32 {
-        append_acked(&client, &a, format!("t{i}").as_bytes(), &mut last).await;
-    }
+    append_numbered(&client, &a, "t", 0..40, &mut last).await;
     let leader = c.wait_leader().await;
     let victim = (leader + 1) % 3;
     c.kill(victim);
@@ -309,9 +306,7 @@ async fn torn_tail_on_one_node_is_repaired() {
     let f = std::fs::OpenOptions::new().write(true).open(&newest).unwrap();
     f.set_len(len.saturating_sub(7)).unwrap();
     drop(f);
-    for i in 40..60u32 {
-        append_acked(&client, &a, format!("t{i}").as_bytes(), &mut last).await;
-    }
+    append_numbered(&client, &a, "t", 40..60, &mut last).await;
     c.restart(victim);
     // The repaired node catches up on every entry...
     let status = c.client_of(leader).node_status(0).await.unwrap();
@@ -334,15 +329,11 @@ async fn snapshots_rebuild_a_wiped_node_and_survive_restart() {
     let a = new_uuid();
     client.set_leader(S, &a, "").await.unwrap();
     let mut last = 0;
-    for i in 0..20u32 {
-        append_acked(&client, &a, format!("s{i}").as_bytes(), &mut last).await;
-    }
+    append_numbered(&client, &a, "s", 0..20, &mut last).await;
     let leader = c.wait_leader().await;
     let lagging = (leader + 1) % 3;
     c.kill(lagging);
-    for i in 20..80u32 {
-        append_acked(&client, &a, format!("s{i}").as_bytes(), &mut last).await;
-    }
+    append_numbered(&client, &a, "s", 20..80, &mut last).await;
     client.trim(S, 30).await.unwrap();
     std::fs::remove_dir_all(&c.nodes[lagging].data).unwrap();
     assert!(
@@ -354,13 +345,7 @@ async fn snapshots_rebuild_a_wiped_node_and_survive_restart() {
     c.wait_applied(lagging, status.last_log_index).await;
     let log = std::fs::read_to_string(&c.nodes[lagging].log).unwrap();
     assert!(log.contains("snapshot installed"), "the wiped node caught up without a snapshot");
-    for i in 0..3 {
-        c.kill(i);
-    }
-    for i in 0..3 {
-        c.restart(i);
-    }
-    c.wait_leader().await;
+    c.kill_and_restart_all().await;
     let client = c.client();
     let got = read_all(&client, S).await;
     assert_eq!(got.first().map(|r| r.0), Some(31));
