@@ -19,6 +19,7 @@ use redis_module_macros::info_command_handler;
 
 use crate::config::Config;
 use crate::config::parse_args;
+use crate::hazards::Hazards;
 use crate::holds::Holds;
 use crate::reply::Value;
 
@@ -31,6 +32,7 @@ unsafe impl Send for Blocked {}
 struct State {
     cfg: Config,
     holds: Holds<Blocked>,
+    hazards: Hazards,
     /// Command names (and `container|sub`) whose replies are held.
     writes: HashSet<Vec<u8>>,
     fenced: bool,
@@ -64,7 +66,7 @@ unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [u8] {
 /// elsewhere (open work, see the file's doc).
 const NEVER_WRAPPED: &[&str] = &[
     "multi", "exec", "discard", "watch", "unwatch", "blpop", "brpop", "blmove", "brpoplpush", "blmpop", "bzpopmin",
-    "bzpopmax", "bzmpop", "xread", "xreadgroup", "wait", "keel.w", "keel.ack", "keel.fenced",
+    "bzpopmax", "bzmpop", "xread", "xreadgroup", "wait", "keel.w", "keel.r", "keel.ack", "keel.fenced",
 ];
 /// Script and function calls: their effects replicate, so their replies are held.
 const SCRIPT_CALLS: &[&str] = &["eval", "evalsha", "fcall"];
@@ -160,8 +162,50 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         if wrap {
             let w = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.W".as_ptr(), 6);
             raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, w);
+            return;
+        }
+        // A read: held only if it touches data that is not durable yet.
+        if state().hazards.is_empty() {
+            return;
+        }
+        let argv: Vec<*mut raw::RedisModuleString> =
+            (0..argc).map(|i| raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i)).collect();
+        let wait = match command_keys(&argv) {
+            Some(keys) if keys.is_empty() => KEYLESS_READS.iter().any(|r| r.as_bytes() == name),
+            Some(keys) => {
+                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                state().hazards.must_wait(&refs)
+            }
+            None => false,
+        };
+        if wait {
+            let r = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.R".as_ptr(), 6);
+            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, r);
         }
     }
+}
+
+/// Reads without key arguments that still show the dataset: held while any
+/// write is pending.
+const KEYLESS_READS: &[&str] = &["keys", "scan", "dbsize", "randomkey"];
+
+/// The key arguments of a command (`None`: unknown command or bad arity).
+unsafe fn command_keys(argv: &[*mut raw::RedisModuleString]) -> Option<Vec<Vec<u8>>> {
+    let mut num: c_int = 0;
+    let mut argv = argv.to_vec();
+    let pos = raw::RedisModule_GetCommandKeys.unwrap()(std::ptr::null_mut(), argv.as_mut_ptr(), argv.len() as c_int, &mut num);
+    if pos.is_null() {
+        // errno 0: the command has no keys.
+        return if std::io::Error::last_os_error().raw_os_error() == Some(0) { Some(Vec::new()) } else { None };
+    }
+    let keys = (0..num as usize)
+        .filter_map(|i| {
+            let p = *pos.add(i) as usize;
+            argv.get(p).map(|a| string_bytes(*a).to_vec())
+        })
+        .collect();
+    raw::RedisModule_Free.unwrap()(pos as *mut c_void);
+    Some(keys)
 }
 
 /// Replies to a client unblocked with an `Answer`.
@@ -195,8 +239,8 @@ extern "C" fn on_timeout(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::Re
         // unblocks it; its reply callback is then skipped.
         raw::RedisModule_UnblockClient.unwrap()(bc, std::ptr::null_mut());
         let msg = cstr(&format!(
-            "KEEL_UNCONFIRMED the write was applied in memory but the journal did not confirm it within {ms} ms; \
-             it may or may not be durable"
+            "KEEL_UNCONFIRMED the journal did not confirm within {ms} ms the write this reply depends on; \
+             that write is applied in memory and may or may not be durable"
         ));
         raw::RedisModule_ReplyWithError.unwrap()(ctx, msg.as_ptr())
     }
@@ -219,6 +263,16 @@ fn unblock(bc: Blocked, answer: Answer) {
 
 /// `KEEL.W CMD args…`: runs CMD for the calling client and holds its reply.
 extern "C" fn keel_w(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    run_and_hold(ctx, argv, argc, true)
+}
+
+/// `KEEL.R CMD args…`: a read of data not yet durable; runs now, its reply
+/// is held until the end of this turn is durable.
+extern "C" fn keel_r(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    run_and_hold(ctx, argv, argc, false)
+}
+
+fn run_and_hold(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int, write: bool) -> c_int {
     unsafe {
         if argc < 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
@@ -231,13 +285,13 @@ extern "C" fn keel_w(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             if st.fenced {
                 return raw::RedisModule_ReplyWithError.unwrap()(
                     ctx,
-                    c"KEEL_FENCED this node is no longer the primary; writes are refused".as_ptr(),
+                    c"KEEL_FENCED this node is no longer the primary; it serves nothing".as_ptr(),
                 );
             }
             if !in_multi_or_script && st.holds.len() >= st.cfg.max_held_replies {
                 return raw::RedisModule_ReplyWithError.unwrap()(
                     ctx,
-                    c"KEEL_BUSY too many writes are awaiting durability; nothing was done, retry".as_ptr(),
+                    c"KEEL_BUSY too many replies are awaiting durability; nothing was done, retry".as_ptr(),
                 );
             }
         }
@@ -245,7 +299,7 @@ extern "C" fn keel_w(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         let cmd = CString::new(cmd).unwrap_or_default();
         // v: argv vector; !: replicate; 0: the client's protocol; E: errors as
         // replies; C: ACL checks as the client's user; M: refuse on OOM.
-        let fmt = c"v!0ECM";
+        let fmt = if write { c"v!0ECM" } else { c"v0EC" };
         let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), fmt.as_ptr(), argv.add(2), (argc - 2) as usize);
         if reply.is_null() {
             return raw::RedisModule_ReplyWithError.unwrap()(ctx, c"ERR command could not be run".as_ptr());
@@ -255,6 +309,11 @@ extern "C" fn keel_w(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
             raw::RedisModule_FreeCallReply.unwrap()(reply);
             return r;
+        }
+        if write {
+            let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+            let keys = command_keys(args).unwrap_or_default();
+            state().hazards.write(keys);
         }
         let timeout = state().cfg.write_timeout_ms;
         let bc = raw::RedisModule_BlockClient.unwrap()(ctx, Some(on_unblock), Some(on_timeout), Some(free_answer), timeout);
@@ -305,6 +364,7 @@ extern "C" fn keel_ack(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Redis
         if raw::RedisModule_StringToLongLong.unwrap()(*argv.add(1), &mut off) != raw::REDISMODULE_OK as c_int || off < 0 {
             return raw::RedisModule_ReplyWithError.unwrap()(ctx, c"ERR offset must be a non-negative integer".as_ptr());
         }
+        state().hazards.durable(off as u64);
         let released = state().holds.durable(off as u64);
         let n = released.len();
         state().released_total += n as u64;
@@ -320,6 +380,7 @@ extern "C" fn keel_fenced(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Re
         let failed = {
             let mut st = state();
             st.fenced = true;
+            st.hazards.clear();
             st.holds.fail_all()
         };
         for bc in failed {
@@ -339,6 +400,9 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
         return;
     }
     let offset = unsafe { master_repl_offset(ctx) };
+    if offset != u64::MAX {
+        state().hazards.end_turn(offset);
+    }
     let released = state().holds.end_turn(offset);
     state().released_total += released.len() as u64;
     release(released);
@@ -394,6 +458,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     let _ = STATE.set(Mutex::new(State {
         cfg,
         holds: Holds::default(),
+        hazards: Hazards::default(),
         writes,
         fenced: false,
         released_total: 0,
@@ -402,8 +467,9 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 3] = [
+        let commands: [(&str, CmdFn, &str); 4] = [
             ("keel.w", keel_w, "write deny-oom"),
+            ("keel.r", keel_r, "readonly"),
             ("keel.ack", keel_ack, "admin fast no-monitor"),
             ("keel.fenced", keel_fenced, "admin no-monitor"),
         ];

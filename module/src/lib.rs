@@ -17,11 +17,14 @@
 //! saying the write's durability is unknown; `KEEL.FENCED` answers every held
 //! reply with an error.
 //!
-//! Not handled yet (open work): MULTI/EXEC (writes queued inside MULTI run
-//! unheld), blocking pops (run natively, unheld), read hazards (a read of a
-//! key with a pending write does not wait), replica role.
+//! - a read of a key with a pending write is prefixed with `KEEL.R`: it runs
+//!   at once and its reply is held like a write's (`hazards.rs`).
+//! Not handled yet (open work): MULTI/EXEC (commands queued inside MULTI run
+//! unheld), blocking pops (run natively, unheld), writes of keys a script
+//! does not declare (not tracked as read hazards), replica role.
 
 pub mod config;
+pub mod hazards;
 pub mod holds;
 // The layer over Redis; unit tests run without Redis, so they leave it out.
 #[cfg(not(test))]

@@ -80,6 +80,36 @@ async fn writes_wait_then_fail_without_the_journal_and_resume_without_full_sync(
     assert!(has(&p.journaled_commands(), &["set", "after", "y"]));
 }
 
+/// A read of a key whose write is not durable yet waits for it; reads of
+/// other keys do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_pending_writes_wait_for_durability() {
+    let p = KeelPrimary::start(Server::Redis, 1, &["write_timeout_ms=5000"]).await;
+    let mut c = Resp::connect(&p.addr());
+    assert_eq!(c.cmd(&["SET", "k", "old"]), "+OK");
+    let sidecar = p.sidecar.as_ref().unwrap().id();
+    keel_tests::signal(sidecar, "STOP");
+    let addr = p.addr();
+    let writer = std::thread::spawn(move || Resp::connect(&addr).cmd(&["SET", "k", "new"]));
+    std::thread::sleep(Duration::from_millis(300));
+    // Not durable: the read of k is held; a read of another key is not.
+    let addr = p.addr();
+    let reader = std::thread::spawn(move || {
+        let t = Instant::now();
+        (Resp::connect(&addr).cmd(&["GET", "k"]), t.elapsed())
+    });
+    let t = Instant::now();
+    assert_eq!(c.cmd(&["GET", "other"]), "(nil)");
+    assert!(t.elapsed() < Duration::from_millis(500), "an unrelated read waited");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(!reader.is_finished(), "the read of a non-durable write answered");
+    keel_tests::signal(sidecar, "CONT");
+    let (value, waited) = reader.join().unwrap();
+    assert_eq!(value, "new");
+    assert!(waited >= Duration::from_millis(700));
+    assert_eq!(writer.join().unwrap(), "+OK");
+}
+
 /// Another writer takes the stream: the sidecar is fenced, held writes get
 /// an error and the node refuses writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
