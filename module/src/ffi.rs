@@ -165,7 +165,9 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             return;
         }
         // A read: held only if it touches data that is not durable yet.
-        if state().hazards.is_empty() {
+        // Commands that must run natively (blocking pops, MULTI…) are never
+        // rewritten.
+        if state().hazards.is_empty() || NEVER_WRAPPED.iter().any(|n| n.as_bytes() == name) {
             return;
         }
         let argv: Vec<*mut raw::RedisModuleString> =
