@@ -48,6 +48,13 @@ impl Default for ClientConfig {
     }
 }
 
+/// A request with a deadline.
+fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
 /// Largest message the client sends or accepts.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -132,11 +139,6 @@ impl JournalClient {
         RawClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    /// A client for one specific endpoint (for per-node status).
-    pub fn node(&self, i: usize) -> RawClient<Channel> {
-        self.raw(i)
-    }
-
     /// Runs `call` against nodes until one answers definitely. `idempotent`
     /// calls are retried after transport failures too.
     async fn run<T, F, Fut>(&self, what: &str, idempotent: bool, mut call: F) -> Result<T, JournalError>
@@ -208,8 +210,7 @@ impl JournalClient {
             expect_last_seq,
         };
         self.run("append", false, |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
+            let r = timed(req.clone(), t);
             async move { c.append(r).await.map(|r| r.into_inner().last_seq) }
         })
         .await
@@ -219,8 +220,7 @@ impl JournalClient {
     pub async fn set_leader(&self, stream: &str, new: &str, expected_old: &str) -> Result<String, JournalError> {
         let req = pb::SetLeaderRequest { stream: stream.into(), new_uuid: new.into(), expected_old: expected_old.into() };
         self.run("set-leader", false, |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
+            let r = timed(req.clone(), t);
             async move { c.set_leader(r).await.map(|r| r.into_inner().old_uuid) }
         })
         .await
@@ -240,8 +240,7 @@ impl JournalClient {
             lease_ms,
         };
         self.run("take-lease", false, |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
+            let r = timed(req.clone(), t);
             async move { c.take_lease(r).await.map(|r| r.into_inner()) }
         })
         .await
@@ -251,8 +250,7 @@ impl JournalClient {
         let req = pb::RenewLeaseRequest { stream: stream.into(), uuid: uuid.into() };
         // Renewing twice is harmless: retry like a read.
         self.run("renew-lease", true, |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
+            let r = timed(req.clone(), t);
             async move { c.renew_lease(r).await.map(|r| r.into_inner()) }
         })
         .await
@@ -261,8 +259,7 @@ impl JournalClient {
     pub async fn trim(&self, stream: &str, upto_seq: u64) -> Result<u64, JournalError> {
         let req = pb::TrimRequest { stream: stream.into(), upto_seq };
         self.run("trim", true, |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
+            let r = timed(req.clone(), t);
             async move { c.trim(r).await.map(|r| r.into_inner().first_seq) }
         })
         .await
@@ -271,8 +268,7 @@ impl JournalClient {
     pub async fn get_meta(&self, stream: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
         let req = pb::GetMetaRequest { stream: stream.into(), key: key.into() };
         self.run("get-meta", true, |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
+            let r = timed(req.clone(), t);
             async move {
                 c.get_meta(r).await.map(|r| {
                     let r = r.into_inner();
@@ -297,8 +293,7 @@ impl JournalClient {
             value: value.into(),
         };
         self.run("cas-meta", false, |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
+            let r = timed(req.clone(), t);
             async move { c.cas_meta(r).await.map(|_| ()) }
         })
         .await
@@ -307,8 +302,7 @@ impl JournalClient {
     pub async fn stream_info(&self, stream: &str) -> Result<pb::StreamInfoResponse, JournalError> {
         let req = pb::StreamInfoRequest { stream: stream.into() };
         self.run("stream-info", true, |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
+            let r = timed(req.clone(), t);
             async move { c.stream_info(r).await.map(|r| r.into_inner()) }
         })
         .await
@@ -316,8 +310,7 @@ impl JournalClient {
 
     /// Status of one node, by its index in `endpoints`.
     pub async fn node_status(&self, i: usize) -> Result<pb::StatusResponse, JournalError> {
-        let mut r = tonic::Request::new(pb::StatusRequest {});
-        r.set_timeout(self.cfg.request_timeout);
+        let r = timed(pb::StatusRequest {}, self.cfg.request_timeout);
         self.raw(i).status(r).await.map(|r| r.into_inner()).map_err(|s| match classify(&s) {
             Failure::Final(e) => e,
             _ => JournalError::Unavailable(format!("{}: {}", self.endpoints[i], s.message())),

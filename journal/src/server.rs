@@ -174,7 +174,6 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     tokio::spawn(initialize_when_pristine(raft.clone(), cfg.peers.clone()));
 
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(journal)
         .add_service(raft_svc)
         .serve_with_incoming_shutdown(incoming(listener), async {
@@ -324,32 +323,31 @@ async fn run_proposer(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
     }
 }
 
+/// `not-leader`, naming the leader openraft pointed to.
+fn redirect(f: &openraft::errors::ForwardToLeader<crate::types::TypeConfig>) -> Status {
+    errors::not_leader(f.leader_id, f.leader_node.as_ref().map(|n| n.addr.clone()))
+}
+
 /// Hands each waiting client its outcome.
 fn deliver<E: std::fmt::Display>(
     result: Result<openraft::raft::ClientWriteResult<crate::types::TypeConfig>, E>,
     replies: Vec<oneshot::Sender<Result<Outcome, Status>>>,
 ) {
+    let n = replies.len();
+    let every = |status: Status| (0..n).map(|_| Err(status.clone())).collect::<Vec<_>>();
+    let unknown = |e: String| every(errors::outcome_unknown(format!("{e}; it may or may not be applied")));
     let outcomes: Vec<Result<Outcome, Status>> = match result {
         Ok(Ok(resp)) => match resp.data {
-            Outcome::Batch(outs) if replies.len() > 1 => {
-                debug_assert_eq!(outs.len(), replies.len(), "one outcome per batched command");
+            Outcome::Batch(outs) if n > 1 => {
+                debug_assert_eq!(outs.len(), n, "one outcome per batched command");
                 outs.into_iter().map(Ok).collect()
             }
             single => vec![Ok(single)],
         },
         // Not appended anywhere: safe for the client to retry elsewhere.
-        Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
-            let addr = f.leader_node.as_ref().map(|n| n.addr.clone());
-            replies.iter().map(|_| Err(errors::not_leader(f.leader_id, addr.clone()))).collect()
-        }
-        Ok(Err(e)) => replies
-            .iter()
-            .map(|_| Err(errors::outcome_unknown(format!("{e}; it may or may not be applied"))))
-            .collect(),
-        Err(e) => replies
-            .iter()
-            .map(|_| Err(errors::outcome_unknown(format!("{e}; it may or may not be applied"))))
-            .collect(),
+        Ok(Err(ClientWriteError::ForwardToLeader(f))) => every(redirect(&f)),
+        Ok(Err(e)) => unknown(e.to_string()),
+        Err(e) => unknown(e.to_string()),
     };
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
@@ -398,8 +396,7 @@ impl Node {
         match tokio::time::timeout(timeout, self.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(openraft::errors::RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f)))) => {
-                let addr = f.leader_node.as_ref().map(|n| n.addr.clone());
-                Err(errors::not_leader(f.leader_id, addr))
+                Err(redirect(&f))
             }
             Ok(Err(e)) => Err(errors::not_leader_because(e.to_string())),
             Err(_) => Err(errors::not_leader_because(format!(

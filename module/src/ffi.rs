@@ -342,7 +342,9 @@ fn take_answer(bc: Blocked) -> Option<Box<Answer>> {
     })
 }
 
+/// Sends the kept replies of durable clients.
 fn release(clients: Vec<Blocked>) {
+    state().released_total += clients.len() as u64;
     for bc in clients {
         match take_answer(bc) {
             Some(a) => unblock(bc, *a),
@@ -369,7 +371,6 @@ extern "C" fn keel_ack(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Redis
         state().hazards.durable(off as u64);
         let released = state().holds.durable(off as u64);
         let n = released.len();
-        state().released_total += n as u64;
         release(released);
         raw::RedisModule_ReplyWithLongLong.unwrap()(ctx, n as i64)
     }
@@ -406,7 +407,6 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
         state().hazards.end_turn(offset);
     }
     let released = state().holds.end_turn(offset);
-    state().released_total += released.len() as u64;
     release(released);
 }
 

@@ -127,13 +127,9 @@ pub async fn run(cfg: PrimaryConfig) -> Stop {
     }
 }
 
-/// Where the journaled history ends: (seq, replid, end offset).
-async fn journal_tail(journal: &JournalClient, stream: &str) -> Result<Option<(u64, String, u64)>, Stop> {
-    let last_seq = match journal.stream_info(stream).await {
-        Ok(info) => info.last_seq,
-        Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => return Ok(None),
-        Err(e) => return Err(retry(e)),
-    };
+/// Where the journaled history ends, given the stream's last seq (as the
+/// lease reported it): (seq, replid, end offset).
+async fn journal_tail(journal: &JournalClient, stream: &str, last_seq: u64) -> Result<Option<(u64, String, u64)>, Stop> {
     if last_seq == 0 {
         return Ok(None);
     }
@@ -205,8 +201,9 @@ async fn run_once(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -
 enum Never {}
 
 async fn run_once_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Result<Never, Stop> {
-    take_lease(cfg, journal, me).await?;
-    let tail = journal_tail(journal, &cfg.stream).await?;
+    // Holding the lease, nobody else appends: its last seq is the tail.
+    let last_seq = take_lease(cfg, journal, me).await?;
+    let tail = journal_tail(journal, &cfg.stream, last_seq).await?;
     let mut last_seq = tail.as_ref().map(|t| t.0).unwrap_or(0);
 
     let repl = TcpStream::connect(&cfg.redis).await.map_err(|e| retry(format!("connect {}: {e}", cfg.redis)))?;
