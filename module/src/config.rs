@@ -8,6 +8,9 @@ pub struct Config {
     pub write_timeout_ms: i64,
     /// Most replies held at once; writes beyond get an error at once.
     pub max_held_replies: usize,
+    /// Most bytes of commands one MULTI may queue; beyond, the transaction
+    /// is discarded with an error.
+    pub max_transaction_bytes: usize,
     /// The sidecar's address (reported in INFO).
     pub sidecar: String,
     /// Journal endpoints (reported in INFO).
@@ -16,7 +19,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { write_timeout_ms: 5_000, max_held_replies: 100_000, sidecar: String::new(), journal: String::new() }
+        Config { write_timeout_ms: 5_000, max_held_replies: 100_000, max_transaction_bytes: 64 << 20, sidecar: String::new(), journal: String::new() }
     }
 }
 
@@ -41,6 +44,13 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
                     .filter(|n| *n > 0)
                     .ok_or_else(|| format!("keel: max_held_replies={v:?} must be a positive number"))?
             }
+            "max_transaction_bytes" => {
+                cfg.max_transaction_bytes = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 1024)
+                    .ok_or_else(|| format!("keel: max_transaction_bytes={v:?} must be a number of at least 1024"))?
+            }
             "sidecar" => {
                 if !v.contains(':') {
                     return Err(format!("keel: sidecar={v:?} must be host:port"));
@@ -48,7 +58,7 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
                 cfg.sidecar = v.to_string();
             }
             "journal" => cfg.journal = v.to_string(),
-            _ => return Err(format!("keel: unknown module argument {k:?} (known: write_timeout_ms, max_held_replies, sidecar, journal)")),
+            _ => return Err(format!("keel: unknown module argument {k:?} (known: write_timeout_ms, max_held_replies, max_transaction_bytes, sidecar, journal)")),
         }
     }
     Ok(cfg)

@@ -21,6 +21,8 @@ use crate::config::Config;
 use crate::config::parse_args;
 use crate::hazards::Hazards;
 use crate::holds::Holds;
+use crate::transactions::Exec;
+use crate::transactions::Transactions;
 use crate::reply::Value;
 
 /// A blocked client, by its Redis handle.
@@ -33,6 +35,8 @@ struct State {
     cfg: Config,
     holds: Holds<Blocked>,
     hazards: Hazards,
+    /// MULTI/EXEC and WATCH, kept by the module (see transactions.rs).
+    txs: Transactions,
     /// Command names (and `container|sub`) whose replies are held.
     writes: HashSet<Vec<u8>>,
     fenced: bool,
@@ -66,8 +70,21 @@ unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [u8] {
 /// elsewhere (open work, see the file's doc).
 const NEVER_WRAPPED: &[&str] = &[
     "multi", "exec", "discard", "watch", "unwatch", "blpop", "brpop", "blmove", "brpoplpush", "blmpop", "bzpopmin",
-    "bzpopmax", "bzmpop", "xread", "xreadgroup", "wait", "keel.w", "keel.r", "keel.ack", "keel.fenced",
+    "bzpopmax", "bzmpop", "xread", "xreadgroup", "wait", "keel.w", "keel.r", "keel.t", "keel.tw", "keel.ack", "keel.fenced",
 ];
+/// Commands that act on the connection itself: they always run natively,
+/// even for a client inside MULTI when the server cannot tell the filter
+/// which client sent a command (Redis 7.0; see `maybe_in_multi`).
+const CONNECTION_COMMANDS: &[&str] = &[
+    "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
+    "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.ack", "keel.fenced",
+];
+/// Commands Redis refuses inside MULTI.
+const NOT_IN_MULTI: &[&str] =
+    &["subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf"];
+/// Commands the module always handles itself (transactions).
+const TRANSACTION_COMMANDS: &[&str] = &["multi", "watch", "unwatch"];
 /// Script and function calls: their effects replicate, so their replies are held.
 const SCRIPT_CALLS: &[&str] = &["eval", "evalsha", "fcall"];
 
@@ -145,19 +162,32 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             lower[i] = b.to_ascii_lowercase();
         }
         let name = &lower[..name.len()];
+        let is = |list: &[&str]| list.iter().any(|n| n.as_bytes() == name);
+        // Transactions: MULTI/WATCH/UNWATCH always, and every command of a
+        // client inside MULTI, go to the module (KEEL.T).
+        let transactional = is(TRANSACTION_COMMANDS) || (maybe_in_multi(fctx) && !is(CONNECTION_COMMANDS));
+        if transactional {
+            // A write keeps its `write` flag (KEEL.TW), so read-only scripts
+            // and OOM refuse it as they would refuse the command itself.
+            let write = !is(TRANSACTION_COMMANDS) && {
+                let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
+                state().is_write(name, sub)
+            };
+            let prefix: &[u8] = if write { b"KEEL.TW" } else { b"KEEL.T" };
+            let t = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), prefix.as_ptr() as *const _, prefix.len());
+            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, t);
+            return;
+        }
+        if name == b"reset" {
+            // RESET ends the client's MULTI and WATCHes.
+            if let Some(id) = filter_client_id(fctx) {
+                state().txs.disconnected(id);
+            }
+        }
         let wrap = {
             let st = state();
-            if st.writes.contains(name) {
-                true
-            } else if argc > 1 {
-                let sub = string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1));
-                let mut full = name.to_vec();
-                full.push(b'|');
-                full.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
-                st.writes.contains(&full)
-            } else {
-                false
-            }
+            let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
+            st.is_write(name, sub)
         };
         if wrap {
             let w = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.W".as_ptr(), 6);
@@ -187,6 +217,40 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     }
 }
 
+/// The id of the client that sent a filtered command, where the server
+/// tells (Redis 7.2+, Valkey); Redis 7.0 does not.
+unsafe fn filter_client_id(fctx: *mut raw::RedisModuleCommandFilterCtx) -> Option<u64> {
+    raw::RedisModule_CommandFilterGetClientId.map(|f| f(fctx))
+}
+
+/// Whether the sender of a filtered command may be inside MULTI. Without
+/// the client's id (Redis 7.0), every command is routed through the module
+/// while any client has a transaction open: correct, slower, and only then.
+unsafe fn maybe_in_multi(fctx: *mut raw::RedisModuleCommandFilterCtx) -> bool {
+    let st = state();
+    if !st.txs.any_open() {
+        return false;
+    }
+    match filter_client_id(fctx) {
+        Some(id) => st.txs.in_multi(id),
+        None => true,
+    }
+}
+
+impl State {
+    /// Whether a command (name lower-cased, first argument as sent) writes.
+    fn is_write(&self, name: &[u8], sub: Option<&[u8]>) -> bool {
+        if self.writes.contains(name) {
+            return true;
+        }
+        let Some(sub) = sub else { return false };
+        let mut full = name.to_vec();
+        full.push(b'|');
+        full.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+        self.writes.contains(&full)
+    }
+}
+
 /// Reads without key arguments that still show the dataset: held while any
 /// write is pending.
 const KEYLESS_READS: &[&str] = &["keys", "scan", "dbsize", "randomkey"];
@@ -195,6 +259,7 @@ const KEYLESS_READS: &[&str] = &["keys", "scan", "dbsize", "randomkey"];
 unsafe fn command_keys(argv: &[*mut raw::RedisModuleString]) -> Option<Vec<Vec<u8>>> {
     let mut num: c_int = 0;
     let mut argv = argv.to_vec();
+    set_errno(0);
     let pos = raw::RedisModule_GetCommandKeys.unwrap()(std::ptr::null_mut(), argv.as_mut_ptr(), argv.len() as c_int, &mut num);
     if pos.is_null() {
         // errno 0: the command has no keys.
@@ -265,20 +330,286 @@ fn unblock(bc: Blocked, answer: Answer) {
 
 /// `KEEL.W CMD args…`: runs CMD for the calling client and holds its reply.
 extern "C" fn keel_w(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
-    run_and_hold(ctx, argv, argc, true)
+    unsafe {
+        if argc < 2 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        run_and_hold(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize), true)
+    }
 }
 
 /// `KEEL.R CMD args…`: a read of data not yet durable; runs now, its reply
 /// is held until the end of this turn is durable.
 extern "C" fn keel_r(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
-    run_and_hold(ctx, argv, argc, false)
-}
-
-fn run_and_hold(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int, write: bool) -> c_int {
     unsafe {
         if argc < 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
+        run_and_hold(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize), false)
+    }
+}
+
+fn lower(b: &[u8]) -> Vec<u8> {
+    b.to_ascii_lowercase()
+}
+
+fn reply_error(ctx: *mut raw::RedisModuleCtx, msg: &str) -> c_int {
+    let m = cstr(msg);
+    unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx, m.as_ptr()) }
+}
+
+fn reply_ok(ctx: *mut raw::RedisModuleCtx) -> c_int {
+    unsafe { raw::RedisModule_ReplyWithSimpleString.unwrap()(ctx, c"OK".as_ptr()) }
+}
+
+/// `KEEL.T CMD args…` / `KEEL.TW CMD args…`: MULTI, EXEC, DISCARD, WATCH,
+/// UNWATCH, and every command of a client inside MULTI (queued), or of any
+/// client while a transaction is open and the server cannot say who sent a
+/// command (then it runs as it would have without the module).
+extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if argc < 2 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        let name = lower(string_bytes(args[0]));
+        let flags = raw::RedisModule_GetContextFlags.unwrap()(ctx) as u32;
+        if flags & (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA) != 0 {
+            // From a script (Redis filters script calls too).
+            if matches!(name.as_slice(), b"multi" | b"exec" | b"discard" | b"watch" | b"unwatch") {
+                return reply_error(ctx, "ERR This Redis command is not allowed from script");
+            }
+            let write = state().is_write(&name, args.get(1).map(|a| string_bytes(*a)));
+            return run_and_hold(ctx, args, write);
+        }
+        let id = raw::RedisModule_GetClientId.unwrap()(ctx);
+        if state().txs.in_multi(id) {
+            return in_multi(ctx, id, &name, args);
+        }
+        match name.as_slice() {
+            b"multi" => {
+                state().txs.multi(id);
+                reply_ok(ctx)
+            }
+            b"exec" => reply_error(ctx, "ERR EXEC without MULTI"),
+            b"discard" => reply_error(ctx, "ERR DISCARD without MULTI"),
+            b"watch" => {
+                if args.len() < 2 {
+                    return reply_error(ctx, "ERR wrong number of arguments for 'watch' command");
+                }
+                let db = raw::RedisModule_GetSelectedDb.unwrap()(ctx);
+                let keys: Vec<Vec<u8>> = args[1..].iter().map(|a| string_bytes(*a).to_vec()).collect();
+                state().txs.watch(id, db, &keys);
+                reply_ok(ctx)
+            }
+            b"unwatch" => {
+                state().txs.unwatch(id);
+                reply_ok(ctx)
+            }
+            b"select" => match select(ctx, args) {
+                Value::Error(e) => reply_error(ctx, &String::from_utf8_lossy(&e)),
+                v => v.reply(ctx),
+            },
+            _ => {
+                // Not in a transaction: as the filter would have routed it.
+                let write = state().is_write(&name, args.get(1).map(|a| string_bytes(*a)));
+                let hazard = !write && read_must_wait(&name, args);
+                if write || hazard {
+                    return run_and_hold(ctx, args, write);
+                }
+                let cmd = CString::new(string_bytes(args[0])).unwrap_or_default();
+                let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), c"v0EC".as_ptr(), args.as_ptr().add(1), args.len() - 1);
+                if reply.is_null() {
+                    return reply_error(ctx, "ERR command could not be run");
+                }
+                let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
+                raw::RedisModule_FreeCallReply.unwrap()(reply);
+                r
+            }
+        }
+    }
+}
+
+/// `SELECT n` run by the module for a client (inside EXEC, or routed).
+unsafe fn select(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> Value {
+    if args.len() != 2 {
+        return Value::Error(b"ERR wrong number of arguments for 'select' command".to_vec());
+    }
+    let mut db: i64 = 0;
+    if raw::RedisModule_StringToLongLong.unwrap()(args[1], &mut db) != raw::REDISMODULE_OK as c_int {
+        return Value::Error(b"ERR value is not an integer or out of range".to_vec());
+    }
+    if db < 0 || db > i32::MAX as i64 || raw::RedisModule_SelectDb.unwrap()(ctx, db as c_int) != raw::REDISMODULE_OK as c_int {
+        return Value::Error(b"ERR DB index is out of range".to_vec());
+    }
+    Value::Simple(b"OK".to_vec())
+}
+
+/// Whether a read must wait for pending writes of its keys.
+unsafe fn read_must_wait(name: &[u8], args: &[*mut raw::RedisModuleString]) -> bool {
+    if state().hazards.is_empty() {
+        return false;
+    }
+    match command_keys(args) {
+        Some(keys) if keys.is_empty() => KEYLESS_READS.iter().any(|r| r.as_bytes() == name),
+        Some(keys) => {
+            let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+            state().hazards.must_wait(&refs)
+        }
+        None => false,
+    }
+}
+
+/// A command of a client inside MULTI.
+unsafe fn in_multi(ctx: *mut raw::RedisModuleCtx, id: u64, name: &[u8], args: &[*mut raw::RedisModuleString]) -> c_int {
+    match name {
+        b"exec" => exec(ctx, id),
+        b"discard" => {
+            state().txs.discard(id);
+            reply_ok(ctx)
+        }
+        b"multi" => reply_error(ctx, "ERR MULTI calls can not be nested"),
+        b"watch" => reply_error(ctx, "ERR WATCH inside MULTI is not allowed"),
+        _ => {
+            let refuse = |msg: String| {
+                state().txs.queue_error(id);
+                reply_error(ctx, &msg)
+            };
+            if NOT_IN_MULTI.iter().any(|n| n.as_bytes() == name) {
+                return refuse("ERR Command not allowed inside a transaction".into());
+            }
+            if let Err(e) = check_command(args) {
+                return refuse(e);
+            }
+            let argv: Vec<Vec<u8>> = args.iter().map(|a| string_bytes(*a).to_vec()).collect();
+            let max = state().cfg.max_transaction_bytes;
+            if state().txs.queue(id, argv, max).is_err() {
+                return refuse(format!(
+                    "ERR the transaction exceeds max_transaction_bytes ({max}); it was discarded, EXEC will fail"
+                ));
+            }
+            raw::RedisModule_ReplyWithSimpleString.unwrap()(ctx, c"QUEUED".as_ptr())
+        }
+    }
+}
+
+/// Refuses an unknown command or one with a wrong number of arguments, as
+/// Redis does when it queues.
+unsafe fn check_command(args: &[*mut raw::RedisModuleString]) -> Result<(), String> {
+    let mut num: c_int = 0;
+    let mut argv = args.to_vec();
+    set_errno(0);
+    let pos = raw::RedisModule_GetCommandKeys.unwrap()(std::ptr::null_mut(), argv.as_mut_ptr(), argv.len() as c_int, &mut num);
+    if !pos.is_null() {
+        raw::RedisModule_Free.unwrap()(pos as *mut c_void);
+        return Ok(());
+    }
+    let name = String::from_utf8_lossy(string_bytes(args[0])).into_owned();
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(ENOENT) => {
+            let rest: String = args[1..]
+                .iter()
+                .map(|a| format!("'{}' ", String::from_utf8_lossy(string_bytes(*a))))
+                .collect::<String>()
+                .chars()
+                .take(128)
+                .collect();
+            Err(format!("ERR unknown command '{name}', with args beginning with: {rest}"))
+        }
+        Some(EINVAL) => Err(format!("ERR wrong number of arguments for '{}' command", name.to_ascii_lowercase())),
+        _ => Ok(()),
+    }
+}
+
+const ENOENT: i32 = 2;
+const EINVAL: i32 = 22;
+
+fn set_errno(v: i32) {
+    extern "C" {
+        fn __errno_location() -> *mut c_int;
+    }
+    unsafe { *__errno_location() = v }
+}
+
+/// EXEC: runs the queued commands back to back (atomic: one module
+/// command) and holds the reply if any of them wrote, or read data that is
+/// not durable yet.
+unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
+    let decision = state().txs.exec(id);
+    let cmds = match decision {
+        Exec::NoMulti => return reply_error(ctx, "ERR EXEC without MULTI"),
+        Exec::Aborted => return reply_error(ctx, "EXECABORT Transaction discarded because of previous errors."),
+        Exec::WatchTouched => return raw::RedisModule_ReplyWithNullArray.unwrap()(ctx),
+        Exec::Run(cmds) => cmds,
+    };
+    {
+        let st = state();
+        if st.fenced {
+            return reply_error(ctx, "KEEL_FENCED this node is no longer the primary; it serves nothing");
+        }
+        if st.holds.len() >= st.cfg.max_held_replies {
+            return reply_error(ctx, "KEEL_BUSY too many replies are awaiting durability; the transaction was not run, retry");
+        }
+    }
+    let mut values = Vec::with_capacity(cmds.len());
+    let mut hold = false;
+    for argv in cmds {
+        let strs: Vec<*mut raw::RedisModuleString> = argv
+            .iter()
+            .map(|a| raw::RedisModule_CreateString.unwrap()(ctx, a.as_ptr() as *const _, a.len()))
+            .collect();
+        let name = lower(&argv[0]);
+        let value = match name.as_slice() {
+            b"select" => select(ctx, &strs),
+            b"unwatch" => Value::Simple(b"OK".to_vec()),
+            _ => {
+                let write = state().is_write(&name, argv.get(1).map(|a| a.as_slice()));
+                if !write && !hold && read_must_wait(&name, &strs) {
+                    hold = true;
+                }
+                let cmd = CString::new(argv[0].clone()).unwrap_or_default();
+                let fmt = if write { c"v!0ECM" } else { c"v!0EC" };
+                let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), fmt.as_ptr(), strs.as_ptr().add(1), strs.len() - 1);
+                if write {
+                    hold = true;
+                    state().hazards.write(command_keys(&strs).unwrap_or_default());
+                }
+                if reply.is_null() {
+                    Value::Error(b"ERR command could not be run".to_vec())
+                } else {
+                    let v = Value::copy(reply);
+                    raw::RedisModule_FreeCallReply.unwrap()(reply);
+                    v
+                }
+            }
+        };
+        values.push(value);
+        for s in strs {
+            raw::RedisModule_FreeString.unwrap()(ctx, s);
+        }
+    }
+    let value = Value::Array(values);
+    if !hold {
+        return value.reply(ctx);
+    }
+    block_with(ctx, value)
+}
+
+/// Blocks the calling client with `value` as its reply, held until the end
+/// of this turn is durable.
+unsafe fn block_with(ctx: *mut raw::RedisModuleCtx, value: Value) -> c_int {
+    let timeout = state().cfg.write_timeout_ms;
+    let bc = raw::RedisModule_BlockClient.unwrap()(ctx, Some(on_unblock), Some(on_timeout), Some(free_answer), timeout);
+    let answer = Box::into_raw(Box::new(Answer::Reply(value)));
+    PENDING_ANSWERS.with(|p| p.borrow_mut().push((Blocked(bc), answer)));
+    state().holds.hold(Blocked(bc));
+    raw::REDISMODULE_OK as c_int
+}
+
+/// Runs `args` (command first) for the calling client and holds its reply
+/// (`write`: its keys become read hazards until durable).
+fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString], write: bool) -> c_int {
+    unsafe {
         let flags = raw::RedisModule_GetContextFlags.unwrap()(ctx) as u32;
         let in_multi_or_script =
             flags & (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA) != 0;
@@ -297,34 +628,28 @@ fn run_and_hold(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleS
                 );
             }
         }
-        let cmd = string_bytes(*argv.add(1));
-        let cmd = CString::new(cmd).unwrap_or_default();
+        let cmd = CString::new(string_bytes(args[0])).unwrap_or_default();
         // v: argv vector; !: replicate; 0: the client's protocol; E: errors as
         // replies; C: ACL checks as the client's user; M: refuse on OOM.
         let fmt = if write { c"v!0ECM" } else { c"v0EC" };
-        let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), fmt.as_ptr(), argv.add(2), (argc - 2) as usize);
+        let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), fmt.as_ptr(), args.as_ptr().add(1), args.len() - 1);
         if reply.is_null() {
             return raw::RedisModule_ReplyWithError.unwrap()(ctx, c"ERR command could not be run".as_ptr());
         }
         if in_multi_or_script {
-            // Cannot block here (open work: MULTI is not yet held).
+            // A script's reply is held at the level of the script's caller.
             let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
             raw::RedisModule_FreeCallReply.unwrap()(reply);
             return r;
         }
         if write {
-            let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
             let keys = command_keys(args).unwrap_or_default();
             state().hazards.write(keys);
         }
-        let timeout = state().cfg.write_timeout_ms;
-        let bc = raw::RedisModule_BlockClient.unwrap()(ctx, Some(on_unblock), Some(on_timeout), Some(free_answer), timeout);
         // Keep a copy of the reply until the client is released.
-        let answer = Box::into_raw(Box::new(Answer::Reply(Value::copy(reply))));
+        let value = Value::copy(reply);
         raw::RedisModule_FreeCallReply.unwrap()(reply);
-        PENDING_ANSWERS.with(|p| p.borrow_mut().push((Blocked(bc), answer)));
-        state().holds.hold(Blocked(bc));
-        raw::REDISMODULE_OK as c_int
+        block_with(ctx, value)
     }
 }
 
@@ -427,6 +752,77 @@ unsafe fn master_repl_offset(ctx: *mut raw::RedisModuleCtx) -> u64 {
     }
 }
 
+/// Keyspace notifications: every write notifies; a watched key's watchers
+/// will fail their EXEC.
+extern "C" fn on_keyspace(ctx: *mut raw::RedisModuleCtx, _type: c_int, _event: *const std::os::raw::c_char, key: *mut raw::RedisModuleString) -> c_int {
+    unsafe {
+        let mut st = state();
+        if st.txs.any_watched() {
+            let db = raw::RedisModule_GetSelectedDb.unwrap()(ctx);
+            st.txs.touched(db, string_bytes(key));
+        }
+    }
+    raw::REDISMODULE_OK as c_int
+}
+
+/// FLUSHDB/FLUSHALL (before the flush): watched keys that exist are touched.
+extern "C" fn on_flush(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, subevent: u64, data: *mut c_void) {
+    if subevent != raw::REDISMODULE_SUBEVENT_FLUSHDB_START as u64 || data.is_null() {
+        return;
+    }
+    unsafe {
+        let info = &*(data as *const raw::RedisModuleFlushInfo);
+        let db = if info.dbnum < 0 { None } else { Some(info.dbnum) };
+        let watched = state().txs.watched_in(db);
+        if watched.is_empty() {
+            return;
+        }
+        let before = raw::RedisModule_GetSelectedDb.unwrap()(ctx);
+        let mut existing = Vec::new();
+        for (db, key) in watched {
+            raw::RedisModule_SelectDb.unwrap()(ctx, db);
+            let k = raw::RedisModule_CreateString.unwrap()(ctx, key.as_ptr() as *const _, key.len());
+            if raw::RedisModule_KeyExists.unwrap()(ctx, k) != 0 {
+                existing.push((db, key));
+            }
+            raw::RedisModule_FreeString.unwrap()(ctx, k);
+        }
+        raw::RedisModule_SelectDb.unwrap()(ctx, before);
+        let mut st = state();
+        for (db, key) in existing {
+            st.txs.touched(db, &key);
+        }
+    }
+}
+
+/// SWAPDB: every watched key of both databases is touched (Redis spares
+/// keys missing from both; this errs on the side of failing the EXEC).
+extern "C" fn on_swapdb(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, _subevent: u64, data: *mut c_void) {
+    if data.is_null() {
+        return;
+    }
+    unsafe {
+        let info = &*(data as *const raw::RedisModuleSwapDbInfo);
+        let mut st = state();
+        for db in [info.dbnum_first, info.dbnum_second] {
+            for (db, key) in st.txs.watched_in(Some(db)) {
+                st.txs.touched(db, &key);
+            }
+        }
+    }
+}
+
+/// A client left: forget its transaction and watches.
+extern "C" fn on_client(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, subevent: u64, data: *mut c_void) {
+    if subevent != raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_DISCONNECTED as u64 || data.is_null() {
+        return;
+    }
+    unsafe {
+        let info = &*(data as *const raw::RedisModuleClientInfo);
+        state().txs.disconnected(info.id);
+    }
+}
+
 #[info_command_handler]
 fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     let st = state();
@@ -435,6 +831,7 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("role", if st.fenced { "fenced" } else { "primary" })?
         .field("durable_offset", st.holds.durable_offset().to_string())?
         .field("pending_replies", st.holds.len().to_string())?
+        .field("open_transactions", st.txs.open_count().to_string())?
         .field("released_total", st.released_total.to_string())?
         .field("timed_out_total", st.timed_out_total.to_string())?
         .field("sidecar", st.cfg.sidecar.clone())?
@@ -461,6 +858,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         cfg,
         holds: Holds::default(),
         hazards: Hazards::default(),
+        txs: Transactions::default(),
         writes,
         fenced: false,
         released_total: 0,
@@ -469,9 +867,11 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 4] = [
+        let commands: [(&str, CmdFn, &str); 6] = [
             ("keel.w", keel_w, "write deny-oom"),
             ("keel.r", keel_r, "readonly"),
+            ("keel.t", keel_t, ""),
+            ("keel.tw", keel_t, "write deny-oom"),
             ("keel.ack", keel_ack, "admin fast no-monitor"),
             ("keel.fenced", keel_fenced, "admin no-monitor"),
         ];
@@ -483,9 +883,22 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             }
         }
         raw::RedisModule_RegisterCommandFilter.unwrap()(raw_ctx, Some(filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int);
-        let event = raw::RedisModuleEvent { id: raw::REDISMODULE_EVENT_EVENTLOOP as u64, dataver: 1 };
-        if raw::RedisModule_SubscribeToServerEvent.unwrap()(raw_ctx, event, Some(on_event_loop)) != ok {
-            ctx.log_warning("keel: cannot subscribe to the event loop");
+        type EventFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, raw::RedisModuleEvent, u64, *mut c_void);
+        let events: [(u64, EventFn, &str); 4] = [
+            (raw::REDISMODULE_EVENT_EVENTLOOP, on_event_loop, "the event loop"),
+            (raw::REDISMODULE_EVENT_FLUSHDB, on_flush, "flushes"),
+            (raw::REDISMODULE_EVENT_SWAPDB, on_swapdb, "SWAPDB"),
+            (raw::REDISMODULE_EVENT_CLIENT_CHANGE, on_client, "client changes"),
+        ];
+        for (id, f, what) in events {
+            let event = raw::RedisModuleEvent { id, dataver: 1 };
+            if raw::RedisModule_SubscribeToServerEvent.unwrap()(raw_ctx, event, Some(f)) != ok {
+                ctx.log_warning(&format!("keel: cannot subscribe to {what}"));
+                return Status::Err;
+            }
+        }
+        if raw::RedisModule_SubscribeToKeyspaceEvents.unwrap()(raw_ctx, raw::REDISMODULE_NOTIFY_ALL as c_int, Some(on_keyspace)) != ok {
+            ctx.log_warning("keel: cannot subscribe to keyspace events");
             return Status::Err;
         }
     }

@@ -431,4 +431,51 @@ impl Resp {
     pub fn cmd(&mut self, args: &[&str]) -> String {
         self.try_cmd(args).expect("redis reply")
     }
+
+    /// Sends a command and reads its whole reply, rendered: `+OK`, `:1`,
+    /// `-ERR …`, bulk strings as their text, `(nil)`, arrays (and RESP3
+    /// maps/sets/pushes) as `[a, b]`, a null array as `(nil array)`.
+    pub fn full(&mut self, args: &[&str]) -> String {
+        use std::io::Write;
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+        }
+        self.stream.get_mut().write_all(out.as_bytes()).expect("send");
+        self.read_reply().expect("redis reply")
+    }
+
+    fn read_reply(&mut self) -> std::io::Result<String> {
+        use std::io::BufRead;
+        use std::io::Read;
+        let mut line = String::new();
+        if self.stream.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        let line = line.trim_end().to_string();
+        let (kind, rest) = line.split_at(1);
+        match kind {
+            "$" | "=" => {
+                let n: i64 = rest.parse().unwrap();
+                if n < 0 {
+                    return Ok("(nil)".into());
+                }
+                let mut buf = vec![0u8; n as usize + 2];
+                self.stream.read_exact(&mut buf)?;
+                buf.truncate(n as usize);
+                Ok(String::from_utf8_lossy(&buf).into_owned())
+            }
+            "*" | "~" | ">" | "%" => {
+                let n: i64 = rest.parse().unwrap();
+                if n < 0 {
+                    return Ok("(nil array)".into());
+                }
+                let n = if kind == "%" { n * 2 } else { n };
+                let items = (0..n).map(|_| self.read_reply()).collect::<std::io::Result<Vec<_>>>()?;
+                Ok(format!("[{}]", items.join(", ")))
+            }
+            "_" => Ok("(nil)".into()),
+            _ => Ok(line),
+        }
+    }
 }

@@ -190,3 +190,93 @@ async fn kill_primary_loses_no_acknowledged_write() {
         eprintln!("round {round}: {} writes acknowledged, all journaled", acked.len());
     }
 }
+
+/// MULTI/EXEC is kept by the module: queued commands run atomically at EXEC,
+/// WATCH works, queueing errors abort, and the EXEC reply is held until the
+/// transaction's effects are durable (sidecar paused: no reply).
+async fn transactions_are_held_until_durable(server: Server) {
+    let p = KeelPrimary::start(server, 1, &["write_timeout_ms=5000"]).await;
+    let mut c = Resp::connect(&p.addr());
+    assert_eq!(c.full(&["MULTI"]), "+OK");
+    assert_eq!(c.full(&["MULTI"]), "-ERR MULTI calls can not be nested");
+    assert_eq!(c.full(&["SET", "t", "1"]), "+QUEUED");
+    assert_eq!(c.full(&["INCR", "t"]), "+QUEUED");
+    assert_eq!(c.full(&["GET", "t"]), "+QUEUED");
+    assert_eq!(c.full(&["EXEC"]), "[+OK, :2, 2]");
+    assert_eq!(c.full(&["EXEC"]), "-ERR EXEC without MULTI");
+
+    // A queueing error discards the transaction.
+    assert_eq!(c.full(&["MULTI"]), "+OK");
+    assert_eq!(c.full(&["SET", "never", "1"]), "+QUEUED");
+    assert!(c.full(&["NOSUCHCOMMAND", "x"]).starts_with("-ERR unknown command"));
+    assert!(c.full(&["SET", "x"]).starts_with("-ERR wrong number of arguments"));
+    assert!(c.full(&["EXEC"]).starts_with("-EXECABORT"));
+    assert_eq!(c.full(&["GET", "never"]), "(nil)");
+
+    // WATCH: a touched key fails the EXEC; an untouched one does not.
+    let mut other = Resp::connect(&p.addr());
+    assert_eq!(c.full(&["WATCH", "w"]), "+OK");
+    assert_eq!(other.full(&["SET", "w", "changed"]), "+OK");
+    assert_eq!(c.full(&["MULTI"]), "+OK");
+    assert_eq!(c.full(&["SET", "q", "1"]), "+QUEUED");
+    assert_eq!(c.full(&["EXEC"]), "(nil array)");
+    assert_eq!(c.full(&["GET", "q"]), "(nil)");
+    assert_eq!(c.full(&["WATCH", "w"]), "+OK");
+    assert_eq!(c.full(&["MULTI"]), "+OK");
+    assert_eq!(c.full(&["SET", "q", "2"]), "+QUEUED");
+    assert_eq!(c.full(&["EXEC"]), "[+OK]");
+    // SELECT inside a transaction changes the client's database.
+    assert_eq!(c.full(&["MULTI"]), "+OK");
+    assert_eq!(c.full(&["SELECT", "2"]), "+QUEUED");
+    assert_eq!(c.full(&["SET", "in2", "x"]), "+QUEUED");
+    assert_eq!(c.full(&["EXEC"]), "[+OK, +OK]");
+    assert_eq!(c.full(&["GET", "in2"]), "x");
+    assert_eq!(c.full(&["SELECT", "0"]), "+OK");
+
+    // Other clients are served while a transaction is open.
+    assert_eq!(c.full(&["MULTI"]), "+OK");
+    assert_eq!(other.full(&["SET", "o", "1"]), "+OK");
+    assert_eq!(other.full(&["GET", "o"]), "1");
+    assert_eq!(c.full(&["DISCARD"]), "+OK");
+
+    // The EXEC reply waits for the journal.
+    let sidecar = p.sidecar.as_ref().unwrap().id();
+    keel_tests::signal(sidecar, "STOP");
+    let addr = p.addr();
+    let held = std::thread::spawn(move || {
+        let mut c = Resp::connect(&addr);
+        assert_eq!(c.full(&["MULTI"]), "+OK");
+        assert_eq!(c.full(&["RPUSH", "held", "a"]), "+QUEUED");
+        assert_eq!(c.full(&["RPUSH", "held", "b"]), "+QUEUED");
+        let t = Instant::now();
+        (c.full(&["EXEC"]), t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!held.is_finished(), "EXEC answered before its writes were durable");
+    keel_tests::signal(sidecar, "CONT");
+    let (reply, waited) = held.join().unwrap();
+    assert_eq!(reply, "[:1, :2]");
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+
+    // The journal has the transaction, wrapped as Redis replicates it.
+    let cmds = p.journaled_commands();
+    let is = |c: &Vec<String>, want: &[&str]| has(std::slice::from_ref(c), want);
+    let pos = cmds
+        .iter()
+        .position(|c| is(c, &["rpush", "held", "a"]))
+        .unwrap_or_else(|| panic!("transaction not journaled: {cmds:?}"));
+    assert!(is(&cmds[pos - 1], &["multi"]), "{cmds:?}");
+    assert!(is(&cmds[pos + 1], &["rpush", "held", "b"]), "{cmds:?}");
+    assert!(is(&cmds[pos + 2], &["exec"]), "{cmds:?}");
+    assert!(!cmds.iter().any(|c| c.contains(&"never".to_string())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_transactions_are_held_until_durable() {
+    transactions_are_held_until_durable(Server::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_transactions_are_held_until_durable() {
+    transactions_are_held_until_durable(Server::Valkey).await;
+}
