@@ -22,6 +22,7 @@ use crate::config::parse_args;
 use crate::hazards::Hazards;
 use crate::holds::Holds;
 use crate::transactions::Exec;
+use crate::transactions::Sender;
 use crate::transactions::Transactions;
 use crate::reply::Value;
 
@@ -39,6 +40,10 @@ struct State {
     txs: Transactions,
     /// Command names (and `container|sub`) whose replies are held.
     writes: HashSet<Vec<u8>>,
+    /// Commands Redis refuses inside MULTI.
+    no_multi: HashSet<Vec<u8>>,
+    /// Commands Redis serves during a busy script (SCRIPT KILL…).
+    allow_busy: HashSet<Vec<u8>>,
     fenced: bool,
     released_total: u64,
     timed_out_total: u64,
@@ -70,7 +75,7 @@ unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [u8] {
 /// elsewhere (open work, see the file's doc).
 const NEVER_WRAPPED: &[&str] = &[
     "multi", "exec", "discard", "watch", "unwatch", "blpop", "brpop", "blmove", "brpoplpush", "blmpop", "bzpopmin",
-    "bzpopmax", "bzmpop", "xread", "xreadgroup", "wait", "keel.w", "keel.r", "keel.t", "keel.tw", "keel.ack", "keel.fenced",
+    "bzpopmax", "bzmpop", "xread", "xreadgroup", "wait", "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.ack", "keel.fenced",
 ];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
@@ -78,20 +83,33 @@ const NEVER_WRAPPED: &[&str] = &[
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.ack", "keel.fenced",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.ack", "keel.fenced",
 ];
-/// Commands Redis refuses inside MULTI.
-const NOT_IN_MULTI: &[&str] =
-    &["subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf"];
+/// Routed commands served during a busy script (KEEL.TB, `deny-script`).
+const BUSY_SAFE: &[&str] = &["multi", "exec", "discard", "watch", "unwatch", "shutdown"];
+const BUSY_MESSAGE: &str = "BUSY Redis is busy running a script. You can only call SCRIPT KILL, FUNCTION KILL or SHUTDOWN NOSAVE.";
 /// Commands the module always handles itself (transactions).
-const TRANSACTION_COMMANDS: &[&str] = &["multi", "watch", "unwatch"];
+const TRANSACTION_COMMANDS: &[&str] = &["multi", "exec", "discard", "watch", "unwatch"];
 /// Script and function calls: their effects replicate, so their replies are held.
 const SCRIPT_CALLS: &[&str] = &["eval", "evalsha", "fcall"];
 
-/// Reads `COMMAND` once at load: every command flagged `write` (and
-/// subcommands, as `container|sub`) gets its reply held.
-fn load_write_commands(ctx: *mut raw::RedisModuleCtx) -> HashSet<Vec<u8>> {
-    let mut out: HashSet<Vec<u8>> = SCRIPT_CALLS.iter().map(|s| s.as_bytes().to_vec()).collect();
+/// What `COMMAND` says, read once at load.
+struct CommandTable {
+    /// Flagged `write` or `may_replicate` (and subcommands, as
+    /// `container|sub`): their replies are held.
+    writes: HashSet<Vec<u8>>,
+    /// Flagged `no_multi`: refused inside MULTI.
+    no_multi: HashSet<Vec<u8>>,
+    /// Flagged `allow_busy`: served while a script runs too long.
+    allow_busy: HashSet<Vec<u8>>,
+}
+
+fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
+    let mut out = CommandTable {
+        writes: SCRIPT_CALLS.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        no_multi: HashSet::new(),
+        allow_busy: HashSet::new(),
+    };
     unsafe {
         let reply = raw::RedisModule_Call.unwrap()(ctx, cstr("COMMAND").as_ptr(), cstr("").as_ptr());
         if reply.is_null() {
@@ -105,7 +123,7 @@ fn load_write_commands(ctx: *mut raw::RedisModuleCtx) -> HashSet<Vec<u8>> {
         raw::RedisModule_FreeCallReply.unwrap()(reply);
     }
     for n in NEVER_WRAPPED {
-        out.remove(n.as_bytes());
+        out.writes.remove(n.as_bytes());
     }
     out
 }
@@ -119,7 +137,7 @@ unsafe fn reply_str(r: *mut raw::RedisModuleCallReply) -> Vec<u8> {
     std::slice::from_raw_parts(p as *const u8, len).to_ascii_lowercase()
 }
 
-unsafe fn collect_command(cmd: *mut raw::RedisModuleCallReply, parent: Option<&[u8]>, out: &mut HashSet<Vec<u8>>) {
+unsafe fn collect_command(cmd: *mut raw::RedisModuleCallReply, parent: Option<&[u8]>, out: &mut CommandTable) {
     if cmd.is_null() || raw::RedisModule_CallReplyLength.unwrap()(cmd) < 3 {
         return;
     }
@@ -131,11 +149,17 @@ unsafe fn collect_command(cmd: *mut raw::RedisModuleCallReply, parent: Option<&[
         if f == b"write" || f == b"may_replicate" {
             is_write = true;
         }
+        if f == b"no_multi" {
+            out.no_multi.insert(name.clone());
+        }
+        if f == b"allow_busy" {
+            out.allow_busy.insert(name.clone());
+        }
     }
     // Subcommand names come as "container|sub" already.
     let _ = parent;
     if is_write {
-        out.insert(name.clone());
+        out.writes.insert(name.clone());
     }
     // Element 9 (Redis 7): subcommands.
     if raw::RedisModule_CallReplyLength.unwrap()(cmd) > 9 {
@@ -146,8 +170,35 @@ unsafe fn collect_command(cmd: *mut raw::RedisModuleCallReply, parent: Option<&[
     }
 }
 
+thread_local! {
+    /// The next filtered command is the module's own `call` (main thread).
+    static SKIP_NEXT_FILTER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How many of the module's own calls are running (a script they run,
+    /// or clients served while that script is busy, are filtered inside).
+    static CALL_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// `RM_Call` with an argument vector (`fmt` starts with `v`), unfiltered.
+unsafe fn call(
+    ctx: *mut raw::RedisModuleCtx,
+    cmd: &std::ffi::CStr,
+    fmt: &std::ffi::CStr,
+    args: &[*mut raw::RedisModuleString],
+) -> *mut raw::RedisModuleCallReply {
+    SKIP_NEXT_FILTER.with(|s| s.set(true));
+    CALL_DEPTH.with(|d| d.set(d.get() + 1));
+    let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), fmt.as_ptr(), args.as_ptr(), args.len());
+    CALL_DEPTH.with(|d| d.set(d.get() - 1));
+    // Cleared even when the call failed before reaching the filter.
+    SKIP_NEXT_FILTER.with(|s| s.set(false));
+    reply
+}
+
 /// Command filter: prefixes write commands with `KEEL.W`.
 extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    if SKIP_NEXT_FILTER.with(|s| s.replace(false)) {
+        return;
+    }
     unsafe {
         let argc = raw::RedisModule_CommandFilterArgsCount.unwrap()(fctx);
         if argc < 1 {
@@ -165,17 +216,30 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         let is = |list: &[&str]| list.iter().any(|n| n.as_bytes() == name);
         // Transactions: MULTI/WATCH/UNWATCH always, and every command of a
         // client inside MULTI, go to the module (KEEL.T).
-        let transactional = is(TRANSACTION_COMMANDS) || (maybe_in_multi(fctx) && !is(CONNECTION_COMMANDS));
+        let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
+        let transactional = is(TRANSACTION_COMMANDS) || (!is(CONNECTION_COMMANDS) && maybe_in_multi(fctx, name, sub));
         if transactional {
             // A write keeps its `write` flag (KEEL.TW), so read-only scripts
             // and OOM refuse it as they would refuse the command itself.
-            let write = !is(TRANSACTION_COMMANDS) && {
-                let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
-                state().is_write(name, sub)
+            let write = !is(TRANSACTION_COMMANDS) && state().is_write(name, sub);
+            // MULTI, DISCARD, WATCH, UNWATCH, SHUTDOWN pass a busy script
+            // as in Redis; so does EXEC, to answer EXECABORT then.
+            let prefix: &[u8] = if write {
+                b"KEEL.TW"
+            } else if is(BUSY_SAFE) {
+                b"KEEL.TB"
+            } else {
+                b"KEEL.T"
             };
-            let prefix: &[u8] = if write { b"KEEL.TW" } else { b"KEEL.T" };
+            let sender = filter_client_id(fctx).map(Sender::Known).unwrap_or(Sender::Unknown);
+            state().txs.routed(sender, name == b"exec");
             let t = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), prefix.as_ptr() as *const _, prefix.len());
             raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, t);
+            return;
+        }
+        if CALL_DEPTH.with(|d| d.get()) > 0 {
+            // Inside the module's own call (a script's commands, or clients
+            // served during a busy script): only transactions need routing.
             return;
         }
         if name == b"reset" {
@@ -184,11 +248,7 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
                 state().txs.disconnected(id);
             }
         }
-        let wrap = {
-            let st = state();
-            let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
-            st.is_write(name, sub)
-        };
+        let wrap = state().is_write(name, sub);
         if wrap {
             let w = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.W".as_ptr(), 6);
             raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, w);
@@ -225,30 +285,46 @@ unsafe fn filter_client_id(fctx: *mut raw::RedisModuleCommandFilterCtx) -> Optio
 
 /// Whether the sender of a filtered command may be inside MULTI. Without
 /// the client's id (Redis 7.0), every command is routed through the module
-/// while any client has a transaction open: correct, slower, and only then.
-unsafe fn maybe_in_multi(fctx: *mut raw::RedisModuleCommandFilterCtx) -> bool {
+/// while any client has a transaction open: correct, slower, and only then;
+/// except the commands Redis serves during a busy script (SCRIPT KILL…),
+/// which must reach Redis itself to work (SHUTDOWN is routed: it is refused
+/// inside MULTI).
+unsafe fn maybe_in_multi(fctx: *mut raw::RedisModuleCommandFilterCtx, name: &[u8], sub: Option<&[u8]>) -> bool {
     let st = state();
     if !st.txs.any_open() {
         return false;
     }
     match filter_client_id(fctx) {
         Some(id) => st.txs.in_multi(id),
-        None => true,
+        None => name == b"shutdown" || !st.allow_busy_command(name, sub),
     }
 }
 
 impl State {
     /// Whether a command (name lower-cased, first argument as sent) writes.
     fn is_write(&self, name: &[u8], sub: Option<&[u8]>) -> bool {
-        if self.writes.contains(name) {
-            return true;
-        }
-        let Some(sub) = sub else { return false };
-        let mut full = name.to_vec();
-        full.push(b'|');
-        full.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
-        self.writes.contains(&full)
+        in_table(&self.writes, name, sub)
     }
+
+    /// Whether Redis serves a command during a busy script.
+    fn allow_busy_command(&self, name: &[u8], sub: Option<&[u8]>) -> bool {
+        in_table(&self.allow_busy, name, sub)
+    }
+}
+
+/// Whether `name` or `name|sub` is in a table of command names.
+fn in_table(table: &HashSet<Vec<u8>>, name: &[u8], sub: Option<&[u8]>) -> bool {
+    if table.contains(name) {
+        return true;
+    }
+    let Some(sub) = sub else { return false };
+    if sub.len() > 64 {
+        return false;
+    }
+    let mut full = name.to_vec();
+    full.push(b'|');
+    full.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+    table.contains(&full)
 }
 
 /// Reads without key arguments that still show the dataset: held while any
@@ -374,8 +450,24 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
         let name = lower(string_bytes(args[0]));
         let flags = raw::RedisModule_GetContextFlags.unwrap()(ctx) as u32;
-        if flags & (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA) != 0 {
+        // MULTI/DISCARD/WATCH/UNWATCH/SHUTDOWN come as KEEL.TB, which Redis
+        // refuses in scripts and serves during a busy script (when the
+        // context says "script running", for another client); any other
+        // routed command running while a script runs is that script's.
+        let busy_safe = BUSY_SAFE.iter().any(|n| n.as_bytes() == name.as_slice());
+        if busy_safe && name == b"exec" && flags & raw::REDISMODULE_CTX_FLAGS_LUA != 0 {
+            // A script is busy: Redis's own EXEC would be refused, and the
+            // transaction discarded.
+            let id = raw::RedisModule_GetClientId.unwrap()(ctx);
+            state().txs.ran(id);
+            if state().txs.discard(id) {
+                return reply_error(ctx, &format!("EXECABORT Transaction discarded because of: {BUSY_MESSAGE}"));
+            }
+            return reply_error(ctx, BUSY_MESSAGE);
+        }
+        if !busy_safe && flags & (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA) != 0 {
             // From a script (Redis filters script calls too).
+            state().txs.ran(raw::RedisModule_GetClientId.unwrap()(ctx));
             if matches!(name.as_slice(), b"multi" | b"exec" | b"discard" | b"watch" | b"unwatch") {
                 return reply_error(ctx, "ERR This Redis command is not allowed from script");
             }
@@ -383,6 +475,7 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             return run_and_hold(ctx, args, write);
         }
         let id = raw::RedisModule_GetClientId.unwrap()(ctx);
+        state().txs.ran(id);
         if state().txs.in_multi(id) {
             return in_multi(ctx, id, &name, args);
         }
@@ -418,7 +511,7 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
                     return run_and_hold(ctx, args, write);
                 }
                 let cmd = CString::new(string_bytes(args[0])).unwrap_or_default();
-                let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), c"v0EC".as_ptr(), args.as_ptr().add(1), args.len() - 1);
+                let reply = call(ctx, &cmd, c"v0EC", &args[1..]);
                 if reply.is_null() {
                     return reply_error(ctx, "ERR command could not be run");
                 }
@@ -475,7 +568,7 @@ unsafe fn in_multi(ctx: *mut raw::RedisModuleCtx, id: u64, name: &[u8], args: &[
                 state().txs.queue_error(id);
                 reply_error(ctx, &msg)
             };
-            if NOT_IN_MULTI.iter().any(|n| n.as_bytes() == name) {
+            if state().no_multi.contains(name) {
                 return refuse("ERR Command not allowed inside a transaction".into());
             }
             if let Err(e) = check_command(args) {
@@ -569,7 +662,7 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
                 }
                 let cmd = CString::new(argv[0].clone()).unwrap_or_default();
                 let fmt = if write { c"v!0ECM" } else { c"v!0EC" };
-                let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), fmt.as_ptr(), strs.as_ptr().add(1), strs.len() - 1);
+                let reply = call(ctx, &cmd, fmt, &strs[1..]);
                 if write {
                     hold = true;
                     state().hazards.write(command_keys(&strs).unwrap_or_default());
@@ -632,7 +725,7 @@ fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleStri
         // v: argv vector; !: replicate; 0: the client's protocol; E: errors as
         // replies; C: ACL checks as the client's user; M: refuse on OOM.
         let fmt = if write { c"v!0ECM" } else { c"v0EC" };
-        let reply = raw::RedisModule_Call.unwrap()(ctx, cmd.as_ptr(), fmt.as_ptr(), args.as_ptr().add(1), args.len() - 1);
+        let reply = call(ctx, &cmd, fmt, &args[1..]);
         if reply.is_null() {
             return raw::RedisModule_ReplyWithError.unwrap()(ctx, c"ERR command could not be run".as_ptr());
         }
@@ -852,7 +945,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         }
     };
     let raw_ctx = ctx.ctx;
-    let writes = load_write_commands(raw_ctx);
+    let CommandTable { writes, no_multi, allow_busy } = load_command_table(raw_ctx);
     ctx.log_notice(&format!("keel: holding replies of {} write commands; {cfg:?}", writes.len()));
     let _ = STATE.set(Mutex::new(State {
         cfg,
@@ -860,6 +953,8 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         hazards: Hazards::default(),
         txs: Transactions::default(),
         writes,
+        no_multi,
+        allow_busy,
         fenced: false,
         released_total: 0,
         timed_out_total: 0,
@@ -867,11 +962,12 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 6] = [
+        let commands: [(&str, CmdFn, &str); 7] = [
             ("keel.w", keel_w, "write deny-oom"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
             ("keel.tw", keel_t, "write deny-oom"),
+            ("keel.tb", keel_t, "allow-busy allow-loading allow-stale deny-script fast"),
             ("keel.ack", keel_ack, "admin fast no-monitor"),
             ("keel.fenced", keel_fenced, "admin no-monitor"),
         ];
@@ -882,7 +978,11 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
                 return Status::Err;
             }
         }
-        raw::RedisModule_RegisterCommandFilter.unwrap()(raw_ctx, Some(filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int);
+        // Not NOSELF: while a script run by the module is busy, Redis serves
+        // other clients from inside that call, and their MULTI/WATCH must
+        // still reach the module. The module's own calls skip the filter
+        // through `call`.
+        raw::RedisModule_RegisterCommandFilter.unwrap()(raw_ctx, Some(filter), 0);
         type EventFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, raw::RedisModuleEvent, u64, *mut c_void);
         let events: [(u64, EventFn, &str); 4] = [
             (raw::REDISMODULE_EVENT_EVENTLOOP, on_event_loop, "the event loop"),

@@ -23,6 +23,15 @@
 //!    commands to run, or why nothing runs. `discard` closes it, too.
 //! 5. `disconnected` forgets everything of a client.
 //!
+//! Redis may refuse a routed command before the module sees it (BUSY script,
+//! OOM, ACL, MISCONF…). Natively that aborts the transaction; here the
+//! filter reports each routed command (`routed`) and the module each one it
+//! ran (`ran`): a routed command that never ran aborts its client's
+//! transaction (an EXEC that never ran discards it), so a transaction never
+//! runs with a command missing. Where the server cannot name the sender
+//! (Redis 7.0), a refusal aborts every open transaction: a spurious
+//! EXECABORT rather than half a transaction.
+//!
 //! Pure logic, no Redis.
 
 use std::collections::HashMap;
@@ -62,6 +71,17 @@ pub struct Transactions {
     watching: HashMap<ClientId, Vec<(Db, Vec<u8>)>>,
     /// Clients whose watched keys were touched (until EXEC/DISCARD/UNWATCH).
     dirty: HashSet<ClientId>,
+    /// Routed commands not yet run, by sender (value: it is an EXEC).
+    awaiting: HashMap<ClientId, bool>,
+    /// Sender unknown: the last routed command, not yet run (is it EXEC).
+    awaiting_unknown: Option<bool>,
+}
+
+/// Who sent a routed command, as far as the server tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    Known(ClientId),
+    Unknown,
 }
 
 /// Why a queue request was refused.
@@ -197,7 +217,54 @@ impl Transactions {
     /// The client is gone.
     pub fn disconnected(&mut self, client: ClientId) {
         self.open.remove(&client);
+        self.awaiting.remove(&client);
         self.unwatch(client);
+    }
+
+    /// The filter sent a command to the module (before it runs). A command
+    /// routed earlier by the same sender that never ran was refused by
+    /// Redis: its transaction is aborted (discarded if it was the EXEC).
+    pub fn routed(&mut self, sender: Sender, is_exec: bool) {
+        match sender {
+            Sender::Known(c) => {
+                if let Some(was_exec) = self.awaiting.remove(&c) {
+                    self.refused(c, was_exec);
+                }
+                if self.in_multi(c) {
+                    self.awaiting.insert(c, is_exec);
+                }
+            }
+            Sender::Unknown => {
+                if let Some(was_exec) = self.awaiting_unknown.take() {
+                    let open: Vec<ClientId> = self.open.keys().copied().collect();
+                    if let [only] = open[..] {
+                        // Only one transaction is open: the refused command was its.
+                        self.refused(only, was_exec);
+                    } else {
+                        for c in open {
+                            self.queue_error(c);
+                        }
+                    }
+                }
+                if self.any_open() {
+                    self.awaiting_unknown = Some(is_exec);
+                }
+            }
+        }
+    }
+
+    /// The module ran a routed command of `client`.
+    pub fn ran(&mut self, client: ClientId) {
+        self.awaiting.remove(&client);
+        self.awaiting_unknown = None;
+    }
+
+    fn refused(&mut self, client: ClientId, was_exec: bool) {
+        if was_exec {
+            self.discard(client);
+        } else {
+            self.queue_error(client);
+        }
     }
 
     /// Number of open transactions (for INFO).
@@ -300,6 +367,58 @@ mod tests {
         assert!(!t.any_open());
         assert!(!t.any_watched());
         assert!(t.watched_in(None).is_empty());
+    }
+
+    #[test]
+    fn a_command_refused_before_the_module_aborts_its_transaction() {
+        let mut t = Transactions::default();
+        t.multi(1);
+        t.multi(2);
+        // Client 1's SET was routed and ran; its INCR was routed, refused.
+        t.routed(Sender::Known(1), false);
+        t.ran(1);
+        t.queue(1, argv(&["set", "a", "1"]), MAX).unwrap();
+        t.routed(Sender::Known(1), false);
+        t.routed(Sender::Known(2), false);
+        t.ran(2);
+        t.queue(2, argv(&["set", "b", "1"]), MAX).unwrap();
+        // The next command of client 1 reveals the refusal.
+        t.routed(Sender::Known(1), true);
+        t.ran(1);
+        assert_eq!(t.exec(1), Exec::Aborted);
+        assert_eq!(t.exec(2), Exec::Run(vec![argv(&["set", "b", "1"])]), "other clients are unaffected");
+
+        // A refused EXEC discards the transaction.
+        t.multi(1);
+        t.routed(Sender::Known(1), true);
+        t.routed(Sender::Known(1), false);
+        assert!(!t.in_multi(1));
+    }
+
+    #[test]
+    fn with_unknown_senders_a_refusal_aborts_every_open_transaction() {
+        let mut t = Transactions::default();
+        t.multi(1);
+        t.multi(2);
+        t.routed(Sender::Unknown, false);
+        t.ran(1);
+        t.queue(1, argv(&["set", "a", "1"]), MAX).unwrap();
+        t.routed(Sender::Unknown, false); // refused
+        t.routed(Sender::Unknown, true);
+        t.ran(1);
+        assert_eq!(t.exec(1), Exec::Aborted);
+        assert_eq!(t.exec(2), Exec::Aborted);
+        // With one transaction open, a refused EXEC is known to be its.
+        t.multi(4);
+        t.routed(Sender::Unknown, true);
+        t.routed(Sender::Unknown, false);
+        assert!(!t.in_multi(4));
+        // Nothing open: nothing awaited, a later transaction is unaffected.
+        t.routed(Sender::Unknown, false);
+        t.multi(3);
+        t.routed(Sender::Unknown, true);
+        t.ran(3);
+        assert_eq!(t.exec(3), Exec::Run(vec![]));
     }
 
     #[test]
