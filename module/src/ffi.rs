@@ -24,7 +24,7 @@ use crate::holds::Holds;
 use crate::transactions::Exec;
 use crate::transactions::Sender;
 use crate::transactions::Transactions;
-use crate::reply::Value;
+use crate::reply;
 
 /// A blocked client, by its Redis handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,8 @@ fn state() -> std::sync::MutexGuard<'static, State> {
 
 /// What an unblocked client is answered with.
 enum Answer {
-    Reply(Value),
+    /// The reply's RESP bytes.
+    Reply(Vec<u8>),
     Error(String),
 }
 
@@ -359,7 +360,7 @@ extern "C" fn on_unblock(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::Re
             return raw::RedisModule_ReplyWithError.unwrap()(ctx, c"KEEL_UNKNOWN internal error: no answer".as_ptr());
         }
         match &*answer {
-            Answer::Reply(v) => v.reply(ctx),
+            Answer::Reply(v) => reply::send(ctx, v),
             Answer::Error(e) => {
                 let e = cstr(e);
                 raw::RedisModule_ReplyWithError.unwrap()(ctx, e.as_ptr())
@@ -499,10 +500,7 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
                 state().txs.unwatch(id);
                 reply_ok(ctx)
             }
-            b"select" => match select(ctx, args) {
-                Value::Error(e) => reply_error(ctx, &String::from_utf8_lossy(&e)),
-                v => v.reply(ctx),
-            },
+            b"select" => reply::send(ctx, &select(ctx, args)),
             _ => {
                 // Not in a transaction: as the filter would have routed it.
                 let write = state().is_write(&name, args.get(1).map(|a| string_bytes(*a)));
@@ -524,18 +522,19 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
 }
 
 /// `SELECT n` run by the module for a client (inside EXEC, or routed).
-unsafe fn select(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> Value {
+/// Returns the reply as RESP bytes.
+unsafe fn select(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> Vec<u8> {
     if args.len() != 2 {
-        return Value::Error(b"ERR wrong number of arguments for 'select' command".to_vec());
+        return reply::error("ERR wrong number of arguments for 'select' command");
     }
     let mut db: i64 = 0;
     if raw::RedisModule_StringToLongLong.unwrap()(args[1], &mut db) != raw::REDISMODULE_OK as c_int {
-        return Value::Error(b"ERR value is not an integer or out of range".to_vec());
+        return reply::error("ERR value is not an integer or out of range");
     }
     if db < 0 || db > i32::MAX as i64 || raw::RedisModule_SelectDb.unwrap()(ctx, db as c_int) != raw::REDISMODULE_OK as c_int {
-        return Value::Error(b"ERR DB index is out of range".to_vec());
+        return reply::error("ERR DB index is out of range");
     }
-    Value::Simple(b"OK".to_vec())
+    b"+OK\r\n".to_vec()
 }
 
 /// Whether a read must wait for pending writes of its keys.
@@ -654,7 +653,7 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
         let name = lower(&argv[0]);
         let value = match name.as_slice() {
             b"select" => select(ctx, &strs),
-            b"unwatch" => Value::Simple(b"OK".to_vec()),
+            b"unwatch" => b"+OK\r\n".to_vec(),
             _ => {
                 let write = state().is_write(&name, argv.get(1).map(|a| a.as_slice()));
                 if !write && !hold && read_must_wait(&name, &strs) {
@@ -668,9 +667,9 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
                     state().hazards.write(command_keys(&strs).unwrap_or_default());
                 }
                 if reply.is_null() {
-                    Value::Error(b"ERR command could not be run".to_vec())
+                    reply::error("ERR command could not be run")
                 } else {
-                    let v = Value::copy(reply);
+                    let v = reply::copy(reply);
                     raw::RedisModule_FreeCallReply.unwrap()(reply);
                     v
                 }
@@ -681,16 +680,19 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
             raw::RedisModule_FreeString.unwrap()(ctx, s);
         }
     }
-    let value = Value::Array(values);
+    let mut value = format!("*{}\r\n", values.len()).into_bytes();
+    for v in values {
+        value.extend_from_slice(&v);
+    }
     if !hold {
-        return value.reply(ctx);
+        return reply::send(ctx, &value);
     }
     block_with(ctx, value)
 }
 
 /// Blocks the calling client with `value` as its reply, held until the end
 /// of this turn is durable.
-unsafe fn block_with(ctx: *mut raw::RedisModuleCtx, value: Value) -> c_int {
+unsafe fn block_with(ctx: *mut raw::RedisModuleCtx, value: Vec<u8>) -> c_int {
     let timeout = state().cfg.write_timeout_ms;
     let bc = raw::RedisModule_BlockClient.unwrap()(ctx, Some(on_unblock), Some(on_timeout), Some(free_answer), timeout);
     let answer = Box::into_raw(Box::new(Answer::Reply(value)));
@@ -740,7 +742,7 @@ fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleStri
             state().hazards.write(keys);
         }
         // Keep a copy of the reply until the client is released.
-        let value = Value::copy(reply);
+        let value = reply::copy(reply);
         raw::RedisModule_FreeCallReply.unwrap()(reply);
         block_with(ctx, value)
     }
@@ -963,7 +965,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
         let commands: [(&str, CmdFn, &str); 7] = [
-            ("keel.w", keel_w, "write deny-oom"),
+            ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
             ("keel.tw", keel_t, "write deny-oom"),

@@ -26,6 +26,7 @@
 pub mod config;
 pub mod hazards;
 pub mod holds;
+pub mod resp;
 pub mod transactions;
 // The layer over Redis; unit tests run without Redis, so they leave it out.
 #[cfg(not(test))]
