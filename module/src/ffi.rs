@@ -1,6 +1,7 @@
 //! The FFI layer: command filter, `KEEL.W`, `KEEL.ACK`, `KEEL.FENCED`, the
 //! beforeSleep hook and `INFO keel`. Every decision is `Holds`'s.
 
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::os::raw::c_int;
@@ -24,39 +25,50 @@ use crate::holds::Holds;
 use crate::transactions::Exec;
 use crate::transactions::Sender;
 use crate::transactions::Transactions;
+use crate::waiters::WaiterId;
+use crate::waiters::Waiters;
+use crate::blocking;
+use crate::blocking::Waiter;
 use crate::reply;
 
 /// A blocked client, by its Redis handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Blocked(*mut raw::RedisModuleBlockedClient);
+pub(crate) struct Blocked(pub(crate) *mut raw::RedisModuleBlockedClient);
 // Only touched on Redis's main thread, under the module lock.
 unsafe impl Send for Blocked {}
 
-struct State {
-    cfg: Config,
-    holds: Holds<Blocked>,
-    hazards: Hazards,
+pub(crate) struct State {
+    pub(crate) cfg: Config,
+    pub(crate) holds: Holds<Blocked>,
+    pub(crate) hazards: Hazards,
     /// MULTI/EXEC and WATCH, kept by the module (see transactions.rs).
-    txs: Transactions,
+    pub(crate) txs: Transactions,
     /// Command names (and `container|sub`) whose replies are held.
-    writes: HashSet<Vec<u8>>,
+    pub(crate) writes: HashSet<Vec<u8>>,
     /// Commands Redis refuses inside MULTI.
-    no_multi: HashSet<Vec<u8>>,
+    pub(crate) no_multi: HashSet<Vec<u8>>,
     /// Commands Redis serves during a busy script (SCRIPT KILL…).
-    allow_busy: HashSet<Vec<u8>>,
-    fenced: bool,
-    released_total: u64,
-    timed_out_total: u64,
+    pub(crate) allow_busy: HashSet<Vec<u8>>,
+    pub(crate) fenced: bool,
+    /// Blocking pops waiting for data (see blocking.rs).
+    pub(crate) waiters: Waiters<Waiter>,
+    pub(crate) waiter_of: HashMap<usize, WaiterId>,
+    pub(crate) retry_scheduled: bool,
+    /// Popped replies held for durability, by waiter id and by client.
+    pub(crate) popped: HashMap<WaiterId, Blocked>,
+    pub(crate) popped_by_bc: HashMap<usize, WaiterId>,
+    pub(crate) released_total: u64,
+    pub(crate) timed_out_total: u64,
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
 
-fn state() -> std::sync::MutexGuard<'static, State> {
+pub(crate) fn state() -> std::sync::MutexGuard<'static, State> {
     STATE.get().expect("keel module initialised").lock().unwrap()
 }
 
 /// What an unblocked client is answered with.
-enum Answer {
+pub(crate) enum Answer {
     /// The reply's RESP bytes.
     Reply(Vec<u8>),
     Error(String),
@@ -66,25 +78,21 @@ fn cstr(s: &str) -> CString {
     CString::new(s).expect("no NUL in module strings")
 }
 
-unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [u8] {
+pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [u8] {
     let mut len = 0usize;
     let p = raw::RedisModule_StringPtrLen.unwrap()(s, &mut len);
     std::slice::from_raw_parts(p as *const u8, len)
 }
 
-/// Commands run natively even though they write: they block, or are handled
-/// elsewhere (open work, see the file's doc).
-const NEVER_WRAPPED: &[&str] = &[
-    "multi", "exec", "discard", "watch", "unwatch", "blpop", "brpop", "blmove", "brpoplpush", "blmpop", "bzpopmin",
-    "bzpopmax", "bzmpop", "xread", "xreadgroup", "wait", "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.ack", "keel.fenced",
-];
+/// The module's own commands: never rewritten again.
+const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced"];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
 /// which client sent a command (Redis 7.0; see `maybe_in_multi`).
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.ack", "keel.fenced",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced",
 ];
 /// Routed commands served during a busy script (KEEL.TB, `deny-script`).
 const BUSY_SAFE: &[&str] = &["multi", "exec", "discard", "watch", "unwatch", "shutdown"];
@@ -122,9 +130,6 @@ fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
             collect_command(cmd, None, &mut out);
         }
         raw::RedisModule_FreeCallReply.unwrap()(reply);
-    }
-    for n in NEVER_WRAPPED {
-        out.writes.remove(n.as_bytes());
     }
     out
 }
@@ -180,7 +185,7 @@ thread_local! {
 }
 
 /// `RM_Call` with an argument vector (`fmt` starts with `v`), unfiltered.
-unsafe fn call(
+pub(crate) unsafe fn call(
     ctx: *mut raw::RedisModuleCtx,
     cmd: &std::ffi::CStr,
     fmt: &std::ffi::CStr,
@@ -249,6 +254,13 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
                 state().txs.disconnected(id);
             }
         }
+        let argv: Vec<&[u8]> = (1..argc).map(|i| string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i))).collect();
+        if blocking::blocks(name, &argv) {
+            let prefix: &[u8] = if name == b"xread" { b"KEEL.BR" } else { b"KEEL.B" };
+            let b = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), prefix.as_ptr() as *const _, prefix.len());
+            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, b);
+            return;
+        }
         let wrap = state().is_write(name, sub);
         if wrap {
             let w = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.W".as_ptr(), 6);
@@ -303,7 +315,7 @@ unsafe fn maybe_in_multi(fctx: *mut raw::RedisModuleCommandFilterCtx, name: &[u8
 
 impl State {
     /// Whether a command (name lower-cased, first argument as sent) writes.
-    fn is_write(&self, name: &[u8], sub: Option<&[u8]>) -> bool {
+    pub(crate) fn is_write(&self, name: &[u8], sub: Option<&[u8]>) -> bool {
         in_table(&self.writes, name, sub)
     }
 
@@ -333,7 +345,7 @@ fn in_table(table: &HashSet<Vec<u8>>, name: &[u8], sub: Option<&[u8]>) -> bool {
 const KEYLESS_READS: &[&str] = &["keys", "scan", "dbsize", "randomkey"];
 
 /// The key arguments of a command (`None`: unknown command or bad arity).
-unsafe fn command_keys(argv: &[*mut raw::RedisModuleString]) -> Option<Vec<Vec<u8>>> {
+pub(crate) unsafe fn command_keys(argv: &[*mut raw::RedisModuleString]) -> Option<Vec<Vec<u8>>> {
     let mut num: c_int = 0;
     let mut argv = argv.to_vec();
     set_errno(0);
@@ -353,7 +365,7 @@ unsafe fn command_keys(argv: &[*mut raw::RedisModuleString]) -> Option<Vec<Vec<u
 }
 
 /// Replies to a client unblocked with an `Answer`.
-extern "C" fn on_unblock(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::RedisModuleString, _argc: c_int) -> c_int {
+pub(crate) extern "C" fn on_unblock(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::RedisModuleString, _argc: c_int) -> c_int {
     unsafe {
         let answer = raw::RedisModule_GetBlockedClientPrivateData.unwrap()(ctx) as *mut Answer;
         if answer.is_null() {
@@ -369,28 +381,29 @@ extern "C" fn on_unblock(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::Re
     }
 }
 
-extern "C" fn on_timeout(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::RedisModuleString, _argc: c_int) -> c_int {
+pub(crate) extern "C" fn on_timeout(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::RedisModuleString, _argc: c_int) -> c_int {
     unsafe {
         let bc = raw::RedisModule_GetBlockedClientHandle.unwrap()(ctx);
-        let ms = {
-            let mut st = state();
-            st.holds.remove(&Blocked(bc));
-            st.timed_out_total += 1;
-            st.cfg.write_timeout_ms
-        };
-        forget(Blocked(bc));
         // Redis frees a timed-out module-blocked client only once the module
         // unblocks it; its reply callback is then skipped.
+        if let Some(null_reply) = blocking::timed_out(Blocked(bc)) {
+            // A blocking pop that found nothing in its time.
+            raw::RedisModule_UnblockClient.unwrap()(bc, std::ptr::null_mut());
+            return reply::send(ctx, &null_reply);
+        }
+        {
+            let mut st = state();
+            st.holds.remove(&Blocked(bc));
+            blocking::forget_popped(&mut st, Blocked(bc));
+            st.timed_out_total += 1;
+        }
+        forget(Blocked(bc));
         raw::RedisModule_UnblockClient.unwrap()(bc, std::ptr::null_mut());
-        let msg = cstr(&format!(
-            "KEEL_UNCONFIRMED the journal did not confirm within {ms} ms the write this reply depends on; \
-             that write is applied in memory and may or may not be durable"
-        ));
-        raw::RedisModule_ReplyWithError.unwrap()(ctx, msg.as_ptr())
+        reply_error(ctx, &unconfirmed_message())
     }
 }
 
-extern "C" fn free_answer(_ctx: *mut raw::RedisModuleCtx, privdata: *mut c_void) {
+pub(crate) extern "C" fn free_answer(_ctx: *mut raw::RedisModuleCtx, privdata: *mut c_void) {
     if privdata.is_null() {
         return;
     }
@@ -399,7 +412,7 @@ extern "C" fn free_answer(_ctx: *mut raw::RedisModuleCtx, privdata: *mut c_void)
     }
 }
 
-fn unblock(bc: Blocked, answer: Answer) {
+pub(crate) fn unblock(bc: Blocked, answer: Answer) {
     unsafe {
         raw::RedisModule_UnblockClient.unwrap()(bc.0, Box::into_raw(Box::new(answer)) as *mut c_void);
     }
@@ -412,6 +425,16 @@ extern "C" fn keel_w(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
         run_and_hold(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize), true)
+    }
+}
+
+/// `KEEL.B CMD args…` / `KEEL.BR`: a blocking command (blocking.rs).
+extern "C" fn keel_b(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if argc < 2 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        blocking::blocking_pop(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize))
     }
 }
 
@@ -430,7 +453,7 @@ fn lower(b: &[u8]) -> Vec<u8> {
     b.to_ascii_lowercase()
 }
 
-fn reply_error(ctx: *mut raw::RedisModuleCtx, msg: &str) -> c_int {
+pub(crate) fn reply_error(ctx: *mut raw::RedisModuleCtx, msg: &str) -> c_int {
     let m = cstr(msg);
     unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx, m.as_ptr()) }
 }
@@ -503,6 +526,10 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             b"select" => reply::send(ctx, &select(ctx, args)),
             _ => {
                 // Not in a transaction: as the filter would have routed it.
+                let rest: Vec<&[u8]> = args[1..].iter().map(|a| string_bytes(*a)).collect();
+                if blocking::blocks(&name, &rest) {
+                    return blocking::blocking_pop(ctx, args);
+                }
                 let write = state().is_write(&name, args.get(1).map(|a| string_bytes(*a)));
                 let hazard = !write && read_must_wait(&name, args);
                 if write || hazard {
@@ -538,7 +565,7 @@ unsafe fn select(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleStr
 }
 
 /// Whether a read must wait for pending writes of its keys.
-unsafe fn read_must_wait(name: &[u8], args: &[*mut raw::RedisModuleString]) -> bool {
+pub(crate) unsafe fn read_must_wait(name: &[u8], args: &[*mut raw::RedisModuleString]) -> bool {
     if state().hazards.is_empty() {
         return false;
     }
@@ -692,18 +719,31 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
 
 /// Blocks the calling client with `value` as its reply, held until the end
 /// of this turn is durable.
-unsafe fn block_with(ctx: *mut raw::RedisModuleCtx, value: Vec<u8>) -> c_int {
+pub(crate) unsafe fn block_with(ctx: *mut raw::RedisModuleCtx, value: Vec<u8>) -> c_int {
     let timeout = state().cfg.write_timeout_ms;
     let bc = raw::RedisModule_BlockClient.unwrap()(ctx, Some(on_unblock), Some(on_timeout), Some(free_answer), timeout);
-    let answer = Box::into_raw(Box::new(Answer::Reply(value)));
-    PENDING_ANSWERS.with(|p| p.borrow_mut().push((Blocked(bc), answer)));
-    state().holds.hold(Blocked(bc));
+    hold_blocked(Blocked(bc), value);
     raw::REDISMODULE_OK as c_int
+}
+
+/// Holds `value` as the reply of an already blocked client.
+pub(crate) fn hold_blocked(bc: Blocked, value: Vec<u8>) {
+    let answer = Box::into_raw(Box::new(Answer::Reply(value)));
+    PENDING_ANSWERS.with(|p| p.borrow_mut().push((bc, answer)));
+    state().holds.hold(bc);
+}
+
+pub(crate) fn unconfirmed_message() -> String {
+    let ms = state().cfg.write_timeout_ms;
+    format!(
+        "KEEL_UNCONFIRMED the journal did not confirm within {ms} ms the write this reply depends on; \
+         that write is applied in memory and may or may not be durable"
+    )
 }
 
 /// Runs `args` (command first) for the calling client and holds its reply
 /// (`write`: its keys become read hazards until durable).
-fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString], write: bool) -> c_int {
+pub(crate) fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString], write: bool) -> c_int {
     unsafe {
         let flags = raw::RedisModule_GetContextFlags.unwrap()(ctx) as u32;
         let in_multi_or_script =
@@ -764,7 +804,13 @@ fn take_answer(bc: Blocked) -> Option<Box<Answer>> {
 
 /// Sends the kept replies of durable clients.
 fn release(clients: Vec<Blocked>) {
-    state().released_total += clients.len() as u64;
+    {
+        let mut st = state();
+        st.released_total += clients.len() as u64;
+        for bc in &clients {
+            blocking::forget_popped(&mut st, *bc);
+        }
+    }
     for bc in clients {
         match take_answer(bc) {
             Some(a) => unblock(bc, *a),
@@ -774,7 +820,7 @@ fn release(clients: Vec<Blocked>) {
 }
 
 /// Drops the kept reply of a client answered otherwise (timeout, fencing).
-fn forget(bc: Blocked) {
+pub(crate) fn forget(bc: Blocked) {
     drop(take_answer(bc));
 }
 
@@ -804,8 +850,13 @@ extern "C" fn keel_fenced(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Re
             let mut st = state();
             st.fenced = true;
             st.hazards.clear();
-            st.holds.fail_all()
+            let failed = st.holds.fail_all();
+            for bc in &failed {
+                blocking::forget_popped(&mut st, *bc);
+            }
+            failed
         };
+        blocking::fail_all(&reason);
         for bc in failed {
             forget(bc);
             unblock(bc, Answer::Error(format!("KEEL_FENCED this node lost the primary role before the write was durable ({reason}); it may or may not survive")));
@@ -852,9 +903,10 @@ unsafe fn master_repl_offset(ctx: *mut raw::RedisModuleCtx) -> u64 {
 extern "C" fn on_keyspace(ctx: *mut raw::RedisModuleCtx, _type: c_int, _event: *const std::os::raw::c_char, key: *mut raw::RedisModuleString) -> c_int {
     unsafe {
         let mut st = state();
-        if st.txs.any_watched() {
+        if st.txs.any_watched() || !st.waiters.is_empty() {
             let db = raw::RedisModule_GetSelectedDb.unwrap()(ctx);
             st.txs.touched(db, string_bytes(key));
+            blocking::key_written(ctx, &mut st, db, string_bytes(key));
         }
     }
     raw::REDISMODULE_OK as c_int
@@ -927,6 +979,7 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("durable_offset", st.holds.durable_offset().to_string())?
         .field("pending_replies", st.holds.len().to_string())?
         .field("open_transactions", st.txs.open_count().to_string())?
+        .field("blocked_waiting", st.waiters.len().to_string())?
         .field("released_total", st.released_total.to_string())?
         .field("timed_out_total", st.timed_out_total.to_string())?
         .field("sidecar", st.cfg.sidecar.clone())?
@@ -954,6 +1007,11 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         holds: Holds::default(),
         hazards: Hazards::default(),
         txs: Transactions::default(),
+        waiters: Waiters::default(),
+        waiter_of: HashMap::new(),
+        retry_scheduled: false,
+        popped: HashMap::new(),
+        popped_by_bc: HashMap::new(),
         writes,
         no_multi,
         allow_busy,
@@ -964,12 +1022,14 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 7] = [
+        let commands: [(&str, CmdFn, &str); 9] = [
             ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
             ("keel.tw", keel_t, "write deny-oom"),
             ("keel.tb", keel_t, "allow-busy allow-loading allow-stale deny-script fast"),
+            ("keel.b", keel_b, "write"),
+            ("keel.br", keel_b, "readonly"),
             ("keel.ack", keel_ack, "admin fast no-monitor"),
             ("keel.fenced", keel_fenced, "admin no-monitor"),
         ];

@@ -28,7 +28,10 @@ pub mod hazards;
 pub mod holds;
 pub mod resp;
 pub mod transactions;
+pub mod waiters;
 // The layer over Redis; unit tests run without Redis, so they leave it out.
+#[cfg(not(test))]
+mod blocking;
 #[cfg(not(test))]
 mod ffi;
 #[cfg(not(test))]

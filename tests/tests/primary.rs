@@ -280,3 +280,97 @@ async fn redis_transactions_are_held_until_durable() {
 async fn valkey_transactions_are_held_until_durable() {
     transactions_are_held_until_durable(Server::Valkey).await;
 }
+
+/// Blocking pops are kept by the module: a waiting BLPOP is woken by a push,
+/// and its reply (like the push's) leaves only once the pop is durable; the
+/// command's own timeout, a client leaving while it waits, XREADGROUP BLOCK
+/// and RESP3 replies behave as in Redis.
+async fn blocking_pops_are_held_until_durable(server: Server) {
+    let p = KeelPrimary::start(server, 1, &["write_timeout_ms=5000"]).await;
+    let addr = p.addr();
+    let spawn = |args: Vec<&'static str>| {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            (Resp::connect(&addr).full(&args), t.elapsed())
+        })
+    };
+    let waiter = spawn(vec!["BLPOP", "q", "0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "BLPOP on an empty list answered");
+    let sidecar = p.sidecar.as_ref().unwrap().id();
+    keel_tests::signal(sidecar, "STOP");
+    let pusher = spawn(vec!["RPUSH", "q", "a"]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!waiter.is_finished(), "the pop answered before it was durable");
+    assert!(!pusher.is_finished(), "the push answered before it was durable");
+    keel_tests::signal(sidecar, "CONT");
+    assert_eq!(waiter.join().unwrap().0, "[q, a]");
+    assert_eq!(pusher.join().unwrap().0, ":1");
+
+    // The pop is journaled after the push.
+    let cmds = p.journaled_commands();
+    let push = cmds.iter().position(|c| has(std::slice::from_ref(c), &["rpush", "q", "a"])).expect("push journaled");
+    assert!(
+        cmds[push + 1..].iter().any(|c| c[0].to_ascii_lowercase().contains("pop") && c.get(1).map(String::as_str) == Some("q")),
+        "pop not journaled: {cmds:?}"
+    );
+
+    // The command's own timeout answers its null.
+    let (reply, waited) = spawn(vec!["BLPOP", "nothere", "0.5"]).join().unwrap();
+    assert_eq!(reply, "(nil array)");
+    assert!(waited >= Duration::from_millis(450), "{waited:?}");
+
+    // A client that leaves while waiting pops nothing.
+    {
+        let mut gone = Resp::connect(&p.addr());
+        use std::io::Write;
+        let s = std::net::TcpStream::connect(p.addr()).unwrap();
+        (&s).write_all(b"*3\r\n$5\r\nBLPOP\r\n$2\r\nq2\r\n$1\r\n0\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(s);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(gone.full(&["RPUSH", "q2", "x"]), ":1");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(gone.full(&["LLEN", "q2"]), ":1", "a departed client's BLPOP popped");
+    }
+
+    // Waiters are served in the order they came.
+    let first = spawn(vec!["BLPOP", "fifo", "5"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let second = spawn(vec!["BLPOP", "fifo", "5"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = Resp::connect(&p.addr());
+    assert_eq!(c.full(&["RPUSH", "fifo", "1", "2"]), ":2");
+    assert_eq!(first.join().unwrap().0, "[fifo, 1]");
+    assert_eq!(second.join().unwrap().0, "[fifo, 2]");
+
+    // XREADGROUP BLOCK: woken by XADD.
+    assert_eq!(c.full(&["XGROUP", "CREATE", "st", "g", "$", "MKSTREAM"]), "+OK");
+    let reader = spawn(vec!["XREADGROUP", "GROUP", "g", "c1", "BLOCK", "5000", "STREAMS", "st", ">"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!reader.is_finished());
+    c.full(&["XADD", "st", "1-1", "f", "v"]);
+    assert_eq!(reader.join().unwrap().0, "[[st, [[1-1, [f, v]]]]]");
+
+    // RESP3: the score is a double, as Redis answers it.
+    let addr = p.addr();
+    let z = std::thread::spawn(move || {
+        let mut c3 = Resp::connect(&addr);
+        c3.hello3();
+        c3.full(&["BZPOPMIN", "z", "5"])
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    c.full(&["ZADD", "z", "1.5", "m"]);
+    assert_eq!(z.join().unwrap(), "[z, m, ,1.5]");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_blocking_pops_are_held_until_durable() {
+    blocking_pops_are_held_until_durable(Server::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_blocking_pops_are_held_until_durable() {
+    blocking_pops_are_held_until_durable(Server::Valkey).await;
+}

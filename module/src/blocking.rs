@@ -1,0 +1,311 @@
+//! Blocking pops over Redis: the FFI side of `waiters.rs` (see there for the
+//! life cycle). A blocking command first runs without blocking; with data,
+//! its reply is held like any write's. Without, the client is blocked by the
+//! module (`RM_BlockClient`, the command's own timeout) and waits on its
+//! keys; a write notification on one schedules a retry on a zero-delay
+//! timer, in waiting order. A pop that got data is held until durable; it
+//! has a timer of `write_timeout_ms` so the journal being away cannot hang
+//! it. The client leaving while it waits cancels the wait (nothing is popped
+//! for a gone client).
+
+use std::ffi::CString;
+use std::os::raw::c_int;
+use std::os::raw::c_void;
+
+use redis_module::raw;
+
+use crate::ffi::Answer;
+use crate::ffi::Blocked;
+use crate::ffi::call;
+use crate::ffi::command_keys;
+use crate::ffi::hold_blocked;
+use crate::ffi::read_must_wait;
+use crate::ffi::state;
+use crate::ffi::string_bytes;
+use crate::ffi::unblock;
+use crate::reply;
+use crate::waiters::WaiterId;
+
+/// A client waiting for its blocking command to find data.
+pub struct Waiter {
+    pub bc: Blocked,
+    /// The command, as it is retried (XREAD's `$` already resolved).
+    pub argv: Vec<Vec<u8>>,
+    pub write: bool,
+    /// The client speaks RESP3 (retries run outside its context).
+    pub resp3: bool,
+    /// What the command answers when it times out (its null, in the
+    /// client's protocol).
+    pub null_reply: Vec<u8>,
+}
+
+/// Commands that block when they find no data.
+pub const BLOCKING: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
+
+/// Whether a command blocks: the list/zset pops always, XREAD/XREADGROUP
+/// with a BLOCK option.
+pub fn blocks(name: &[u8], args: &[&[u8]]) -> bool {
+    if BLOCKING.iter().any(|b| b.as_bytes() == name) {
+        return true;
+    }
+    (name == b"xread" || name == b"xreadgroup") && args.iter().any(|a| a.eq_ignore_ascii_case(b"block"))
+}
+
+/// The command's own timeout in ms (0: forever).
+fn timeout_ms(name: &[u8], argv: &[Vec<u8>]) -> i64 {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let secs = |b: &[u8]| -> i64 {
+        let s: f64 = text(b).parse().unwrap_or(0.0);
+        if s <= 0.0 { 0 } else { ((s * 1000.0).ceil() as i64).max(1) }
+    };
+    match name {
+        b"blmpop" | b"bzmpop" => argv.get(1).map(|a| secs(a)).unwrap_or(0),
+        b"xread" | b"xreadgroup" => {
+            let i = argv.iter().position(|a| a.eq_ignore_ascii_case(b"block"));
+            i.and_then(|i| argv.get(i + 1)).and_then(|a| text(a).parse::<i64>().ok()).unwrap_or(0).max(0)
+        }
+        _ => argv.last().map(|a| secs(a)).unwrap_or(0),
+    }
+}
+
+unsafe fn strings(ctx: *mut raw::RedisModuleCtx, argv: &[Vec<u8>]) -> Vec<*mut raw::RedisModuleString> {
+    argv.iter().map(|a| raw::RedisModule_CreateString.unwrap()(ctx, a.as_ptr() as *const _, a.len())).collect()
+}
+
+unsafe fn free_strings(ctx: *mut raw::RedisModuleCtx, strs: Vec<*mut raw::RedisModuleString>) {
+    for s in strs {
+        raw::RedisModule_FreeString.unwrap()(ctx, s);
+    }
+}
+
+/// Runs `argv` without blocking: `Err(null reply)` if it found nothing,
+/// `Ok(reply)` otherwise. `as_client`: in the client's command (its ACL
+/// user is checked); retries run from a timer, which has no user: the
+/// same command already passed the check when it first ran.
+/// `resp3` (retries only): the waiting client speaks RESP3.
+unsafe fn try_once(
+    ctx: *mut raw::RedisModuleCtx,
+    argv: &[Vec<u8>],
+    write: bool,
+    as_client: bool,
+    resp3: bool,
+) -> Result<Vec<u8>, Vec<u8>> {
+    let strs = strings(ctx, argv);
+    let cmd = CString::new(argv[0].clone()).unwrap_or_default();
+    let fmt = match (write, as_client, resp3) {
+        (true, true, _) => c"v!0ECM",
+        (true, false, false) => c"v!EM",
+        (true, false, true) => c"v!3EM",
+        (false, true, _) => c"v0EC",
+        (false, false, false) => c"vE",
+        (false, false, true) => c"v3E",
+    };
+    let r = call(ctx, &cmd, fmt, &strs[1..]);
+    free_strings(ctx, strs);
+    if r.is_null() {
+        return Ok(reply::error("ERR command could not be run"));
+    }
+    let empty = raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_NULL as c_int;
+    let bytes = reply::copy(r);
+    raw::RedisModule_FreeCallReply.unwrap()(r);
+    if empty { Err(bytes) } else { Ok(bytes) }
+}
+
+/// XREAD's `$` means "entries after the last one now": fixed to that id
+/// before waiting, since the command is retried later.
+unsafe fn resolve_dollar(ctx: *mut raw::RedisModuleCtx, mut argv: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    if !argv[0].eq_ignore_ascii_case(b"xread") {
+        return argv;
+    }
+    let Some(s) = argv.iter().position(|a| a.eq_ignore_ascii_case(b"streams")) else { return argv };
+    let n = (argv.len() - s - 1) / 2;
+    for i in 0..n {
+        if argv[s + 1 + n + i] != b"$" {
+            continue;
+        }
+        let key = argv[s + 1 + i].clone();
+        let q = vec![b"XREVRANGE".to_vec(), key, b"+".to_vec(), b"-".to_vec(), b"COUNT".to_vec(), b"1".to_vec()];
+        let strs = strings(ctx, &q);
+        let r = call(ctx, c"XREVRANGE", c"v", &strs[1..]);
+        free_strings(ctx, strs);
+        let mut last = b"0-0".to_vec();
+        if !r.is_null() {
+            let entry = raw::RedisModule_CallReplyArrayElement.unwrap()(r, 0);
+            if !entry.is_null() {
+                let id = raw::RedisModule_CallReplyArrayElement.unwrap()(entry, 0);
+                let mut len = 0usize;
+                let p = raw::RedisModule_CallReplyStringPtr.unwrap()(id, &mut len);
+                if !p.is_null() {
+                    last = std::slice::from_raw_parts(p as *const u8, len).to_vec();
+                }
+            }
+            raw::RedisModule_FreeCallReply.unwrap()(r);
+        }
+        argv[s + 1 + n + i] = last;
+    }
+    argv
+}
+
+/// `KEEL.B CMD args…` (and blocking commands routed through KEEL.T).
+pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> c_int {
+    let argv: Vec<Vec<u8>> = args.iter().map(|a| string_bytes(*a).to_vec()).collect();
+    let name = argv[0].to_ascii_lowercase();
+    let write = state().is_write(&name, argv.get(1).map(|a| a.as_slice()));
+    let flags = raw::RedisModule_GetContextFlags.unwrap()(ctx) as u32;
+    if flags & (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA) != 0 {
+        // In a script blocking commands never block (as in Redis).
+        return crate::ffi::run_and_hold(ctx, args, write);
+    }
+    {
+        let st = state();
+        if st.fenced {
+            return crate::ffi::reply_error(ctx, "KEEL_FENCED this node is no longer the primary; it serves nothing");
+        }
+        if st.holds.len() + st.waiters.len() >= st.cfg.max_held_replies {
+            return crate::ffi::reply_error(ctx, "KEEL_BUSY too many replies are awaiting durability; nothing was done, retry");
+        }
+    }
+    let argv = resolve_dollar(ctx, argv);
+    match try_once(ctx, &argv, write, true, false) {
+        Ok(bytes) => {
+            // It found data (or failed): held like a write, or a read of
+            // data not durable yet.
+            if write {
+                state().hazards.write(command_keys(args).unwrap_or_default());
+            } else if !read_must_wait(&name, args) {
+                return reply::send(ctx, &bytes);
+            }
+            crate::ffi::block_with(ctx, bytes)
+        }
+        Err(null_reply) => {
+            let keys = command_keys(args).unwrap_or_default();
+            let db = raw::RedisModule_GetSelectedDb.unwrap()(ctx);
+            let timeout = timeout_ms(&name, &argv);
+            let bc = raw::RedisModule_BlockClient.unwrap()(
+                ctx,
+                Some(crate::ffi::on_unblock),
+                Some(crate::ffi::on_timeout),
+                Some(crate::ffi::free_answer),
+                timeout,
+            );
+            raw::RedisModule_SetDisconnectCallback.unwrap()(bc, Some(on_disconnect));
+            let mut st = state();
+            let resp3 = flags & raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
+            let id = st.waiters.add(Waiter { bc: Blocked(bc), argv, write, resp3, null_reply }, db, keys);
+            st.waiter_of.insert(bc as usize, id);
+            raw::REDISMODULE_OK as c_int
+        }
+    }
+}
+
+/// A key was written (from the keyspace notification, state locked by the
+/// caller): wake its waiters soon.
+pub unsafe fn key_written(ctx: *mut raw::RedisModuleCtx, st: &mut crate::ffi::State, db: i32, key: &[u8]) {
+    if st.waiters.ready(db, key) && !st.retry_scheduled {
+        st.retry_scheduled = true;
+        raw::RedisModule_CreateTimer.unwrap()(ctx, 0, Some(retry), std::ptr::null_mut());
+    }
+}
+
+/// Retries the waiters of ready keys, oldest first.
+extern "C" fn retry(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
+    unsafe {
+        let ids = {
+            let mut st = state();
+            st.retry_scheduled = false;
+            st.waiters.take_ready()
+        };
+        for id in ids {
+            let (bc, argv, write, resp3, db) = {
+                let st = state();
+                let Some(w) = st.waiters.get(id) else { continue };
+                let db = st.waiters.db_of(id).unwrap_or(0);
+                (w.bc, w.argv.clone(), w.write, w.resp3, db)
+            };
+            raw::RedisModule_SelectDb.unwrap()(ctx, db);
+            let Ok(bytes) = try_once(ctx, &argv, write, false, resp3) else { continue };
+            let strs = strings(ctx, &argv);
+            let name = argv[0].to_ascii_lowercase();
+            let hold = write || read_must_wait(&name, &strs);
+            if write {
+                state().hazards.write(command_keys(&strs).unwrap_or_default());
+            }
+            free_strings(ctx, strs);
+            {
+                let mut st = state();
+                st.waiters.remove(id);
+                st.waiter_of.remove(&(bc.0 as usize));
+            }
+            if !hold {
+                unblock(bc, Answer::Reply(bytes));
+                continue;
+            }
+            hold_blocked(bc, bytes);
+            // The pop is done: its reply may wait for the journal only so long.
+            let ms = state().cfg.write_timeout_ms;
+            state().popped.insert(id, bc);
+            state().popped_by_bc.insert(bc.0 as usize, id);
+            raw::RedisModule_CreateTimer.unwrap()(ctx, ms, Some(popped_timeout), id as usize as *mut c_void);
+        }
+    }
+}
+
+/// A popped reply still not durable after `write_timeout_ms`.
+extern "C" fn popped_timeout(_ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
+    let id = data as usize as WaiterId;
+    let bc = {
+        let mut st = state();
+        let Some(bc) = st.popped.remove(&id) else { return };
+        st.popped_by_bc.remove(&(bc.0 as usize));
+        if !st.holds.remove(&bc) {
+            return;
+        }
+        st.timed_out_total += 1;
+        bc
+    };
+    crate::ffi::forget(bc);
+    unblock(bc, Answer::Error(crate::ffi::unconfirmed_message()));
+}
+
+/// Forgets a popped reply that left (released, timed out or failed).
+pub fn forget_popped(st: &mut crate::ffi::State, bc: Blocked) {
+    if let Some(id) = st.popped_by_bc.remove(&(bc.0 as usize)) {
+        st.popped.remove(&id);
+    }
+}
+
+/// The command's own timeout, for a client still waiting: its null reply.
+pub fn timed_out(bc: Blocked) -> Option<Vec<u8>> {
+    let mut st = state();
+    let id = st.waiter_of.remove(&(bc.0 as usize))?;
+    st.waiters.remove(id).map(|w| w.null_reply)
+}
+
+/// The client left while waiting: stop waiting (nothing will be popped).
+extern "C" fn on_disconnect(_ctx: *mut raw::RedisModuleCtx, bc: *mut raw::RedisModuleBlockedClient) {
+    let waited = {
+        let mut st = state();
+        match st.waiter_of.remove(&(bc as usize)) {
+            Some(id) => st.waiters.remove(id).is_some(),
+            None => false,
+        }
+    };
+    if waited {
+        unsafe {
+            raw::RedisModule_UnblockClient.unwrap()(bc, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Fenced: every waiter gets an error.
+pub fn fail_all(reason: &str) {
+    let all = {
+        let mut st = state();
+        st.waiter_of.clear();
+        st.waiters.drain()
+    };
+    for w in all {
+        unblock(w.bc, Answer::Error(format!("KEEL_FENCED this node lost the primary role ({reason}); nothing was popped")));
+    }
+}
+

@@ -1,0 +1,156 @@
+//! Blocking pops (BLPOP, BLMOVE, BZPOPMIN, XREADGROUP … BLOCK, …) waiting
+//! for data, kept by the module.
+//!
+//! Why: a blocking pop run by Redis itself answers the moment it pops, before
+//! the pop is durable. The module instead tries the pop without blocking;
+//! if nothing is there, the client is blocked by the module and waits here
+//! on its keys. A write notification on a waited key marks it ready; right
+//! after (a zero-delay timer, so the pop's effects are propagated before the
+//! turn's replication offset is read) the waiters of ready keys retry their
+//! pop in the order they started waiting. A pop that gets data becomes an
+//! ordinary held reply (`holds.rs`): it leaves once the pop is durable.
+//!
+//! Life cycle: `add` → (`ready` → `take_ready` → retry) … → `remove` when it
+//! popped, timed out, was fenced or its client left.
+//!
+//! Pure bookkeeping; the FFI layer runs the pops.
+
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+
+pub type WaiterId = u64;
+pub type Db = i32;
+
+#[derive(Debug)]
+pub struct Waiters<T> {
+    next_id: WaiterId,
+    waiting: HashMap<WaiterId, (T, Db, Vec<Vec<u8>>)>,
+    by_key: HashMap<(Db, Vec<u8>), BTreeSet<WaiterId>>,
+    ready: Vec<(Db, Vec<u8>)>,
+}
+
+impl<T> Default for Waiters<T> {
+    fn default() -> Self {
+        Waiters { next_id: 1, waiting: HashMap::new(), by_key: HashMap::new(), ready: Vec::new() }
+    }
+}
+
+impl<T> Waiters<T> {
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// A client starts waiting on `keys` of `db`; ids grow, so they give
+    /// the order clients started waiting in.
+    pub fn add(&mut self, waiter: T, db: Db, keys: Vec<Vec<u8>>) -> WaiterId {
+        let id = self.next_id;
+        self.next_id += 1;
+        for k in &keys {
+            self.by_key.entry((db, k.clone())).or_default().insert(id);
+        }
+        self.waiting.insert(id, (waiter, db, keys));
+        id
+    }
+
+    pub fn db_of(&self, id: WaiterId) -> Option<Db> {
+        self.waiting.get(&id).map(|(_, db, _)| *db)
+    }
+
+    pub fn get(&self, id: WaiterId) -> Option<&T> {
+        self.waiting.get(&id).map(|(w, _, _)| w)
+    }
+
+    /// Stops a waiter (it popped, timed out, or its client left).
+    pub fn remove(&mut self, id: WaiterId) -> Option<T> {
+        let (w, db, keys) = self.waiting.remove(&id)?;
+        for k in keys {
+            let key = (db, k);
+            if let Some(set) = self.by_key.get_mut(&key) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_key.remove(&key);
+                }
+            }
+        }
+        Some(w)
+    }
+
+    /// A key was written; true if someone waits on it (a retry is due).
+    pub fn ready(&mut self, db: Db, key: &[u8]) -> bool {
+        let k = (db, key.to_vec());
+        if !self.by_key.contains_key(&k) {
+            return false;
+        }
+        if !self.ready.contains(&k) {
+            self.ready.push(k);
+        }
+        true
+    }
+
+    /// The waiters of every key marked ready, oldest first, each once.
+    pub fn take_ready(&mut self) -> Vec<WaiterId> {
+        let mut ids = BTreeSet::new();
+        for k in self.ready.drain(..) {
+            if let Some(set) = self.by_key.get(&k) {
+                ids.extend(set.iter().copied());
+            }
+        }
+        ids.into_iter().collect()
+    }
+
+    /// Every waiter (to fail them all when fenced).
+    pub fn drain(&mut self) -> Vec<T> {
+        self.by_key.clear();
+        self.ready.clear();
+        self.waiting.drain().map(|(_, (w, _, _))| w).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(s: &str) -> Vec<u8> {
+        s.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn ready_keys_wake_their_waiters_oldest_first() {
+        let mut w = Waiters::default();
+        let a = w.add("a", 0, vec![k("l1"), k("l2")]);
+        let b = w.add("b", 0, vec![k("l2")]);
+        let c = w.add("c", 1, vec![k("l2")]);
+        assert!(!w.ready(0, b"other"));
+        assert!(w.ready(0, b"l2"));
+        assert!(w.ready(0, b"l1"));
+        assert_eq!(w.take_ready(), vec![a, b], "each once, in waiting order; db 1 not woken");
+        assert!(w.take_ready().is_empty());
+        assert_eq!(w.remove(a), Some("a"));
+        assert!(w.ready(0, b"l2"));
+        assert!(!w.ready(0, b"l1"), "nobody waits on l1 any more");
+        assert_eq!(w.take_ready(), vec![b]);
+        assert_eq!(w.remove(a), None);
+        assert_eq!(w.get(c), Some(&"c"));
+        assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn removed_waiters_are_not_woken_and_drain_empties() {
+        let mut w = Waiters::default();
+        let a = w.add(1, 0, vec![k("x")]);
+        w.ready(0, b"x");
+        w.remove(a);
+        assert!(w.take_ready().is_empty());
+        w.add(2, 0, vec![k("x")]);
+        w.add(3, 0, vec![k("y")]);
+        let mut all = w.drain();
+        all.sort();
+        assert_eq!(all, vec![2, 3]);
+        assert!(w.is_empty());
+        assert!(!w.ready(0, b"x"));
+    }
+}
