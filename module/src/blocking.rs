@@ -25,6 +25,9 @@ use crate::ffi::string_bytes;
 use crate::ffi::unblock;
 use crate::reply;
 use crate::waiters::WaiterId;
+use crate::waiters::source_keys;
+use crate::waiters::timeout_ms;
+pub use crate::waiters::blocks;
 
 /// A client waiting for its blocking command to find data.
 pub struct Waiter {
@@ -39,33 +42,23 @@ pub struct Waiter {
     pub null_reply: Vec<u8>,
 }
 
-/// Commands that block when they find no data.
-pub const BLOCKING: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
-
-/// Whether a command blocks: the list/zset pops always, XREAD/XREADGROUP
-/// with a BLOCK option.
-pub fn blocks(name: &[u8], args: &[&[u8]]) -> bool {
-    if BLOCKING.iter().any(|b| b.as_bytes() == name) {
-        return true;
-    }
-    (name == b"xread" || name == b"xreadgroup") && args.iter().any(|a| a.eq_ignore_ascii_case(b"block"))
-}
-
-/// The command's own timeout in ms (0: forever).
-fn timeout_ms(name: &[u8], argv: &[Vec<u8>]) -> i64 {
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let secs = |b: &[u8]| -> i64 {
-        let s: f64 = text(b).parse().unwrap_or(0.0);
-        if s <= 0.0 { 0 } else { ((s * 1000.0).ceil() as i64).max(1) }
-    };
-    match name {
-        b"blmpop" | b"bzmpop" => argv.get(1).map(|a| secs(a)).unwrap_or(0),
-        b"xread" | b"xreadgroup" => {
-            let i = argv.iter().position(|a| a.eq_ignore_ascii_case(b"block"));
-            i.and_then(|i| argv.get(i + 1)).and_then(|a| text(a).parse::<i64>().ok()).unwrap_or(0).max(0)
-        }
-        _ => argv.last().map(|a| secs(a)).unwrap_or(0),
-    }
+/// Whether any key the command pops from holds its type (list, sorted set
+/// or stream).
+unsafe fn any_source_ready(ctx: *mut raw::RedisModuleCtx, argv: &[Vec<u8>]) -> bool {
+    let name = argv[0].to_ascii_lowercase();
+    let want = match name.as_slice() {
+        b"bzpopmin" | b"bzpopmax" | b"bzmpop" => raw::REDISMODULE_KEYTYPE_ZSET,
+        b"xread" | b"xreadgroup" => raw::REDISMODULE_KEYTYPE_STREAM,
+        _ => raw::REDISMODULE_KEYTYPE_LIST,
+    } as c_int;
+    source_keys(argv).iter().any(|k| {
+        let s = raw::RedisModule_CreateString.unwrap()(ctx, k.as_ptr() as *const _, k.len());
+        let key = raw::RedisModule_OpenKey.unwrap()(ctx, s, raw::REDISMODULE_READ as c_int) as *mut raw::RedisModuleKey;
+        let ty = raw::RedisModule_KeyType.unwrap()(key);
+        raw::RedisModule_CloseKey.unwrap()(key);
+        raw::RedisModule_FreeString.unwrap()(ctx, s);
+        ty == want
+    })
 }
 
 unsafe fn strings(ctx: *mut raw::RedisModuleCtx, argv: &[Vec<u8>]) -> Vec<*mut raw::RedisModuleString> {
@@ -178,7 +171,7 @@ pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
             crate::ffi::block_with(ctx, bytes)
         }
         Err(null_reply) => {
-            let keys = command_keys(args).unwrap_or_default();
+            let keys = source_keys(&argv);
             let db = raw::RedisModule_GetSelectedDb.unwrap()(ctx);
             let timeout = timeout_ms(&name, &argv);
             let bc = raw::RedisModule_BlockClient.unwrap()(
@@ -223,6 +216,11 @@ extern "C" fn retry(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
                 (w.bc, w.argv.clone(), w.write, w.resp3, db)
             };
             raw::RedisModule_SelectDb.unwrap()(ctx, db);
+            // No waited key holds the right type (it was deleted, or set to
+            // another type): Redis keeps such a client waiting too.
+            if !any_source_ready(ctx, &argv) {
+                continue;
+            }
             let Ok(bytes) = try_once(ctx, &argv, write, false, resp3) else { continue };
             let strs = strings(ctx, &argv);
             let name = argv[0].to_ascii_lowercase();

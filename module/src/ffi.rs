@@ -50,6 +50,9 @@ pub(crate) struct State {
     /// Commands Redis serves during a busy script (SCRIPT KILL…).
     pub(crate) allow_busy: HashSet<Vec<u8>>,
     pub(crate) fenced: bool,
+    /// The journal stream and this node's leader uuid (from the sidecar).
+    pub(crate) leader_uuid: String,
+    pub(crate) stream: String,
     /// Blocking pops waiting for data (see blocking.rs).
     pub(crate) waiters: Waiters<Waiter>,
     pub(crate) waiter_of: HashMap<usize, WaiterId>,
@@ -85,14 +88,14 @@ pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [
 }
 
 /// The module's own commands: never rewritten again.
-const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced"];
+const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader"];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
 /// which client sent a command (Redis 7.0; see `maybe_in_multi`).
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader",
 ];
 /// Routed commands served during a busy script (KEEL.TB, `deny-script`).
 const BUSY_SAFE: &[&str] = &["multi", "exec", "discard", "watch", "unwatch", "shutdown"];
@@ -842,6 +845,21 @@ extern "C" fn keel_ack(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Redis
     }
 }
 
+/// `KEEL.LEADER <uuid> <stream>`: the sidecar holds the journal stream's
+/// lease as this node (reported in INFO).
+extern "C" fn keel_leader(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if argc != 3 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        let mut st = state();
+        st.leader_uuid = String::from_utf8_lossy(string_bytes(*argv.add(1))).into_owned();
+        st.stream = String::from_utf8_lossy(string_bytes(*argv.add(2))).into_owned();
+        drop(st);
+        reply_ok(ctx)
+    }
+}
+
 /// `KEEL.FENCED <reason>`: the journal refused this node; fail every held write.
 extern "C" fn keel_fenced(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
@@ -870,8 +888,11 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
     if subevent != 0 {
         return; // only BEFORE_SLEEP
     }
-    if !state().holds.turn_has_writes() {
-        return;
+    {
+        let st = state();
+        if !st.holds.turn_has_writes() && !st.hazards.turn_has_writes() {
+            return;
+        }
     }
     let offset = unsafe { master_repl_offset(ctx) };
     if offset != u64::MAX {
@@ -903,6 +924,11 @@ unsafe fn master_repl_offset(ctx: *mut raw::RedisModuleCtx) -> u64 {
 extern "C" fn on_keyspace(ctx: *mut raw::RedisModuleCtx, _type: c_int, _event: *const std::os::raw::c_char, key: *mut raw::RedisModuleString) -> c_int {
     unsafe {
         let mut st = state();
+        if !st.fenced {
+            // Every write notifies: the key is not durable until this
+            // turn's offset is (scripts' undeclared keys, expiry too).
+            st.hazards.write(vec![string_bytes(key).to_vec()]);
+        }
         if st.txs.any_watched() || !st.waiters.is_empty() {
             let db = raw::RedisModule_GetSelectedDb.unwrap()(ctx);
             st.txs.touched(db, string_bytes(key));
@@ -976,6 +1002,8 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     ctx.builder()
         .add_section("keel")
         .field("role", if st.fenced { "fenced" } else { "primary" })?
+        .field("leader_uuid", st.leader_uuid.clone())?
+        .field("stream", st.stream.clone())?
         .field("durable_offset", st.holds.durable_offset().to_string())?
         .field("pending_replies", st.holds.len().to_string())?
         .field("open_transactions", st.txs.open_count().to_string())?
@@ -1016,13 +1044,15 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         no_multi,
         allow_busy,
         fenced: false,
+        leader_uuid: String::new(),
+        stream: String::new(),
         released_total: 0,
         timed_out_total: 0,
     }));
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 9] = [
+        let commands: [(&str, CmdFn, &str); 10] = [
             ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
@@ -1032,6 +1062,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ("keel.br", keel_b, "readonly"),
             ("keel.ack", keel_ack, "admin fast no-monitor"),
             ("keel.fenced", keel_fenced, "admin no-monitor"),
+            ("keel.leader", keel_leader, "admin no-monitor"),
         ];
         for (name, f, flags) in commands {
             let (n, fl) = (cstr(name), cstr(flags));

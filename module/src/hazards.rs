@@ -9,7 +9,10 @@
 //! Keys are tracked by name across databases (a read of `k` in db 2 may wait
 //! for a write of `k` in db 0: a harmless extra wait). A write with no keys
 //! (FLUSHALL, SWAPDB, FUNCTION LOAD…) makes every read wait until it is
-//! durable. Pure logic; fed by the FFI layer.
+//! durable. Keys are reported both from the command's key arguments and
+//! from Redis's keyspace notifications, so writes a script makes to keys it
+//! did not declare, and expiry deletions, are hazards too. Pure logic; fed
+//! by the FFI layer.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -27,6 +30,8 @@ pub struct Hazards {
     expiry: VecDeque<(u64, Vec<u8>)>,
     /// A keyless write is pending until this offset (THIS_TURN: this turn).
     global: Option<u64>,
+    /// The journal holds the stream up to here.
+    durable: u64,
 }
 
 impl Hazards {
@@ -44,6 +49,11 @@ impl Hazards {
             self.keys.insert(k.clone(), THIS_TURN);
             self.turn.push(k);
         }
+    }
+
+    /// Whether a key was written during the current turn.
+    pub fn turn_has_writes(&self) -> bool {
+        !self.turn.is_empty() || self.global == Some(THIS_TURN)
     }
 
     /// Whether a read of `keys` must be held (no keys: only a pending
@@ -64,10 +74,13 @@ impl Hazards {
         if self.global == Some(THIS_TURN) {
             self.global = Some(offset);
         }
+        // A turn that wrote nothing new is durable already.
+        self.durable(self.durable);
     }
 
     /// The journal holds everything up to `offset`.
     pub fn durable(&mut self, offset: u64) {
+        self.durable = self.durable.max(offset);
         while let Some((target, _)) = self.expiry.front() {
             if *target > offset {
                 break;
@@ -134,6 +147,16 @@ mod tests {
         assert!(h.must_wait(&[]));
         h.durable(5);
         assert!(!h.must_wait(&[b"anything"]));
+    }
+
+    #[test]
+    fn a_turn_ending_at_a_durable_offset_leaves_nothing_pending() {
+        let mut h = Hazards::default();
+        h.durable(50);
+        h.write(vec![b"k".to_vec()]);
+        h.write(vec![]);
+        h.end_turn(50);
+        assert!(h.is_empty(), "no later acknowledgement will come for an offset already durable");
     }
 
     #[test]

@@ -110,6 +110,55 @@ impl<T> Waiters<T> {
     }
 }
 
+/// Commands that block when they find no data.
+pub const BLOCKING: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
+
+/// Whether a command blocks: the list/zset pops always, XREAD/XREADGROUP
+/// with a BLOCK option.
+pub fn blocks(name: &[u8], args: &[&[u8]]) -> bool {
+    if BLOCKING.iter().any(|b| b.as_bytes() == name) {
+        return true;
+    }
+    (name == b"xread" || name == b"xreadgroup") && args.iter().any(|a| a.eq_ignore_ascii_case(b"block"))
+}
+
+/// The keys a blocking command pops from (not BLMOVE's destination).
+pub fn source_keys(argv: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let name = argv[0].to_ascii_lowercase();
+    match name.as_slice() {
+        b"brpoplpush" | b"blmove" => argv.get(1).cloned().into_iter().collect(),
+        b"blmpop" | b"bzmpop" => {
+            let n: usize = argv.get(2).and_then(|a| String::from_utf8_lossy(a).parse().ok()).unwrap_or(0);
+            argv.iter().skip(3).take(n).cloned().collect()
+        }
+        b"xread" | b"xreadgroup" => match argv.iter().position(|a| a.eq_ignore_ascii_case(b"streams")) {
+            Some(s) => {
+                let n = (argv.len() - s - 1) / 2;
+                argv[s + 1..s + 1 + n].to_vec()
+            }
+            None => Vec::new(),
+        },
+        _ => argv[1..argv.len().saturating_sub(1)].to_vec(),
+    }
+}
+
+/// The command's own timeout in ms (0: forever).
+pub fn timeout_ms(name: &[u8], argv: &[Vec<u8>]) -> i64 {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let secs = |b: &[u8]| -> i64 {
+        let s: f64 = text(b).parse().unwrap_or(0.0);
+        if s <= 0.0 { 0 } else { ((s * 1000.0).ceil() as i64).max(1) }
+    };
+    match name {
+        b"blmpop" | b"bzmpop" => argv.get(1).map(|a| secs(a)).unwrap_or(0),
+        b"xread" | b"xreadgroup" => {
+            let i = argv.iter().position(|a| a.eq_ignore_ascii_case(b"block"));
+            i.and_then(|i| argv.get(i + 1)).and_then(|a| text(a).parse::<i64>().ok()).unwrap_or(0).max(0)
+        }
+        _ => argv.last().map(|a| secs(a)).unwrap_or(0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +185,26 @@ mod tests {
         assert_eq!(w.remove(a), None);
         assert_eq!(w.get(c), Some(&"c"));
         assert_eq!(w.len(), 2);
+    }
+
+    fn argv(s: &str) -> Vec<Vec<u8>> {
+        s.split(' ').map(k).collect()
+    }
+
+    #[test]
+    fn commands_name_their_source_keys_and_timeouts() {
+        assert_eq!(source_keys(&argv("BLPOP a b 0")), vec![k("a"), k("b")]);
+        assert_eq!(source_keys(&argv("blmove src dst LEFT RIGHT 1.5")), vec![k("src")]);
+        assert_eq!(source_keys(&argv("BLMPOP 0 2 a b LEFT COUNT 3")), vec![k("a"), k("b")]);
+        assert_eq!(source_keys(&argv("XREADGROUP GROUP g c BLOCK 10 STREAMS s1 s2 > >")), vec![k("s1"), k("s2")]);
+        assert_eq!(timeout_ms(b"blpop", &argv("BLPOP a 0")), 0);
+        assert_eq!(timeout_ms(b"blpop", &argv("BLPOP a 0.0001")), 1);
+        assert_eq!(timeout_ms(b"blmove", &argv("BLMOVE a b LEFT LEFT 1.5")), 1500);
+        assert_eq!(timeout_ms(b"bzmpop", &argv("BZMPOP 2 1 z MIN")), 2000);
+        assert_eq!(timeout_ms(b"xread", &argv("XREAD BLOCK 250 STREAMS s $")), 250);
+        assert!(blocks(b"xread", &[b"BLOCK".as_slice(), b"0"]));
+        assert!(!blocks(b"xread", &[b"STREAMS".as_slice(), b"s", b"0"]));
+        assert!(blocks(b"brpop", &[]));
     }
 
     #[test]

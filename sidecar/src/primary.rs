@@ -256,7 +256,8 @@ async fn run_once_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &
         let mut sink = vec![0u8; 4096];
         while matches!(ctl_r.read(&mut sink).await, Ok(n) if n > 0) {}
     });
-    // Everything journaled so far is durable: tell the module.
+    // This node leads the stream; everything journaled so far is durable.
+    command(&mut ctl_w, &[b"KEEL.LEADER", me.as_bytes(), cfg.stream.as_bytes()]).await?;
     command(&mut ctl_w, &[b"KEEL.ACK", offset.to_string().as_bytes()]).await?;
 
     let mut pending: Vec<u8> = Vec::new();

@@ -374,3 +374,53 @@ async fn redis_blocking_pops_are_held_until_durable() {
 async fn valkey_blocking_pops_are_held_until_durable() {
     blocking_pops_are_held_until_durable(Server::Valkey).await;
 }
+
+/// Found by Redis's Tcl suite: a script returning a table that contains
+/// itself gives a reply nested ~8000 deep; holding it must not overflow the
+/// stack (it crashed the server). Also: a key a script writes without
+/// declaring it is a read hazard like any other, and INFO names the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_replies_undeclared_script_keys_and_info() {
+    let p = KeelPrimary::start(Server::Redis, 1, &["write_timeout_ms=5000"]).await;
+
+    let sidecar = p.sidecar.as_ref().unwrap().id();
+    keel_tests::signal(sidecar, "STOP");
+    let addr = p.addr();
+    let writer = std::thread::spawn(move || {
+        Resp::connect(&addr).full(&["EVAL", "redis.call('set', 'undeclared', 'v') return 1", "1", "declared"])
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let addr = p.addr();
+    let reader = std::thread::spawn(move || Resp::connect(&addr).full(&["GET", "undeclared"]));
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(!reader.is_finished(), "a read of a script's undeclared, non-durable write answered");
+    keel_tests::signal(sidecar, "CONT");
+    assert_eq!(writer.join().unwrap(), ":1");
+    assert_eq!(reader.join().unwrap(), "v");
+
+    let mut raw = std::io::BufReader::new(std::net::TcpStream::connect(p.addr()).unwrap());
+    {
+        use std::io::BufRead;
+        use std::io::Write;
+        let script = "local a = {}; local b = {a}; a[1] = b; return a";
+        write!(raw.get_mut(), "*3\r\n$4\r\nEVAL\r\n${}\r\n{}\r\n$1\r\n0\r\n", script.len(), script).unwrap();
+        let mut depth = 0;
+        loop {
+            let mut line = String::new();
+            assert!(raw.read_line(&mut line).unwrap() > 0, "connection closed after {depth} levels");
+            if line.starts_with('-') {
+                assert!(line.contains("reached lua stack limit"), "{line}");
+                break;
+            }
+            assert_eq!(line, "*1\r\n");
+            depth += 1;
+        }
+        assert!(depth > 1000, "{depth}");
+    }
+    let mut c = Resp::connect(&p.addr());
+    assert_eq!(c.full(&["PING"]), "+PONG", "the server survived");
+    let full = c.full(&["INFO", "keel"]);
+    let uuid = full.lines().find_map(|l| l.strip_prefix("keel_leader_uuid:")).unwrap_or("").trim().to_string();
+    assert!(uuid::Uuid::parse_str(&uuid).is_ok(), "{full}");
+    assert!(full.contains("keel_stream:shard-1"), "{full}");
+}
