@@ -194,7 +194,20 @@ pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
 /// A key was written (from the keyspace notification, state locked by the
 /// caller): wake its waiters soon.
 pub unsafe fn key_written(ctx: *mut raw::RedisModuleCtx, st: &mut crate::ffi::State, db: i32, key: &[u8]) {
-    if st.waiters.ready(db, key) && !st.retry_scheduled {
+    if st.waiters.ready(db, key) {
+        schedule_retry(ctx, st);
+    }
+}
+
+/// A whole database changed (flush, swap; `None`: all of them).
+pub unsafe fn db_changed(ctx: *mut raw::RedisModuleCtx, st: &mut crate::ffi::State, db: Option<i32>) {
+    if st.waiters.ready_db(db) {
+        schedule_retry(ctx, st);
+    }
+}
+
+unsafe fn schedule_retry(ctx: *mut raw::RedisModuleCtx, st: &mut crate::ffi::State) {
+    if !st.retry_scheduled {
         st.retry_scheduled = true;
         raw::RedisModule_CreateTimer.unwrap()(ctx, 0, Some(retry), std::ptr::null_mut());
     }
@@ -219,6 +232,15 @@ extern "C" fn retry(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
             // No waited key holds the right type (it was deleted, or set to
             // another type): Redis keeps such a client waiting too.
             if !any_source_ready(ctx, &argv) {
+                if argv[0].eq_ignore_ascii_case(b"xreadgroup") {
+                    // A consumer group vanished with its stream: Redis
+                    // answers such a waiter with an error.
+                    let mut st = state();
+                    st.waiters.remove(id);
+                    st.waiter_of.remove(&(bc.0 as usize));
+                    drop(st);
+                    unblock(bc, Answer::Error("UNBLOCKED the stream key no longer exists".into()));
+                }
                 continue;
             }
             let Ok(bytes) = try_once(ctx, &argv, write, false, resp3) else { continue };

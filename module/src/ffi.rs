@@ -946,6 +946,7 @@ extern "C" fn on_flush(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEven
     unsafe {
         let info = &*(data as *const raw::RedisModuleFlushInfo);
         let db = if info.dbnum < 0 { None } else { Some(info.dbnum) };
+        blocking::db_changed(ctx, &mut state(), db);
         let watched = state().txs.watched_in(db);
         if watched.is_empty() {
             return;
@@ -970,13 +971,15 @@ extern "C" fn on_flush(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEven
 
 /// SWAPDB: every watched key of both databases is touched (Redis spares
 /// keys missing from both; this errs on the side of failing the EXEC).
-extern "C" fn on_swapdb(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, _subevent: u64, data: *mut c_void) {
+extern "C" fn on_swapdb(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, _subevent: u64, data: *mut c_void) {
     if data.is_null() {
         return;
     }
     unsafe {
         let info = &*(data as *const raw::RedisModuleSwapDbInfo);
         let mut st = state();
+        blocking::db_changed(ctx, &mut st, Some(info.dbnum_first));
+        blocking::db_changed(ctx, &mut st, Some(info.dbnum_second));
         for db in [info.dbnum_first, info.dbnum_second] {
             for (db, key) in st.txs.watched_in(Some(db)) {
                 st.txs.touched(db, &key);

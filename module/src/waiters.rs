@@ -91,6 +91,19 @@ impl<T> Waiters<T> {
         true
     }
 
+    /// Every waited key of `db` (all databases: `None`) is ready (FLUSHDB,
+    /// FLUSHALL, SWAPDB change keys without a notification per key).
+    pub fn ready_db(&mut self, db: Option<Db>) -> bool {
+        let keys: Vec<(Db, Vec<u8>)> = self.by_key.keys().filter(|(d, _)| db.is_none_or(|want| *d == want)).cloned().collect();
+        let any = !keys.is_empty();
+        for k in keys {
+            if !self.ready.contains(&k) {
+                self.ready.push(k);
+            }
+        }
+        any
+    }
+
     /// The waiters of every key marked ready, oldest first, each once.
     pub fn take_ready(&mut self) -> Vec<WaiterId> {
         let mut ids = BTreeSet::new();
@@ -184,6 +197,11 @@ mod tests {
         assert_eq!(w.take_ready(), vec![b]);
         assert_eq!(w.remove(a), None);
         assert_eq!(w.get(c), Some(&"c"));
+        assert!(w.ready_db(Some(1)));
+        assert_eq!(w.take_ready(), vec![c]);
+        assert!(!w.ready_db(Some(7)));
+        assert!(w.ready_db(None));
+        assert_eq!(w.take_ready(), vec![b, c]);
         assert_eq!(w.len(), 2);
     }
 
