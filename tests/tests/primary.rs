@@ -233,6 +233,14 @@ async fn transactions_are_held_until_durable(server: Server) {
     assert_eq!(c.full(&["GET", "in2"]), "x");
     assert_eq!(c.full(&["SELECT", "0"]), "+OK");
 
+    // A blocking pop inside a transaction does not block, and its effect
+    // is replicated (found: the module ran it without propagation).
+    assert_eq!(c.full(&["MULTI"]), "+OK");
+    assert_eq!(c.full(&["RPUSH", "bq", "x"]), "+QUEUED");
+    assert_eq!(c.full(&["BLPOP", "bq", "0"]), "+QUEUED");
+    assert_eq!(c.full(&["BLPOP", "bq", "0"]), "+QUEUED");
+    assert_eq!(c.full(&["EXEC"]), "[:1, [bq, x], (nil array)]");
+
     // Other clients are served while a transaction is open.
     assert_eq!(c.full(&["MULTI"]), "+OK");
     assert_eq!(other.full(&["SET", "o", "1"]), "+OK");
@@ -269,6 +277,11 @@ async fn transactions_are_held_until_durable(server: Server) {
     assert!(is(&cmds[pos + 1], &["rpush", "held", "b"]), "{cmds:?}");
     assert!(is(&cmds[pos + 2], &["exec"]), "{cmds:?}");
     assert!(!cmds.iter().any(|c| c.contains(&"never".to_string())));
+    let push = cmds.iter().position(|c| is(c, &["rpush", "bq", "x"])).expect("push journaled");
+    assert!(
+        cmds[push + 1..].iter().any(|c| c[0].to_ascii_lowercase().contains("pop") && c.get(1).map(String::as_str) == Some("bq")),
+        "the pop inside EXEC is not journaled: {cmds:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
