@@ -385,12 +385,7 @@ impl Resp {
     pub fn try_cmd(&mut self, args: &[&str]) -> std::io::Result<String> {
         use std::io::BufRead;
         use std::io::Read;
-        use std::io::Write;
-        let mut out = format!("*{}\r\n", args.len());
-        for a in args {
-            out.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
-        }
-        self.stream.get_mut().write_all(out.as_bytes())?;
+        self.send(args)?;
         let mut line = String::new();
         if self.stream.read_line(&mut line)? == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
@@ -436,13 +431,17 @@ impl Resp {
     /// `-ERR …`, bulk strings as their text, `(nil)`, arrays (and RESP3
     /// maps/sets/pushes) as `[a, b]`, a null array as `(nil array)`.
     pub fn full(&mut self, args: &[&str]) -> String {
+        self.send(args).expect("send");
+        self.read_reply().expect("redis reply")
+    }
+
+    fn send(&mut self, args: &[&str]) -> std::io::Result<()> {
         use std::io::Write;
         let mut out = format!("*{}\r\n", args.len());
         for a in args {
             out.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
         }
-        self.stream.get_mut().write_all(out.as_bytes()).expect("send");
-        self.read_reply().expect("redis reply")
+        self.stream.get_mut().write_all(out.as_bytes())
     }
 
     fn read_reply(&mut self) -> std::io::Result<String> {
