@@ -257,8 +257,7 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
                 state().txs.disconnected(id);
             }
         }
-        let argv: Vec<&[u8]> = (1..argc).map(|i| string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i))).collect();
-        if blocking::blocks(name, &argv) {
+        if blocking::blocks(name, (1..argc).map(|i| string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i)))) {
             let prefix: &[u8] = if name == b"xread" { b"KEEL.BR" } else { b"KEEL.B" };
             let b = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), prefix.as_ptr() as *const _, prefix.len());
             raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, b);
@@ -529,8 +528,7 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             b"select" => reply::send(ctx, &select(ctx, args)),
             _ => {
                 // Not in a transaction: as the filter would have routed it.
-                let rest: Vec<&[u8]> = args[1..].iter().map(|a| string_bytes(*a)).collect();
-                if blocking::blocks(&name, &rest) {
+                if blocking::blocks(&name, args[1..].iter().map(|a| string_bytes(*a))) {
                     return blocking::blocking_pop(ctx, args);
                 }
                 let write = state().is_write(&name, args.get(1).map(|a| string_bytes(*a)));

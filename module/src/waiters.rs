@@ -128,11 +128,13 @@ pub const BLOCKING: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpo
 
 /// Whether a command blocks: the list/zset pops always, XREAD/XREADGROUP
 /// with a BLOCK option.
-pub fn blocks(name: &[u8], args: &[&[u8]]) -> bool {
+/// `args` is only read for XREAD/XREADGROUP (the filter passes them lazily,
+/// so other commands cost no allocation).
+pub fn blocks<'a>(name: &[u8], args: impl IntoIterator<Item = &'a [u8]>) -> bool {
     if BLOCKING.iter().any(|b| b.as_bytes() == name) {
         return true;
     }
-    (name == b"xread" || name == b"xreadgroup") && args.iter().any(|a| a.eq_ignore_ascii_case(b"block"))
+    (name == b"xread" || name == b"xreadgroup") && args.into_iter().any(|a| a.eq_ignore_ascii_case(b"block"))
 }
 
 /// The keys a blocking command pops from (not BLMOVE's destination).
@@ -220,9 +222,9 @@ mod tests {
         assert_eq!(timeout_ms(b"blmove", &argv("BLMOVE a b LEFT LEFT 1.5")), 1500);
         assert_eq!(timeout_ms(b"bzmpop", &argv("BZMPOP 2 1 z MIN")), 2000);
         assert_eq!(timeout_ms(b"xread", &argv("XREAD BLOCK 250 STREAMS s $")), 250);
-        assert!(blocks(b"xread", &[b"BLOCK".as_slice(), b"0"]));
-        assert!(!blocks(b"xread", &[b"STREAMS".as_slice(), b"s", b"0"]));
-        assert!(blocks(b"brpop", &[]));
+        assert!(blocks(b"xread", [b"BLOCK".as_slice(), b"0"]));
+        assert!(!blocks(b"xread", [b"STREAMS".as_slice(), b"s", b"0"]));
+        assert!(blocks(b"brpop", []));
     }
 
     #[test]

@@ -384,7 +384,6 @@ impl Resp {
 
     pub fn try_cmd(&mut self, args: &[&str]) -> std::io::Result<String> {
         use std::io::BufRead;
-        use std::io::Read;
         self.send(args)?;
         let mut line = String::new();
         if self.stream.read_line(&mut line)? == 0 {
@@ -392,14 +391,7 @@ impl Resp {
         }
         let line = line.trim_end().to_string();
         if let Some(n) = line.strip_prefix('$') {
-            let n: i64 = n.parse().unwrap();
-            if n < 0 {
-                return Ok("(nil)".into());
-            }
-            let mut buf = vec![0u8; n as usize + 2];
-            self.stream.read_exact(&mut buf)?;
-            buf.truncate(n as usize);
-            return Ok(String::from_utf8_lossy(&buf).into_owned());
+            return self.read_bulk(n);
         }
         Ok(line)
     }
@@ -435,6 +427,19 @@ impl Resp {
         self.read_reply().expect("redis reply")
     }
 
+    /// The body of a bulk string whose header gave `len` (`(nil)` for -1).
+    fn read_bulk(&mut self, len: &str) -> std::io::Result<String> {
+        use std::io::Read;
+        let n: i64 = len.parse().unwrap();
+        if n < 0 {
+            return Ok("(nil)".into());
+        }
+        let mut buf = vec![0u8; n as usize + 2];
+        self.stream.read_exact(&mut buf)?;
+        buf.truncate(n as usize);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
     fn send(&mut self, args: &[&str]) -> std::io::Result<()> {
         use std::io::Write;
         let mut out = format!("*{}\r\n", args.len());
@@ -446,7 +451,6 @@ impl Resp {
 
     fn read_reply(&mut self) -> std::io::Result<String> {
         use std::io::BufRead;
-        use std::io::Read;
         let mut line = String::new();
         if self.stream.read_line(&mut line)? == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
@@ -454,16 +458,7 @@ impl Resp {
         let line = line.trim_end().to_string();
         let (kind, rest) = line.split_at(1);
         match kind {
-            "$" | "=" => {
-                let n: i64 = rest.parse().unwrap();
-                if n < 0 {
-                    return Ok("(nil)".into());
-                }
-                let mut buf = vec![0u8; n as usize + 2];
-                self.stream.read_exact(&mut buf)?;
-                buf.truncate(n as usize);
-                Ok(String::from_utf8_lossy(&buf).into_owned())
-            }
+            "$" | "=" => self.read_bulk(rest),
             "*" | "~" | ">" | "%" => {
                 let n: i64 = rest.parse().unwrap();
                 if n < 0 {
