@@ -151,7 +151,7 @@ pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
     }
     {
         let st = state();
-        if st.fenced {
+        if st.gate.is_fenced() {
             return crate::ffi::reply_error(ctx, "KEEL_FENCED this node is no longer the primary; it serves nothing");
         }
         if st.holds.len() + st.waiters.len() >= st.cfg.max_held_replies {

@@ -20,6 +20,9 @@ use redis_module_macros::info_command_handler;
 
 use crate::config::Config;
 use crate::config::parse_args;
+use crate::gate;
+use crate::gate::Decision;
+use crate::gate::Gate;
 use crate::hazards::Hazards;
 use crate::holds::Holds;
 use crate::transactions::Exec;
@@ -49,7 +52,10 @@ pub(crate) struct State {
     pub(crate) no_multi: HashSet<Vec<u8>>,
     /// Commands Redis serves during a busy script (SCRIPT KILL…).
     pub(crate) allow_busy: HashSet<Vec<u8>>,
-    pub(crate) fenced: bool,
+    /// Role, lease and fence: whether data commands are served at all.
+    pub(crate) gate: Gate,
+    /// Commands flagged `readonly` (refused with writes when there is no lease).
+    pub(crate) reads: HashSet<Vec<u8>>,
     /// The journal stream and this node's leader uuid (from the sidecar).
     pub(crate) leader_uuid: String,
     pub(crate) stream: String,
@@ -88,14 +94,14 @@ pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [
 }
 
 /// The module's own commands: never rewritten again.
-const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader"];
+const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease"];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
 /// which client sent a command (Redis 7.0; see `maybe_in_multi`).
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease",
 ];
 /// Routed commands served during a busy script (KEEL.TB, `deny-script`).
 const BUSY_SAFE: &[&str] = &["multi", "exec", "discard", "watch", "unwatch", "shutdown"];
@@ -114,6 +120,8 @@ struct CommandTable {
     no_multi: HashSet<Vec<u8>>,
     /// Flagged `allow_busy`: served while a script runs too long.
     allow_busy: HashSet<Vec<u8>>,
+    /// Flagged `readonly`: data reads.
+    reads: HashSet<Vec<u8>>,
 }
 
 fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
@@ -121,6 +129,7 @@ fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
         writes: SCRIPT_CALLS.iter().map(|s| s.as_bytes().to_vec()).collect(),
         no_multi: HashSet::new(),
         allow_busy: HashSet::new(),
+        reads: HashSet::new(),
     };
     unsafe {
         let reply = raw::RedisModule_Call.unwrap()(ctx, cstr("COMMAND").as_ptr(), cstr("").as_ptr());
@@ -163,6 +172,9 @@ unsafe fn collect_command(cmd: *mut raw::RedisModuleCallReply, parent: Option<&[
         }
         if f == b"allow_busy" {
             out.allow_busy.insert(name.clone());
+        }
+        if f == b"readonly" {
+            out.reads.insert(name.clone());
         }
     }
     // Subcommand names come as "container|sub" already.
@@ -223,9 +235,29 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         }
         let name = &lower[..name.len()];
         let is = |list: &[&str]| list.iter().any(|n| n.as_bytes() == name);
+        let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
+        if CALL_DEPTH.with(|d| d.get()) == 0 {
+            let st = state();
+            match st.gate.decide(gate::monotonic_ms()) {
+                // A replica: Redis serves reads and refuses writes itself;
+                // the master link's commands apply untouched.
+                Decision::Native => return,
+                Decision::Serve => {}
+                Decision::Refuse(_) => {
+                    let data = st.is_write(name, sub)
+                        || in_table(&st.reads, name, sub)
+                        || (is(TRANSACTION_COMMANDS) && name != b"discard" && name != b"unwatch");
+                    if data {
+                        drop(st);
+                        let r = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.NOLEASE".as_ptr(), 12);
+                        raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, r);
+                        return;
+                    }
+                }
+            }
+        }
         // Transactions: MULTI/WATCH/UNWATCH always, and every command of a
         // client inside MULTI, go to the module (KEEL.T).
-        let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
         let transactional = is(TRANSACTION_COMMANDS) || (!is(CONNECTION_COMMANDS) && maybe_in_multi(fctx, name, sub));
         if transactional {
             // A write keeps its `write` flag (KEEL.TW), so read-only scripts
@@ -664,7 +696,7 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
     };
     {
         let st = state();
-        if st.fenced {
+        if st.gate.is_fenced() {
             return reply_error(ctx, "KEEL_FENCED this node is no longer the primary; it serves nothing");
         }
         if st.holds.len() >= st.cfg.max_held_replies {
@@ -751,7 +783,7 @@ pub(crate) fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
             flags & (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA) != 0;
         {
             let st = state();
-            if st.fenced {
+            if st.gate.is_fenced() {
                 return raw::RedisModule_ReplyWithError.unwrap()(
                     ctx,
                     c"KEEL_FENCED this node is no longer the primary; it serves nothing".as_ptr(),
@@ -864,7 +896,7 @@ extern "C" fn keel_fenced(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Re
         let reason = if argc > 1 { String::from_utf8_lossy(string_bytes(*argv.add(1))).into_owned() } else { String::new() };
         let failed = {
             let mut st = state();
-            st.fenced = true;
+            st.gate.fence();
             st.hazards.clear();
             let failed = st.holds.fail_all();
             for bc in &failed {
@@ -878,6 +910,58 @@ extern "C" fn keel_fenced(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Re
             unblock(bc, Answer::Error(format!("KEEL_FENCED this node lost the primary role before the write was durable ({reason}); it may or may not survive")));
         }
         raw::RedisModule_ReplyWithSimpleString.unwrap()(ctx, c"OK".as_ptr())
+    }
+}
+
+/// `KEEL.LEASE <until_ms>`: the sidecar renewed the stream lease; this node
+/// may serve until `until_ms` on the machine's monotonic clock.
+extern "C" fn keel_lease(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if argc != 2 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        let mut until: i64 = 0;
+        if raw::RedisModule_StringToLongLong.unwrap()(*argv.add(1), &mut until) != raw::REDISMODULE_OK as c_int || until < 0 {
+            return reply_error(ctx, "ERR lease deadline must be a non-negative integer (monotonic ms)");
+        }
+        let r = state().gate.lease(until as u64);
+        match r {
+            Ok(()) => raw::RedisModule_ReplyWithLongLong.unwrap()(ctx, state().gate.lease_remaining_ms(gate::monotonic_ms()) as i64),
+            Err(e) => reply_error(ctx, e),
+        }
+    }
+}
+
+/// `KEEL.NOLEASE cmd…`: a data command this node must not serve now.
+extern "C" fn keel_nolease(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::RedisModuleString, _argc: c_int) -> c_int {
+    let why = match state().gate.decide(gate::monotonic_ms()) {
+        Decision::Refuse(why) => why,
+        _ => gate::LAPSED,
+    };
+    reply_error(ctx, why)
+}
+
+/// Redis changed role (the sidecar made it a replica to resync, or
+/// promoted it): whatever is held can no longer be confirmed by this node.
+extern "C" fn on_role_changed(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, subevent: u64, _data: *mut c_void) {
+    let replica = subevent == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_REPLICA;
+    let failed = {
+        let mut st = state();
+        st.gate.role_changed(replica);
+        st.hazards.clear();
+        let failed = st.holds.fail_all();
+        for bc in &failed {
+            blocking::forget_popped(&mut st, *bc);
+        }
+        st.holds = Holds::default();
+        st.leader_uuid.clear();
+        failed
+    };
+    let reason = if replica { "this node became a replica" } else { "this node was promoted" };
+    blocking::fail_all(reason);
+    for bc in failed {
+        forget(bc);
+        unblock(bc, Answer::Error(format!("KEEL_FENCED {reason} before the write was durable; it may or may not survive")));
     }
 }
 
@@ -922,7 +1006,7 @@ unsafe fn master_repl_offset(ctx: *mut raw::RedisModuleCtx) -> u64 {
 extern "C" fn on_keyspace(ctx: *mut raw::RedisModuleCtx, _type: c_int, _event: *const std::os::raw::c_char, key: *mut raw::RedisModuleString) -> c_int {
     unsafe {
         let mut st = state();
-        if !st.fenced {
+        if !st.gate.is_fenced() && !st.gate.is_replica() {
             // Every write notifies: the key is not durable until this
             // turn's offset is (scripts' undeclared keys, expiry too).
             st.hazards.write(vec![string_bytes(key).to_vec()]);
@@ -1002,7 +1086,8 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     let st = state();
     ctx.builder()
         .add_section("keel")
-        .field("role", if st.fenced { "fenced" } else { "primary" })?
+        .field("role", st.gate.role_name(gate::monotonic_ms()))?
+        .field("lease_remaining_ms", st.gate.lease_remaining_ms(gate::monotonic_ms()).to_string())?
         .field("leader_uuid", st.leader_uuid.clone())?
         .field("stream", st.stream.clone())?
         .field("durable_offset", st.holds.durable_offset().to_string())?
@@ -1029,7 +1114,8 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         }
     };
     let raw_ctx = ctx.ctx;
-    let CommandTable { writes, no_multi, allow_busy } = load_command_table(raw_ctx);
+    let CommandTable { writes, no_multi, allow_busy, reads } = load_command_table(raw_ctx);
+    let replica = unsafe { raw::RedisModule_GetContextFlags.unwrap()(std::ptr::null_mut()) as u32 & raw::REDISMODULE_CTX_FLAGS_SLAVE != 0 };
     ctx.log_notice(&format!("keel: holding replies of {} write commands; {cfg:?}", writes.len()));
     let _ = STATE.set(Mutex::new(State {
         cfg,
@@ -1044,7 +1130,8 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         writes,
         no_multi,
         allow_busy,
-        fenced: false,
+        gate: Gate::new(replica),
+        reads,
         leader_uuid: String::new(),
         stream: String::new(),
         released_total: 0,
@@ -1053,7 +1140,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 10] = [
+        let commands: [(&str, CmdFn, &str); 12] = [
             ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
@@ -1064,6 +1151,8 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ("keel.ack", keel_ack, "admin fast no-monitor"),
             ("keel.fenced", keel_fenced, "admin no-monitor"),
             ("keel.leader", keel_leader, "admin no-monitor"),
+            ("keel.lease", keel_lease, "admin fast no-monitor"),
+            ("keel.nolease", keel_nolease, "fast allow-loading allow-stale"),
         ];
         for (name, f, flags) in commands {
             let (n, fl) = (cstr(name), cstr(flags));
@@ -1078,11 +1167,12 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         // through `call`.
         raw::RedisModule_RegisterCommandFilter.unwrap()(raw_ctx, Some(filter), 0);
         type EventFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, raw::RedisModuleEvent, u64, *mut c_void);
-        let events: [(u64, EventFn, &str); 4] = [
+        let events: [(u64, EventFn, &str); 5] = [
             (raw::REDISMODULE_EVENT_EVENTLOOP, on_event_loop, "the event loop"),
             (raw::REDISMODULE_EVENT_FLUSHDB, on_flush, "flushes"),
             (raw::REDISMODULE_EVENT_SWAPDB, on_swapdb, "SWAPDB"),
             (raw::REDISMODULE_EVENT_CLIENT_CHANGE, on_client, "client changes"),
+            (raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED, on_role_changed, "role changes"),
         ];
         for (id, f, what) in events {
             let event = raw::RedisModuleEvent { id, dataver: 1 };

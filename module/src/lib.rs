@@ -24,6 +24,7 @@
 //! does not declare (not tracked as read hazards), replica role.
 
 pub mod config;
+pub mod gate;
 pub mod hazards;
 pub mod holds;
 pub mod resp;

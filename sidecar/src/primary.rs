@@ -13,7 +13,13 @@
 //!   record (group commit). An append whose outcome is unknown is retried
 //!   with `expect_last_seq`, so it lands exactly once;
 //! - `FENCED` from the journal: the module is told (`KEEL.FENCED`), every
-//!   held write fails, and the sidecar stops.
+//!   held write fails, and the node goes back to following (node.rs);
+//! - the lease is renewed every `lease_ms / 3` only while Redis answers
+//!   (lease.rs); each renewal's deadline goes to the module (`KEEL.LEASE`),
+//!   which serves nothing past it;
+//! - a Redis that lost its history (restarted empty, or behind the journal)
+//!   is never attached with a full sync over the journal: the node turns it
+//!   into a replica fed from the journal instead (`Stop::LostHistory`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +36,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::tcp::OwnedWriteHalf;
 
+use crate::lease::Renewal;
 use crate::record::Kind;
 use crate::record::MAX_PAYLOAD_BYTES;
 use crate::record::Record;
@@ -43,6 +50,8 @@ pub struct PrimaryConfig {
     pub stream: String,
     pub state_dir: PathBuf,
     pub lease_ms: u64,
+    /// Taken off the lease this node believes in, for clock-rate drift.
+    pub drift_margin_ms: u64,
     /// Stream bytes read ahead of the journal before reading pauses.
     pub max_buffered_bytes: usize,
     /// How often the replica link reports its offset to Redis.
@@ -62,6 +71,9 @@ impl PrimaryConfig {
         if !(100..=60_000).contains(&self.lease_ms) {
             return Err(format!("--lease-ms {} must be 100..=60000", self.lease_ms));
         }
+        if self.drift_margin_ms * 4 > self.lease_ms {
+            return Err(format!("--drift-margin-ms {} must be at most a quarter of --lease-ms", self.drift_margin_ms));
+        }
         if self.max_buffered_bytes < MAX_PAYLOAD_BYTES {
             return Err(format!("--max-buffered-bytes must be at least {MAX_PAYLOAD_BYTES}"));
         }
@@ -74,6 +86,10 @@ impl PrimaryConfig {
 pub enum Stop {
     #[error("FENCED: {0}")]
     Fenced(String),
+    /// The local Redis cannot continue the journaled history; it must be
+    /// rebuilt from the journal as a replica.
+    #[error("the local Redis lost its history: {0}")]
+    LostHistory(String),
     #[error("{0}")]
     Fatal(String),
     /// Worth retrying from the journal's state (lost link, unavailable journal).
@@ -105,28 +121,6 @@ pub fn node_uuid(state_dir: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
-/// Runs until fenced or a fatal error; reconnects after retryable ones.
-pub async fn run(cfg: PrimaryConfig) -> Stop {
-    let me = match node_uuid(&cfg.state_dir) {
-        Ok(u) => u,
-        Err(e) => return Stop::Fatal(format!("state dir {}: {e}", cfg.state_dir.display())),
-    };
-    let journal = match JournalClient::from_list(&cfg.journal) {
-        Ok(j) => Arc::new(j),
-        Err(e) => return Stop::Fatal(e.to_string()),
-    };
-    tracing::info!(uuid = %me, stream = %cfg.stream, "primary sidecar starting");
-    loop {
-        match run_once(&cfg, &journal, &me).await {
-            Stop::Retry(why) => {
-                tracing::warn!(%why, "reconnecting");
-                tokio::time::sleep(Duration::from_millis(cfg.retry_pause_ms)).await;
-            }
-            stop => return stop,
-        }
-    }
-}
-
 /// Where the journaled history ends, given the stream's last seq (as the
 /// lease reported it): (seq, replid, end offset).
 async fn journal_tail(journal: &JournalClient, stream: &str, last_seq: u64) -> Result<Option<(u64, String, u64)>, Stop> {
@@ -144,31 +138,6 @@ async fn journal_tail(journal: &JournalClient, stream: &str, last_seq: u64) -> R
         )));
     }
     Ok(Some((last_seq, rec.replid, rec.end)))
-}
-
-async fn take_lease(cfg: &PrimaryConfig, journal: &JournalClient, me: &str) -> Result<u64, Stop> {
-    let deadline = Instant::now() + Duration::from_millis(cfg.lease_ms * 5 + 5_000);
-    loop {
-        let last_seq = match journal.stream_info(&cfg.stream).await {
-            Ok(i) => i.last_seq,
-            Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => 0,
-            Err(e) => return Err(retry(e)),
-        };
-        match journal.take_lease(&cfg.stream, me, last_seq, cfg.lease_ms).await {
-            Ok(l) => {
-                tracing::info!(deadline_unix_ms = l.deadline_unix_ms, last_seq = l.last_seq, "lease taken");
-                return Ok(l.last_seq);
-            }
-            Err(e @ JournalError::Rejected { .. }) if e.kind() == "lease-held" || e.kind() == "not-caught-up" => {
-                if Instant::now() > deadline {
-                    return Err(Stop::Fatal(format!("could not take the lease of {}: {e}", cfg.stream)));
-                }
-                tracing::info!(reason = %e, "waiting for the lease");
-                tokio::time::sleep(Duration::from_millis(cfg.lease_ms / 4)).await;
-            }
-            Err(e) => return Err(retry(e)),
-        }
-    }
 }
 
 /// Reads one `\r\n`-terminated line (Redis may send bare `\n` keep-alives
@@ -191,8 +160,10 @@ async fn command(w: &mut OwnedWriteHalf, args: &[&[u8]]) -> Result<(), Stop> {
     w.write_all(&encode_command(args)).await.map_err(retry)
 }
 
-async fn run_once(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Stop {
-    match run_once_inner(cfg, journal, me).await {
+/// Leads the stream from the local Redis until fenced, the Redis lost its
+/// history, or an error. The caller holds the lease (taken for `me`).
+pub async fn lead(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Stop {
+    match lead_inner(cfg, journal, me).await {
         Ok(never) => match never {},
         Err(stop) => stop,
     }
@@ -200,11 +171,117 @@ async fn run_once(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -
 
 enum Never {}
 
-async fn run_once_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Result<Never, Stop> {
+/// A control connection to the local Redis: commands whose replies are
+/// single lines (`KEEL.*`, `REPLICAOF`), counted so the lease renewal can
+/// tell whether Redis still answers.
+pub struct Control {
+    w: OwnedWriteHalf,
+    sent: u64,
+    answered: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Control {
+    pub async fn connect(redis: &str) -> Result<(Control, String), Stop> {
+        let ctl = TcpStream::connect(redis).await.map_err(|e| retry(format!("connect {redis}: {e}")))?;
+        ctl.set_nodelay(true).map_err(retry)?;
+        let (ctl_r, mut w) = ctl.into_split();
+        let mut r = BufReader::new(ctl_r);
+        // INFO replication first, read whole, before replies are only counted.
+        command(&mut w, &[b"INFO", b"replication"]).await?;
+        let header = read_line(&mut r).await?;
+        let len: usize = header.strip_prefix('$').and_then(|l| l.parse().ok()).ok_or_else(|| retry(format!("INFO answered {header:?}")))?;
+        let mut body = vec![0u8; len + 2];
+        r.read_exact(&mut body).await.map_err(retry)?;
+        let info = String::from_utf8_lossy(&body[..len]).into_owned();
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = answered.clone();
+        tokio::spawn(async move {
+            let mut r = r;
+            let mut sink = vec![0u8; 4096];
+            while let Ok(n) = r.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+                let lines = sink[..n].iter().filter(|b| **b == b'\n').count() as u64;
+                counter.fetch_add(lines, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        Ok((Control { w, sent: 0, answered }, info))
+    }
+
+    pub async fn send(&mut self, args: &[&[u8]]) -> Result<(), Stop> {
+        self.sent += 1;
+        command(&mut self.w, args).await
+    }
+
+    /// Whether every command sent so far was answered.
+    pub fn all_answered(&self) -> bool {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed) >= self.sent
+    }
+}
+
+/// A field of an `INFO` answer.
+pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim())
+}
+
+/// The machine's monotonic clock in milliseconds (CLOCK_MONOTONIC: the
+/// module reads lease deadlines on the same clock).
+pub fn monotonic_ms() -> u64 {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clk: i32, ts: *mut Timespec) -> i32;
+    }
+    let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer; clock 1 is CLOCK_MONOTONIC on Linux.
+    let rc = unsafe { clock_gettime(1, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Result<Never, Stop> {
+    let mut renewal = Renewal::new(cfg.lease_ms, cfg.drift_margin_ms);
+    // Redis must answer before the lease is taken: a dead or paused Redis
+    // must let it lapse.
+    let (mut ctl, mut info) = control(cfg).await?;
+    let sent_at = monotonic_ms();
+    let lease = match journal.take_lease(&cfg.stream, me, last_seq_of(journal, &cfg.stream).await?, cfg.lease_ms).await {
+        Ok(l) => l,
+        Err(JournalError::Fenced { message, .. }) => return Err(Stop::Fenced(message)),
+        Err(e @ JournalError::Rejected { .. }) => return Err(Stop::Fenced(format!("could not take the lease back: {e}"))),
+        Err(e) => return Err(retry(e)),
+    };
     // Holding the lease, nobody else appends: its last seq is the tail.
-    let last_seq = take_lease(cfg, journal, me).await?;
-    let tail = journal_tail(journal, &cfg.stream, last_seq).await?;
+    let tail = journal_tail(journal, &cfg.stream, lease.last_seq).await?;
     let mut last_seq = tail.as_ref().map(|t| t.0).unwrap_or(0);
+
+    if info_field(&info, "role") == Some("slave") {
+        // A replica fed from the journal, promoted without a fork or a sync.
+        ctl.send(&[b"REPLICAOF", b"NO", b"ONE"]).await?;
+        let t = Instant::now();
+        while !ctl.all_answered() {
+            if t.elapsed() > Duration::from_millis(cfg.lease_ms) {
+                return Err(retry("Redis did not answer REPLICAOF NO ONE"));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tracing::info!("promoted the local Redis (REPLICAOF NO ONE)");
+        (ctl, info) = control(cfg).await?;
+    }
+    let redis_replid = info_field(&info, "master_replid").unwrap_or("").to_string();
+    let redis_offset: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+    if let Some((_, _, end)) = &tail {
+        if redis_offset < *end {
+            return Err(Stop::LostHistory(format!(
+                "Redis at {} is at offset {redis_offset}, behind the journal's {end}",
+                cfg.redis
+            )));
+        }
+    }
 
     let repl = TcpStream::connect(&cfg.redis).await.map_err(|e| retry(format!("connect {}: {e}", cfg.redis)))?;
     repl.set_nodelay(true).map_err(retry)?;
@@ -218,26 +295,25 @@ async fn run_once_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &
     command(&mut w, &[b"REPLCONF", b"capa", b"psync2"]).await?;
     read_line(&mut r).await?;
     match &tail {
-        Some((_, replid, end)) => {
-            command(&mut w, &[b"PSYNC", replid.as_bytes(), (end + 1).to_string().as_bytes()]).await?
-        }
+        // Redis's own id: after a promotion it is new, and continues the
+        // journaled bytes (its previous id is kept as replid2).
+        Some((_, _, end)) => command(&mut w, &[b"PSYNC", redis_replid.as_bytes(), (end + 1).to_string().as_bytes()]).await?,
         None => command(&mut w, &[b"PSYNC", b"?", b"-1"]).await?,
     }
     let answer = read_line(&mut r).await?;
     let (replid, mut offset) = if let Some(rest) = answer.strip_prefix("+CONTINUE") {
-        let (old_replid, end) = tail.clone().map(|t| (t.1, t.2)).expect("CONTINUE only after a PSYNC with history");
+        let end = tail.as_ref().map(|t| t.2).expect("CONTINUE only after a PSYNC with history");
         let replid = rest.trim();
-        let replid = if replid.is_empty() { old_replid } else { replid.to_string() };
-        tracing::info!(%replid, offset = end, "resumed the replication stream (no full sync)");
+        let replid = if replid.is_empty() { redis_replid.clone() } else { replid.to_string() };
+        tracing::info!(%replid, offset = end, "attached to the replication stream (no full sync)");
         (replid, end)
     } else if let Some(rest) = answer.strip_prefix("+FULLRESYNC ") {
         let mut parts = rest.split_whitespace();
         let replid = parts.next().unwrap_or("").to_string();
         let offset: u64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(|| retry(format!("bad FULLRESYNC {answer:?}")))?;
         if tail.is_some() {
-            return Err(Stop::Fatal(format!(
-                "Redis at {} cannot continue the journaled history (it answered a full resync, replid {replid}); \
-                 it lost its replication history. Refusing to overwrite the journal.",
+            return Err(Stop::LostHistory(format!(
+                "Redis at {} cannot continue the journaled history (it answered a full resync, replid {replid})",
                 cfg.redis
             )));
         }
@@ -247,22 +323,15 @@ async fn run_once_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &
         return Err(Stop::Fatal(format!("unexpected PSYNC answer from Redis: {answer:?}")));
     };
 
-    let ctl = TcpStream::connect(&cfg.redis).await.map_err(retry)?;
-    ctl.set_nodelay(true).map_err(retry)?;
-    let (ctl_r, mut ctl_w) = ctl.into_split();
-    // Replies to KEEL.ACK are read and dropped so the socket never fills.
-    tokio::spawn(async move {
-        let mut ctl_r = ctl_r;
-        let mut sink = vec![0u8; 4096];
-        while matches!(ctl_r.read(&mut sink).await, Ok(n) if n > 0) {}
-    });
     // This node leads the stream; everything journaled so far is durable.
-    command(&mut ctl_w, &[b"KEEL.LEADER", me.as_bytes(), cfg.stream.as_bytes()]).await?;
-    command(&mut ctl_w, &[b"KEEL.ACK", offset.to_string().as_bytes()]).await?;
+    ctl.send(&[b"KEEL.LEADER", me.as_bytes(), cfg.stream.as_bytes()]).await?;
+    let until = renewal.renewed(sent_at, monotonic_ms());
+    ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?;
+    ctl.send(&[b"KEEL.ACK", offset.to_string().as_bytes()]).await?;
 
     let mut pending: Vec<u8> = Vec::new();
     let mut inflight: Option<tokio::task::JoinHandle<Result<(u64, u64), Stop>>> = None;
-    let mut renew = tokio::time::interval(Duration::from_millis(cfg.lease_ms / 3));
+    let mut renew = tokio::time::interval(Duration::from_millis(renewal.period_ms()));
     let mut replconf = tokio::time::interval(Duration::from_millis(cfg.replconf_ack_ms));
     let mut buf = vec![0u8; 256 << 10];
     let mut durable = offset;
@@ -295,7 +364,7 @@ async fn run_once_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &
                 let (seq, end) = match done.map_err(|e| Stop::Fatal(format!("append task failed: {e}")))? {
                     Ok(v) => v,
                     Err(Stop::Fenced(message)) => {
-                        fence(&mut ctl_w, &message).await;
+                        fence(&mut ctl, &message).await;
                         return Err(Stop::Fenced(message));
                     }
                     Err(e) => return Err(e),
@@ -303,13 +372,24 @@ async fn run_once_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &
                 last_seq = seq;
                 debug_assert!(end >= durable, "durable offset went back");
                 durable = end;
-                command(&mut ctl_w, &[b"KEEL.ACK", durable.to_string().as_bytes()]).await?;
+                ctl.send(&[b"KEEL.ACK", durable.to_string().as_bytes()]).await?;
             }
             _ = renew.tick() => {
+                if ctl.all_answered() {
+                    renewal.redis_answered();
+                }
+                if !renewal.may_renew(monotonic_ms()) {
+                    tracing::warn!("the local Redis does not answer; letting the lease lapse");
+                    continue;
+                }
+                let sent_at = monotonic_ms();
                 match journal.renew_lease(&cfg.stream, me).await {
-                    Ok(_) => {}
+                    Ok(_) => {
+                        let until = renewal.renewed(sent_at, monotonic_ms());
+                        ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?;
+                    }
                     Err(JournalError::Fenced { message, .. }) => {
-                        fence(&mut ctl_w, &message).await;
+                        fence(&mut ctl, &message).await;
                         return Err(Stop::Fenced(message));
                     }
                     Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
@@ -322,9 +402,25 @@ async fn run_once_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &
     }
 }
 
+/// A control connection and `INFO replication`, within the lease.
+async fn control(cfg: &PrimaryConfig) -> Result<(Control, String), Stop> {
+    match tokio::time::timeout(Duration::from_millis(cfg.lease_ms), Control::connect(&cfg.redis)).await {
+        Ok(r) => r,
+        Err(_) => Err(retry(format!("Redis at {} did not answer within {} ms", cfg.redis, cfg.lease_ms))),
+    }
+}
+
+async fn last_seq_of(journal: &JournalClient, stream: &str) -> Result<u64, Stop> {
+    match journal.stream_info(stream).await {
+        Ok(i) => Ok(i.last_seq),
+        Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => Ok(0),
+        Err(e) => Err(retry(e)),
+    }
+}
+
 /// Tells the module it lost the primary role; best effort.
-async fn fence(ctl_w: &mut OwnedWriteHalf, why: &str) {
-    let _ = ctl_w.write_all(&encode_command(&[b"KEEL.FENCED", why.as_bytes()])).await;
+async fn fence(ctl: &mut Control, why: &str) {
+    let _ = ctl.send(&[b"KEEL.FENCED", why.as_bytes()]).await;
 }
 
 /// Journals the base RDB of a fresh history; returns the last seq.

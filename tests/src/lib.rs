@@ -7,6 +7,7 @@
 //! them before running the tests.
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::Child;
 use std::process::Command;
@@ -470,6 +471,203 @@ impl Resp {
             }
             "_" => Ok("(nil)".into()),
             _ => Ok(line),
+        }
+    }
+}
+
+/// One Keel node of real processes: a redis-server (or valkey-server) with
+/// the module, and its sidecar (`keel-sidecar node`) with a discovery port.
+pub struct KeelNode {
+    pub name: String,
+    pub server: Server,
+    pub port: u16,
+    pub sentinel_port: u16,
+    pub dir: PathBuf,
+    pub journal: String,
+    pub lease_ms: u64,
+    pub redis: Option<Child>,
+    pub sidecar: Option<Child>,
+}
+
+impl KeelNode {
+    pub fn new(name: &str, server: Server, root: &Path, journal: &str, lease_ms: u64) -> KeelNode {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        KeelNode {
+            name: name.into(),
+            server,
+            port: free_port(),
+            sentinel_port: free_port(),
+            dir,
+            journal: journal.into(),
+            lease_ms,
+            redis: None,
+            sidecar: None,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn sentinel_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.sentinel_port)
+    }
+
+    pub fn start_redis(&mut self) {
+        let log = self.dir.join("redis.log");
+        let child = Command::new(self.server.binary())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .arg("--loadmodule")
+            .arg(bin("libkeel_module.so"))
+            .arg("write_timeout_ms=3000")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.redis = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.addr()).is_err() {
+            assert!(Instant::now() < deadline, "redis did not start; see {}", log.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn start_sidecar(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("sidecar.log")).unwrap();
+        let child = Command::new(bin("keel-sidecar"))
+            .args(["node", "--redis", &self.addr(), "--journal", &self.journal, "--lease-ms", &self.lease_ms.to_string()])
+            .args(["--sentinel", &self.sentinel_addr()])
+            .arg("--state-dir")
+            .arg(self.dir.join("sidecar"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keel-sidecar");
+        self.sidecar = Some(child);
+    }
+
+    pub fn kill_redis(&mut self) {
+        if let Some(mut c) = self.redis.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn kill_sidecar(&mut self) {
+        if let Some(mut c) = self.sidecar.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn redis_pid(&self) -> u32 {
+        self.redis.as_ref().expect("redis running").id()
+    }
+
+    /// A field of `INFO <section>`, or None when Redis does not answer.
+    pub fn info_field(&self, section: &str, field: &str) -> Option<String> {
+        let s = std::net::TcpStream::connect(self.addr()).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        let mut c = Resp { stream: std::io::BufReader::new(s) };
+        let info = c.try_cmd(&["INFO", section]).ok()?;
+        info.lines().find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
+    }
+
+    /// `primary` (holding the lease), `replica`, `fenced`,
+    /// `primary-without-lease`, or `down`.
+    pub fn role(&self) -> String {
+        self.info_field("keel", "keel_role").unwrap_or_else(|| "down".into())
+    }
+}
+
+impl Drop for KeelNode {
+    fn drop(&mut self) {
+        if let Some(c) = &self.redis {
+            // A stopped process must be continued to die cleanly.
+            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
+        }
+        self.kill_sidecar();
+        self.kill_redis();
+    }
+}
+
+/// A Keel deployment of real processes: a journal cluster and nodes, the
+/// first of which starts as the primary.
+pub struct KeelCluster {
+    pub journal: JournalCluster,
+    pub nodes: Vec<KeelNode>,
+}
+
+impl KeelCluster {
+    pub async fn start(server: Server, journal_nodes: usize, nodes: usize, lease_ms: u64) -> KeelCluster {
+        let journal = JournalCluster::start(journal_nodes).await;
+        let root = journal.dir.path().to_path_buf();
+        let endpoints = journal.endpoints();
+        let mut c = KeelCluster { journal, nodes: Vec::new() };
+        for i in 0..nodes {
+            let mut n = KeelNode::new(&format!("node-{i}"), server, &root, &endpoints, lease_ms);
+            n.start_redis();
+            n.start_sidecar();
+            c.nodes.push(n);
+            if i == 0 {
+                c.wait_writable(0, Duration::from_secs(30));
+            }
+        }
+        for i in 1..nodes {
+            c.wait_replica_synced(i, Duration::from_secs(30));
+        }
+        c
+    }
+
+    /// Waits until node `i` acknowledges a write.
+    pub fn wait_writable(&self, i: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(s) = std::net::TcpStream::connect(self.nodes[i].addr()) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut c = Resp { stream: std::io::BufReader::new(s) };
+                if c.try_cmd(&["SET", "keel:probe", "1"]).ok().as_deref() == Some("+OK") {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{} never acknowledged a write; logs in {}", self.nodes[i].name, self.nodes[i].dir.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until node `i` is a replica with its link up.
+    pub fn wait_replica_synced(&self, i: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let n = &self.nodes[i];
+            if n.role() == "replica" && n.info_field("replication", "master_link_status").as_deref() == Some("up") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never became a synced replica; logs in {}", n.name, n.dir.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The nodes that currently serve as primary (with a lease).
+    pub fn primaries(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&i| self.nodes[i].role() == "primary").collect()
+    }
+
+    /// Waits until exactly one node other than `not` is primary.
+    pub fn wait_new_primary(&self, not: Option<usize>, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            let p = self.primaries();
+            if p.len() == 1 && Some(p[0]) != not {
+                return p[0];
+            }
+            assert!(Instant::now() < deadline, "no new primary within {limit:?} (primaries now: {p:?}); logs in {}", self.journal.dir.path().display());
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

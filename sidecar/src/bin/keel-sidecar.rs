@@ -1,5 +1,5 @@
-//! `keel-sidecar`: `primary` journals a Redis primary's writes; `decode`
-//! prints a journaled stream as commands.
+//! `keel-sidecar`: `node` runs a Keel node beside a redis-server (replica,
+//! candidate, primary); `decode` prints a journaled stream as commands.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,13 +8,13 @@ use clap::Parser;
 use clap::Subcommand;
 use keel_journal::client::JournalClient;
 use keel_sidecar::primary::PrimaryConfig;
-use keel_sidecar::primary::Stop;
+use keel_sidecar::node::NodeConfig;
 use keel_sidecar::record::Kind;
 use keel_sidecar::record::Record;
 use keel_sidecar::resp::parse_command;
 
 #[derive(Parser)]
-#[command(name = "keel-sidecar", about = "Keel's sidecar: journals a Redis primary's writes")]
+#[command(name = "keel-sidecar", about = "Keel's sidecar: runs a Keel node beside a redis-server")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -22,9 +22,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Journal the replication stream of the Redis primary beside us.
-    Primary {
-        /// The local redis-server (with the keel module loaded).
+    /// Run a Keel node beside a redis-server: follow the journal stream as a
+    /// replica, take the lease when the primary's lapses, then lead.
+    #[command(alias = "primary")]
+    Node {
+        /// The local redis-server (with the keel module loaded); also the
+        /// address registered for discovery.
         #[arg(long, default_value = "127.0.0.1:6379")]
         redis: String,
         /// Comma-separated journal endpoints.
@@ -35,14 +38,29 @@ enum Cmd {
         /// Where this node keeps its identity.
         #[arg(long)]
         state_dir: PathBuf,
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 1000)]
         lease_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        drift_margin_ms: u64,
+        /// How often a replica checks the lease and its Redis.
+        #[arg(long, default_value_t = 200)]
+        poll_ms: u64,
         #[arg(long, default_value_t = 64 << 20)]
         max_buffered_bytes: usize,
         #[arg(long, default_value_t = 1000)]
         replconf_ack_ms: u64,
         #[arg(long, default_value_t = 100)]
         retry_pause_ms: u64,
+        /// Where the local Redis connects to be fed from the journal when
+        /// this node is a replica (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        feed_listen: String,
+        /// Serve a Sentinel-compatible discovery endpoint here.
+        #[arg(long)]
+        sentinel: Option<String>,
+        /// The master name discovery answers for.
+        #[arg(long, default_value = "keel")]
+        master_name: String,
     },
     /// Print a journaled stream: one line per command (or RDB chunk).
     Decode {
@@ -60,22 +78,40 @@ fn main() -> ExitCode {
         .init();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match Cli::parse().cmd {
-        Cmd::Primary { redis, journal, stream, state_dir, lease_ms, max_buffered_bytes, replconf_ack_ms, retry_pause_ms } => {
-            let cfg = PrimaryConfig { redis, journal, stream, state_dir, lease_ms, max_buffered_bytes, replconf_ack_ms, retry_pause_ms };
+        Cmd::Node {
+            redis,
+            journal,
+            stream,
+            state_dir,
+            lease_ms,
+            drift_margin_ms,
+            poll_ms,
+            max_buffered_bytes,
+            replconf_ack_ms,
+            retry_pause_ms,
+            feed_listen,
+            sentinel,
+            master_name,
+        } => {
+            let primary = PrimaryConfig {
+                redis,
+                journal,
+                stream,
+                state_dir,
+                lease_ms,
+                drift_margin_ms,
+                max_buffered_bytes,
+                replconf_ack_ms,
+                retry_pause_ms,
+            };
+            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, master_name, poll_ms };
             if let Err(e) = cfg.validate() {
                 eprintln!("keel-sidecar: bad configuration: {e}");
                 return ExitCode::from(2);
             }
-            match rt.block_on(keel_sidecar::primary::run(cfg)) {
-                Stop::Fenced(m) => {
-                    eprintln!("keel-sidecar: FENCED: {m}");
-                    ExitCode::from(3)
-                }
-                stop => {
-                    eprintln!("keel-sidecar: {stop}");
-                    ExitCode::from(1)
-                }
-            }
+            let stop = rt.block_on(keel_sidecar::node::run(cfg));
+            eprintln!("keel-sidecar: {stop}");
+            ExitCode::from(1)
         }
         Cmd::Decode { journal, stream } => match rt.block_on(decode(&journal, &stream)) {
             Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,250 @@
+//! A replica's feeder: the sidecar speaks the master side of Redis
+//! replication to its local redis-server (`REPLICAOF 127.0.0.1 <feed
+//! port>`), with the journal as the only source of bytes.
+//!
+//! Life cycle of one Redis connection:
+//! 1. handshake: `PING`, `REPLCONF …`, then `PSYNC <replid> <offset>`;
+//! 2. `History::psync` decides: a full resync (the base RDB, sent in the
+//!    EOF-marked format, then every stream record) or a continuation from
+//!    the Redis's own offset; until the journal has a base, Redis waits;
+//! 3. streaming: journal records are read with `follow` and their bytes
+//!    written unchanged, so the replica's offsets are the primary's; each
+//!    record is checked against `History` first (contiguous offsets), a
+//!    record that breaks the shape ends the connection, never reaches Redis;
+//! 4. it ends when Redis leaves, when the node stops following (promotion),
+//!    or on a journal error; Redis reconnects by itself and resyncs.
+//!
+//! Progress (`fed_seq`, `fed_offset`) is published for the election: a
+//! replica may only take the lease once its Redis applied everything.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use keel_journal::client::JournalClient;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::history::History;
+use crate::history::Psync;
+use crate::record::Kind;
+use crate::record::Record;
+use crate::resp::parse_command;
+
+/// Largest handshake command accepted from Redis.
+const MAX_HANDSHAKE_BYTES: usize = 64 << 10;
+/// Stream bytes kept while Redis loads the base RDB; beyond, the journal
+/// is not read until Redis is ready.
+const MAX_HELD_BYTES: usize = 64 << 20;
+/// How often a Redis waiting for a base RDB is re-checked.
+const BASE_WAIT_MS: u64 = 200;
+
+/// How far the local Redis has been fed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub fed_seq: u64,
+    pub fed_offset: u64,
+    pub connected: bool,
+}
+
+pub struct Feeder {
+    pub journal: Arc<JournalClient>,
+    pub stream: String,
+    pub me: String,
+    pub history: Mutex<History>,
+    pub progress: watch::Sender<Progress>,
+}
+
+impl Feeder {
+    pub fn new(journal: Arc<JournalClient>, stream: String, me: String) -> Feeder {
+        Feeder { journal, stream, me, history: Mutex::new(History::default()), progress: watch::channel(Progress::default()).0 }
+    }
+
+    /// Reads the journal's new records into `History` (no follow).
+    pub async fn refresh(&self) -> Result<(), String> {
+        let from = self.history.lock().unwrap().last_seq() + 1;
+        let mut reader = self.journal.read(&self.stream, from, false);
+        loop {
+            match reader.next_batch().await {
+                Ok(Some(batch)) => {
+                    let mut h = self.history.lock().unwrap();
+                    for r in batch {
+                        let rec = Record::decode(&r.payload).map_err(|e| format!("record {}: {e}", r.seq))?;
+                        h.observe(r.seq, &rec)?;
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) if e.kind() == "unknown-stream" => return Ok(()),
+                Err(e) => return Err(format!("reading the journal: {e}")),
+            }
+        }
+    }
+
+    /// Serves the local Redis's replication connections until `stop` turns
+    /// true. Errors of one connection are logged; the next one starts over.
+    pub async fn serve(&self, listener: &TcpListener, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let sock = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "feed listener");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            let _ = sock.set_nodelay(true);
+            self.progress.send_modify(|p| p.connected = true);
+            let r = tokio::select! {
+                r = self.serve_one(sock) => r,
+                _ = stop.changed() => Ok(()),
+            };
+            self.progress.send_modify(|p| p.connected = false);
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "replica feed connection ended");
+            }
+        }
+    }
+
+    async fn serve_one(&self, sock: TcpStream) -> Result<(), String> {
+        let (mut r, mut w) = sock.into_split();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 16 << 10];
+        // Handshake, up to PSYNC.
+        let (replid, offset) = loop {
+            let parsed = parse_command(&buf).map_err(|e| format!("Redis sent malformed RESP: {e}"))?;
+            let Some((args, used)) = parsed else {
+                if buf.len() > MAX_HANDSHAKE_BYTES {
+                    return Err("handshake command too large".into());
+                }
+                let n = r.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("Redis closed the link during the handshake".into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                continue;
+            };
+            buf.drain(..used);
+            let name = args.first().map(|a| a.to_ascii_lowercase()).unwrap_or_default();
+            match name.as_slice() {
+                b"ping" => w.write_all(b"+PONG\r\n").await.map_err(|e| e.to_string())?,
+                b"replconf" | b"auth" => w.write_all(b"+OK\r\n").await.map_err(|e| e.to_string())?,
+                b"psync" if args.len() == 3 => {
+                    let replid = String::from_utf8_lossy(&args[1]).into_owned();
+                    let offset: i64 = std::str::from_utf8(&args[2]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
+                    break (replid, offset);
+                }
+                _ => {
+                    let msg = format!("-ERR the Keel feeder serves only the replication handshake, not {:?}\r\n", String::from_utf8_lossy(&name));
+                    w.write_all(msg.as_bytes()).await.map_err(|e| e.to_string())?;
+                }
+            }
+        };
+        let plan = loop {
+            self.refresh().await?;
+            let plan = self.history.lock().unwrap().psync(&self.me, &replid, offset);
+            if plan != Psync::NotReady {
+                break plan;
+            }
+            tokio::time::sleep(Duration::from_millis(BASE_WAIT_MS)).await;
+        };
+        let feed_id = self.history.lock().unwrap().feed_id(&self.me).expect("a base exists");
+        let (mut seq, mut skip_to, mut in_rdb, mark) = match plan {
+            Psync::Full { offset: base, first_seq } => {
+                tracing::info!(%replid, offset, base, "full resync of the local Redis from the journal's base RDB");
+                let mark: String = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+                w.write_all(format!("+FULLRESYNC {feed_id} {base}\r\n$EOF:{mark}\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+                (first_seq, 0, true, mark)
+            }
+            Psync::Continue { from_seq, from_offset } => {
+                tracing::info!(%replid, offset = from_offset, "the local Redis continues from its own offset");
+                w.write_all(format!("+CONTINUE {feed_id}\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+                let caught_up = self.history.lock().unwrap().end() == Some(from_offset);
+                self.progress.send_modify(|p| {
+                    p.fed_offset = from_offset;
+                    if caught_up {
+                        p.fed_seq = from_seq - 1;
+                    }
+                });
+                (from_seq, from_offset, false, String::new())
+            }
+            Psync::NotReady => unreachable!(),
+        };
+        let mut reader = self.journal.read(&self.stream, seq, true);
+        // After the base RDB, Redis loads it and sends its first ACK; only
+        // then does it read stream bytes as commands (bytes sent earlier
+        // would be taken for the end of the RDB). They wait here.
+        let mut held: Option<Vec<u8>> = None;
+        let mut waiting_ack = false;
+        loop {
+            tokio::select! {
+                batch = reader.next_batch(), if held.as_ref().is_none_or(|h| h.len() < MAX_HELD_BYTES) => {
+                    let batch = batch.map_err(|e| format!("reading the journal: {e}"))?.ok_or("the journal ended a followed read")?;
+                    let mut out: Vec<u8> = held.take().unwrap_or_default();
+                    let mut fed = None;
+                    for rec in batch {
+                        let decoded = Record::decode(&rec.payload).map_err(|e| format!("record {}: {e}", rec.seq))?;
+                        self.history.lock().unwrap().observe(rec.seq, &decoded)?;
+                        seq = rec.seq;
+                        match decoded.kind {
+                            Kind::Rdb if in_rdb => out.extend_from_slice(&decoded.payload),
+                            Kind::RdbEnd if in_rdb => {
+                                out.extend_from_slice(mark.as_bytes());
+                                w.write_all(&out).await.map_err(|e| format!("writing to Redis: {e}"))?;
+                                out.clear();
+                                in_rdb = false;
+                                waiting_ack = true;
+                                skip_to = decoded.start;
+                                fed = Some((seq, decoded.start));
+                            }
+                            Kind::Rdb | Kind::RdbEnd => {}
+                            Kind::Stream => {
+                                if decoded.end <= skip_to {
+                                    continue;
+                                }
+                                let from = skip_to.saturating_sub(decoded.start) as usize;
+                                out.extend_from_slice(&decoded.payload[from..]);
+                                skip_to = decoded.end;
+                                fed = Some((seq, decoded.end));
+                            }
+                        }
+                    }
+                    if waiting_ack {
+                        held = Some(out);
+                    } else if !out.is_empty() {
+                        w.write_all(&out).await.map_err(|e| format!("writing to Redis: {e}"))?;
+                    }
+                    if let Some((s, o)) = fed {
+                        self.progress.send_modify(|p| {
+                            p.fed_seq = s;
+                            p.fed_offset = o;
+                        });
+                    }
+                }
+                n = r.read(&mut chunk) => {
+                    // REPLCONF ACKs: Redis's own offset is read with INFO
+                    // when it matters; these are only drained.
+                    let n = n.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("Redis closed the replication link".into());
+                    }
+                    if waiting_ack {
+                        waiting_ack = false;
+                        let out = held.take().unwrap_or_default();
+                        if !out.is_empty() {
+                            w.write_all(&out).await.map_err(|e| format!("writing to Redis: {e}"))?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

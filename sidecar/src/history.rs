@@ -1,0 +1,286 @@
+//! What a journal stream holds, as a replica's feeder needs to know it:
+//! where the base RDB is, which replication offsets the stream covers, and
+//! which byte histories a Redis asking for a partial resync may share with
+//! it.
+//!
+//! The stream is: the base RDB (records `Rdb`… then `RdbEnd` at offset X),
+//! then `Stream` records covering `[X, end)` contiguously. Each producer (a
+//! primary's tenure) stamps its own replication id; offsets continue across
+//! tenures.
+//!
+//! The partial-resync rule (`psync`), protecting the invariant that a
+//! replica's data is exactly the journal's data up to its offset:
+//! a Redis at offset `L` with replication id `R` may continue without a
+//! full sync only if `X <= L <= end` and its bytes up to `L` are known to
+//! be the journal's: either `R` is this feeder's own id (it got every byte
+//! from a journal with this base), or `R` is a producer whose journaled
+//! tenure covers `L` (its earlier bytes came from the journal as a replica,
+//! the rest it produced and the journal kept). An old primary whose last
+//! writes never reached the journal asks with an offset past its tenure,
+//! and gets a full sync that discards them.
+//!
+//! Memory is bounded: one entry per producer tenure (capped) and one offset
+//! checkpoint every `CHECKPOINT_EVERY` records.
+
+use std::collections::VecDeque;
+
+use crate::record::Kind;
+use crate::record::Record;
+
+/// Records between two offset checkpoints.
+pub const CHECKPOINT_EVERY: u64 = 256;
+/// Producer tenures remembered (the oldest are forgotten; a Redis from
+/// such an old tenure gets a full sync).
+pub const MAX_TENURES: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    pub replid: String,
+    pub offset: u64,
+    /// Seq of the first RDB record and of the `RdbEnd` record.
+    pub first_seq: u64,
+    pub end_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tenure {
+    replid: String,
+    start: u64,
+    end: u64,
+}
+
+/// Where a resync starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Psync {
+    /// `+FULLRESYNC <feed id> <base offset>`, then the base RDB from
+    /// `base.first_seq`, then every stream record after `base.end_seq`.
+    Full { offset: u64, first_seq: u64 },
+    /// `+CONTINUE <feed id>`; read from `from_seq` and send bytes after
+    /// offset `from_offset`.
+    Continue { from_seq: u64, from_offset: u64 },
+    /// The journal has no complete base RDB yet: wait, then ask again.
+    NotReady,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct History {
+    base: Option<Base>,
+    rdb_first_seq: Option<u64>,
+    /// Last record observed and the offset the stream reaches.
+    last_seq: u64,
+    end: Option<u64>,
+    tenures: VecDeque<Tenure>,
+    /// (seq, start offset) of every CHECKPOINT_EVERY-th stream record.
+    checkpoints: Vec<(u64, u64)>,
+    /// Seq of the first stream record.
+    first_stream_seq: Option<u64>,
+}
+
+impl History {
+    pub fn base(&self) -> Option<&Base> {
+        self.base.as_ref()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The offset the journal reaches (None before the base is complete).
+    pub fn end(&self) -> Option<u64> {
+        self.end
+    }
+
+    /// Learns record `seq` (records must come in order; already seen ones
+    /// are ignored). A record that breaks the stream's shape is an error:
+    /// the feeder must not pass it to Redis.
+    pub fn observe(&mut self, seq: u64, rec: &Record) -> Result<(), String> {
+        if seq <= self.last_seq {
+            return Ok(());
+        }
+        if seq != self.last_seq + 1 && self.last_seq != 0 {
+            return Err(format!("record {seq} follows record {}: a gap", self.last_seq));
+        }
+        match rec.kind {
+            Kind::Rdb => {
+                if self.base.is_some() {
+                    return Err(format!("record {seq}: a second base RDB after the stream started"));
+                }
+                self.rdb_first_seq.get_or_insert(seq);
+            }
+            Kind::RdbEnd => {
+                if self.base.is_some() {
+                    return Err(format!("record {seq}: a second base RDB end"));
+                }
+                let first_seq = self.rdb_first_seq.unwrap_or(seq);
+                self.base = Some(Base { replid: rec.replid.clone(), offset: rec.start, first_seq, end_seq: seq });
+                self.end = Some(rec.start);
+            }
+            Kind::Stream => {
+                let Some(end) = self.end else {
+                    return Err(format!("record {seq}: stream bytes before a complete base RDB (was the journal trimmed without a snapshot?)"));
+                };
+                if rec.start != end {
+                    return Err(format!("record {seq} starts at offset {} but the stream reached {end}: a gap or an overlap", rec.start));
+                }
+                self.first_stream_seq.get_or_insert(seq);
+                if (seq - self.first_stream_seq.unwrap()) % CHECKPOINT_EVERY == 0 {
+                    self.checkpoints.push((seq, rec.start));
+                }
+                match self.tenures.back_mut() {
+                    Some(t) if t.replid == rec.replid && t.end == rec.start => t.end = rec.end,
+                    _ => {
+                        self.tenures.push_back(Tenure { replid: rec.replid.clone(), start: rec.start, end: rec.end });
+                        if self.tenures.len() > MAX_TENURES {
+                            self.tenures.pop_front();
+                        }
+                    }
+                }
+                self.end = Some(rec.end);
+            }
+        }
+        self.last_seq = seq;
+        Ok(())
+    }
+
+    /// This feeder's replication id for a stream with this base: the base's
+    /// id mixed with the node's uuid, so it differs per node and per base.
+    pub fn feed_id(&self, node_uuid: &str) -> Option<String> {
+        let base = self.base.as_ref()?;
+        let salt: Vec<u8> = node_uuid.bytes().filter(|c| c.is_ascii_hexdigit()).chain(format!("{:08x}", base.offset as u32).bytes()).collect();
+        let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+        let id: String = base
+            .replid
+            .bytes()
+            .enumerate()
+            .map(|(i, c)| {
+                let v = hex(c) ^ salt.get(i % salt.len().max(1)).copied().map(hex).unwrap_or(0);
+                char::from_digit(v as u32, 16).unwrap()
+            })
+            .collect();
+        Some(id)
+    }
+
+    /// Decides how a Redis that sent `PSYNC replid offset` resyncs.
+    pub fn psync(&self, node_uuid: &str, replid: &str, psync_offset: i64) -> Psync {
+        let (Some(base), Some(end)) = (self.base.as_ref(), self.end) else {
+            return Psync::NotReady;
+        };
+        let full = Psync::Full { offset: base.offset, first_seq: base.first_seq };
+        // Redis asks for the byte after the last one it has.
+        let Some(have) = u64::try_from(psync_offset).ok().and_then(|p| p.checked_sub(1)) else {
+            return full;
+        };
+        if have < base.offset || have > end {
+            return full;
+        }
+        let ours = self.feed_id(node_uuid).as_deref() == Some(replid);
+        let produced = self.tenures.iter().any(|t| t.replid == replid && t.start <= have && have <= t.end);
+        if !(ours || produced) {
+            return full;
+        }
+        if have == end {
+            return Psync::Continue { from_seq: self.last_seq + 1, from_offset: have };
+        }
+        // The latest checkpoint at or before `have`; the stream's first
+        // record when there is none.
+        let from_seq = match self.checkpoints.partition_point(|&(_, start)| start <= have) {
+            0 => base.end_seq + 1,
+            i => self.checkpoints[i - 1].0,
+        };
+        Psync::Continue { from_seq, from_offset: have }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const ME: &str = "0f3c2a64-5b0e-4c1e-9b9b-2b1f4f0d9a11";
+
+    fn rec(kind: Kind, replid: &str, start: u64, len: u64) -> Record {
+        let end = if kind == Kind::Stream { start + len } else { start };
+        Record { kind, replid: replid.into(), start, end, payload: vec![b'x'; len as usize] }
+    }
+
+    /// Base at offset 100 (records 1-2), then A: 100..400 in 3 records,
+    /// then B: 400..500 in 1 record.
+    fn sample() -> History {
+        let mut h = History::default();
+        h.observe(1, &rec(Kind::Rdb, A, 100, 10)).unwrap();
+        h.observe(2, &rec(Kind::RdbEnd, A, 100, 0)).unwrap();
+        h.observe(3, &rec(Kind::Stream, A, 100, 100)).unwrap();
+        h.observe(4, &rec(Kind::Stream, A, 200, 100)).unwrap();
+        h.observe(5, &rec(Kind::Stream, A, 300, 100)).unwrap();
+        h.observe(6, &rec(Kind::Stream, B, 400, 100)).unwrap();
+        h
+    }
+
+    #[test]
+    fn shape_errors_are_refused() {
+        let mut h = History::default();
+        assert!(h.observe(1, &rec(Kind::Stream, A, 0, 5)).unwrap_err().contains("before a complete base"));
+        let mut h = sample();
+        assert!(h.observe(7, &rec(Kind::Stream, B, 499, 5)).unwrap_err().contains("gap or an overlap"));
+        assert!(h.observe(9, &rec(Kind::Stream, B, 500, 5)).unwrap_err().contains("gap"));
+        assert!(h.observe(7, &rec(Kind::Rdb, B, 500, 5)).is_err());
+        // Already seen records are ignored.
+        h.observe(3, &rec(Kind::Stream, A, 100, 100)).unwrap();
+        assert_eq!(h.end(), Some(500));
+    }
+
+    #[test]
+    fn no_base_means_wait() {
+        let mut h = History::default();
+        assert_eq!(h.psync(ME, "?", -1), Psync::NotReady);
+        h.observe(1, &rec(Kind::Rdb, A, 0, 10)).unwrap();
+        assert_eq!(h.psync(ME, "?", -1), Psync::NotReady);
+        h.observe(2, &rec(Kind::RdbEnd, A, 0, 0)).unwrap();
+        assert_eq!(h.psync(ME, "?", -1), Psync::Full { offset: 0, first_seq: 1 });
+    }
+
+    #[test]
+    fn partial_resync_only_for_bytes_known_to_be_the_journals() {
+        let h = sample();
+        let feed = h.feed_id(ME).unwrap();
+        assert_ne!(feed, A);
+        assert_ne!(Some(feed.clone()), h.feed_id("1f3c2a64-5b0e-4c1e-9b9b-2b1f4f0d9a11"));
+        let full = Psync::Full { offset: 100, first_seq: 1 };
+        // A fresh Redis.
+        assert_eq!(h.psync(ME, "?", -1), full);
+        // Fed by us: anywhere in the stream.
+        assert_eq!(h.psync(ME, &feed, 151), Psync::Continue { from_seq: 3, from_offset: 150 });
+        assert_eq!(h.psync(ME, &feed, 501), Psync::Continue { from_seq: 7, from_offset: 500 });
+        assert_eq!(h.psync(ME, &feed, 502), full, "ahead of the journal");
+        assert_eq!(h.psync(ME, &feed, 100), full, "before the base");
+        // A's primary: its tenure is 100..400.
+        assert_eq!(h.psync(ME, A, 401), Psync::Continue { from_seq: 3, from_offset: 400 });
+        assert_eq!(h.psync(ME, A, 451), full, "A's bytes past 400 never reached the journal");
+        // B's primary, from its tenure only.
+        assert_eq!(h.psync(ME, B, 451), Psync::Continue { from_seq: 3, from_offset: 450 });
+        assert_eq!(h.psync(ME, B, 301), full);
+        // Someone else's id.
+        assert_eq!(h.psync(ME, "cccccccccccccccccccccccccccccccccccccccc", 201), full);
+    }
+
+    #[test]
+    fn checkpoints_bound_the_rescan() {
+        let mut h = History::default();
+        h.observe(1, &rec(Kind::RdbEnd, A, 0, 0)).unwrap();
+        for i in 0..1000u64 {
+            h.observe(i + 2, &rec(Kind::Stream, A, i * 10, 10)).unwrap();
+        }
+        let feed = h.feed_id(ME).unwrap();
+        match h.psync(ME, &feed, 9_001) {
+            Psync::Continue { from_seq, from_offset } => {
+                assert_eq!(from_offset, 9_000);
+                // Record 902 covers 9000..9010; the checkpoint is at most
+                // CHECKPOINT_EVERY records before it.
+                assert!(from_seq <= 902 && 902 - from_seq < CHECKPOINT_EVERY, "{from_seq}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(h.checkpoints.len() as u64 <= 1000 / CHECKPOINT_EVERY + 1);
+    }
+}

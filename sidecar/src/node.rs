@@ -1,0 +1,330 @@
+//! A Keel node: the role loop of one sidecar beside one redis-server.
+//!
+//! ```text
+//!   start ──► stream new, or led by this node? ──yes──► lead (primary.rs)
+//!                  │ no                                   │ fenced / Redis lost
+//!                  ▼                                      │ its history
+//!             follow: Redis is REPLICAOF the feeder ◄─────┘
+//!             (feeder.rs); every poll: caught up and
+//!             the lease lapsed (+ backoff)? ──► take the lease ──► lead
+//! ```
+//!
+//! Invariants:
+//! - Redis is only made a replica when the journal holds a stream (a new
+//!   node on an empty journal keeps its data: that becomes the base);
+//! - the lease is only taken by a node whose Redis applied every record
+//!   (checked here, and by the journal);
+//! - the lease is only renewed while the local Redis answers (primary.rs):
+//!   a dead or paused Redis lets it lapse, so a replica takes over;
+//! - every node registers its addresses in the stream's metadata
+//!   (`members`), which discovery answers from.
+
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::SystemTime;
+
+use keel_journal::client::JournalClient;
+use keel_journal::client::JournalError;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::feeder::Feeder;
+use crate::lease::Candidate;
+use crate::lease::Step;
+use crate::lease::StreamView;
+use crate::primary;
+use crate::primary::PrimaryConfig;
+use crate::primary::Stop;
+use crate::primary::info_field;
+use crate::resp::encode_command;
+
+/// Every bound of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub primary: PrimaryConfig,
+    /// Where the feeder listens for the local Redis (port 0: any free one).
+    pub feed_listen: String,
+    /// The Sentinel-compatible discovery endpoint, if any.
+    pub sentinel_listen: Option<String>,
+    pub master_name: String,
+    /// How often a follower looks at the lease and its Redis.
+    pub poll_ms: u64,
+}
+
+impl NodeConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.primary.validate()?;
+        if self.poll_ms == 0 || self.poll_ms > self.primary.lease_ms {
+            return Err(format!("--poll-ms {} must be 1..=lease_ms", self.poll_ms));
+        }
+        if self.master_name.is_empty() || self.master_name.contains(char::is_whitespace) {
+            return Err(format!("--master-name {:?} must be one word", self.master_name));
+        }
+        Ok(())
+    }
+}
+
+/// Metadata key listing the nodes of a stream.
+pub const MEMBERS_KEY: &str = "members";
+
+/// One node as registered: uuid, Redis address, discovery address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub uuid: String,
+    pub redis: String,
+    pub sentinel: String,
+}
+
+/// `uuid redis sentinel` per line ("-" for no discovery endpoint).
+pub fn parse_members(b: &[u8]) -> Vec<Member> {
+    String::from_utf8_lossy(b)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (u, r, s) = (w.next()?, w.next()?, w.next()?);
+            Some(Member { uuid: u.into(), redis: r.into(), sentinel: if s == "-" { String::new() } else { s.into() } })
+        })
+        .collect()
+}
+
+pub fn render_members(ms: &[Member]) -> Vec<u8> {
+    ms.iter()
+        .map(|m| format!("{} {} {}\n", m.uuid, m.redis, if m.sentinel.is_empty() { "-" } else { &m.sentinel }))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Runs the node until a fatal error.
+pub async fn run(cfg: NodeConfig) -> Stop {
+    let me = match primary::node_uuid(&cfg.primary.state_dir) {
+        Ok(u) => u,
+        Err(e) => return Stop::Fatal(format!("state dir {}: {e}", cfg.primary.state_dir.display())),
+    };
+    let journal = match JournalClient::from_list(&cfg.primary.journal) {
+        Ok(j) => Arc::new(j),
+        Err(e) => return Stop::Fatal(e.to_string()),
+    };
+    let listener = match TcpListener::bind(&cfg.feed_listen).await {
+        Ok(l) => l,
+        Err(e) => return Stop::Fatal(format!("feed listener {}: {e}", cfg.feed_listen)),
+    };
+    let feed_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    tracing::info!(uuid = %me, stream = %cfg.primary.stream, feed_port, "node starting");
+    let me_member = Member {
+        uuid: me.clone(),
+        redis: cfg.primary.redis.clone(),
+        sentinel: cfg.sentinel_listen.clone().unwrap_or_default(),
+    };
+    tokio::spawn(keep_registered(journal.clone(), cfg.primary.stream.clone(), me_member));
+    let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone());
+    loop {
+        let info = match journal.stream_info(&cfg.primary.stream).await {
+            Ok(i) => Some(i),
+            Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "journal unavailable");
+                tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
+                continue;
+            }
+        };
+        let lead = match &info {
+            None => true,
+            Some(i) => i.leader_uuid == me || (i.last_seq == 0 && i.leader_uuid.is_empty()),
+        };
+        if lead {
+            match primary::lead(&cfg.primary, &journal, &me).await {
+                Stop::Fatal(m) => return Stop::Fatal(m),
+                Stop::Retry(m) => {
+                    tracing::warn!(why = %m, "leading interrupted");
+                    tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
+                    continue;
+                }
+                Stop::Fenced(m) => tracing::warn!(why = %m, "fenced; following the new leader"),
+                Stop::LostHistory(m) => tracing::warn!(why = %m, "rebuilding the local Redis from the journal"),
+            }
+        }
+        match follow(&cfg, &journal, &feeder, &listener, feed_port, &me).await {
+            Ok(()) => tracing::info!("took the lease; leading"),
+            Err(Stop::Fatal(m)) => return Stop::Fatal(m),
+            Err(e) => {
+                tracing::warn!(why = %e, "following interrupted");
+                tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
+            }
+        }
+    }
+}
+
+/// `INFO replication` of the local Redis, within `timeout_ms`.
+pub async fn redis_info(redis: &str, timeout_ms: u64) -> Result<String, Stop> {
+    let fut = async {
+        let mut s = TcpStream::connect(redis).await.map_err(|e| format!("connect {redis}: {e}"))?;
+        s.write_all(&encode_command(&[b"INFO", b"replication"])).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("Redis closed the connection".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                let head = String::from_utf8_lossy(&buf[..i]).into_owned();
+                let len: usize = head.strip_prefix('$').and_then(|l| l.parse().ok()).ok_or(format!("INFO answered {head:?}"))?;
+                if buf.len() >= i + 2 + len {
+                    return Ok(String::from_utf8_lossy(&buf[i + 2..i + 2 + len]).into_owned());
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
+        Ok(Ok(info)) => Ok(info),
+        Ok(Err(e)) => Err(Stop::Retry(e)),
+        Err(_) => Err(Stop::Retry(format!("Redis at {redis} did not answer INFO within {timeout_ms} ms"))),
+    }
+}
+
+/// Sends one command to the local Redis and returns its first reply line.
+async fn redis_command(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<String, Stop> {
+    let fut = async {
+        let mut s = TcpStream::connect(redis).await.map_err(|e| e.to_string())?;
+        s.write_all(&encode_command(args)).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !buf.ends_with(b"\r\n") {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("Redis closed the connection".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok(String::from_utf8_lossy(&buf).trim_end().to_string())
+    };
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
+        Ok(r) => r.map_err(Stop::Retry),
+        Err(_) => Err(Stop::Retry(format!("Redis at {redis} did not answer within {timeout_ms} ms"))),
+    }
+}
+
+/// Feeds the local Redis as a replica until this node takes the lease.
+async fn follow(
+    cfg: &NodeConfig,
+    journal: &Arc<JournalClient>,
+    feeder: &Feeder,
+    listener: &TcpListener,
+    feed_port: u16,
+    me: &str,
+) -> Result<(), Stop> {
+    let p = &cfg.primary;
+    let port = feed_port.to_string();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let candidate = Candidate {
+        me: me.to_string(),
+        lease_ms: p.lease_ms,
+        // 0..lease/4, fixed per node.
+        backoff_ms: u64::from_str_radix(&me[..4], 16).unwrap_or(0) % (p.lease_ms / 4).max(1),
+        poll_ms: cfg.poll_ms,
+    };
+    let elect = async {
+        let mut logged = "";
+        loop {
+            // Keep Redis a replica of the feeder.
+            let info = redis_info(&p.redis, p.lease_ms).await?;
+            let feeding = info_field(&info, "role") == Some("slave")
+                && info_field(&info, "master_host") == Some("127.0.0.1")
+                && info_field(&info, "master_port") == Some(port.as_str());
+            if !feeding {
+                let r = redis_command(&p.redis, &[b"REPLICAOF", b"127.0.0.1", port.as_bytes()], p.lease_ms).await?;
+                tracing::info!(reply = %r, feed_port, "the local Redis now replicates from the journal");
+            }
+            let view = match journal.stream_info(&p.stream).await {
+                Ok(i) => StreamView { leader: i.leader_uuid, deadline_unix_ms: i.lease_deadline_unix_ms, last_seq: i.last_seq },
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal unavailable");
+                    tokio::time::sleep(Duration::from_millis(cfg.poll_ms)).await;
+                    continue;
+                }
+            };
+            let progress = *feeder.progress.borrow();
+            let applied: u64 = info_field(&info, "slave_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+            let link_up = info_field(&info, "master_link_status") == Some("up");
+            let applied_seq = if feeding && link_up && progress.fed_seq > 0 && applied == progress.fed_offset { progress.fed_seq } else { 0 };
+            match candidate.step(&view, applied_seq, now_unix_ms()) {
+                Step::Wait { ms, why } => {
+                    if why != logged {
+                        tracing::info!(why, leader = %view.leader, last_seq = view.last_seq, applied_seq, "following");
+                        logged = why;
+                    }
+                    tokio::time::sleep(Duration::from_millis(ms.max(1))).await;
+                }
+                Step::Take { caught_up_seq } => match journal.take_lease(&p.stream, me, caught_up_seq, p.lease_ms).await {
+                    Ok(l) => {
+                        tracing::info!(old_leader = %view.leader, last_seq = l.last_seq, "took the lease");
+                        return Ok(());
+                    }
+                    Err(e @ JournalError::Rejected { .. }) => {
+                        tracing::info!(reason = %e, "lease not taken");
+                        tokio::time::sleep(Duration::from_millis(cfg.poll_ms)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "take-lease failed");
+                        tokio::time::sleep(Duration::from_millis(cfg.poll_ms)).await;
+                    }
+                },
+            }
+        }
+    };
+    let r = tokio::select! {
+        r = elect => r,
+        _ = feeder.serve(listener, stop_rx) => Err(Stop::Retry("feeder stopped".into())),
+    };
+    let _ = stop_tx.send(true);
+    r
+}
+
+/// Keeps this node listed in the stream's `members` metadata.
+async fn keep_registered(journal: Arc<JournalClient>, stream: String, me: Member) {
+    loop {
+        let registered = async {
+            let old = journal.get_meta(&stream, MEMBERS_KEY).await.map_err(|e| e.to_string())?;
+            let mut members = old.as_deref().map(parse_members).unwrap_or_default();
+            if members.iter().any(|m| *m == me) {
+                return Ok::<bool, String>(true);
+            }
+            members.retain(|m| m.uuid != me.uuid);
+            members.push(me.clone());
+            journal.cas_meta(&stream, MEMBERS_KEY, old, render_members(&members)).await.map_err(|e| e.to_string())?;
+            tracing::info!(members = members.len(), "registered in the stream's members");
+            Ok(true)
+        };
+        let pause = match registered.await {
+            Ok(_) => 5_000,
+            Err(e) => {
+                tracing::debug!(error = %e, "not registered yet");
+                500
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_round_trip_and_junk_lines_are_skipped() {
+        let ms = vec![
+            Member { uuid: "a".into(), redis: "127.0.0.1:6379".into(), sentinel: "127.0.0.1:26379".into() },
+            Member { uuid: "b".into(), redis: "127.0.0.1:6380".into(), sentinel: String::new() },
+        ];
+        assert_eq!(parse_members(&render_members(&ms)), ms);
+        assert_eq!(parse_members(b"junk\n\xff\xfe\na r s\n").len(), 1);
+    }
+}
