@@ -1,8 +1,12 @@
-//! The sidecar of Keel: runs beside each redis-server and does the talking:
-//! journals the primary's replication stream as the stream's fenced leader
-//! and acknowledges durable offsets to the module. (Replicas, election and
-//! discovery come next.)
+//! The sidecar of Keel: runs beside each redis-server and does the talking.
+//! A node follows the journal stream (feeding its Redis as a replica), takes
+//! the lease when the primary's lapses, then leads: it journals its Redis's
+//! replication stream and acknowledges durable offsets to the module.
 
+pub mod feeder;
+pub mod history;
+pub mod lease;
+pub mod node;
 pub mod primary;
 pub mod record;
 pub mod resp;
