@@ -835,17 +835,28 @@ fn take_answer(bc: Blocked) -> Option<Box<Answer>> {
     })
 }
 
-/// Sends the kept replies of durable clients.
+/// Sends the kept replies of durable clients; but a node whose lease lapsed
+/// acknowledges nothing (another node may lead by now): its clients learn
+/// that the outcome is unknown.
 fn release(clients: Vec<Blocked>) {
-    {
+    let serving = {
         let mut st = state();
         st.released_total += clients.len() as u64;
         for bc in &clients {
             blocking::forget_popped(&mut st, *bc);
         }
-    }
+        st.gate.decide(gate::monotonic_ms()) == Decision::Serve
+    };
     for bc in clients {
         match take_answer(bc) {
+            Some(_) if !serving => unblock(
+                bc,
+                Answer::Error(
+                    "KEEL_UNCONFIRMED this node's primary lease lapsed before it could confirm the write; \
+                     the write may or may not be durable"
+                        .into(),
+                ),
+            ),
             Some(a) => unblock(bc, *a),
             None => unblock(bc, Answer::Error("KEEL_UNKNOWN internal error: reply lost".into())),
         }
@@ -1151,7 +1162,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ("keel.ack", keel_ack, "admin fast no-monitor"),
             ("keel.fenced", keel_fenced, "admin no-monitor"),
             ("keel.leader", keel_leader, "admin no-monitor"),
-            ("keel.lease", keel_lease, "admin fast no-monitor"),
+            ("keel.lease", keel_lease, "admin fast no-monitor allow-busy allow-loading allow-stale"),
             ("keel.nolease", keel_nolease, "fast allow-loading allow-stale"),
         ];
         for (name, f, flags) in commands {

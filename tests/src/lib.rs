@@ -345,8 +345,15 @@ impl KeelPrimary {
 
     /// The journaled stream, decoded into commands (lower-cased names).
     pub fn journaled_commands(&self) -> Vec<Vec<String>> {
+        journaled_commands(&self.journal.endpoints(), &self.stream)
+    }
+}
+
+/// A journaled stream, decoded into commands, in journal order.
+pub fn journaled_commands(endpoints: &str, stream: &str) -> Vec<Vec<String>> {
+    {
         let out = Command::new(bin("keel-sidecar"))
-            .args(["decode", "--journal", &self.journal.endpoints(), "--stream", &self.stream])
+            .args(["decode", "--journal", endpoints, "--stream", stream])
             .output()
             .unwrap();
         assert!(out.status.success(), "decode failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -381,6 +388,15 @@ impl Resp {
         s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         Resp { stream: std::io::BufReader::new(s) }
+    }
+
+    /// Connects with a read timeout (no panic when the server is down).
+    pub fn try_connect(addr: &str, timeout: Duration) -> std::io::Result<Resp> {
+        let a: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+        let s = std::net::TcpStream::connect_timeout(&a, timeout)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(timeout))?;
+        Ok(Resp { stream: std::io::BufReader::new(s) })
     }
 
     pub fn try_cmd(&mut self, args: &[&str]) -> std::io::Result<String> {

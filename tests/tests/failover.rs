@@ -1,0 +1,259 @@
+//! Replicas, lease-based failover and fencing, end to end: journal
+//! processes, redis-servers with the module and `keel-sidecar node`s.
+//!
+//! Every test runs writers that write numbered keys to every node at once
+//! and log what each node acknowledged, then checks:
+//! - no acknowledged write is lost: each is on the final primary and in
+//!   the journal;
+//! - no two nodes acknowledged writes in overlapping periods: ordered by
+//!   the time the client received them, acknowledgements come in one run
+//!   per tenure (A…A B…B), never interleaved.
+//!
+//! The tests share the machine's two cores and time-sensitive leases, so
+//! they run one at a time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use std::time::Instant;
+
+use keel_tests::KeelCluster;
+use keel_tests::Resp;
+use keel_tests::Server;
+use keel_tests::journaled_commands;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const LEASE_MS: u64 = 1000;
+
+#[derive(Debug, Clone)]
+struct Ack {
+    key: String,
+    node: usize,
+    at: Instant,
+}
+
+/// One writer per node, each writing `w<node>:<n>` keys to its node only,
+/// whatever its role; acknowledged ones are logged.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Vec<Ack>>>,
+}
+
+impl Writers {
+    fn start(c: &KeelCluster) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = c
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(node, n)| {
+                let (addr, stop) = (n.addr(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut acks = Vec::new();
+                    let mut conn: Option<Resp> = None;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let key = format!("w{node}:{n}");
+                        if conn.is_none() {
+                            conn = Resp::try_connect(&addr, Duration::from_secs(2)).ok();
+                        }
+                        let Some(c) = conn.as_mut() else {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        };
+                        match c.try_cmd(&["SET", &key, &n.to_string()]) {
+                            Ok(r) if r == "+OK" => acks.push(Ack { key, node, at: Instant::now() }),
+                            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+                            Err(_) => conn = None,
+                        }
+                    }
+                    acks
+                })
+            })
+            .collect();
+        Writers { stop, threads }
+    }
+
+    fn finish(self) -> Vec<Ack> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all: Vec<Ack> = self.threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort_by_key(|a| a.at);
+        all
+    }
+}
+
+/// The checks every scenario ends with; returns the acknowledgement runs
+/// (node, count) in time order.
+fn check(c: &KeelCluster, acks: &[Ack]) -> Vec<(usize, usize)> {
+    assert!(!acks.is_empty(), "no write was acknowledged at all");
+    let p = c.wait_new_primary(None, Duration::from_secs(10));
+    // Acknowledgements by time: one run per tenure.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for a in acks {
+        match runs.last_mut() {
+            Some((n, k)) if *n == a.node => *k += 1,
+            _ => runs.push((a.node, 1)),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (n, _) in &runs {
+        assert!(seen.insert(*n), "node {n} acknowledged writes in two separate periods, interleaved with another node: {runs:?}");
+    }
+    // Nothing acknowledged is lost: on the primary, and in the journal.
+    let mut r = Resp::connect(&c.nodes[p].addr());
+    for a in acks {
+        let want = a.key.split(':').nth(1).unwrap();
+        assert_eq!(r.cmd(&["GET", &a.key]), want, "acknowledged {} (by node {}) is not on the primary", a.key, a.node);
+    }
+    let journaled: std::collections::HashSet<String> = journaled_commands(&c.journal.endpoints(), "shard-1")
+        .into_iter()
+        .filter(|cmd| cmd.len() == 3 && cmd[0].eq_ignore_ascii_case("set"))
+        .map(|cmd| cmd[1].clone())
+        .collect();
+    for a in acks {
+        assert!(journaled.contains(&a.key), "acknowledged {} is not in the journal", a.key);
+    }
+    runs
+}
+
+/// The time from `since` until node `node` acknowledges a write.
+fn time_to_first_ack(acks: &[Ack], node: usize, since: Instant) -> Option<Duration> {
+    acks.iter().find(|a| a.node == node && a.at > since).map(|a| a.at - since)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_serves_reads_refuses_writes_and_catches_up_by_itself() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    for i in 0..50 {
+        assert_eq!(p.cmd(&["SET", &format!("k{i}"), &i.to_string()]), "+OK");
+    }
+    assert_eq!(p.cmd(&["RPUSH", "l", "a", "b"]), ":2");
+    let until = |f: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(20), "timed out");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let get = |addr: &str, k: &str| Resp::try_connect(addr, Duration::from_secs(2)).and_then(|mut r| r.try_cmd(&["GET", k])).unwrap_or_default();
+    let replica = c.nodes[1].addr();
+    until(&|| get(&replica, "k49") == "49");
+    let mut r = Resp::connect(&replica);
+    assert_eq!(r.cmd(&["LLEN", "l"]), ":2");
+    assert_eq!(r.cmd(&["LINDEX", "l", "1"]), "b");
+    let refused = r.cmd(&["SET", "x", "1"]);
+    assert!(refused.starts_with("-READONLY"), "{refused}");
+    assert_eq!(c.nodes[1].info_field("keel", "keel_role").as_deref(), Some("replica"));
+
+    // kill -9 the replica's Redis; restarted empty, it is rebuilt from the
+    // journal (never from the primary) and follows new writes.
+    c.nodes[1].kill_redis();
+    assert_eq!(p.cmd(&["SET", "while-down", "1"]), "+OK");
+    c.nodes[1].start_redis();
+    c.wait_replica_synced(1, Duration::from_secs(20));
+    until(&|| get(&replica, "while-down") == "1");
+    assert_eq!(get(&replica, "k7"), "7");
+
+    // kill -9 the replica's sidecar: Redis keeps its data; the restarted
+    // sidecar continues it from its own offset.
+    c.nodes[1].kill_sidecar();
+    assert_eq!(p.cmd(&["SET", "sidecar-down", "1"]), "+OK");
+    c.nodes[1].start_sidecar();
+    until(&|| get(&replica, "sidecar-down") == "1");
+    let log = std::fs::read_to_string(c.nodes[1].dir.join("sidecar.log")).unwrap();
+    assert!(log.contains("continues from its own offset"), "the restarted sidecar made a full resync:\n{log}");
+    // The primary never served a replica: no full sync on it beyond the
+    // sidecar's first attach.
+    assert_eq!(c.nodes[0].info_field("stats", "sync_full").as_deref(), Some("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_primary_redis_fails_over_to_a_replica() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 3, LEASE_MS).await;
+    let w = Writers::start(&c);
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = Instant::now();
+    c.nodes[0].kill_redis();
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1000));
+    let acks = w.finish();
+    let failover = time_to_first_ack(&acks, np, killed_at).expect("the new primary acknowledged nothing");
+    eprintln!("failover: kill -9 of the primary redis-server -> node {np} acknowledged a write after {failover:?}");
+    let runs = check(&c, &acks);
+    assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, np], "{runs:?}");
+    // The old node, restarted empty, rejoins as a replica.
+    c.nodes[0].start_redis();
+    c.wait_replica_synced(0, Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_primary_is_replaced_and_acknowledges_nothing_after_it_wakes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    let w = Writers::start(&c);
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = c.nodes[0].redis_pid();
+    keel_tests::signal(pid, "STOP");
+    let stopped_at = Instant::now();
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    assert_eq!(np, 1);
+    std::thread::sleep(Duration::from_millis(3 * LEASE_MS).saturating_sub(stopped_at.elapsed()));
+    keel_tests::signal(pid, "CONT");
+    let woke_at = Instant::now();
+    c.wait_replica_synced(0, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let acks = w.finish();
+    eprintln!(
+        "failover: SIGSTOP of the primary -> node 1 acknowledged a write after {:?}",
+        time_to_first_ack(&acks, 1, stopped_at).expect("node 1 acknowledged nothing")
+    );
+    let late: Vec<&Ack> = acks.iter().filter(|a| a.node == 0 && a.at > woke_at).collect();
+    assert!(late.is_empty(), "the old primary acknowledged writes after it woke up: {late:?}");
+    check(&c, &acks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_primary_sidecar_hands_over_and_the_node_rejoins() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    let w = Writers::start(&c);
+    std::thread::sleep(Duration::from_millis(1000));
+    let killed_at = Instant::now();
+    c.nodes[0].kill_sidecar();
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    eprintln!("failover: kill -9 of the primary's sidecar -> node {np} is primary after {:?}", killed_at.elapsed());
+    c.nodes[0].start_sidecar();
+    c.wait_replica_synced(0, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let acks = w.finish();
+    check(&c, &acks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_journal_node_during_writes_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 3, 2, LEASE_MS).await;
+    let w = Writers::start(&c);
+    std::thread::sleep(Duration::from_millis(1000));
+    let leader = c.journal.wait_leader().await;
+    c.journal.kill(leader);
+    std::thread::sleep(Duration::from_millis(4000));
+    let acks = w.finish();
+    let after = acks.iter().filter(|a| a.at > acks[0].at + Duration::from_millis(3500)).count();
+    assert!(after > 0, "no write was acknowledged after the journal leader died");
+    let mut per_node: BTreeMap<usize, usize> = BTreeMap::new();
+    for a in &acks {
+        *per_node.entry(a.node).or_default() += 1;
+    }
+    eprintln!("acknowledged per node across the loss of journal node {leader}: {per_node:?}");
+    check(&c, &acks);
+}
