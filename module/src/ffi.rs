@@ -59,6 +59,8 @@ pub(crate) struct State {
     /// The journal stream and this node's leader uuid (from the sidecar).
     pub(crate) leader_uuid: String,
     pub(crate) stream: String,
+    /// A replica: how far the journal reaches, as its sidecar last said.
+    pub(crate) journal_offset: u64,
     /// Blocking pops waiting for data (see blocking.rs).
     pub(crate) waiters: Waiters<Waiter>,
     pub(crate) waiter_of: HashMap<usize, WaiterId>,
@@ -94,14 +96,14 @@ pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [
 }
 
 /// The module's own commands: never rewritten again.
-const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease"];
+const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following"];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
 /// which client sent a command (Redis 7.0; see `maybe_in_multi`).
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following",
 ];
 /// Routed commands served during a busy script (KEEL.TB, `deny-script`).
 const BUSY_SAFE: &[&str] = &["multi", "exec", "discard", "watch", "unwatch", "shutdown"];
@@ -943,6 +945,30 @@ extern "C" fn keel_lease(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Red
     }
 }
 
+/// `KEEL.FOLLOWING <leader uuid> <stream> <journal offset>`: a replica's
+/// sidecar reports whom it follows and how far the journal reaches.
+extern "C" fn keel_following(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if argc != 4 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        let mut off: i64 = 0;
+        if raw::RedisModule_StringToLongLong.unwrap()(*argv.add(3), &mut off) != raw::REDISMODULE_OK as c_int || off < 0 {
+            return reply_error(ctx, "ERR offset must be a non-negative integer");
+        }
+        let mut st = state();
+        if !st.gate.is_replica() {
+            drop(st);
+            return reply_error(ctx, "ERR this node is not a replica");
+        }
+        st.leader_uuid = String::from_utf8_lossy(string_bytes(*argv.add(1))).into_owned();
+        st.stream = String::from_utf8_lossy(string_bytes(*argv.add(2))).into_owned();
+        st.journal_offset = off as u64;
+        drop(st);
+        reply_ok(ctx)
+    }
+}
+
 /// `KEEL.NOLEASE cmd…`: a data command this node must not serve now.
 extern "C" fn keel_nolease(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::RedisModuleString, _argc: c_int) -> c_int {
     let why = match state().gate.decide(gate::monotonic_ms()) {
@@ -1010,6 +1036,18 @@ unsafe fn master_repl_offset(ctx: *mut raw::RedisModuleCtx) -> u64 {
     } else {
         v
     }
+}
+
+/// `master_repl_offset` as INFO reports it (0 when unknown).
+unsafe fn repl_offset() -> u64 {
+    let info = raw::RedisModule_GetServerInfo.unwrap()(std::ptr::null_mut(), c"replication".as_ptr());
+    if info.is_null() {
+        return 0;
+    }
+    let mut err: c_int = 0;
+    let v = raw::RedisModule_ServerInfoGetFieldUnsigned.unwrap()(info, c"master_repl_offset".as_ptr(), &mut err);
+    raw::RedisModule_FreeServerInfo.unwrap()(std::ptr::null_mut(), info);
+    if err != 0 { 0 } else { v }
 }
 
 /// Keyspace notifications: every write notifies; a watched key's watchers
@@ -1094,14 +1132,32 @@ extern "C" fn on_client(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEv
 
 #[info_command_handler]
 fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
+    let applied = unsafe { repl_offset() };
     let st = state();
+    let now = gate::monotonic_ms();
+    let remaining = st.gate.lease_remaining_ms(now);
+    let deadline_unix_ms = if remaining == 0 {
+        0
+    } else {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0) + remaining
+    };
+    // A primary lags by what it applied and the journal does not hold yet;
+    // a replica by what the journal holds and it has not applied.
+    let (durable, lag) = if st.gate.is_replica() {
+        (st.journal_offset, st.journal_offset.saturating_sub(applied))
+    } else {
+        (st.holds.durable_offset(), applied.saturating_sub(st.holds.durable_offset()))
+    };
     ctx.builder()
         .add_section("keel")
-        .field("role", st.gate.role_name(gate::monotonic_ms()))?
-        .field("lease_remaining_ms", st.gate.lease_remaining_ms(gate::monotonic_ms()).to_string())?
+        .field("role", st.gate.role_name(now))?
+        .field("lease_remaining_ms", remaining.to_string())?
+        .field("lease_deadline_unix_ms", deadline_unix_ms.to_string())?
+        .field("applied_offset", applied.to_string())?
+        .field("lag_bytes", lag.to_string())?
         .field("leader_uuid", st.leader_uuid.clone())?
         .field("stream", st.stream.clone())?
-        .field("durable_offset", st.holds.durable_offset().to_string())?
+        .field("durable_offset", durable.to_string())?
         .field("pending_replies", st.holds.len().to_string())?
         .field("open_transactions", st.txs.open_count().to_string())?
         .field("blocked_waiting", st.waiters.len().to_string())?
@@ -1145,13 +1201,14 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         reads,
         leader_uuid: String::new(),
         stream: String::new(),
+        journal_offset: 0,
         released_total: 0,
         timed_out_total: 0,
     }));
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 12] = [
+        let commands: [(&str, CmdFn, &str); 13] = [
             ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
@@ -1164,6 +1221,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ("keel.leader", keel_leader, "admin no-monitor"),
             ("keel.lease", keel_lease, "admin fast no-monitor allow-busy allow-loading allow-stale"),
             ("keel.nolease", keel_nolease, "fast allow-loading allow-stale"),
+            ("keel.following", keel_following, "admin fast no-monitor allow-loading allow-stale"),
         ];
         for (name, f, flags) in commands {
             let (n, fl) = (cstr(name), cstr(flags));

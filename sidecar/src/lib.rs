@@ -10,3 +10,4 @@ pub mod node;
 pub mod primary;
 pub mod record;
 pub mod resp;
+pub mod sentinel;

@@ -40,6 +40,10 @@ use crate::primary::PrimaryConfig;
 use crate::primary::Stop;
 use crate::primary::info_field;
 use crate::resp::encode_command;
+use crate::sentinel;
+use crate::sentinel::Addr;
+use crate::sentinel::SentinelPeer;
+use crate::sentinel::View;
 
 /// Every bound of a node.
 #[derive(Debug, Clone)]
@@ -122,7 +126,16 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         redis: cfg.primary.redis.clone(),
         sentinel: cfg.sentinel_listen.clone().unwrap_or_default(),
     };
-    tokio::spawn(keep_registered(journal.clone(), cfg.primary.stream.clone(), me_member));
+    tokio::spawn(keep_registered(journal.clone(), cfg.primary.stream.clone(), me_member.clone()));
+    if let Some(addr) = &cfg.sentinel_listen {
+        let listener = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => return Stop::Fatal(format!("discovery endpoint {addr}: {e}")),
+        };
+        let (tx, rx) = watch::channel(View { master_name: cfg.master_name.clone(), ..View::default() });
+        tokio::spawn(sentinel::serve(listener, rx));
+        tokio::spawn(keep_view(journal.clone(), cfg.primary.stream.clone(), me_member, cfg.master_name.clone(), cfg.poll_ms, tx));
+    }
     let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone());
     loop {
         let info = match journal.stream_info(&cfg.primary.stream).await {
@@ -252,6 +265,13 @@ async fn follow(
                 }
             };
             let progress = *feeder.progress.borrow();
+            if feeding {
+                let end = feeder.history.lock().unwrap().end().unwrap_or(0).to_string();
+                let args: [&[u8]; 4] = [b"KEEL.FOLLOWING", view.leader.as_bytes(), p.stream.as_bytes(), end.as_bytes()];
+                if let Err(e) = redis_command(&p.redis, &args, p.lease_ms).await {
+                    tracing::debug!(error = %e, "KEEL.FOLLOWING");
+                }
+            }
             let applied: u64 = info_field(&info, "slave_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
             let link_up = info_field(&info, "master_link_status") == Some("up");
             let applied_seq = if feeding && link_up && progress.fed_seq > 0 && applied == progress.fed_offset { progress.fed_seq } else { 0 };
@@ -314,6 +334,59 @@ async fn keep_registered(journal: Arc<JournalClient>, stream: String, me: Member
     }
 }
 
+fn addr_of(s: &str) -> Option<Addr> {
+    let (host, port) = s.rsplit_once(':')?;
+    Some(Addr { host: host.to_string(), port: port.parse().ok()? })
+}
+
+/// A node's run id for discovery: its uuid's hex digits, padded to 40.
+fn run_id(uuid: &str) -> String {
+    let hex: String = uuid.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    format!("{hex:0<40}")
+}
+
+/// What discovery answers, from the journal's view of the stream: the
+/// leader is the primary while its lease is live (during an election there
+/// is none, and clients retry); every other member is a replica.
+pub fn view_of(members: &[Member], leader: &str, lease_live: bool, me: &Member, master_name: &str, epoch: u64) -> View {
+    let peer = |m: &Member| addr_of(&m.sentinel).map(|addr| SentinelPeer { addr, run_id: run_id(&m.uuid) });
+    View {
+        master_name: master_name.to_string(),
+        master: if lease_live { members.iter().find(|m| m.uuid == leader).and_then(|m| addr_of(&m.redis)) } else { None },
+        replicas: members.iter().filter(|m| m.uuid != leader).filter_map(|m| addr_of(&m.redis)).collect(),
+        sentinels: members.iter().filter_map(peer).collect(),
+        me: peer(me),
+        epoch,
+    }
+}
+
+/// Refreshes the discovery view from the journal every `poll_ms`.
+async fn keep_view(journal: Arc<JournalClient>, stream: String, me: Member, master_name: String, poll_ms: u64, tx: watch::Sender<View>) {
+    let mut last_leader = String::new();
+    let mut epoch = 0u64;
+    loop {
+        let info = journal.stream_info(&stream).await;
+        let members = journal.get_meta(&stream, MEMBERS_KEY).await;
+        if let (Ok(info), Ok(members)) = (info, members) {
+            let members = members.as_deref().map(parse_members).unwrap_or_default();
+            if info.leader_uuid != last_leader {
+                last_leader = info.leader_uuid.clone();
+                epoch += 1;
+            }
+            let live = !info.leader_uuid.is_empty() && info.lease_deadline_unix_ms > now_unix_ms();
+            let view = view_of(&members, &info.leader_uuid, live, &me, &master_name, epoch);
+            tx.send_if_modified(|v| {
+                let changed = *v != view;
+                if changed {
+                    *v = view;
+                }
+                changed
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(poll_ms)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +399,19 @@ mod tests {
         ];
         assert_eq!(parse_members(&render_members(&ms)), ms);
         assert_eq!(parse_members(b"junk\n\xff\xfe\na r s\n").len(), 1);
+    }
+
+    #[test]
+    fn discovery_names_the_leader_only_while_its_lease_is_live() {
+        let m = |u: &str, r: &str, s: &str| Member { uuid: u.into(), redis: r.into(), sentinel: s.into() };
+        let ms = vec![m("a", "127.0.0.1:1", "127.0.0.1:11"), m("b", "127.0.0.1:2", "127.0.0.1:12"), m("c", "127.0.0.1:3", "")];
+        let v = view_of(&ms, "b", true, &ms[0], "keel", 3);
+        assert_eq!(v.master, Some(Addr { host: "127.0.0.1".into(), port: 2 }));
+        assert_eq!(v.replicas.iter().map(|a| a.port).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(v.sentinels.len(), 2, "a member without an endpoint is no sentinel");
+        assert_eq!(v.me.as_ref().unwrap().addr.port, 11);
+        assert_eq!(v.me.as_ref().unwrap().run_id.len(), 40);
+        assert_eq!(view_of(&ms, "b", false, &ms[0], "keel", 3).master, None);
+        assert_eq!(view_of(&ms, "zzz", true, &ms[0], "keel", 3).master, None, "a leader that never registered");
     }
 }

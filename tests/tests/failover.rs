@@ -257,3 +257,61 @@ async fn losing_one_journal_node_during_writes_loses_nothing() {
     eprintln!("acknowledged per node across the loss of journal node {leader}: {per_node:?}");
     check(&c, &acks);
 }
+
+/// An unmodified redis-py Sentinel client, pointed at the nodes' discovery
+/// endpoints, keeps writing across a kill -9 of the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_py_sentinel_client_follows_the_failover() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    let sentinels: Vec<String> = c.nodes.iter().map(|n| n.sentinel_addr()).collect();
+    let script = r#"
+import sys, time
+from redis.sentinel import Sentinel
+sentinels = [(a.split(':')[0], int(a.split(':')[1])) for a in sys.argv[1].split(',')]
+s = Sentinel(sentinels, socket_timeout=1.0)
+m = s.master_for('keel', socket_timeout=1.0)
+end = time.time() + float(sys.argv[2])
+i = 0
+while time.time() < end:
+    i += 1
+    try:
+        m.set('py:%d' % i, i)
+        print('ok py:%d %d' % (i, m.connection_pool.get_master_address()[1]), flush=True)
+    except Exception as e:
+        print('err py:%d %s' % (i, type(e).__name__), flush=True)
+        time.sleep(0.05)
+"#;
+    let child = std::process::Command::new("python3")
+        .args(["-c", script, &sentinels.join(","), "6"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/test installs redis-py)");
+    std::thread::sleep(Duration::from_millis(2000));
+    c.nodes[0].kill_redis();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "redis-py client failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let acked: Vec<(String, u16)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "ok").then_some(())?;
+            Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+        })
+        .collect();
+    let (old, new) = (c.nodes[0].port, c.nodes[1].port);
+    assert!(acked.iter().any(|a| a.1 == old), "redis-py never wrote to the first primary:\n{stdout}");
+    assert!(acked.iter().any(|a| a.1 == new), "redis-py did not follow the failover:\n{stdout}");
+    let p = c.wait_new_primary(Some(0), Duration::from_secs(5));
+    let mut r = Resp::connect(&c.nodes[p].addr());
+    for (key, _) in &acked {
+        assert_eq!(r.cmd(&["GET", key]), key.trim_start_matches("py:"), "{key} acknowledged to redis-py but lost");
+    }
+    eprintln!(
+        "redis-py across the failover: {} writes acknowledged, {} errors",
+        acked.len(),
+        stdout.lines().filter(|l| l.starts_with("err")).count()
+    );
+}
