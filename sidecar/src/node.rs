@@ -137,12 +137,13 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         tokio::spawn(keep_view(journal.clone(), cfg.primary.stream.clone(), me_member, cfg.master_name.clone(), cfg.poll_ms, tx));
     }
     let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone());
+    let mut quiet = Quiet::default();
     loop {
         let info = match journal.stream_info(&cfg.primary.stream).await {
             Ok(i) => Some(i),
             Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => None,
             Err(e) => {
-                tracing::warn!(error = %e, "journal unavailable");
+                quiet.warn("journal unavailable", &e.to_string());
                 tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
                 continue;
             }
@@ -155,7 +156,7 @@ pub async fn run(cfg: NodeConfig) -> Stop {
             match primary::lead(&cfg.primary, &journal, &me).await {
                 Stop::Fatal(m) => return Stop::Fatal(m),
                 Stop::Retry(m) => {
-                    tracing::warn!(why = %m, "leading interrupted");
+                    quiet.warn("leading interrupted", &m);
                     tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
                     continue;
                 }
@@ -164,13 +165,37 @@ pub async fn run(cfg: NodeConfig) -> Stop {
             }
         }
         match follow(&cfg, &journal, &feeder, &listener, feed_port, &me).await {
-            Ok(()) => tracing::info!("took the lease; leading"),
+            Ok(()) => {
+                quiet.clear();
+                tracing::info!("took the lease; leading")
+            }
             Err(Stop::Fatal(m)) => return Stop::Fatal(m),
             Err(e) => {
-                tracing::warn!(why = %e, "following interrupted");
+                quiet.warn("following interrupted", &e.to_string());
                 tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
             }
         }
+    }
+}
+
+/// Logs a repeated interruption (a Redis that stays down) once, not at
+/// every retry.
+#[derive(Default)]
+struct Quiet {
+    last: String,
+}
+
+impl Quiet {
+    fn warn(&mut self, what: &str, why: &str) {
+        let w = format!("{what}: {why}");
+        if w != self.last {
+            tracing::warn!(why, "{what} (retrying quietly)");
+            self.last = w;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.last.clear();
     }
 }
 
