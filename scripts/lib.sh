@@ -27,6 +27,10 @@ keel_install_deps() {
   done
   # bindgen (for the redis-module crate) needs libclang.
   ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=("libclang-dev")
+  # The network lab of the tests (tests/src/netlab.rs): namespaces with iproute2, partitions with nft
+  # (/usr/sbin may be missing from a non-root PATH).
+  command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=("iproute2")
+  command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=("nftables")
   if ((${#missing[@]})); then
     keel_log "installing apt packages: ${missing[*]}"
     local sudo=""

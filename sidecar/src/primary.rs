@@ -216,7 +216,19 @@ impl Control {
 
     /// Whether every command sent so far was answered.
     pub fn all_answered(&self) -> bool {
-        self.answered.load(std::sync::atomic::Ordering::Relaxed) >= self.sent
+        self.answered_through(self.sent)
+    }
+
+    /// Whether the first `n` commands sent were answered (replies come in
+    /// order). Under load some `KEEL.ACK` is always in flight, so liveness
+    /// is judged by one command's reply, not by all of them.
+    pub fn answered_through(&self, n: u64) -> bool {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed) >= n
+    }
+
+    /// How many commands were sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
     }
 }
 
@@ -327,6 +339,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     ctl.send(&[b"KEEL.LEADER", me.as_bytes(), cfg.stream.as_bytes()]).await?;
     let until = renewal.renewed(sent_at, monotonic_ms());
     ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?;
+    let mut lease_notice = ctl.sent();
     ctl.send(&[b"KEEL.ACK", offset.to_string().as_bytes()]).await?;
 
     let mut pending: Vec<u8> = Vec::new();
@@ -375,7 +388,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 ctl.send(&[b"KEEL.ACK", durable.to_string().as_bytes()]).await?;
             }
             _ = renew.tick() => {
-                if ctl.all_answered() {
+                if ctl.answered_through(lease_notice) {
                     renewal.redis_answered();
                 }
                 if !renewal.may_renew(monotonic_ms()) {
@@ -387,6 +400,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                     Ok(_) => {
                         let until = renewal.renewed(sent_at, monotonic_ms());
                         ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?;
+                        lease_notice = ctl.sent();
                     }
                     Err(JournalError::Fenced { message, .. }) => {
                         fence(&mut ctl, &message).await;

@@ -6,6 +6,8 @@
 //! executable's target directory (`target/<profile>/`); `scripts/test` builds
 //! them before running the tests.
 
+pub mod netlab;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::path::PathBuf;
