@@ -969,13 +969,29 @@ extern "C" fn keel_following(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw:
     }
 }
 
-/// `KEEL.NOLEASE cmd…`: a data command this node must not serve now.
-extern "C" fn keel_nolease(ctx: *mut raw::RedisModuleCtx, _argv: *mut *mut raw::RedisModuleString, _argc: c_int) -> c_int {
-    let why = match state().gate.decide(gate::monotonic_ms()) {
-        Decision::Refuse(why) => why,
-        _ => gate::LAPSED,
-    };
-    reply_error(ctx, why)
+/// `KEEL.NOLEASE cmd…`: a data command this node must not serve now. As
+/// Redis does with a command it rejects, a client inside MULTI has its
+/// transaction flagged (EXEC will abort it), and a refused EXEC discards it:
+/// a transaction never runs with a command missing.
+extern "C" fn keel_nolease(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        let id = raw::RedisModule_GetClientId.unwrap()(ctx);
+        let mut st = state();
+        if st.txs.in_multi(id) {
+            let exec = argc > 1 && string_bytes(*argv.add(1)).eq_ignore_ascii_case(b"exec");
+            if exec {
+                st.txs.discard(id);
+            } else {
+                st.txs.queue_error(id);
+            }
+        }
+        let why = match st.gate.decide(gate::monotonic_ms()) {
+            Decision::Refuse(why) => why,
+            _ => gate::LAPSED,
+        };
+        drop(st);
+        reply_error(ctx, why)
+    }
 }
 
 /// Redis changed role (the sidecar made it a replica to resync, or

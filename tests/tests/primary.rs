@@ -437,3 +437,39 @@ async fn deep_replies_undeclared_script_keys_and_info() {
     assert!(uuid::Uuid::parse_str(&uuid).is_ok(), "{full}");
     assert!(full.contains("keel_stream:shard-1"), "{full}");
 }
+
+/// A command refused inside MULTI because the lease lapsed is a queue-time
+/// error: once the lease is back, EXEC aborts the transaction instead of
+/// running it with the command missing (found by reading the chaos
+/// harness's transaction path; this test failed before the fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_missing_a_refused_command_never_runs() {
+    let p = KeelPrimary::start(Server::Redis, 1, &["write_timeout_ms=3000"]).await;
+    let mut c = Resp::connect(&p.addr());
+    assert_eq!(c.cmd(&["MULTI"]), "+OK");
+    assert_eq!(c.cmd(&["RPUSH", "tx", "a"]), "+QUEUED");
+    // No renewals: the module's lease lapses.
+    let sidecar = p.sidecar.as_ref().unwrap().id();
+    keel_tests::signal(sidecar, "STOP");
+    let t = Instant::now();
+    let refused = loop {
+        let r = c.cmd(&["RPUSH", "tx", "b"]);
+        if r != "+QUEUED" {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the lease never lapsed");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    keel_tests::signal(sidecar, "CONT");
+    assert!(refused.starts_with("-READONLY"), "{refused}");
+    // The lease comes back with the next renewal.
+    let mut probe = Resp::connect(&p.addr());
+    let t = Instant::now();
+    while probe.cmd(&["GET", "probe"]).starts_with("-READONLY") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the lease never came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let exec = c.cmd(&["EXEC"]);
+    assert!(exec.starts_with("-EXECABORT"), "EXEC ran a transaction missing a command: {exec}");
+    assert_eq!(probe.cmd(&["LLEN", "tx"]), ":0");
+}
