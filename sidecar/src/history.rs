@@ -123,7 +123,7 @@ impl History {
                     return Err(format!("record {seq} starts at offset {} but the stream reached {end}: a gap or an overlap", rec.start));
                 }
                 self.first_stream_seq.get_or_insert(seq);
-                if (seq - self.first_stream_seq.unwrap()) % CHECKPOINT_EVERY == 0 {
+                if (seq - self.first_stream_seq.unwrap()).is_multiple_of(CHECKPOINT_EVERY) {
                     self.checkpoints.push((seq, rec.start));
                 }
                 match self.tenures.back_mut() {

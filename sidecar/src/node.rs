@@ -339,7 +339,7 @@ async fn keep_registered(journal: Arc<JournalClient>, stream: String, me: Member
         let registered = async {
             let old = journal.get_meta(&stream, MEMBERS_KEY).await.map_err(|e| e.to_string())?;
             let mut members = old.as_deref().map(parse_members).unwrap_or_default();
-            if members.iter().any(|m| *m == me) {
+            if members.contains(&me) {
                 return Ok::<bool, String>(true);
             }
             members.retain(|m| m.uuid != me.uuid);
