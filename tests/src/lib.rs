@@ -6,8 +6,10 @@
 //! executable's target directory (`target/<profile>/`); `scripts/test` builds
 //! them before running the tests.
 
+pub mod checker;
+pub mod history;
+pub mod chaos;
 pub mod netlab;
-
 use std::net::TcpListener;
 use std::path::Path;
 use std::path::PathBuf;
@@ -28,9 +30,13 @@ pub fn bin(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("KEEL_BIN_DIR") {
         return PathBuf::from(dir).join(name);
     }
-    // target/<profile>/deps/<test-exe> -> target/<profile>/<name>
+    // target/<profile>/deps/<test-exe> or target/<profile>/<bin> ->
+    // target/<profile>/<name>
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(path.exists(), "{} not found: build it first (cargo build --bins) or set KEEL_BIN_DIR", path.display());
     path

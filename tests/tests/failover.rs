@@ -263,6 +263,8 @@ async fn kill_9_of_the_primary_redis_fails_over_to_a_replica() {
     let (acked, errors) = py.finish();
     check_py(&c, &acked, errors);
     assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, np], "{runs:?}");
+    // Promoted without a fork: its sidecar attached with PSYNC continuation.
+    assert_eq!(c.nodes[np].info_field("stats", "sync_full").as_deref(), Some("0"), "the promotion made a full sync");
     // The old node, restarted empty, rejoins as a replica.
     c.nodes[0].start_redis();
     c.wait_replica_synced(0, Duration::from_secs(20));
