@@ -288,25 +288,7 @@ impl KeelPrimary {
     }
 
     pub fn start_redis(&mut self) {
-        let log = self.dir.join("redis.log");
-        let child = Command::new(self.server.binary())
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(&log)
-            .arg("--loadmodule")
-            .arg(bin("libkeel_module.so"))
-            .args(&self.module_args)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.redis = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(self.addr()).is_err() {
-            assert!(Instant::now() < deadline, "redis did not start; see {}", log.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.redis = Some(spawn_redis(self.server, self.port, &self.dir, &self.module_args));
     }
 
     pub fn start_sidecar(&mut self) {
@@ -499,6 +481,31 @@ impl Resp {
     }
 }
 
+/// Starts a redis-server (or valkey-server) with the keel module on a
+/// loopback port, logging to `dir/redis.log`; returns once it accepts
+/// connections.
+pub fn spawn_redis(server: Server, port: u16, dir: &Path, module_args: &[String]) -> Child {
+    let log = dir.join("redis.log");
+    let child = Command::new(server.binary())
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(&log)
+        .arg("--loadmodule")
+        .arg(bin("libkeel_module.so"))
+        .args(module_args)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn redis-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis did not start; see {}", log.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// One Keel node of real processes: a redis-server (or valkey-server) with
 /// the module, and its sidecar (`keel-sidecar node`) with a discovery port.
 pub struct KeelNode {
@@ -539,25 +546,7 @@ impl KeelNode {
     }
 
     pub fn start_redis(&mut self) {
-        let log = self.dir.join("redis.log");
-        let child = Command::new(self.server.binary())
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(&log)
-            .arg("--loadmodule")
-            .arg(bin("libkeel_module.so"))
-            .arg("write_timeout_ms=3000")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.redis = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(self.addr()).is_err() {
-            assert!(Instant::now() < deadline, "redis did not start; see {}", log.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.redis = Some(spawn_redis(self.server, self.port, &self.dir, &["write_timeout_ms=3000".to_string()]));
     }
 
     pub fn start_sidecar(&mut self) {
