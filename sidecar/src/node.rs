@@ -74,29 +74,38 @@ impl NodeConfig {
 /// Metadata key listing the nodes of a stream.
 pub const MEMBERS_KEY: &str = "members";
 
-/// One node as registered: uuid, Redis address, discovery address.
+/// One node as registered: uuid, Redis address, discovery address, and
+/// when it last said it is alive (journal-independent wall clock, ms).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub uuid: String,
     pub redis: String,
     pub sentinel: String,
+    pub seen_unix_ms: u64,
 }
 
-/// `uuid redis sentinel` per line ("-" for no discovery endpoint).
+/// How often a node refreshes its entry, and after how long without a
+/// refresh discovery stops listing it (a node that is gone for good).
+pub const MEMBER_REFRESH_MS: u64 = 5_000;
+pub const MEMBER_STALE_MS: u64 = 4 * MEMBER_REFRESH_MS;
+
+/// `uuid redis sentinel seen_unix_ms` per line ("-" for no discovery
+/// endpoint); junk lines are skipped.
 pub fn parse_members(b: &[u8]) -> Vec<Member> {
     String::from_utf8_lossy(b)
         .lines()
         .filter_map(|l| {
             let mut w = l.split_whitespace();
             let (u, r, s) = (w.next()?, w.next()?, w.next()?);
-            Some(Member { uuid: u.into(), redis: r.into(), sentinel: if s == "-" { String::new() } else { s.into() } })
+            let seen_unix_ms = w.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+            Some(Member { uuid: u.into(), redis: r.into(), sentinel: if s == "-" { String::new() } else { s.into() }, seen_unix_ms })
         })
         .collect()
 }
 
 pub fn render_members(ms: &[Member]) -> Vec<u8> {
     ms.iter()
-        .map(|m| format!("{} {} {}\n", m.uuid, m.redis, if m.sentinel.is_empty() { "-" } else { &m.sentinel }))
+        .map(|m| format!("{} {} {} {}\n", m.uuid, m.redis, if m.sentinel.is_empty() { "-" } else { &m.sentinel }, m.seen_unix_ms))
         .collect::<String>()
         .into_bytes()
 }
@@ -125,6 +134,7 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         uuid: me.clone(),
         redis: cfg.primary.redis.clone(),
         sentinel: cfg.sentinel_listen.clone().unwrap_or_default(),
+        seen_unix_ms: 0,
     };
     tokio::spawn(keep_registered(journal.clone(), cfg.primary.stream.clone(), me_member.clone()));
     if let Some(addr) = &cfg.sentinel_listen {
@@ -339,17 +349,17 @@ async fn keep_registered(journal: Arc<JournalClient>, stream: String, me: Member
         let registered = async {
             let old = journal.get_meta(&stream, MEMBERS_KEY).await.map_err(|e| e.to_string())?;
             let mut members = old.as_deref().map(parse_members).unwrap_or_default();
-            if members.contains(&me) {
-                return Ok::<bool, String>(true);
-            }
+            let first = !members.iter().any(|m| m.uuid == me.uuid);
             members.retain(|m| m.uuid != me.uuid);
-            members.push(me.clone());
+            members.push(Member { seen_unix_ms: now_unix_ms(), ..me.clone() });
             journal.cas_meta(&stream, MEMBERS_KEY, old, render_members(&members)).await.map_err(|e| e.to_string())?;
-            tracing::info!(members = members.len(), "registered in the stream's members");
-            Ok(true)
+            if first {
+                tracing::info!(members = members.len(), "registered in the stream's members");
+            }
+            Ok::<bool, String>(true)
         };
         let pause = match registered.await {
-            Ok(_) => 5_000,
+            Ok(_) => MEMBER_REFRESH_MS,
             Err(e) => {
                 tracing::debug!(error = %e, "not registered yet");
                 500
@@ -373,13 +383,16 @@ fn run_id(uuid: &str) -> String {
 /// What discovery answers, from the journal's view of the stream: the
 /// leader is the primary while its lease is live (during an election there
 /// is none, and clients retry); every other member is a replica.
-pub fn view_of(members: &[Member], leader: &str, lease_live: bool, me: &Member, master_name: &str, epoch: u64) -> View {
+/// Members not refreshed for `MEMBER_STALE_MS` (before `now_unix_ms`) are
+/// left out, except the leader.
+pub fn view_of(members: &[Member], leader: &str, lease_live: bool, me: &Member, master_name: &str, epoch: u64, now_unix_ms: u64) -> View {
     let peer = |m: &Member| addr_of(&m.sentinel).map(|addr| SentinelPeer { addr, run_id: run_id(&m.uuid) });
+    let live = |m: &&Member| m.uuid == leader || m.seen_unix_ms + MEMBER_STALE_MS >= now_unix_ms;
     View {
         master_name: master_name.to_string(),
         master: if lease_live { members.iter().find(|m| m.uuid == leader).and_then(|m| addr_of(&m.redis)) } else { None },
-        replicas: members.iter().filter(|m| m.uuid != leader).filter_map(|m| addr_of(&m.redis)).collect(),
-        sentinels: members.iter().filter_map(peer).collect(),
+        replicas: members.iter().filter(live).filter(|m| m.uuid != leader).filter_map(|m| addr_of(&m.redis)).collect(),
+        sentinels: members.iter().filter(live).filter_map(peer).collect(),
         me: peer(me),
         epoch,
     }
@@ -399,7 +412,7 @@ async fn keep_view(journal: Arc<JournalClient>, stream: String, me: Member, mast
                 epoch += 1;
             }
             let live = !info.leader_uuid.is_empty() && info.lease_deadline_unix_ms > now_unix_ms();
-            let view = view_of(&members, &info.leader_uuid, live, &me, &master_name, epoch);
+            let view = view_of(&members, &info.leader_uuid, live, &me, &master_name, epoch, now_unix_ms());
             tx.send_if_modified(|v| {
                 let changed = *v != view;
                 if changed {
@@ -419,8 +432,8 @@ mod tests {
     #[test]
     fn members_round_trip_and_junk_lines_are_skipped() {
         let ms = vec![
-            Member { uuid: "a".into(), redis: "127.0.0.1:6379".into(), sentinel: "127.0.0.1:26379".into() },
-            Member { uuid: "b".into(), redis: "127.0.0.1:6380".into(), sentinel: String::new() },
+            Member { uuid: "a".into(), redis: "127.0.0.1:6379".into(), sentinel: "127.0.0.1:26379".into(), seen_unix_ms: 7 },
+            Member { uuid: "b".into(), redis: "127.0.0.1:6380".into(), sentinel: String::new(), seen_unix_ms: 0 },
         ];
         assert_eq!(parse_members(&render_members(&ms)), ms);
         assert_eq!(parse_members(b"junk\n\xff\xfe\na r s\n").len(), 1);
@@ -428,15 +441,22 @@ mod tests {
 
     #[test]
     fn discovery_names_the_leader_only_while_its_lease_is_live() {
-        let m = |u: &str, r: &str, s: &str| Member { uuid: u.into(), redis: r.into(), sentinel: s.into() };
-        let ms = vec![m("a", "127.0.0.1:1", "127.0.0.1:11"), m("b", "127.0.0.1:2", "127.0.0.1:12"), m("c", "127.0.0.1:3", "")];
-        let v = view_of(&ms, "b", true, &ms[0], "keel", 3);
+        let m = |u: &str, r: &str, s: &str| Member { uuid: u.into(), redis: r.into(), sentinel: s.into(), seen_unix_ms: 1_000_000 };
+        let mut ms = vec![m("a", "127.0.0.1:1", "127.0.0.1:11"), m("b", "127.0.0.1:2", "127.0.0.1:12"), m("c", "127.0.0.1:3", "")];
+        let now = 1_000_000 + MEMBER_STALE_MS;
+        let v = view_of(&ms, "b", true, &ms[0], "keel", 3, now);
         assert_eq!(v.master, Some(Addr { host: "127.0.0.1".into(), port: 2 }));
         assert_eq!(v.replicas.iter().map(|a| a.port).collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(v.sentinels.len(), 2, "a member without an endpoint is no sentinel");
         assert_eq!(v.me.as_ref().unwrap().addr.port, 11);
         assert_eq!(v.me.as_ref().unwrap().run_id.len(), 40);
-        assert_eq!(view_of(&ms, "b", false, &ms[0], "keel", 3).master, None);
-        assert_eq!(view_of(&ms, "zzz", true, &ms[0], "keel", 3).master, None, "a leader that never registered");
+        assert_eq!(view_of(&ms, "b", false, &ms[0], "keel", 3, now).master, None);
+        assert_eq!(view_of(&ms, "zzz", true, &ms[0], "keel", 3, now).master, None, "a leader that never registered");
+        // A member gone for good drops out; the leader never does.
+        let later = now + 1;
+        assert!(view_of(&ms, "b", true, &ms[0], "keel", 3, later).replicas.is_empty());
+        assert_eq!(view_of(&ms, "b", true, &ms[0], "keel", 3, later).master.map(|a| a.port), Some(2));
+        ms[2].seen_unix_ms = later;
+        assert_eq!(view_of(&ms, "b", true, &ms[0], "keel", 3, later).replicas.len(), 1);
     }
 }
