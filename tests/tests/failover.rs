@@ -247,8 +247,17 @@ async fn a_replica_serves_reads_refuses_writes_and_catches_up_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_primary_redis_fails_over_to_a_replica() {
+    kill_9_of_the_primary_fails_over(Server::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_primary_valkey_fails_over_to_a_replica() {
+    kill_9_of_the_primary_fails_over(Server::Valkey).await;
+}
+
+async fn kill_9_of_the_primary_fails_over(server: Server) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = KeelCluster::start(Server::Redis, 1, 3, LEASE_MS).await;
+    let mut c = KeelCluster::start(server, 1, 3, LEASE_MS).await;
     let w = Writers::start(&c);
     let py = PyClient::start(&c, 6.0);
     std::thread::sleep(Duration::from_millis(1500));
@@ -258,7 +267,7 @@ async fn kill_9_of_the_primary_redis_fails_over_to_a_replica() {
     std::thread::sleep(Duration::from_millis(1000));
     let acks = w.finish();
     let failover = time_to_first_ack(&acks, np, killed_at).expect("the new primary acknowledged nothing");
-    eprintln!("failover: kill -9 of the primary redis-server -> node {np} acknowledged a write after {failover:?}");
+    eprintln!("failover ({server:?}): kill -9 of the primary server -> node {np} acknowledged a write after {failover:?}");
     let runs = check(&c, &acks);
     let (acked, errors) = py.finish();
     check_py(&c, &acked, errors);
