@@ -205,7 +205,7 @@ impl Feeder {
                                 skip_to = decoded.start;
                                 fed = Some((seq, decoded.start));
                             }
-                            Kind::Rdb | Kind::RdbEnd => {}
+                            Kind::Rdb | Kind::RdbEnd | Kind::RdbAbort => {}
                             Kind::Stream => {
                                 if decoded.end <= skip_to {
                                     continue;

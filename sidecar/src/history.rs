@@ -3,7 +3,8 @@
 //! which byte histories a Redis asking for a partial resync may share with
 //! it.
 //!
-//! The stream is: the base RDB (records `Rdb`… then `RdbEnd` at offset X),
+//! The stream is: the base RDB (records `Rdb`… then `RdbEnd` at offset X;
+//! chunks of an unfinished base are voided by an `RdbAbort` before the next),
 //! then `Stream` records covering `[X, end)` contiguously. Each producer (a
 //! primary's tenure) stamps its own replication id; offsets continue across
 //! tenures.
@@ -106,6 +107,12 @@ impl History {
                     return Err(format!("record {seq}: a second base RDB after the stream started"));
                 }
                 self.rdb_first_seq.get_or_insert(seq);
+            }
+            Kind::RdbAbort => {
+                if self.base.is_some() {
+                    return Err(format!("record {seq}: a base RDB abort after the base was complete"));
+                }
+                self.rdb_first_seq = None;
             }
             Kind::RdbEnd => {
                 if self.base.is_some() {
@@ -228,6 +235,19 @@ mod tests {
         // Already seen records are ignored.
         h.observe(3, &rec(Kind::Stream, A, 100, 100)).unwrap();
         assert_eq!(h.end(), Some(500));
+    }
+
+    #[test]
+    fn an_aborted_base_is_skipped() {
+        let mut h = History::default();
+        h.observe(1, &rec(Kind::Rdb, A, 0, 10)).unwrap();
+        h.observe(2, &rec(Kind::Rdb, A, 0, 10)).unwrap();
+        assert_eq!(h.psync(ME, "?", -1), Psync::NotReady);
+        h.observe(3, &rec(Kind::RdbAbort, A, 0, 0)).unwrap();
+        h.observe(4, &rec(Kind::Rdb, B, 50, 10)).unwrap();
+        h.observe(5, &rec(Kind::RdbEnd, B, 50, 0)).unwrap();
+        assert_eq!(h.psync(ME, "?", -1), Psync::Full { offset: 50, first_seq: 4 });
+        assert!(h.observe(6, &rec(Kind::RdbAbort, B, 50, 0)).is_err(), "a complete base cannot be voided");
     }
 
     #[test]

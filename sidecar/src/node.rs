@@ -309,7 +309,17 @@ async fn follow(
             }
             let applied: u64 = info_field(&info, "slave_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
             let link_up = info_field(&info, "master_link_status") == Some("up");
-            let applied_seq = if feeding && link_up && progress.fed_seq > 0 && applied == progress.fed_offset { progress.fed_seq } else { 0 };
+            let mut applied_seq = if feeding && link_up && progress.fed_seq > 0 && applied == progress.fed_offset { progress.fed_seq } else { 0 };
+            if feeder.history.lock().unwrap().base().is_none() && view.last_seq > 0 {
+                // A stream whose first base RDB was never completed (its
+                // writer died mid-way): nothing was ever acknowledged on it,
+                // so there is nothing to catch up on; a new leader voids it
+                // and journals its own base.
+                let _ = feeder.refresh().await;
+                if feeder.history.lock().unwrap().base().is_none() {
+                    applied_seq = view.last_seq;
+                }
+            }
             match candidate.step(&view, applied_seq, now_unix_ms()) {
                 Step::Wait { ms, why } => {
                     if why != logged {

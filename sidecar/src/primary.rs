@@ -121,6 +121,12 @@ pub fn node_uuid(state_dir: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
+/// `journal_tail`'s replid when the stream ends inside a base RDB whose
+/// writer died (no write can have been acknowledged on such a stream).
+const INCOMPLETE_BASE: &str = "incomplete-base";
+/// `journal_tail`'s replid when the stream's last record voids a base.
+const NO_BASE: &str = "no-base";
+
 /// Where the journaled history ends, given the stream's last seq (as the
 /// lease reported it): (seq, replid, end offset).
 async fn journal_tail(journal: &JournalClient, stream: &str, last_seq: u64) -> Result<Option<(u64, String, u64)>, Stop> {
@@ -132,12 +138,12 @@ async fn journal_tail(journal: &JournalClient, stream: &str, last_seq: u64) -> R
     let rec = batch.into_iter().find(|r| r.seq == last_seq).ok_or_else(|| retry("last record not readable yet"))?;
     let rec = Record::decode(&rec.payload)
         .map_err(|e| Stop::Fatal(format!("stream {stream} record {last_seq} is not a Keel record: {e}")))?;
-    if rec.kind == Kind::Rdb {
-        return Err(Stop::Fatal(format!(
-            "stream {stream} ends inside a base RDB (record {last_seq}); it cannot be resumed"
-        )));
+    match rec.kind {
+        Kind::Rdb => Ok(Some((last_seq, INCOMPLETE_BASE.into(), rec.end))),
+        // Nothing after an abort: the stream holds no history yet.
+        Kind::RdbAbort => Ok(Some((last_seq, NO_BASE.into(), rec.end))),
+        _ => Ok(Some((last_seq, rec.replid, rec.end))),
     }
-    Ok(Some((last_seq, rec.replid, rec.end)))
 }
 
 /// Reads one `\r\n`-terminated line (Redis may send bare `\n` keep-alives
@@ -268,8 +274,19 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         Err(e) => return Err(retry(e)),
     };
     // Holding the lease, nobody else appends: its last seq is the tail.
-    let tail = journal_tail(journal, &cfg.stream, lease.last_seq).await?;
+    let mut tail = journal_tail(journal, &cfg.stream, lease.last_seq).await?;
     let mut last_seq = tail.as_ref().map(|t| t.0).unwrap_or(0);
+    if let Some((seq, id, _)) = &tail {
+        if id == INCOMPLETE_BASE || id == NO_BASE {
+            if id == INCOMPLETE_BASE {
+                // Its writer died mid-way: void it; this node's Redis gives the base.
+                let void = Record { kind: Kind::RdbAbort, replid: "0".repeat(40), start: 0, end: 0, payload: Vec::new() };
+                last_seq = append_exactly_once(journal.clone(), cfg.stream.clone(), me.into(), void, *seq, cfg.retry_pause_ms).await?.0;
+                tracing::warn!(record = last_seq, "voided an unfinished base RDB; journaling a new one");
+            }
+            tail = None;
+        }
+    }
 
     if info_field(&info, "role") == Some("slave") {
         // A replica fed from the journal, promoted without a fork or a sync.
@@ -329,7 +346,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 cfg.redis
             )));
         }
-        last_seq = journal_base_rdb(cfg, journal, me, &mut r, &replid, offset).await?;
+        last_seq = journal_base_rdb(cfg, journal, me, &mut r, &replid, offset, last_seq).await?;
         (replid, offset)
     } else {
         return Err(Stop::Fatal(format!("unexpected PSYNC answer from Redis: {answer:?}")));
@@ -437,7 +454,8 @@ async fn fence(ctl: &mut Control, why: &str) {
     let _ = ctl.send(&[b"KEEL.FENCED", why.as_bytes()]).await;
 }
 
-/// Journals the base RDB of a fresh history; returns the last seq.
+/// Journals the base RDB of a fresh history after record `after_seq` (0,
+/// or an `RdbAbort`); returns the last seq.
 async fn journal_base_rdb(
     cfg: &PrimaryConfig,
     journal: &Arc<JournalClient>,
@@ -445,6 +463,7 @@ async fn journal_base_rdb(
     r: &mut BufReader<OwnedReadHalf>,
     replid: &str,
     offset: u64,
+    after_seq: u64,
 ) -> Result<u64, Stop> {
     let header = read_line(r).await?;
     let len: usize = header
@@ -452,7 +471,7 @@ async fn journal_base_rdb(
         .and_then(|l| l.parse().ok())
         .ok_or_else(|| Stop::Fatal(format!("unexpected RDB header {header:?} (diskless EOF-marked sync is not supported)")))?;
     let mut left = len;
-    let mut last_seq = 0;
+    let mut last_seq = after_seq;
     while left > 0 {
         let n = left.min(MAX_PAYLOAD_BYTES);
         let mut chunk = vec![0u8; n];

@@ -10,7 +10,10 @@
 //! start u64 | end u64 | payload_len u32 | payload.
 //! Kinds: `Stream` (payload = stream bytes, `end - start == payload_len`),
 //! `Rdb` (a chunk of the base RDB the history starts from; start = end =
-//! the offset the RDB stands at), `RdbEnd` (the base RDB is complete).
+//! the offset the RDB stands at), `RdbEnd` (the base RDB is complete),
+//! `RdbAbort` (the `Rdb` chunks since the last `RdbEnd`/`RdbAbort` are void:
+//! their writer died before the base was complete, and the next leader
+//! starts a new one).
 
 pub const VERSION: u8 = 1;
 const HEADER_BYTES: usize = 1 + 1 + 40 + 8 + 8 + 4;
@@ -22,6 +25,7 @@ pub enum Kind {
     Stream = 1,
     Rdb = 2,
     RdbEnd = 3,
+    RdbAbort = 4,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +79,7 @@ impl Record {
             1 => Kind::Stream,
             2 => Kind::Rdb,
             3 => Kind::RdbEnd,
+            4 => Kind::RdbAbort,
             k => return Err(DecodeError::Kind(k)),
         };
         let replid = &b[2..42];
@@ -90,7 +95,7 @@ impl Record {
         }
         let fits = match kind {
             Kind::Stream => end.checked_sub(start) == Some(declared as u64),
-            Kind::Rdb | Kind::RdbEnd => start == end,
+            Kind::Rdb | Kind::RdbEnd | Kind::RdbAbort => start == end,
         };
         if !fits {
             return Err(DecodeError::Range { kind, start, end, len: declared });

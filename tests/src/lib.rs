@@ -619,6 +619,11 @@ pub struct KeelCluster {
 impl KeelCluster {
     pub async fn start(server: Server, journal_nodes: usize, nodes: usize, lease_ms: u64) -> KeelCluster {
         let journal = JournalCluster::start(journal_nodes).await;
+        KeelCluster::start_on(journal, server, nodes, lease_ms)
+    }
+
+    /// Nodes on a journal that is already running (and may hold a stream).
+    pub fn start_on(journal: JournalCluster, server: Server, nodes: usize, lease_ms: u64) -> KeelCluster {
         let root = journal.dir.path().to_path_buf();
         let endpoints = journal.endpoints();
         let mut c = KeelCluster { journal, nodes: Vec::new() };

@@ -379,3 +379,39 @@ async fn a_lagging_replica_cannot_take_the_lease() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The first primary died while journaling its base RDB: the stream ends
+/// inside an unfinished base, on which nothing was ever acknowledged. A
+/// node takes over once the lease lapses, voids it (`RdbAbort`) and
+/// journals its own base, instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_base_rdb_is_voided_by_the_next_leader() {
+    use keel_sidecar::record::Kind;
+    use keel_sidecar::record::Record;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let journal = keel_tests::JournalCluster::start(1).await;
+    let client = journal.client();
+    let dead = keel_tests::new_uuid();
+    client.set_leader("shard-1", &dead, "").await.unwrap();
+    let chunk = Record { kind: Kind::Rdb, replid: "a".repeat(40), start: 0, end: 0, payload: b"REDIS0010-half-an-rdb".to_vec() };
+    client.append("shard-1", &dead, vec![chunk.encode()], Some(0)).await.unwrap();
+    let c = KeelCluster::start_on(journal, Server::Redis, 2, LEASE_MS);
+    let mut r = Resp::connect(&c.nodes[0].addr());
+    assert_eq!(r.cmd(&["SET", "after", "1"]), "+OK");
+    let decoded = std::process::Command::new(keel_tests::bin("keel-sidecar"))
+        .args(["decode", "--journal", &c.journal.endpoints(), "--stream", "shard-1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&decoded.stdout);
+    assert!(decoded.status.success(), "decode failed: {}", String::from_utf8_lossy(&decoded.stderr));
+    assert!(text.contains("#rdb-abort"), "{text}");
+    assert!(text.contains("#rdb-end"), "{text}");
+    // The replica is built from the new base.
+    c.wait_replica_synced(1, Duration::from_secs(20));
+    let mut rr = Resp::connect(&c.nodes[1].addr());
+    let t = Instant::now();
+    while rr.cmd(&["GET", "after"]) != "1" {
+        assert!(t.elapsed() < Duration::from_secs(10), "the replica never got the write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

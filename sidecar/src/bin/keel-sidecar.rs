@@ -133,6 +133,7 @@ async fn decode(journal: &str, stream: &str) -> anyhow::Result<()> {
             let rec = Record::decode(&r.payload).map_err(|e| anyhow::anyhow!("record {}: {e}", r.seq))?;
             match rec.kind {
                 Kind::Rdb => println!("#rdb\t{}\t{}\t{} bytes", rec.replid, rec.start, rec.payload.len()),
+                Kind::RdbAbort => println!("#rdb-abort\t{}\t{}", rec.replid, rec.start),
                 Kind::RdbEnd => {
                     println!("#rdb-end\t{}\t{}", rec.replid, rec.start);
                     expect = Some(rec.end);
