@@ -907,21 +907,11 @@ extern "C" fn keel_leader(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Re
 extern "C" fn keel_fenced(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
         let reason = if argc > 1 { String::from_utf8_lossy(string_bytes(*argv.add(1))).into_owned() } else { String::new() };
-        let failed = {
-            let mut st = state();
-            st.gate.fence();
-            st.hazards.clear();
-            let failed = st.holds.fail_all();
-            for bc in &failed {
-                blocking::forget_popped(&mut st, *bc);
-            }
-            failed
-        };
-        blocking::fail_all(&reason);
-        for bc in failed {
-            forget(bc);
-            unblock(bc, Answer::Error(format!("KEEL_FENCED this node lost the primary role before the write was durable ({reason}); it may or may not survive")));
-        }
+        state().gate.fence();
+        fail_everything_held(
+            &reason,
+            &format!("KEEL_FENCED this node lost the primary role before the write was durable ({reason}); it may or may not survive"),
+        );
         raw::RedisModule_ReplyWithSimpleString.unwrap()(ctx, c"OK".as_ptr())
     }
 }
@@ -998,23 +988,31 @@ extern "C" fn keel_nolease(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::R
 /// promoted it): whatever is held can no longer be confirmed by this node.
 extern "C" fn on_role_changed(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, subevent: u64, _data: *mut c_void) {
     let replica = subevent == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_REPLICA;
+    state().gate.role_changed(replica);
+    let reason = if replica { "this node became a replica" } else { "this node was promoted" };
+    fail_everything_held(reason, &format!("KEEL_FENCED {reason} before the write was durable; it may or may not survive"));
+    // A new tenure: its durable offset starts from the next KEEL.ACK.
+    let mut st = state();
+    st.holds = Holds::default();
+    st.leader_uuid.clear();
+}
+
+/// This node can no longer confirm anything it holds: every held reply and
+/// waiting pop gets `message` (pops are told `why`), and pending hazards go.
+fn fail_everything_held(why: &str, message: &str) {
     let failed = {
         let mut st = state();
-        st.gate.role_changed(replica);
         st.hazards.clear();
         let failed = st.holds.fail_all();
         for bc in &failed {
             blocking::forget_popped(&mut st, *bc);
         }
-        st.holds = Holds::default();
-        st.leader_uuid.clear();
         failed
     };
-    let reason = if replica { "this node became a replica" } else { "this node was promoted" };
-    blocking::fail_all(reason);
+    blocking::fail_all(why);
     for bc in failed {
         forget(bc);
-        unblock(bc, Answer::Error(format!("KEEL_FENCED {reason} before the write was durable; it may or may not survive")));
+        unblock(bc, Answer::Error(message.to_string()));
     }
 }
 

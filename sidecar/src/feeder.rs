@@ -47,7 +47,6 @@ const BASE_WAIT_MS: u64 = 200;
 pub struct Progress {
     pub fed_seq: u64,
     pub fed_offset: u64,
-    pub connected: bool,
 }
 
 pub struct Feeder {
@@ -102,12 +101,10 @@ impl Feeder {
                 _ = stop.changed() => return,
             };
             let _ = sock.set_nodelay(true);
-            self.progress.send_modify(|p| p.connected = true);
             let r = tokio::select! {
                 r = self.serve_one(sock) => r,
                 _ = stop.changed() => Ok(()),
             };
-            self.progress.send_modify(|p| p.connected = false);
             if let Err(e) = r {
                 tracing::warn!(error = %e, "replica feed connection ended");
             }

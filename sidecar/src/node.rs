@@ -209,11 +209,19 @@ impl Quiet {
     }
 }
 
-/// `INFO replication` of the local Redis, within `timeout_ms`.
-pub async fn redis_info(redis: &str, timeout_ms: u64) -> Result<String, Stop> {
+/// One reply of the local Redis: a bulk string's content, or the single
+/// line of any other reply (`+OK`, `-ERR …`, `:1`).
+enum Reply {
+    Bulk(String),
+    Line(String),
+}
+
+/// Sends one command to the local Redis on a fresh connection and reads its
+/// reply, within `timeout_ms`.
+async fn redis_request(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<Reply, Stop> {
     let fut = async {
         let mut s = TcpStream::connect(redis).await.map_err(|e| format!("connect {redis}: {e}"))?;
-        s.write_all(&encode_command(&[b"INFO", b"replication"])).await.map_err(|e| e.to_string())?;
+        s.write_all(&encode_command(args)).await.map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
@@ -222,41 +230,35 @@ pub async fn redis_info(redis: &str, timeout_ms: u64) -> Result<String, Stop> {
                 return Err("Redis closed the connection".to_string());
             }
             buf.extend_from_slice(&chunk[..n]);
-            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
-                let head = String::from_utf8_lossy(&buf[..i]).into_owned();
-                let len: usize = head.strip_prefix('$').and_then(|l| l.parse().ok()).ok_or(format!("INFO answered {head:?}"))?;
-                if buf.len() >= i + 2 + len {
-                    return Ok(String::from_utf8_lossy(&buf[i + 2..i + 2 + len]).into_owned());
-                }
+            let Some(i) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
+            let head = String::from_utf8_lossy(&buf[..i]).into_owned();
+            let Some(len) = head.strip_prefix('$').and_then(|l| l.parse::<usize>().ok()) else {
+                return Ok(Reply::Line(head));
+            };
+            if buf.len() >= i + 2 + len {
+                return Ok(Reply::Bulk(String::from_utf8_lossy(&buf[i + 2..i + 2 + len]).into_owned()));
             }
         }
-    };
-    match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
-        Ok(Ok(info)) => Ok(info),
-        Ok(Err(e)) => Err(Stop::Retry(e)),
-        Err(_) => Err(Stop::Retry(format!("Redis at {redis} did not answer INFO within {timeout_ms} ms"))),
-    }
-}
-
-/// Sends one command to the local Redis and returns its first reply line.
-async fn redis_command(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<String, Stop> {
-    let fut = async {
-        let mut s = TcpStream::connect(redis).await.map_err(|e| e.to_string())?;
-        s.write_all(&encode_command(args)).await.map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 512];
-        while !buf.ends_with(b"\r\n") {
-            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("Redis closed the connection".to_string());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        Ok(String::from_utf8_lossy(&buf).trim_end().to_string())
     };
     match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
         Ok(r) => r.map_err(Stop::Retry),
         Err(_) => Err(Stop::Retry(format!("Redis at {redis} did not answer within {timeout_ms} ms"))),
+    }
+}
+
+/// `INFO replication` of the local Redis, within `timeout_ms`.
+pub async fn redis_info(redis: &str, timeout_ms: u64) -> Result<String, Stop> {
+    match redis_request(redis, &[b"INFO", b"replication"], timeout_ms).await? {
+        Reply::Bulk(info) => Ok(info),
+        Reply::Line(l) => Err(Stop::Retry(format!("INFO answered {l:?}"))),
+    }
+}
+
+/// Sends one command to the local Redis and returns its reply's first line.
+async fn redis_command(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<String, Stop> {
+    match redis_request(redis, args, timeout_ms).await? {
+        Reply::Bulk(b) => Ok(b),
+        Reply::Line(l) => Ok(l),
     }
 }
 

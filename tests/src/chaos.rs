@@ -44,6 +44,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use crate::bin;
+use crate::kill_child as kill;
 use crate::checker;
 use crate::history::Action;
 use crate::history::HistoryWriter;
@@ -401,12 +402,6 @@ fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Comman
     }
 }
 
-fn kill(c: &mut Option<Child>) {
-    if let Some(mut c) = c.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
 
 /// What an episode broke, so it can be healed.
 #[derive(Debug, Default)]

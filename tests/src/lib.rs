@@ -292,18 +292,8 @@ impl KeelPrimary {
     }
 
     pub fn start_sidecar(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("sidecar.log")).unwrap();
-        let child = Command::new(bin("keel-sidecar"))
-            .args(["primary", "--redis", &self.addr(), "--journal", &self.journal.endpoints(), "--lease-ms", "1000"])
-            .args(["--stream", &self.stream])
-            .arg("--state-dir")
-            .arg(self.dir.join("sidecar"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn keel-sidecar");
-        self.sidecar = Some(child);
+        let args = ["primary", "--redis", &self.addr(), "--journal", &self.journal.endpoints(), "--lease-ms", "1000", "--stream", &self.stream];
+        self.sidecar = Some(spawn_sidecar(&self.dir, &args));
     }
 
     pub fn kill_redis(&mut self) {
@@ -506,6 +496,29 @@ pub fn spawn_redis(server: Server, port: u16, dir: &Path, module_args: &[String]
     child
 }
 
+/// kill -9 of a child, if running, and waits for it (already gone is fine).
+pub fn kill_child(c: &mut Option<Child>) {
+    if let Some(mut c) = c.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Starts `keel-sidecar <args…> --state-dir dir/sidecar`, logging to
+/// `dir/sidecar.log`.
+pub fn spawn_sidecar(dir: &Path, args: &[&str]) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("sidecar.log")).unwrap();
+    Command::new(bin("keel-sidecar"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(dir.join("sidecar"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn keel-sidecar")
+}
+
 /// One Keel node of real processes: a redis-server (or valkey-server) with
 /// the module, and its sidecar (`keel-sidecar node`) with a discovery port.
 pub struct KeelNode {
@@ -550,32 +563,17 @@ impl KeelNode {
     }
 
     pub fn start_sidecar(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("sidecar.log")).unwrap();
-        let child = Command::new(bin("keel-sidecar"))
-            .args(["node", "--redis", &self.addr(), "--journal", &self.journal, "--lease-ms", &self.lease_ms.to_string()])
-            .args(["--sentinel", &self.sentinel_addr()])
-            .arg("--state-dir")
-            .arg(self.dir.join("sidecar"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn keel-sidecar");
-        self.sidecar = Some(child);
+        let lease_ms = self.lease_ms.to_string();
+        let args = ["node", "--redis", &self.addr(), "--journal", &self.journal, "--lease-ms", &lease_ms, "--sentinel", &self.sentinel_addr()];
+        self.sidecar = Some(spawn_sidecar(&self.dir, &args));
     }
 
     pub fn kill_redis(&mut self) {
-        if let Some(mut c) = self.redis.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.redis);
     }
 
     pub fn kill_sidecar(&mut self) {
-        if let Some(mut c) = self.sidecar.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.sidecar);
     }
 
     pub fn redis_pid(&self) -> u32 {
