@@ -2,12 +2,24 @@
 //!
 //! openraft's messages travel as MessagePack inside a `RaftMessage`. The
 //! receiving side answers `Result<Response, RaftError>` encoded the same way.
+//! Replication uses one long-lived bidirectional stream per follower
+//! (`StreamAppend`): openraft's AppendEntries requests go out as they are made,
+//! without waiting for the previous answer, and the follower's results come
+//! back in order. A request unanswered for the RPC's soft TTL ends the stream
+//! (openraft then backs off and starts a new one); an idle stream is fine.
 //! Transport failures become `Unreachable` (openraft backs off and retries);
 //! a remote error is reported as-is. Snapshots are sent whole in one message,
 //! bounded by `MAX_RAFT_MESSAGE_BYTES`.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
+
+use futures::Stream;
+use futures::StreamExt;
 
 use keel_proto::journal::RaftMessage;
 use keel_proto::journal::raft_client::RaftClient;
@@ -23,6 +35,7 @@ use openraft::network::RaftNetworkFactory;
 use openraft::network::v2::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::SnapshotResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
@@ -114,8 +127,85 @@ impl Peer {
     }
 }
 
+/// What one `StreamAppend` response message carries.
+pub type StreamReply = Result<StreamAppendResult<TypeConfig>, String>;
+
+type StreamAppendFuture<'s> = openraft::base::BoxFuture<
+    's,
+    Result<openraft::base::BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
+>;
+
 impl RaftNetworkV2<TypeConfig> for Peer {
     type SnapshotData = Vec<u8>;
+
+    fn stream_append<'s, S>(&'s mut self, input: S, option: RPCOption) -> StreamAppendFuture<'s>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let target = self.target;
+        let ttl = option.soft_ttl();
+        // Send times of the requests not answered yet, oldest first.
+        let unanswered: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+        let sent = unanswered.clone();
+        // An request that cannot be encoded ends the stream (never skipped:
+        // answers must match requests in order).
+        let outbound = futures::stream::unfold(input, move |mut input| {
+            let sent = sent.clone();
+            async move {
+                let req = input.next().await?;
+                match encode(&req) {
+                    Ok(data) => {
+                        sent.lock().expect("not poisoned").push_back(Instant::now());
+                        Some((RaftMessage { data: data.into() }, input))
+                    }
+                    Err(e) => {
+                        tracing::error!(target_node = target, error = %e, "cannot encode AppendEntries; ending the stream");
+                        None
+                    }
+                }
+            }
+        });
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let inbound = match tokio::time::timeout(ttl, client.stream_append(tonic::Request::new(outbound))).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(status)) => return Err(unreachable(target, format!("stream_append: {}", status.message()))),
+                Err(_) => return Err(unreachable(target, format!("stream_append: no answer within {ttl:?}"))),
+            };
+            let replies = futures::stream::unfold(Some(inbound), move |state| {
+                let unanswered = unanswered.clone();
+                async move {
+                    let mut inbound = state?;
+                    loop {
+                        match tokio::time::timeout(ttl, inbound.message()).await {
+                            Ok(Ok(Some(m))) => {
+                                unanswered.lock().expect("not poisoned").pop_front();
+                                let item = match decode::<StreamReply>(&m.data) {
+                                    Ok(Ok(r)) => Ok(r),
+                                    Ok(Err(remote)) => Err(unreachable(target, format!("stream_append failed remotely: {remote}"))),
+                                    Err(e) => Err(unreachable(target, e)),
+                                };
+                                let go_on = matches!(item, Ok(Ok(_)));
+                                return Some((item, go_on.then_some(inbound)));
+                            }
+                            Ok(Ok(None)) => return None,
+                            Ok(Err(status)) => {
+                                return Some((Err(unreachable(target, format!("stream_append: {}", status.message()))), None));
+                            }
+                            Err(_) => {
+                                let oldest = unanswered.lock().expect("not poisoned").front().copied();
+                                if oldest.is_some_and(|t| t.elapsed() >= ttl) {
+                                    let e = unreachable(target, format!("stream_append: a request unanswered for {ttl:?}"));
+                                    return Some((Err(e), None));
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+            Ok(Box::pin(replies) as openraft::base::BoxStream<'s, _>)
+        })
+    }
 
     async fn append_entries(
         &mut self,
@@ -164,6 +254,7 @@ mod tests {
             let _ = decode::<VoteRequest<TypeConfig>>(&junk);
             let _ = decode::<SnapshotMessage>(&junk);
             let _ = decode::<Result<VoteResponse<TypeConfig>, String>>(&junk);
+            let _ = decode::<StreamReply>(&junk);
         }
     }
 

@@ -22,6 +22,7 @@ use std::time::Duration;
 use std::time::SystemTime;
 
 use futures::Stream;
+use futures::StreamExt;
 use keel_proto::journal as pb;
 use keel_proto::journal::journal_server::Journal;
 use keel_proto::journal::journal_server::JournalServer;
@@ -626,6 +627,32 @@ impl keel_proto::journal::raft_server::Raft for RaftTransport {
         let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
         let res = self.raft.append_entries(rpc).await.map_err(|e| e.to_string());
         raft_reply(&res)
+    }
+
+    type StreamAppendStream = Pin<Box<dyn Stream<Item = Result<pb::RaftMessage, Status>> + Send>>;
+
+    async fn stream_append(
+        &self,
+        req: Request<tonic::Streaming<pb::RaftMessage>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        // A request that does not decode, or a broken link, ends the input:
+        // openraft answers what came before it and the stream ends; the
+        // leader then starts a new one.
+        let requests = futures::stream::unfold(req.into_inner(), |mut inbound| async move {
+            let m = inbound.message().await.ok()??;
+            match decode::<openraft::raft::AppendEntriesRequest<crate::types::TypeConfig>>(&m.data) {
+                Ok(r) => Some((r, inbound)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable AppendEntries on a replication stream; closing it");
+                    None
+                }
+            }
+        });
+        let replies = self.raft.stream_append(requests).map(|r| {
+            let reply: crate::network::StreamReply = r.map_err(|e| e.to_string());
+            encode(&reply).map(|data| pb::RaftMessage { data: data.into() }).map_err(Status::internal)
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {

@@ -417,6 +417,11 @@ async fn bad_input_gets_clear_errors() {
     let status = raw.append_entries(keel_proto::journal::RaftMessage { data: vec![0xc1, 0xff, 0x00].into() }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(client.append(S, &a, vec![b"still".to_vec()], None).await.unwrap(), 2);
+    // On a replication stream it ends that stream, unanswered.
+    let junk = futures::stream::iter(vec![keel_proto::journal::RaftMessage { data: vec![0xc1, 0xff, 0x00].into() }]);
+    let mut replies = raw.stream_append(junk).await.unwrap().into_inner();
+    assert_eq!(replies.message().await.unwrap(), None);
+    assert_eq!(client.append(S, &a, vec![b"and still".to_vec()], None).await.unwrap(), 3);
 
     // Bad configuration is refused at start with a message naming the problem.
     let out = Command::new(bin("keel-journal"))
