@@ -12,6 +12,12 @@
 //! - one append in flight at a time; bytes arriving meanwhile form the next
 //!   record (group commit). An append whose outcome is unknown is retried
 //!   with `expect_last_seq`, so it lands exactly once;
+//! - after a confirmation the next append may wait (at most
+//!   `merge_wait_us`) until about as many bytes are pending as the clients
+//!   just answered and those already waiting wrote last time: clients
+//!   answered together write again together, and their writes join the
+//!   waiting ones in one record instead of alternating in two half-size
+//!   groups (`Merge`, pure, in this file);
 //! - `FENCED` from the journal: the module is told (`KEEL.FENCED`), every
 //!   held write fails, and the node goes back to following (node.rs);
 //! - the lease is renewed every `lease_ms / 3` only while Redis answers
@@ -54,6 +60,8 @@ pub struct PrimaryConfig {
     pub drift_margin_ms: u64,
     /// Stream bytes read ahead of the journal before reading pauses.
     pub max_buffered_bytes: usize,
+    /// Longest wait for answered clients' next writes before an append.
+    pub merge_wait_us: u64,
     /// How often the replica link reports its offset to Redis.
     pub replconf_ack_ms: u64,
     /// Pause before retrying an unavailable journal or a lost Redis link.
@@ -73,6 +81,9 @@ impl PrimaryConfig {
         }
         if self.drift_margin_ms * 4 > self.lease_ms {
             return Err(format!("--drift-margin-ms {} must be at most a quarter of --lease-ms", self.drift_margin_ms));
+        }
+        if self.merge_wait_us > 100_000 {
+            return Err(format!("--merge-wait-us {} must be at most 100000", self.merge_wait_us));
         }
         if self.max_buffered_bytes < MAX_PAYLOAD_BYTES {
             return Err(format!("--max-buffered-bytes must be at least {MAX_PAYLOAD_BYTES}"));
@@ -365,9 +376,12 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     let mut replconf = tokio::time::interval(Duration::from_millis(cfg.replconf_ack_ms));
     let mut buf = vec![0u8; 256 << 10];
     let mut durable = offset;
+    let mut merge = Merge::new(Duration::from_micros(cfg.merge_wait_us));
+    let mut sent_bytes = 0usize;
     loop {
-        if inflight.is_none() && !pending.is_empty() {
+        if inflight.is_none() && !pending.is_empty() && merge.may_send(pending.len(), Instant::now()) {
             let take = pending.len().min(MAX_PAYLOAD_BYTES);
+            sent_bytes = take;
             let payload: Vec<u8> = pending.drain(..take).collect();
             let rec = Record { kind: Kind::Stream, replid: replid.clone(), start: offset, end: offset + take as u64, payload };
             offset = rec.end;
@@ -403,7 +417,9 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 debug_assert!(end >= durable, "durable offset went back");
                 durable = end;
                 ctl.send(&[b"KEEL.ACK", durable.to_string().as_bytes()]).await?;
+                merge.confirmed(sent_bytes, pending.len(), Instant::now());
             }
+            _ = tokio::time::sleep_until(merge.deadline().into()), if inflight.is_none() && !pending.is_empty() && merge.waiting() => {}
             _ = renew.tick() => {
                 if ctl.answered_through(lease_notice) {
                     renewal.redis_answered();
@@ -430,6 +446,52 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 command(&mut w, &[b"REPLCONF", b"ACK", durable.to_string().as_bytes()]).await?;
             }
         }
+    }
+}
+
+/// When the next append may leave after a confirmation (see the module
+/// doc). Pure: fed sizes and times, it answers whether to send.
+#[derive(Debug)]
+struct Merge {
+    max_wait: Duration,
+    /// Until when, and for how many pending bytes, the next append waits.
+    wait: Option<(Instant, usize)>,
+}
+
+impl Merge {
+    fn new(max_wait: Duration) -> Merge {
+        Merge { max_wait, wait: None }
+    }
+
+    /// An append of `confirmed_bytes` was confirmed while `pending_bytes`
+    /// were waiting.
+    fn confirmed(&mut self, confirmed_bytes: usize, pending_bytes: usize, now: Instant) {
+        if self.max_wait.is_zero() {
+            return;
+        }
+        // Writes rarely come back byte for byte: 90% of last time is enough.
+        let target = ((confirmed_bytes + pending_bytes) * 9 / 10).min(MAX_PAYLOAD_BYTES);
+        self.wait = Some((now + self.max_wait, target));
+    }
+
+    /// Whether an append of the `pending_bytes` may leave now.
+    fn may_send(&mut self, pending_bytes: usize, now: Instant) -> bool {
+        match self.wait {
+            Some((until, target)) if pending_bytes < target && now < until => false,
+            _ => {
+                self.wait = None;
+                true
+            }
+        }
+    }
+
+    fn waiting(&self) -> bool {
+        self.wait.is_some()
+    }
+
+    /// When the current wait ends (now if none).
+    fn deadline(&self) -> Instant {
+        self.wait.map(|(until, _)| until).unwrap_or_else(Instant::now)
     }
 }
 
@@ -521,5 +583,59 @@ async fn append_exactly_once(
             }
             Err(e) => return Err(Stop::Fatal(format!("append refused: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_client_is_never_held_back() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::from_micros(500));
+        assert!(m.may_send(50, t0));
+        m.confirmed(50, 0, t0);
+        // Its next write is as large as the last one: it leaves at once.
+        assert!(m.may_send(50, t0 + Duration::from_micros(30)));
+    }
+
+    #[test]
+    fn answered_clients_join_the_waiting_ones() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::from_micros(500));
+        // 25 writes confirmed while 25 others (1250 bytes) waited.
+        m.confirmed(1250, 1250, t0);
+        assert!(!m.may_send(1250, t0), "the waiting group alone does not leave");
+        assert!(!m.may_send(2000, t0 + Duration::from_micros(100)));
+        assert!(m.may_send(2250, t0 + Duration::from_micros(200)), "most of both groups leave together");
+        assert!(!m.waiting());
+    }
+
+    #[test]
+    fn the_wait_is_bounded() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::from_micros(500));
+        m.confirmed(5000, 0, t0);
+        assert!(!m.may_send(10, t0 + Duration::from_micros(499)));
+        assert_eq!(m.deadline(), t0 + Duration::from_micros(500));
+        assert!(m.may_send(10, t0 + Duration::from_micros(500)));
+    }
+
+    #[test]
+    fn zero_wait_never_holds_back() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::ZERO);
+        m.confirmed(5000, 5000, t0);
+        assert!(!m.waiting());
+        assert!(m.may_send(1, t0));
+    }
+
+    #[test]
+    fn the_target_never_exceeds_one_record() {
+        let t0 = Instant::now();
+        let mut m = Merge::new(Duration::from_micros(500));
+        m.confirmed(MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, t0);
+        assert!(m.may_send(MAX_PAYLOAD_BYTES, t0));
     }
 }

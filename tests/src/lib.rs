@@ -258,12 +258,19 @@ pub struct KeelPrimary {
     pub redis: Option<Child>,
     pub sidecar: Option<Child>,
     pub module_args: Vec<String>,
+    /// Added to the sidecar's command line.
+    pub sidecar_args: Vec<String>,
     /// The journal stream the sidecar writes.
     pub stream: String,
 }
 
 impl KeelPrimary {
     pub async fn start(server: Server, journal_nodes: usize, module_args: &[&str]) -> KeelPrimary {
+        KeelPrimary::start_with(server, journal_nodes, module_args, &[]).await
+    }
+
+    /// `start`, with extra sidecar arguments.
+    pub async fn start_with(server: Server, journal_nodes: usize, module_args: &[&str], sidecar_args: &[&str]) -> KeelPrimary {
         let journal = JournalCluster::start(journal_nodes).await;
         let dir = journal.dir.path().join("primary");
         std::fs::create_dir_all(&dir).unwrap();
@@ -275,6 +282,7 @@ impl KeelPrimary {
             redis: None,
             sidecar: None,
             module_args: module_args.iter().map(|s| s.to_string()).collect(),
+            sidecar_args: sidecar_args.iter().map(|s| s.to_string()).collect(),
             stream: "shard-1".into(),
         };
         p.start_redis();
@@ -292,7 +300,9 @@ impl KeelPrimary {
     }
 
     pub fn start_sidecar(&mut self) {
-        let args = ["primary", "--redis", &self.addr(), "--journal", &self.journal.endpoints(), "--lease-ms", "1000", "--stream", &self.stream];
+        let (addr, endpoints) = (self.addr(), self.journal.endpoints());
+        let mut args = vec!["primary", "--redis", &addr, "--journal", &endpoints, "--lease-ms", "1000", "--stream", &self.stream];
+        args.extend(self.sidecar_args.iter().map(|a| a.as_str()));
         self.sidecar = Some(spawn_sidecar(&self.dir, &args));
     }
 

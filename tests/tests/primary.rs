@@ -191,6 +191,44 @@ async fn kill_primary_loses_no_acknowledged_write() {
     }
 }
 
+/// With `--merge-wait-us`, appends wait for answered clients' next writes:
+/// concurrent writers still get every write acknowledged and journaled, in
+/// each writer's order, and so does a lone writer afterwards (whose writes
+/// no longer come back in groups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_appends_keep_every_acknowledged_write() {
+    let p = KeelPrimary::start_with(Server::Redis, 3, &[], &["--merge-wait-us", "2000"]).await;
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let addr = p.addr();
+            std::thread::spawn(move || {
+                let mut c = Resp::connect(&addr);
+                for i in 0..300 {
+                    assert_eq!(c.cmd(&["SET", &format!("w{w}:{i}"), &i.to_string()]), "+OK");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut lone = Resp::connect(&p.addr());
+    for i in 0..200 {
+        assert_eq!(lone.cmd(&["INCR", "lone"]), format!(":{}", i + 1));
+    }
+    let cmds = p.journaled_commands();
+    for w in 0..8 {
+        let seen: Vec<String> = cmds
+            .iter()
+            .filter(|c| c.len() == 3 && c[0].eq_ignore_ascii_case("set") && c[1].starts_with(&format!("w{w}:")))
+            .map(|c| c[2].clone())
+            .collect();
+        let want: Vec<String> = (0..300).map(|i| i.to_string()).collect();
+        assert_eq!(seen, want, "writer {w}'s writes, in the journal");
+    }
+    assert_eq!(cmds.iter().filter(|c| c.first().map(|n| n.eq_ignore_ascii_case("incr")).unwrap_or(false)).count(), 200);
+}
+
 /// MULTI/EXEC is kept by the module: queued commands run atomically at EXEC,
 /// WATCH works, queueing errors abort, and the EXEC reply is held until the
 /// transaction's effects are durable (sidecar paused: no reply).

@@ -47,6 +47,12 @@ enum Cmd {
         poll_ms: u64,
         #[arg(long, default_value_t = 64 << 20)]
         max_buffered_bytes: usize,
+        /// After a confirmation, how long the next append may wait for the
+        /// clients just answered to send their next writes (0: never wait).
+        /// Off by default: it helps closed-loop load (measured in
+        /// docs/benchmarks.md) and delays writes that no answer triggered.
+        #[arg(long, default_value_t = 0)]
+        merge_wait_us: u64,
         #[arg(long, default_value_t = 1000)]
         replconf_ack_ms: u64,
         #[arg(long, default_value_t = 100)]
@@ -87,6 +93,7 @@ fn main() -> ExitCode {
             drift_margin_ms,
             poll_ms,
             max_buffered_bytes,
+            merge_wait_us,
             replconf_ack_ms,
             retry_pause_ms,
             feed_listen,
@@ -101,6 +108,7 @@ fn main() -> ExitCode {
                 lease_ms,
                 drift_margin_ms,
                 max_buffered_bytes,
+                merge_wait_us,
                 replconf_ack_ms,
                 retry_pause_ms,
             };
