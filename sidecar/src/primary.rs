@@ -10,8 +10,9 @@
 //! - `KEEL.ACK o` is sent only after the append covering `o` succeeded (the
 //!   journal fsync'd it on a quorum);
 //! - one append in flight at a time; bytes arriving meanwhile form the next
-//!   record (group commit). An append whose outcome is unknown is retried
-//!   with `expect_last_seq`, so it lands exactly once;
+//!   record (group commit), read from the link when the append returns
+//!   (or after 20 ms in flight). An append whose outcome is unknown is
+//!   retried with `expect_last_seq`, so it lands exactly once;
 //! - after a confirmation the next append may wait (at most
 //!   `merge_wait_us`) until about as many bytes are pending as the clients
 //!   just answered and those already waiting wrote last time: clients
@@ -325,6 +326,9 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
 
     let repl = TcpStream::connect(&cfg.redis).await.map_err(|e| retry(format!("connect {}: {e}", cfg.redis)))?;
     repl.set_nodelay(true).map_err(retry)?;
+    // Redis names its replica by this address instead of asking the kernel
+    // on every ROLE/INFO (the module reads ROLE once per turn with writes).
+    let local_ip = repl.local_addr().map_err(retry)?.ip().to_string();
     let (r, mut w) = repl.into_split();
     let mut r = BufReader::with_capacity(1 << 20, r);
     command(&mut w, &[b"PING"]).await?;
@@ -333,6 +337,8 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         return Err(Stop::Fatal(format!("Redis refused the replication link: {pong}")));
     }
     command(&mut w, &[b"REPLCONF", b"capa", b"psync2"]).await?;
+    read_line(&mut r).await?;
+    command(&mut w, &[b"REPLCONF", b"ip-address", local_ip.as_bytes()]).await?;
     read_line(&mut r).await?;
     match &tail {
         // Redis's own id: after a promotion it is new, and continues the
@@ -377,6 +383,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     let mut buf = vec![0u8; 256 << 10];
     let mut durable = offset;
     let mut merge = Merge::new(Duration::from_micros(cfg.merge_wait_us));
+    let mut inflight_since = Instant::now();
     let mut sent_bytes = 0usize;
     loop {
         if inflight.is_none() && !pending.is_empty() && merge.may_send(pending.len(), Instant::now()) {
@@ -385,6 +392,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             let payload: Vec<u8> = pending.drain(..take).collect();
             let rec = Record { kind: Kind::Stream, replid: replid.clone(), start: offset, end: offset + take as u64, payload };
             offset = rec.end;
+            inflight_since = Instant::now();
             inflight = Some(tokio::spawn(append_exactly_once(
                 journal.clone(),
                 cfg.stream.clone(),
@@ -394,7 +402,13 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 cfg.retry_pause_ms,
             )));
         }
-        let can_read = pending.len() < cfg.max_buffered_bytes;
+        // While an append is in flight, Redis's bytes wait in the socket and
+        // are read in one go when it returns: one read per append instead of
+        // one wakeup per event-loop turn of Redis. An append that takes long
+        // (journal trouble) does not let Redis's replica buffer grow: reading
+        // resumes after `READ_DURING_APPEND_AFTER`.
+        let append_young = inflight.is_some() && inflight_since.elapsed() < READ_DURING_APPEND_AFTER;
+        let can_read = pending.len() < cfg.max_buffered_bytes && !append_young;
         tokio::select! {
             n = r.read(&mut buf), if can_read => {
                 let n = n.map_err(retry)?;
@@ -420,6 +434,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 merge.confirmed(sent_bytes, pending.len(), Instant::now());
             }
             _ = tokio::time::sleep_until(merge.deadline().into()), if inflight.is_none() && !pending.is_empty() && merge.waiting() => {}
+            _ = tokio::time::sleep_until((inflight_since + READ_DURING_APPEND_AFTER).into()), if append_young => {}
             _ = renew.tick() => {
                 if ctl.answered_through(lease_notice) {
                     renewal.redis_answered();
@@ -449,24 +464,45 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     }
 }
 
+/// How long an append may be in flight before the replication link is
+/// read again meanwhile.
+const READ_DURING_APPEND_AFTER: Duration = Duration::from_millis(20);
+
+/// Most confirmations sent on without waiting after waits that ran out.
+const MERGE_MAX_BACKOFF: u32 = 64;
+
 /// When the next append may leave after a confirmation (see the module
 /// doc). Pure: fed sizes and times, it answers whether to send.
+///
+/// A wait that runs out (the answered clients did not write again in time:
+/// the load is not a closed loop) makes the next confirmations skip waiting,
+/// 1, 2, 4… up to `MERGE_MAX_BACKOFF` of them; a wait that fills resets
+/// that. So a load that never comes back pays the wait about once per 64
+/// appends, and a closed loop pays it only until its groups have merged.
 #[derive(Debug)]
 struct Merge {
     max_wait: Duration,
     /// Until when, and for how many pending bytes, the next append waits.
     wait: Option<(Instant, usize)>,
+    /// Confirmations left to send on without waiting.
+    skip: u32,
+    /// What `skip` becomes after the next wait that runs out (0: 1).
+    backoff: u32,
 }
 
 impl Merge {
     fn new(max_wait: Duration) -> Merge {
-        Merge { max_wait, wait: None }
+        Merge { max_wait, wait: None, skip: 0, backoff: 0 }
     }
 
     /// An append of `confirmed_bytes` was confirmed while `pending_bytes`
     /// were waiting.
     fn confirmed(&mut self, confirmed_bytes: usize, pending_bytes: usize, now: Instant) {
         if self.max_wait.is_zero() {
+            return;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
             return;
         }
         // Writes rarely come back byte for byte: 90% of last time is enough.
@@ -476,13 +512,17 @@ impl Merge {
 
     /// Whether an append of the `pending_bytes` may leave now.
     fn may_send(&mut self, pending_bytes: usize, now: Instant) -> bool {
-        match self.wait {
-            Some((until, target)) if pending_bytes < target && now < until => false,
-            _ => {
-                self.wait = None;
-                true
-            }
+        let Some((until, target)) = self.wait else { return true };
+        if pending_bytes >= target {
+            self.backoff = 0;
+        } else if now >= until {
+            self.backoff = (self.backoff * 2).clamp(1, MERGE_MAX_BACKOFF);
+            self.skip = self.backoff;
+        } else {
+            return false;
         }
+        self.wait = None;
+        true
     }
 
     fn waiting(&self) -> bool {
@@ -620,6 +660,37 @@ mod tests {
         assert!(!m.may_send(10, t0 + Duration::from_micros(499)));
         assert_eq!(m.deadline(), t0 + Duration::from_micros(500));
         assert!(m.may_send(10, t0 + Duration::from_micros(500)));
+    }
+
+    #[test]
+    fn waits_that_run_out_back_off_and_a_filled_one_resets() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let mut m = Merge::new(ms);
+        let mut waits = 0;
+        // 200 confirmations whose clients never come back: the wait runs out
+        // after 1, 2, 4 … 64 confirmations sent on at once.
+        for i in 0..200u32 {
+            let now = t0 + ms * (i * 3);
+            m.confirmed(1000, 0, now);
+            if m.waiting() {
+                waits += 1;
+                assert!(!m.may_send(10, now));
+                assert!(m.may_send(10, now + ms));
+            } else {
+                assert!(m.may_send(10, now));
+            }
+        }
+        assert_eq!(waits, 9, "waits at confirmations 0, 2, 5, 10, 19, 36, 69, 134, 199: {m:?}");
+        // Once the skips are used up, a wait that fills resets the back-off.
+        let mut now = t0 + ms * 1000;
+        while !m.waiting() {
+            m.confirmed(1000, 0, now);
+            now += ms;
+        }
+        assert!(m.may_send(900, now));
+        m.confirmed(1000, 0, now);
+        assert!(m.waiting(), "no skip after a wait that filled");
     }
 
     #[test]
