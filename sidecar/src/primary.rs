@@ -22,7 +22,10 @@
 //! - `FENCED` from the journal: the module is told (`KEEL.FENCED`), every
 //!   held write fails, and the node goes back to following (node.rs);
 //! - the lease is renewed every `lease_ms / 3` only while Redis answers
-//!   (lease.rs); each renewal's deadline goes to the module (`KEEL.LEASE`),
+//!   (lease.rs), one renewal at a time, off the loop (confirmations go on
+//!   while it is out; it is aborted when the loop ends, so no renewal
+//!   outlives this node's leading); each renewal's deadline goes to the
+//!   module (`KEEL.LEASE`),
 //!   which serves nothing past it;
 //! - a Redis that lost its history (restarted empty, or behind the journal)
 //!   is never attached with a full sync over the journal: the node turns it
@@ -371,8 +374,8 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
 
     // This node leads the stream; everything journaled so far is durable.
     ctl.send(&[b"KEEL.LEADER", me.as_bytes(), cfg.stream.as_bytes()]).await?;
-    let until = renewal.renewed(sent_at, monotonic_ms());
-    ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?;
+    let mut lease_until = renewal.renewed(sent_at, monotonic_ms());
+    ctl.send(&[b"KEEL.LEASE", lease_until.to_string().as_bytes()]).await?;
     let mut lease_notice = ctl.sent();
     ctl.send(&[b"KEEL.ACK", offset.to_string().as_bytes()]).await?;
 
@@ -385,6 +388,8 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     let mut merge = Merge::new(Duration::from_micros(cfg.merge_wait_us));
     let mut inflight_since = Instant::now();
     let mut sent_bytes = 0usize;
+    // A lease renewal out: (its send time, the call).
+    let mut renewing: Option<(u64, AbortOnDrop<Result<(), JournalError>>)> = None;
     loop {
         if inflight.is_none() && !pending.is_empty() && merge.may_send(pending.len(), Instant::now()) {
             let take = pending.len().min(MAX_PAYLOAD_BYTES);
@@ -430,6 +435,23 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 last_seq = seq;
                 debug_assert!(end >= durable, "durable offset went back");
                 durable = end;
+                if monotonic_ms() >= lease_until {
+                    // The module's lease lapsed (this process was paused, or
+                    // renewals were slow): a confirmation now could only
+                    // answer KEEL_UNCONFIRMED. A renewal decides first.
+                    if ctl.answered_through(lease_notice) {
+                        renewal.redis_answered();
+                    }
+                    if renewing.is_none() && renewal.may_renew(monotonic_ms()) {
+                        renewing = Some(start_renewal(journal, &cfg.stream, me));
+                    }
+                    if let Some((sent_at, mut task)) = renewing.take() {
+                        let done = (&mut task.0).await;
+                        if let Some((until, notice)) = renewal_done(done, sent_at, &mut renewal, &mut ctl).await? {
+                            (lease_until, lease_notice) = (until, notice);
+                        }
+                    }
+                }
                 ctl.send(&[b"KEEL.ACK", durable.to_string().as_bytes()]).await?;
                 merge.confirmed(sent_bytes, pending.len(), Instant::now());
             }
@@ -439,28 +461,73 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 if ctl.answered_through(lease_notice) {
                     renewal.redis_answered();
                 }
+                if renewing.is_some() {
+                    continue; // the previous renewal is still out
+                }
                 if !renewal.may_renew(monotonic_ms()) {
                     tracing::warn!("the local Redis does not answer; letting the lease lapse");
                     continue;
                 }
-                let sent_at = monotonic_ms();
-                match journal.renew_lease(&cfg.stream, me).await {
-                    Ok(_) => {
-                        let until = renewal.renewed(sent_at, monotonic_ms());
-                        ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?;
-                        lease_notice = ctl.sent();
-                    }
-                    Err(JournalError::Fenced { message, .. }) => {
-                        fence(&mut ctl, &message).await;
-                        return Err(Stop::Fenced(message));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+                // Renewed off the loop: a slow journal (the client retries
+                // for seconds) must not hold up confirmations meanwhile.
+                renewing = Some(start_renewal(journal, &cfg.stream, me));
+            }
+            done = async { (&mut renewing.as_mut().unwrap().1.0).await }, if renewing.is_some() => {
+                let (sent_at, _) = renewing.take().expect("selected only when renewing");
+                if let Some((until, notice)) = renewal_done(done, sent_at, &mut renewal, &mut ctl).await? {
+                    (lease_until, lease_notice) = (until, notice);
                 }
             }
             _ = replconf.tick() => {
                 command(&mut w, &[b"REPLCONF", b"ACK", durable.to_string().as_bytes()]).await?;
             }
         }
+    }
+}
+
+/// A lease renewal, sent now: (its send time, the call).
+fn start_renewal(journal: &Arc<JournalClient>, stream: &str, me: &str) -> (u64, AbortOnDrop<Result<(), JournalError>>) {
+    let (journal, stream, me) = (journal.clone(), stream.to_string(), me.to_string());
+    (monotonic_ms(), AbortOnDrop(tokio::spawn(async move { journal.renew_lease(&stream, &me).await.map(|_| ()) })))
+}
+
+/// A renewal sent at `sent_at` finished: on success its deadline goes to
+/// the module and (deadline, that notice's number) is returned; FENCED
+/// fences the module and stops; other failures are logged (the lease
+/// lapses if they go on).
+async fn renewal_done(
+    done: Result<Result<(), JournalError>, tokio::task::JoinError>,
+    sent_at: u64,
+    renewal: &mut Renewal,
+    ctl: &mut Control,
+) -> Result<Option<(u64, u64)>, Stop> {
+    match done {
+        Ok(Ok(())) => {
+            let until = renewal.renewed(sent_at, monotonic_ms());
+            ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?;
+            Ok(Some((until, ctl.sent())))
+        }
+        Ok(Err(JournalError::Fenced { message, .. })) => {
+            fence(ctl, &message).await;
+            Err(Stop::Fenced(message))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "lease renewal failed");
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "lease renewal task failed");
+            Ok(None)
+        }
+    }
+}
+
+/// A task that does not outlive its handle.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
