@@ -445,24 +445,33 @@ fn sentinel(out: &mut Vec<u8>, view: &View, args: &[Vec<u8>]) {
     }
 }
 
+/// The fields every instance reply starts with, in Sentinel's order: who
+/// the instance is, then the state of Sentinel's link to it (Keel keeps no
+/// such link: zeros, as for a fresh one).
+fn instance_head(name: String, ip: String, port: u16, runid: String, flags: &str) -> Vec<(&'static str, String)> {
+    let zero = || "0".to_string();
+    vec![
+        ("name", name),
+        ("ip", ip),
+        ("port", port.to_string()),
+        ("runid", runid),
+        ("flags", flags.to_string()),
+        ("link-pending-commands", zero()),
+        ("link-refcount", "1".to_string()),
+        ("last-ping-sent", zero()),
+        ("last-ok-ping-reply", zero()),
+        ("last-ping-reply", zero()),
+    ]
+}
+
 fn master_fields(view: &View) -> Vec<(&'static str, String)> {
     let zero = || "0".to_string();
     let (ip, port, down) = match &view.master {
         Some(m) => (m.host.clone(), m.port, false),
         None => ("?".to_string(), 0, true),
     };
-    let mut f = vec![
-        ("name", view.master_name.clone()),
-        ("ip", ip),
-        ("port", port.to_string()),
-        ("runid", String::new()),
-        ("flags", if down { "s_down,o_down,master" } else { "master" }.to_string()),
-        ("link-pending-commands", zero()),
-        ("link-refcount", "1".to_string()),
-        ("last-ping-sent", zero()),
-        ("last-ok-ping-reply", zero()),
-        ("last-ping-reply", zero()),
-    ];
+    let flags = if down { "s_down,o_down,master" } else { "master" };
+    let mut f = instance_head(view.master_name.clone(), ip, port, String::new(), flags);
     if down {
         f.push(("s-down-time", zero()));
         f.push(("o-down-time", zero()));
@@ -488,17 +497,8 @@ fn replica_fields(view: &View, r: &Addr) -> Vec<(&'static str, String)> {
         Some(m) => (m.host.clone(), m.port, "ok"),
         None => ("?".to_string(), 0, "err"),
     };
-    vec![
-        ("name", r.instance_name()),
-        ("ip", r.host.clone()),
-        ("port", r.port.to_string()),
-        ("runid", String::new()),
-        ("flags", "slave".to_string()),
-        ("link-pending-commands", zero()),
-        ("link-refcount", "1".to_string()),
-        ("last-ping-sent", zero()),
-        ("last-ok-ping-reply", zero()),
-        ("last-ping-reply", zero()),
+    let mut f = instance_head(r.instance_name(), r.host.clone(), r.port, String::new(), "slave");
+    f.extend([
         ("down-after-milliseconds", REPORTED_DOWN_AFTER_MS.to_string()),
         ("info-refresh", zero()),
         ("role-reported", "slave".to_string()),
@@ -510,27 +510,20 @@ fn replica_fields(view: &View, r: &Addr) -> Vec<(&'static str, String)> {
         ("slave-priority", REPORTED_REPLICA_PRIORITY.to_string()),
         ("slave-repl-offset", zero()),
         ("replica-announced", "1".to_string()),
-    ]
+    ]);
+    f
 }
 
 fn sentinel_fields(p: &SentinelPeer) -> Vec<(&'static str, String)> {
     let zero = || "0".to_string();
-    vec![
-        ("name", p.addr.instance_name()),
-        ("ip", p.addr.host.clone()),
-        ("port", p.addr.port.to_string()),
-        ("runid", p.run_id.clone()),
-        ("flags", "sentinel".to_string()),
-        ("link-pending-commands", zero()),
-        ("link-refcount", "1".to_string()),
-        ("last-ping-sent", zero()),
-        ("last-ok-ping-reply", zero()),
-        ("last-ping-reply", zero()),
+    let mut f = instance_head(p.addr.instance_name(), p.addr.host.clone(), p.addr.port, p.run_id.clone(), "sentinel");
+    f.extend([
         ("down-after-milliseconds", REPORTED_DOWN_AFTER_MS.to_string()),
         ("last-hello-message", zero()),
         ("voted-leader", "?".to_string()),
         ("voted-leader-epoch", zero()),
-    ]
+    ]);
+    f
 }
 
 /// `INFO [section ...]`: the `server` and `sentinel` sections (the others
