@@ -1048,15 +1048,9 @@ unsafe fn master_repl_offset(ctx: *mut raw::RedisModuleCtx) -> u64 {
     if let Some(offset) = role_offset_with_replica(ctx) {
         return offset;
     }
-    let info = raw::RedisModule_GetServerInfo.unwrap()(ctx, c"replication".as_ptr());
-    let mut err: c_int = 0;
-    let active = raw::RedisModule_ServerInfoGetFieldUnsigned.unwrap()(info, c"repl_backlog_active".as_ptr(), &mut err);
-    let v = raw::RedisModule_ServerInfoGetFieldUnsigned.unwrap()(info, c"master_repl_offset".as_ptr(), &mut err);
-    raw::RedisModule_FreeServerInfo.unwrap()(ctx, info);
-    if active == 0 || err != 0 {
-        u64::MAX
-    } else {
-        v
+    match info_replication(ctx) {
+        Some((true, offset)) => offset,
+        _ => u64::MAX,
     }
 }
 
@@ -1087,14 +1081,22 @@ unsafe fn role_offset_with_replica(ctx: *mut raw::RedisModuleCtx) -> Option<u64>
 
 /// `master_repl_offset` as INFO reports it (0 when unknown).
 unsafe fn repl_offset() -> u64 {
-    let info = raw::RedisModule_GetServerInfo.unwrap()(std::ptr::null_mut(), c"replication".as_ptr());
+    info_replication(std::ptr::null_mut()).map(|(_, offset)| offset).unwrap_or(0)
+}
+
+/// From `INFO replication`: whether a replication backlog exists
+/// (`repl_backlog_active`) and `master_repl_offset`; `None` when INFO does
+/// not tell.
+unsafe fn info_replication(ctx: *mut raw::RedisModuleCtx) -> Option<(bool, u64)> {
+    let info = raw::RedisModule_GetServerInfo.unwrap()(ctx, c"replication".as_ptr());
     if info.is_null() {
-        return 0;
+        return None;
     }
     let mut err: c_int = 0;
-    let v = raw::RedisModule_ServerInfoGetFieldUnsigned.unwrap()(info, c"master_repl_offset".as_ptr(), &mut err);
-    raw::RedisModule_FreeServerInfo.unwrap()(std::ptr::null_mut(), info);
-    if err != 0 { 0 } else { v }
+    let active = raw::RedisModule_ServerInfoGetFieldUnsigned.unwrap()(info, c"repl_backlog_active".as_ptr(), &mut err);
+    let offset = raw::RedisModule_ServerInfoGetFieldUnsigned.unwrap()(info, c"master_repl_offset".as_ptr(), &mut err);
+    raw::RedisModule_FreeServerInfo.unwrap()(ctx, info);
+    (err == 0).then_some((active != 0, offset))
 }
 
 /// Keyspace notifications: every write notifies; a watched key's watchers
