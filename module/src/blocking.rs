@@ -16,6 +16,7 @@ use redis_module::raw;
 
 use crate::ffi::Answer;
 use crate::ffi::Blocked;
+use crate::ffi::acl_refusal;
 use crate::ffi::call;
 use crate::ffi::command_keys;
 use crate::ffi::hold_blocked;
@@ -94,9 +95,15 @@ unsafe fn try_once(
         (false, false, true) => c"v3E",
     };
     let r = call(ctx, &cmd, fmt, &strs[1..]);
-    free_strings(ctx, strs);
     if r.is_null() {
+        free_strings(ctx, strs);
         return Ok(reply::error("ERR command could not be run"));
+    }
+    let refusal = acl_refusal(ctx, r, &strs);
+    free_strings(ctx, strs);
+    if let Some(e) = refusal {
+        raw::RedisModule_FreeCallReply.unwrap()(r);
+        return Ok(reply::error(&e));
     }
     let empty = raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_NULL as c_int;
     let bytes = reply::copy(r);

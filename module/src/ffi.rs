@@ -18,6 +18,7 @@ use redis_module::raw;
 use redis_module::redis_module;
 use redis_module_macros::info_command_handler;
 
+use crate::acl;
 use crate::config::Config;
 use crate::config::parse_args;
 use crate::gate;
@@ -70,6 +71,11 @@ pub(crate) struct State {
     pub(crate) popped_by_bc: HashMap<usize, WaiterId>,
     pub(crate) released_total: u64,
     pub(crate) timed_out_total: u64,
+    /// Commands with subcommands (`config`, `client`…), for error texts.
+    pub(crate) containers: HashSet<Vec<u8>>,
+    /// Users may lack the wrappers (the module just loaded, or `ACL LOAD`
+    /// ran): granted before the event loop sleeps (see acl.rs).
+    pub(crate) acl_grant_pending: bool,
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
@@ -124,6 +130,8 @@ struct CommandTable {
     allow_busy: HashSet<Vec<u8>>,
     /// Flagged `readonly`: data reads.
     reads: HashSet<Vec<u8>>,
+    /// Commands with subcommands.
+    containers: HashSet<Vec<u8>>,
 }
 
 fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
@@ -132,6 +140,7 @@ fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
         no_multi: HashSet::new(),
         allow_busy: HashSet::new(),
         reads: HashSet::new(),
+        containers: HashSet::new(),
     };
     unsafe {
         let reply = raw::RedisModule_Call.unwrap()(ctx, cstr("COMMAND").as_ptr(), cstr("").as_ptr());
@@ -187,6 +196,9 @@ unsafe fn collect_command(cmd: *mut raw::RedisModuleCallReply, parent: Option<&[
     // Element 9 (Redis 7): subcommands.
     if raw::RedisModule_CallReplyLength.unwrap()(cmd) > 9 {
         let subs = raw::RedisModule_CallReplyArrayElement.unwrap()(cmd, 9);
+        if raw::RedisModule_CallReplyLength.unwrap()(subs) > 0 {
+            out.containers.insert(name.clone());
+        }
         for k in 0..raw::RedisModule_CallReplyLength.unwrap()(subs) {
             collect_command(raw::RedisModule_CallReplyArrayElement.unwrap()(subs, k), Some(&name), out);
         }
@@ -217,6 +229,119 @@ pub(crate) unsafe fn call(
     reply
 }
 
+/// `RM_Call` of an admin command with byte-string arguments (strings
+/// created and freed here), unfiltered.
+unsafe fn call_bytes(ctx: *mut raw::RedisModuleCtx, cmd: &std::ffi::CStr, args: &[&[u8]]) -> *mut raw::RedisModuleCallReply {
+    let strs: Vec<*mut raw::RedisModuleString> =
+        args.iter().map(|a| raw::RedisModule_CreateString.unwrap()(ctx, a.as_ptr() as *const _, a.len())).collect();
+    let reply = call(ctx, cmd, c"v", &strs);
+    for s in strs {
+        raw::RedisModule_FreeString.unwrap()(ctx, s);
+    }
+    reply
+}
+
+/// The text of a call reply that is an error or a status.
+unsafe fn reply_text(r: *mut raw::RedisModuleCallReply) -> Option<Vec<u8>> {
+    let ty = raw::RedisModule_CallReplyType.unwrap()(r);
+    if ty != raw::REDISMODULE_REPLY_ERROR as c_int && ty != raw::REDISMODULE_REPLY_STRING as c_int {
+        return None;
+    }
+    let mut len = 0usize;
+    let p = raw::RedisModule_CallReplyStringPtr.unwrap()(r, &mut len);
+    (!p.is_null()).then(|| std::slice::from_raw_parts(p as *const u8, len).to_vec())
+}
+
+/// Allows every ACL user the wrapper commands a client's commands become
+/// (acl.rs); a user allowed them already is left untouched.
+unsafe fn grant_wrappers(ctx: *mut raw::RedisModuleCtx) {
+    let users = call_bytes(ctx, c"ACL", &[b"USERS"]);
+    if users.is_null() {
+        return;
+    }
+    let names: Vec<Vec<u8>> = (0..raw::RedisModule_CallReplyLength.unwrap()(users))
+        .filter_map(|i| reply_text(raw::RedisModule_CallReplyArrayElement.unwrap()(users, i)))
+        .collect();
+    raw::RedisModule_FreeCallReply.unwrap()(users);
+    for user in names {
+        let mut missing: Vec<Vec<u8>> = Vec::new();
+        for w in acl::CLIENT_WRAPPERS {
+            let r = call_bytes(ctx, c"ACL", &[b"DRYRUN", &user, w.as_bytes()]);
+            if r.is_null() {
+                continue;
+            }
+            let ok = raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_STRING as c_int
+                && reply_text(r).as_deref() == Some(b"OK");
+            raw::RedisModule_FreeCallReply.unwrap()(r);
+            if !ok {
+                missing.push(format!("+{w}").into_bytes());
+            }
+        }
+        if missing.is_empty() {
+            continue;
+        }
+        let mut args: Vec<&[u8]> = vec![b"SETUSER", &user];
+        args.extend(missing.iter().map(|m| m.as_slice()));
+        let r = call_bytes(ctx, c"ACL", &args);
+        if !r.is_null() {
+            raw::RedisModule_FreeCallReply.unwrap()(r);
+        }
+    }
+}
+
+/// Redis's own error text when `reply` is `RM_Call`'s report that the
+/// client's user may not run the command `args` (acl.rs).
+pub(crate) unsafe fn acl_refusal(
+    ctx: *mut raw::RedisModuleCtx,
+    reply: *mut raw::RedisModuleCallReply,
+    args: &[*mut raw::RedisModuleString],
+) -> Option<String> {
+    if raw::RedisModule_CallReplyType.unwrap()(reply) != raw::REDISMODULE_REPLY_ERROR as c_int {
+        return None;
+    }
+    let text = reply_text(reply)?;
+    let caller = if raw::RedisModule_GetContextFlags.unwrap()(ctx) as u32 & raw::REDISMODULE_CTX_FLAGS_LUA != 0 {
+        acl::Caller::Script
+    } else {
+        acl::Caller::Client
+    };
+    let name = lower(string_bytes(args[0]));
+    let sub = args.get(1).map(|a| string_bytes(*a));
+    let full = acl::full_name(&name, sub, state().containers.contains(&name));
+    acl::native_refusal(&text, &full, caller)
+}
+
+/// Whether the client's user may run `args`, checked as Redis checks a
+/// command queued inside MULTI; the refusal's text otherwise.
+pub(crate) unsafe fn acl_check_queued(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> Result<(), String> {
+    let name = raw::RedisModule_GetCurrentUserName.unwrap()(ctx);
+    if name.is_null() {
+        return Ok(());
+    }
+    let user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(name);
+    raw::RedisModule_FreeString.unwrap()(ctx, name);
+    if user.is_null() {
+        return Ok(());
+    }
+    let mut argv = args.to_vec();
+    let allowed =
+        raw::RedisModule_ACLCheckCommandPermissions.unwrap()(user, argv.as_mut_ptr(), argv.len() as c_int) == raw::REDISMODULE_OK as c_int;
+    raw::RedisModule_FreeModuleUser.unwrap()(user);
+    if allowed {
+        return Ok(());
+    }
+    // The server's own text for this refusal: the same check as the user,
+    // done by RM_Call (refused before anything runs; it logs in ACL LOG).
+    let cmd = CString::new(string_bytes(args[0])).unwrap_or_default();
+    let reply = call(ctx, &cmd, c"v0EC", &args[1..]);
+    if reply.is_null() {
+        return Err("NOPERM this user has no permissions to run this command".into());
+    }
+    let text = acl_refusal(ctx, reply, args).or_else(|| reply_text(reply).map(|t| String::from_utf8_lossy(&t).into_owned()));
+    raw::RedisModule_FreeCallReply.unwrap()(reply);
+    Err(text.unwrap_or_else(|| "NOPERM this user has no permissions to run this command".into()))
+}
+
 /// Command filter: prefixes write commands with `KEEL.W`.
 extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     if SKIP_NEXT_FILTER.with(|s| s.replace(false)) {
@@ -238,6 +363,15 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         let name = &lower[..name.len()];
         let is = |list: &[&str]| list.iter().any(|n| n.as_bytes() == name);
         let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
+        if acl::is_setuser(name, sub, argc as usize) {
+            // The user keeps the wrappers whatever the rules say (acl.rs).
+            for (i, rule) in acl::grant_rules().enumerate() {
+                let r = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), rule.as_ptr() as *const _, rule.len());
+                raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, argc + i as c_int, r);
+            }
+        } else if acl::is_load(name, sub) {
+            state().acl_grant_pending = true;
+        }
         if CALL_DEPTH.with(|d| d.get()) == 0 {
             let st = state();
             match st.gate.decide(gate::monotonic_ms()) {
@@ -575,6 +709,10 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
                 if reply.is_null() {
                     return reply_error(ctx, "ERR command could not be run");
                 }
+                if let Some(e) = acl_refusal(ctx, reply, args) {
+                    raw::RedisModule_FreeCallReply.unwrap()(reply);
+                    return reply_error(ctx, &e);
+                }
                 let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
                 raw::RedisModule_FreeCallReply.unwrap()(reply);
                 r
@@ -633,6 +771,9 @@ unsafe fn in_multi(ctx: *mut raw::RedisModuleCtx, id: u64, name: &[u8], args: &[
                 return refuse("ERR Command not allowed inside a transaction".into());
             }
             if let Err(e) = check_command(args) {
+                return refuse(e);
+            }
+            if let Err(e) = acl_check_queued(ctx, args) {
                 return refuse(e);
             }
             let argv: Vec<Vec<u8>> = args.iter().map(|a| string_bytes(*a).to_vec()).collect();
@@ -730,6 +871,9 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
                 }
                 if reply.is_null() {
                     reply::error("ERR command could not be run")
+                } else if let Some(e) = acl_refusal(ctx, reply, &strs) {
+                    raw::RedisModule_FreeCallReply.unwrap()(reply);
+                    reply::error(&e)
                 } else {
                     let v = reply::copy(reply);
                     raw::RedisModule_FreeCallReply.unwrap()(reply);
@@ -805,6 +949,11 @@ pub(crate) fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
         let reply = call(ctx, &cmd, fmt, &args[1..]);
         if reply.is_null() {
             return raw::RedisModule_ReplyWithError.unwrap()(ctx, c"ERR command could not be run".as_ptr());
+        }
+        if let Some(e) = acl_refusal(ctx, reply, args) {
+            // Refused before it ran: nothing to hold.
+            raw::RedisModule_FreeCallReply.unwrap()(reply);
+            return reply_error(ctx, &e);
         }
         if in_multi_or_script {
             // A script's reply is held at the level of the script's caller.
@@ -1021,6 +1170,9 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
     if subevent != 0 {
         return; // only BEFORE_SLEEP
     }
+    if std::mem::take(&mut state().acl_grant_pending) {
+        unsafe { grant_wrappers(ctx) };
+    }
     {
         let st = state();
         if !st.holds.turn_has_writes() && !st.hazards.turn_has_writes() {
@@ -1230,7 +1382,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         }
     };
     let raw_ctx = ctx.ctx;
-    let CommandTable { writes, no_multi, allow_busy, reads } = load_command_table(raw_ctx);
+    let CommandTable { writes, no_multi, allow_busy, reads, containers } = load_command_table(raw_ctx);
     let replica = unsafe { raw::RedisModule_GetContextFlags.unwrap()(std::ptr::null_mut()) as u32 & raw::REDISMODULE_CTX_FLAGS_SLAVE != 0 };
     ctx.log_notice(&format!("keel: holding replies of {} write commands; {cfg:?}", writes.len()));
     let _ = STATE.set(Mutex::new(State {
@@ -1253,6 +1405,8 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         journal_offset: 0,
         released_total: 0,
         timed_out_total: 0,
+        containers,
+        acl_grant_pending: true,
     }));
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;

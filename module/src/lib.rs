@@ -23,6 +23,7 @@
 //! unheld), blocking pops (run natively, unheld), writes of keys a script
 //! does not declare (not tracked as read hazards), replica role.
 
+pub mod acl;
 pub mod config;
 pub mod gate;
 pub mod hazards;

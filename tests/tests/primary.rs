@@ -511,3 +511,94 @@ async fn a_transaction_missing_a_refused_command_never_runs() {
     assert!(exec.starts_with("-EXECABORT"), "EXEC ran a transaction missing a command: {exec}");
     assert_eq!(probe.cmd(&["LLEN", "tx"]), ":0");
 }
+
+/// ACL users keep working behind the rewrite to KEEL.W: users from the ACL
+/// file (granted at load and after ACL LOAD) and from ACL SETUSER may write
+/// what their rules allow, durably; what their rules refuse gets Redis's
+/// own NOPERM text, is not run and is not journaled; inside MULTI it is
+/// refused at queue time and the EXEC aborts.
+async fn acl_users_write_what_their_rules_allow(server: Server) {
+    let acl_dir = tempfile::tempdir().unwrap();
+    let aclfile = acl_dir.path().join("users.acl");
+    std::fs::write(
+        &aclfile,
+        "user default on nopass ~* &* +@all\nuser carol on >pw ~c* +set +get +multi +exec\n",
+    )
+    .unwrap();
+    let aclfile_arg = aclfile.to_string_lossy().into_owned();
+    // Arguments after the module's are the server's own directives.
+    let p = KeelPrimary::start(
+        server,
+        1,
+        &["write_timeout_ms=5000", "--aclfile", &aclfile_arg],
+    )
+    .await;
+    // Redis 7.0 and Valkey word their refusals differently; each gets its own.
+    let (no_key, no_hset) = match server {
+        Server::Redis => (
+            "-NOPERM this user has no permissions to access one of the keys used as arguments",
+            "-NOPERM this user has no permissions to run the 'hset' command",
+        ),
+        Server::Valkey => (
+            "-NOPERM No permissions to access a key",
+            "-NOPERM User carol has no permissions to run the 'hset' command",
+        ),
+    };
+    let user = |name: &str| {
+        let mut c = Resp::connect(&p.addr());
+        assert_eq!(c.cmd(&["AUTH", name, "pw"]), "+OK");
+        c
+    };
+    // A user from the ACL file, granted when the module loaded.
+    let mut carol = user("carol");
+    assert_eq!(carol.cmd(&["SET", "c1", "v"]), "+OK");
+    assert_eq!(carol.cmd(&["SET", "x1", "v"]), no_key);
+    assert_eq!(carol.cmd(&["HSET", "c2", "f", "v"]), no_hset);
+    assert_eq!(carol.cmd(&["MULTI"]), "+OK");
+    assert_eq!(carol.cmd(&["SET", "c3", "v"]), "+QUEUED");
+    assert_eq!(carol.cmd(&["SET", "x3", "v"]), no_key);
+    assert!(carol.cmd(&["EXEC"]).starts_with("-EXECABORT"));
+    // A user made with ACL SETUSER, and one from ACL LOAD.
+    let mut admin = Resp::connect(&p.addr());
+    assert_eq!(
+        admin.cmd(&["ACL", "SETUSER", "bob", "on", ">pw", "~b*", "+incr"]),
+        "+OK"
+    );
+    assert_eq!(user("bob").cmd(&["INCR", "b1"]), ":1");
+    assert_eq!(user("bob").cmd(&["INCR", "c1"]), no_key);
+    std::fs::write(
+        &aclfile,
+        "user default on nopass ~* &* +@all\nuser carol on >pw ~c* +set +get +multi +exec\nuser dave on >pw ~d* +rpush\n",
+    )
+    .unwrap();
+    assert_eq!(admin.cmd(&["ACL", "LOAD"]), "+OK");
+    assert_eq!(user("dave").cmd(&["RPUSH", "d1", "a"]), ":1");
+    let cmds = p.journaled_commands();
+    for want in [
+        &["set", "c1", "v"][..],
+        &["incr", "b1"],
+        &["rpush", "d1", "a"],
+    ] {
+        assert!(
+            has(&cmds, want),
+            "{want:?} missing from the journal: {cmds:?}"
+        );
+    }
+    for refused in ["x1", "c2", "c3", "x3"] {
+        assert!(
+            !cmds.iter().any(|c| c.iter().any(|a| a == refused)),
+            "{refused} was journaled: {cmds:?}"
+        );
+    }
+    assert_eq!(admin.cmd(&["EXISTS", "x1", "c2", "c3", "x3"]), ":0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_acl_users_write_what_their_rules_allow() {
+    acl_users_write_what_their_rules_allow(Server::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_acl_users_write_what_their_rules_allow() {
+    acl_users_write_what_their_rules_allow(Server::Valkey).await;
+}
