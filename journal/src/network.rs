@@ -44,6 +44,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
+use crate::types::LogId;
 use crate::types::NodeId;
 use crate::types::TypeConfig;
 
@@ -135,6 +136,107 @@ type StreamAppendFuture<'s> = openraft::base::BoxFuture<
     Result<openraft::base::BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
 >;
 
+/// How long an entry-less AppendEntries (the leader's new commit index, a
+/// heartbeat, a probe) may wait for the next request to ride along.
+const RIDE_WAIT: Duration = Duration::from_millis(2);
+
+/// Lets an entry-less request ride on the next one. openraft sends one as
+/// soon as an entry commits, to tell followers the new commit index; with
+/// one append at a time (the sidecar's), that doubles the messages each
+/// follower handles, and the leader sends them before it answers the
+/// client. Held for up to `RIDE_WAIT`, such a request is dropped when the
+/// next one can say the same (`carries`), and its answer is derived from
+/// that one's (`answers`); otherwise it goes out on its own.
+struct Rides<S> {
+    input: S,
+    /// An entry-less request waiting, the positions of those it replaced,
+    /// and until when it may wait.
+    held: Option<(AppendEntriesRequest<TypeConfig>, Vec<Option<LogId>>, tokio::time::Instant)>,
+    /// A request that came while one was held and could not carry it.
+    next: Option<AppendEntriesRequest<TypeConfig>>,
+    ended: bool,
+    /// How long an entry-less request may wait (`RIDE_WAIT`).
+    wait: Duration,
+}
+
+impl<S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin> Rides<S> {
+    fn new(input: S, wait: Duration) -> Self {
+        Rides { input, held: None, next: None, ended: false, wait }
+    }
+
+    /// The next request to send, with the log positions of the entry-less
+    /// requests it carries (oldest first); `None` when the input ended.
+    async fn next(&mut self) -> Option<(AppendEntriesRequest<TypeConfig>, Vec<Option<LogId>>)> {
+        loop {
+            let req = if let Some(r) = self.next.take() {
+                r
+            } else if self.ended {
+                let (h, carried, _) = self.held.take()?;
+                return Some((h, carried));
+            } else if let Some((_, _, until)) = &self.held {
+                match tokio::time::timeout_at(*until, self.input.next()).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        self.ended = true;
+                        continue;
+                    }
+                    Err(_) => {
+                        let (h, carried, _) = self.held.take().expect("held");
+                        return Some((h, carried));
+                    }
+                }
+            } else {
+                match self.input.next().await {
+                    Some(r) => r,
+                    None => {
+                        self.ended = true;
+                        continue;
+                    }
+                }
+            };
+            match self.held.take() {
+                Some((h, mut carried, until)) if carries(&h, &req) => {
+                    carried.push(h.prev_log_id.clone());
+                    if req.entries.is_empty() {
+                        self.held = Some((req, carried, until));
+                        continue;
+                    }
+                    return Some((req, carried));
+                }
+                Some((h, carried, _)) => {
+                    self.next = Some(req);
+                    return Some((h, carried));
+                }
+                None if req.entries.is_empty() => {
+                    self.held = Some((req, Vec::new(), tokio::time::Instant::now() + self.wait));
+                }
+                None => return Some((req, Vec::new())),
+            }
+        }
+    }
+}
+
+/// Whether `next` says all that `held`, an entry-less request, says: the
+/// same leader vote and log position, and a commit index at least as new.
+fn carries(held: &AppendEntriesRequest<TypeConfig>, next: &AppendEntriesRequest<TypeConfig>) -> bool {
+    held.entries.is_empty()
+        && held.vote == next.vote
+        && held.prev_log_id == next.prev_log_id
+        && next.leader_commit >= held.leader_commit
+}
+
+/// The answers to the requests a message carried (`carried`: their log
+/// positions, oldest first), then the message's own `reply`. An entry-less
+/// request at the same position as the carrier would have been answered
+/// alike: success matching its own position, or the same refusal (then
+/// only the first answer is given: a refusal ends the stream).
+fn answers(reply: StreamAppendResult<TypeConfig>, carried: &[Option<LogId>]) -> Vec<StreamAppendResult<TypeConfig>> {
+    match &reply {
+        Ok(_) => carried.iter().map(|p| Ok(p.clone())).chain(std::iter::once(reply)).collect(),
+        Err(_) => vec![reply],
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for Peer {
     type SnapshotData = Vec<u8>;
 
@@ -144,19 +246,21 @@ impl RaftNetworkV2<TypeConfig> for Peer {
     {
         let target = self.target;
         let ttl = option.soft_ttl();
-        // Send times of the requests not answered yet, oldest first.
-        let unanswered: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+        // Per message sent and not answered yet, oldest first: when it was
+        // sent, and the log positions of the entry-less requests it carries
+        // (see `Rides`), whose answers come before its own.
+        let unanswered: Arc<Mutex<VecDeque<(Instant, Vec<Option<LogId>>)>>> = Arc::default();
         let sent = unanswered.clone();
-        // An request that cannot be encoded ends the stream (never skipped:
+        // A request that cannot be encoded ends the stream (never skipped:
         // answers must match requests in order).
-        let outbound = futures::stream::unfold(input, move |mut input| {
+        let outbound = futures::stream::unfold(Rides::new(input, RIDE_WAIT), move |mut rides| {
             let sent = sent.clone();
             async move {
-                let req = input.next().await?;
+                let (req, carried) = rides.next().await?;
                 match encode(&req) {
                     Ok(data) => {
-                        sent.lock().expect("not poisoned").push_back(Instant::now());
-                        Some((RaftMessage { data: data.into() }, input))
+                        sent.lock().expect("not poisoned").push_back((Instant::now(), carried));
+                        Some((RaftMessage { data: data.into() }, rides))
                     }
                     Err(e) => {
                         tracing::error!(target_node = target, error = %e, "cannot encode AppendEntries; ending the stream");
@@ -172,31 +276,42 @@ impl RaftNetworkV2<TypeConfig> for Peer {
                 Ok(Err(status)) => return Err(unreachable(target, format!("stream_append: {}", status.message()))),
                 Err(_) => return Err(unreachable(target, format!("stream_append: no answer within {ttl:?}"))),
             };
-            let replies = futures::stream::unfold(Some(inbound), move |state| {
+            type Item = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+            let ready: VecDeque<Item> = VecDeque::new();
+            let replies = futures::stream::unfold((Some(inbound), ready), move |(state, mut ready)| {
                 let unanswered = unanswered.clone();
                 async move {
+                    if let Some(item) = ready.pop_front() {
+                        return Some((item, (state, ready)));
+                    }
                     let mut inbound = state?;
                     loop {
                         match tokio::time::timeout(ttl, inbound.message()).await {
                             Ok(Ok(Some(m))) => {
-                                unanswered.lock().expect("not poisoned").pop_front();
-                                let item = match decode::<StreamReply>(&m.data) {
-                                    Ok(Ok(r)) => Ok(r),
-                                    Ok(Err(remote)) => Err(unreachable(target, format!("stream_append failed remotely: {remote}"))),
-                                    Err(e) => Err(unreachable(target, e)),
+                                let carried = unanswered.lock().expect("not poisoned").pop_front().map(|(_, c)| c).unwrap_or_default();
+                                let reply = match decode::<StreamReply>(&m.data) {
+                                    Ok(Ok(r)) => r,
+                                    Ok(Err(remote)) => {
+                                        let e = unreachable(target, format!("stream_append failed remotely: {remote}"));
+                                        return Some((Err(e), (None, ready)));
+                                    }
+                                    Err(e) => return Some((Err(unreachable(target, e)), (None, ready))),
                                 };
-                                let go_on = matches!(item, Ok(Ok(_)));
-                                return Some((item, go_on.then_some(inbound)));
+                                let go_on = reply.is_ok();
+                                ready.extend(answers(reply, &carried).into_iter().map(Ok));
+                                let first = ready.pop_front()?;
+                                return Some((first, (go_on.then_some(inbound), ready)));
                             }
                             Ok(Ok(None)) => return None,
                             Ok(Err(status)) => {
-                                return Some((Err(unreachable(target, format!("stream_append: {}", status.message()))), None));
+                                let e = unreachable(target, format!("stream_append: {}", status.message()));
+                                return Some((Err(e), (None, ready)));
                             }
                             Err(_) => {
-                                let oldest = unanswered.lock().expect("not poisoned").front().copied();
+                                let oldest = unanswered.lock().expect("not poisoned").front().map(|(t, _)| *t);
                                 if oldest.is_some_and(|t| t.elapsed() >= ttl) {
                                     let e = unreachable(target, format!("stream_append: a request unanswered for {ttl:?}"));
-                                    return Some((Err(e), None));
+                                    return Some((Err(e), (None, ready)));
                                 }
                             }
                         }
@@ -256,6 +371,81 @@ mod tests {
             let _ = decode::<Result<VoteResponse<TypeConfig>, String>>(&junk);
             let _ = decode::<StreamReply>(&junk);
         }
+    }
+
+    fn log_id(index: u64) -> LogId {
+        openraft::testing::log_id::<TypeConfig>(2, 1, index)
+    }
+
+    /// An AppendEntries of term 2 from node 1: after `prev`, entries up to
+    /// `last` (none if `last == prev`), with commit index `commit`.
+    fn req(prev: u64, last: u64, commit: u64) -> AppendEntriesRequest<TypeConfig> {
+        let entries = (prev + 1..=last)
+            .map(|i| <crate::types::Entry as openraft::entry::RaftEntry>::new_normal(log_id(i), crate::types::Command::Trim { stream: "s".into(), upto_seq: i }))
+            .collect();
+        AppendEntriesRequest {
+            vote: openraft::impls::Vote::new_committed(2, 1),
+            prev_log_id: Some(log_id(prev)),
+            leader_commit: Some(log_id(commit)),
+            entries,
+        }
+    }
+
+    #[test]
+    fn a_request_carries_an_entryless_one_at_its_position_and_vote() {
+        assert!(carries(&req(4, 4, 4), &req(4, 6, 4)), "a commit notice rides on the next entries");
+        assert!(carries(&req(4, 4, 3), &req(4, 4, 4)), "a newer notice replaces an older one");
+        assert!(!carries(&req(4, 5, 4), &req(5, 6, 5)), "a request with entries is never dropped");
+        assert!(!carries(&req(4, 4, 4), &req(5, 6, 4)), "another log position");
+        assert!(!carries(&req(4, 4, 4), &req(4, 6, 3)), "an older commit index");
+        let mut other_vote = req(4, 6, 4);
+        other_vote.vote = openraft::impls::Vote::new_committed(3, 2);
+        assert!(!carries(&req(4, 4, 4), &other_vote), "another leader's term");
+    }
+
+    #[test]
+    fn carried_requests_are_answered_first_and_alike() {
+        let ok = answers(Ok(Some(log_id(6))), &[Some(log_id(4)), Some(log_id(4))]);
+        assert_eq!(ok, vec![Ok(Some(log_id(4))), Ok(Some(log_id(4))), Ok(Some(log_id(6)))]);
+        assert_eq!(answers(Ok(Some(log_id(6))), &[]), vec![Ok(Some(log_id(6)))]);
+        let refused: StreamAppendResult<TypeConfig> = Err(openraft::raft::StreamAppendError::Conflict(log_id(4)));
+        assert_eq!(answers(refused.clone(), &[Some(log_id(4))]), vec![refused], "a refusal ends the stream: given once");
+    }
+
+    async fn drain(input: Vec<(u64, AppendEntriesRequest<TypeConfig>)>) -> Vec<(u64, u64, Vec<Option<LogId>>)> {
+        // (delay before it in ms, request) -> (prev, last, carried) as sent
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        tokio::spawn(async move {
+            for (delay, r) in input {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                tx.unbounded_send(r).unwrap();
+            }
+        });
+        let mut rides = Rides::new(rx, Duration::from_millis(300));
+        let mut out = Vec::new();
+        while let Some((r, carried)) = rides.next().await {
+            let last = r.entries.last().map(|e| e.log_id.index).unwrap_or(r.prev_log_id.as_ref().unwrap().index);
+            out.push((r.prev_log_id.unwrap().index, last, carried));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn entryless_requests_ride_on_the_next_one_or_go_alone_in_time() {
+        // (The wait is 300 ms here.) A commit notice, then the next entries
+        // within the wait: one message.
+        let sent = drain(vec![(0, req(3, 4, 3)), (0, req(4, 4, 4)), (20, req(4, 6, 4))]).await;
+        assert_eq!(sent, vec![(3, 4, vec![]), (4, 6, vec![Some(log_id(4))])]);
+        // Two notices in a row: the newer carries the older; sent at the
+        // deadline, before the entries that come later.
+        let sent = drain(vec![(0, req(4, 4, 3)), (0, req(4, 4, 4)), (900, req(4, 5, 4))]).await;
+        assert_eq!(sent, vec![(4, 4, vec![Some(log_id(4))]), (4, 5, vec![])]);
+        // A request that cannot carry the held one: both go, in order.
+        let sent = drain(vec![(0, req(4, 4, 4)), (0, req(2, 3, 4))]).await;
+        assert_eq!(sent, vec![(4, 4, vec![]), (2, 3, vec![])]);
+        // The input ends with a notice held: it still goes.
+        let sent = drain(vec![(0, req(4, 4, 4))]).await;
+        assert_eq!(sent, vec![(4, 4, vec![])]);
     }
 
     #[test]
