@@ -7,6 +7,8 @@
 //! without waiting for the previous answer, and the follower's results come
 //! back in order. A request unanswered for the RPC's soft TTL ends the stream
 //! (openraft then backs off and starts a new one); an idle stream is fine.
+//! An entry-less request (the commit notice openraft sends after each entry,
+//! a heartbeat) waits up to 2 ms for the next request to carry it (`Rides`).
 //! Transport failures become `Unreachable` (openraft backs off and retries);
 //! a remote error is reported as-is. Snapshots are sent whole in one message,
 //! bounded by `MAX_RAFT_MESSAGE_BYTES`.
