@@ -88,36 +88,23 @@ mod tests {
 
     #[test]
     fn refusals_read_as_redis_writes_them() {
-        let coded = b"ERR acl verification failed, can't run this command or subcommand.";
-        assert_eq!(
-            native_refusal(coded, "hset", Caller::Client).unwrap(),
-            "NOPERM this user has no permissions to run the 'hset' command"
-        );
-        let cmd = b"acl verification failed, can't run this command or subcommand.";
-        assert_eq!(
-            native_refusal(cmd, "set", Caller::Client).unwrap(),
-            "NOPERM this user has no permissions to run the 'set' command"
-        );
-        assert_eq!(
-            native_refusal(cmd, "set", Caller::Script).unwrap(),
-            "ERR The user executing the script can't run this command or subcommand"
-        );
-        let key = b"acl verification failed, can't access at least one of the keys mentioned in the command arguments.";
-        assert_eq!(
-            native_refusal(key, "set", Caller::Client).unwrap(),
-            "NOPERM this user has no permissions to access one of the keys used as arguments"
-        );
-        let chan =
-            b"acl verification failed, can't publish to the channel mentioned in the command.";
-        assert_eq!(
-            native_refusal(chan, "publish", Caller::Client).unwrap(),
-            "NOPERM this user has no permissions to access one of the channels used as arguments"
-        );
-        let other = b"acl verification failed, lacking the permissions for the command.";
-        assert_eq!(
-            native_refusal(other, "set", Caller::Client).unwrap(),
-            "NOPERM lacking the permissions for the command"
-        );
+        const CMD: &str = "acl verification failed, can't run this command or subcommand.";
+        const KEY: &str = "acl verification failed, can't access at least one of the keys mentioned in the command arguments.";
+        const CHAN: &str = "acl verification failed, can't publish to the channel mentioned in the command.";
+        // (what RM_Call answered, command, caller, what Redis itself says)
+        let cases = [
+            ("ERR acl verification failed, can't run this command or subcommand.", "hset", Caller::Client,
+             "NOPERM this user has no permissions to run the 'hset' command"),
+            (CMD, "set", Caller::Client, "NOPERM this user has no permissions to run the 'set' command"),
+            (CMD, "set", Caller::Script, "ERR The user executing the script can't run this command or subcommand"),
+            (KEY, "set", Caller::Client, "NOPERM this user has no permissions to access one of the keys used as arguments"),
+            (CHAN, "publish", Caller::Client, "NOPERM this user has no permissions to access one of the channels used as arguments"),
+            ("acl verification failed, lacking the permissions for the command.", "set", Caller::Client,
+             "NOPERM lacking the permissions for the command"),
+        ];
+        for (answer, command, caller, native) in cases {
+            assert_eq!(native_refusal(answer.as_bytes(), command, caller).as_deref(), Some(native), "{answer}");
+        }
     }
 
     #[test]
