@@ -414,7 +414,7 @@ mod tests {
         assert_eq!(answers(refused.clone(), &[Some(log_id(4))]), vec![refused], "a refusal ends the stream: given once");
     }
 
-    async fn drain(input: Vec<(u64, AppendEntriesRequest<TypeConfig>)>) -> Vec<(u64, u64, Vec<Option<LogId>>)> {
+    async fn drain(input: Vec<(u64, AppendEntriesRequest<TypeConfig>)>, wait: Duration) -> Vec<(u64, u64, Vec<Option<LogId>>)> {
         // (delay before it in ms, request) -> (prev, last, carried) as sent
         let (tx, rx) = futures::channel::mpsc::unbounded();
         tokio::spawn(async move {
@@ -423,7 +423,7 @@ mod tests {
                 tx.unbounded_send(r).unwrap();
             }
         });
-        let mut rides = Rides::new(rx, Duration::from_millis(300));
+        let mut rides = Rides::new(rx, wait);
         let mut out = Vec::new();
         while let Some((r, carried)) = rides.next().await {
             let last = r.entries.last().map(|e| e.log_id.index).unwrap_or(r.prev_log_id.as_ref().unwrap().index);
@@ -436,18 +436,21 @@ mod tests {
     async fn entryless_requests_ride_on_the_next_one_or_go_alone_in_time() {
         // (The wait is 300 ms here.) A commit notice, then the next entries
         // within the wait: one message.
-        let sent = drain(vec![(0, req(3, 4, 3)), (0, req(4, 4, 4)), (20, req(4, 6, 4))]).await;
+        let sent = drain(vec![(0, req(3, 4, 3)), (0, req(4, 4, 4)), (20, req(4, 6, 4))], Duration::from_millis(300)).await;
         assert_eq!(sent, vec![(3, 4, vec![]), (4, 6, vec![Some(log_id(4))])]);
         // Two notices in a row: the newer carries the older; sent at the
         // deadline, before the entries that come later.
-        let sent = drain(vec![(0, req(4, 4, 3)), (0, req(4, 4, 4)), (900, req(4, 5, 4))]).await;
+        let sent = drain(vec![(0, req(4, 4, 3)), (0, req(4, 4, 4)), (900, req(4, 5, 4))], Duration::from_millis(300)).await;
         assert_eq!(sent, vec![(4, 4, vec![Some(log_id(4))]), (4, 5, vec![])]);
         // A request that cannot carry the held one: both go, in order.
-        let sent = drain(vec![(0, req(4, 4, 4)), (0, req(2, 3, 4))]).await;
+        let sent = drain(vec![(0, req(4, 4, 4)), (0, req(2, 3, 4))], Duration::from_millis(300)).await;
         assert_eq!(sent, vec![(4, 4, vec![]), (2, 3, vec![])]);
-        // The input ends with a notice held: it still goes.
-        let sent = drain(vec![(0, req(4, 4, 4))]).await;
+        // The input ends with a notice held: it goes at once, not at the
+        // deadline (openraft sends each heartbeat as a one-request stream).
+        let t = std::time::Instant::now();
+        let sent = drain(vec![(0, req(4, 4, 4))], Duration::from_secs(20)).await;
         assert_eq!(sent, vec![(4, 4, vec![])]);
+        assert!(t.elapsed() < Duration::from_secs(10), "a heartbeat waited for the ride deadline");
     }
 
     #[test]
