@@ -61,8 +61,9 @@ const KEY: &str = "can't access at least one of the keys mentioned in the comman
 const CHANNEL: &str = "can't publish to the channel mentioned in the command";
 
 /// Redis's own error text for an ACL refusal that `RM_Call` reported as
-/// `error` (without the leading `-`); `None` if it is not one.
-pub fn native_refusal(error: &[u8], command: &str, caller: Caller) -> Option<String> {
+/// `error` (without the leading `-`); `None` if it is not one. `command`
+/// gives the command's name (`full_name`), asked only for a refusal.
+pub fn native_refusal(error: &[u8], caller: Caller, command: impl FnOnce() -> String) -> Option<String> {
     let text = std::str::from_utf8(error).ok()?;
     // Redis 7.0 puts an ERR code in front of the text; later servers may not.
     let reason = text
@@ -74,7 +75,7 @@ pub fn native_refusal(error: &[u8], command: &str, caller: Caller) -> Option<Str
         // Inside a script Redis says "The user executing the script …".
         Caller::Script => format!("ERR The user executing the script {reason}"),
         Caller::Client => match reason {
-            CMD => format!("NOPERM this user has no permissions to run the '{command}' command"),
+            CMD => format!("NOPERM this user has no permissions to run the '{}' command", command()),
             KEY => "NOPERM this user has no permissions to access one of the keys used as arguments".into(),
             CHANNEL => "NOPERM this user has no permissions to access one of the channels used as arguments".into(),
             other => format!("NOPERM {other}"),
@@ -103,7 +104,7 @@ mod tests {
              "NOPERM lacking the permissions for the command"),
         ];
         for (answer, command, caller, native) in cases {
-            assert_eq!(native_refusal(answer.as_bytes(), command, caller).as_deref(), Some(native), "{answer}");
+            assert_eq!(native_refusal(answer.as_bytes(), caller, || command.to_string()).as_deref(), Some(native), "{answer}");
         }
     }
 
@@ -115,7 +116,7 @@ mod tests {
             b"\xff\xfe",
             b"acl verification",
         ] {
-            assert_eq!(native_refusal(e, "set", Caller::Client), None);
+            assert_eq!(native_refusal(e, Caller::Client, || unreachable!("the name is asked for refusals only")), None);
         }
     }
 

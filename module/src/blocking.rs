@@ -19,10 +19,12 @@ use crate::ffi::Blocked;
 use crate::ffi::acl_refusal;
 use crate::ffi::call;
 use crate::ffi::command_keys;
+use crate::ffi::free_strings;
 use crate::ffi::hold_blocked;
 use crate::ffi::read_must_wait;
 use crate::ffi::state;
 use crate::ffi::string_bytes;
+use crate::ffi::strings;
 use crate::ffi::unblock;
 use crate::reply;
 use crate::waiters::WaiterId;
@@ -60,16 +62,6 @@ unsafe fn any_source_ready(ctx: *mut raw::RedisModuleCtx, argv: &[Vec<u8>]) -> b
         raw::RedisModule_FreeString.unwrap()(ctx, s);
         ty == want
     })
-}
-
-unsafe fn strings(ctx: *mut raw::RedisModuleCtx, argv: &[Vec<u8>]) -> Vec<*mut raw::RedisModuleString> {
-    argv.iter().map(|a| raw::RedisModule_CreateString.unwrap()(ctx, a.as_ptr() as *const _, a.len())).collect()
-}
-
-unsafe fn free_strings(ctx: *mut raw::RedisModuleCtx, strs: Vec<*mut raw::RedisModuleString>) {
-    for s in strs {
-        raw::RedisModule_FreeString.unwrap()(ctx, s);
-    }
 }
 
 /// Runs `argv` without blocking: `Err(null reply)` if it found nothing,

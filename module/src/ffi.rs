@@ -157,13 +157,16 @@ fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
     out
 }
 
-unsafe fn reply_str(r: *mut raw::RedisModuleCallReply) -> Vec<u8> {
+/// The text of a string or error call reply (`None` for other types).
+unsafe fn reply_text(r: *mut raw::RedisModuleCallReply) -> Option<Vec<u8>> {
     let mut len = 0usize;
     let p = raw::RedisModule_CallReplyStringPtr.unwrap()(r, &mut len);
-    if p.is_null() {
-        return Vec::new();
-    }
-    std::slice::from_raw_parts(p as *const u8, len).to_ascii_lowercase()
+    (!p.is_null()).then(|| std::slice::from_raw_parts(p as *const u8, len).to_vec())
+}
+
+/// `reply_text` lower-cased, empty for other types.
+unsafe fn reply_str(r: *mut raw::RedisModuleCallReply) -> Vec<u8> {
+    reply_text(r).unwrap_or_default().to_ascii_lowercase()
 }
 
 unsafe fn collect_command(cmd: *mut raw::RedisModuleCallReply, parent: Option<&[u8]>, out: &mut CommandTable) {
@@ -229,27 +232,28 @@ pub(crate) unsafe fn call(
     reply
 }
 
-/// `RM_Call` of an admin command with byte-string arguments (strings
-/// created and freed here), unfiltered.
-unsafe fn call_bytes(ctx: *mut raw::RedisModuleCtx, cmd: &std::ffi::CStr, args: &[&[u8]]) -> *mut raw::RedisModuleCallReply {
-    let strs: Vec<*mut raw::RedisModuleString> =
-        args.iter().map(|a| raw::RedisModule_CreateString.unwrap()(ctx, a.as_ptr() as *const _, a.len())).collect();
-    let reply = call(ctx, cmd, c"v", &strs);
+/// Module strings of `argv` (freed with `free_strings`).
+pub(crate) unsafe fn strings<A: AsRef<[u8]>>(ctx: *mut raw::RedisModuleCtx, argv: &[A]) -> Vec<*mut raw::RedisModuleString> {
+    argv.iter()
+        .map(|a| {
+            let a = a.as_ref();
+            raw::RedisModule_CreateString.unwrap()(ctx, a.as_ptr() as *const _, a.len())
+        })
+        .collect()
+}
+
+pub(crate) unsafe fn free_strings(ctx: *mut raw::RedisModuleCtx, strs: Vec<*mut raw::RedisModuleString>) {
     for s in strs {
         raw::RedisModule_FreeString.unwrap()(ctx, s);
     }
-    reply
 }
 
-/// The text of a call reply that is an error or a status.
-unsafe fn reply_text(r: *mut raw::RedisModuleCallReply) -> Option<Vec<u8>> {
-    let ty = raw::RedisModule_CallReplyType.unwrap()(r);
-    if ty != raw::REDISMODULE_REPLY_ERROR as c_int && ty != raw::REDISMODULE_REPLY_STRING as c_int {
-        return None;
-    }
-    let mut len = 0usize;
-    let p = raw::RedisModule_CallReplyStringPtr.unwrap()(r, &mut len);
-    (!p.is_null()).then(|| std::slice::from_raw_parts(p as *const u8, len).to_vec())
+/// `RM_Call` of an admin command with byte-string arguments, unfiltered.
+unsafe fn call_bytes(ctx: *mut raw::RedisModuleCtx, cmd: &std::ffi::CStr, args: &[&[u8]]) -> *mut raw::RedisModuleCallReply {
+    let strs = strings(ctx, args);
+    let reply = call(ctx, cmd, c"v", &strs);
+    free_strings(ctx, strs);
+    reply
 }
 
 /// Allows every ACL user the wrapper commands a client's commands become
@@ -264,24 +268,24 @@ unsafe fn grant_wrappers(ctx: *mut raw::RedisModuleCtx) {
         .collect();
     raw::RedisModule_FreeCallReply.unwrap()(users);
     for user in names {
-        let mut missing: Vec<Vec<u8>> = Vec::new();
-        for w in acl::CLIENT_WRAPPERS {
+        let mut missing: Vec<String> = Vec::new();
+        for (w, rule) in acl::CLIENT_WRAPPERS.iter().zip(acl::grant_rules()) {
             let r = call_bytes(ctx, c"ACL", &[b"DRYRUN", &user, w.as_bytes()]);
             if r.is_null() {
                 continue;
             }
-            let ok = raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_STRING as c_int
-                && reply_text(r).as_deref() == Some(b"OK");
+            // DRYRUN answers +OK, or a bulk string saying what is refused.
+            let ok = reply_text(r).as_deref() == Some(b"OK");
             raw::RedisModule_FreeCallReply.unwrap()(r);
             if !ok {
-                missing.push(format!("+{w}").into_bytes());
+                missing.push(rule);
             }
         }
         if missing.is_empty() {
             continue;
         }
         let mut args: Vec<&[u8]> = vec![b"SETUSER", &user];
-        args.extend(missing.iter().map(|m| m.as_slice()));
+        args.extend(missing.iter().map(|m| m.as_bytes()));
         let r = call_bytes(ctx, c"ACL", &args);
         if !r.is_null() {
             raw::RedisModule_FreeCallReply.unwrap()(r);
@@ -305,10 +309,11 @@ pub(crate) unsafe fn acl_refusal(
     } else {
         acl::Caller::Client
     };
-    let name = lower(string_bytes(args[0]));
-    let sub = args.get(1).map(|a| string_bytes(*a));
-    let full = acl::full_name(&name, sub, state().containers.contains(&name));
-    acl::native_refusal(&text, &full, caller)
+    acl::native_refusal(&text, caller, || {
+        let name = lower(string_bytes(args[0]));
+        let sub = args.get(1).map(|a| string_bytes(*a));
+        acl::full_name(&name, sub, state().containers.contains(&name))
+    })
 }
 
 /// Whether the client's user may run `args`, checked as Redis checks a
@@ -334,11 +339,11 @@ pub(crate) unsafe fn acl_check_queued(ctx: *mut raw::RedisModuleCtx, args: &[*mu
     // done by RM_Call (refused before anything runs; it logs in ACL LOG).
     let cmd = CString::new(string_bytes(args[0])).unwrap_or_default();
     let reply = call(ctx, &cmd, c"v0EC", &args[1..]);
-    if reply.is_null() {
-        return Err("NOPERM this user has no permissions to run this command".into());
+    let mut text = None;
+    if !reply.is_null() {
+        text = acl_refusal(ctx, reply, args).or_else(|| reply_text(reply).map(|t| String::from_utf8_lossy(&t).into_owned()));
+        raw::RedisModule_FreeCallReply.unwrap()(reply);
     }
-    let text = acl_refusal(ctx, reply, args).or_else(|| reply_text(reply).map(|t| String::from_utf8_lossy(&t).into_owned()));
-    raw::RedisModule_FreeCallReply.unwrap()(reply);
     Err(text.unwrap_or_else(|| "NOPERM this user has no permissions to run this command".into()))
 }
 
@@ -849,10 +854,7 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
     let mut values = Vec::with_capacity(cmds.len());
     let mut hold = false;
     for argv in cmds {
-        let strs: Vec<*mut raw::RedisModuleString> = argv
-            .iter()
-            .map(|a| raw::RedisModule_CreateString.unwrap()(ctx, a.as_ptr() as *const _, a.len()))
-            .collect();
+        let strs = strings(ctx, &argv);
         let name = lower(&argv[0]);
         let value = match name.as_slice() {
             b"select" => select(ctx, &strs),
@@ -882,9 +884,7 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
             }
         };
         values.push(value);
-        for s in strs {
-            raw::RedisModule_FreeString.unwrap()(ctx, s);
-        }
+        free_strings(ctx, strs);
     }
     let mut value = format!("*{}\r\n", values.len()).into_bytes();
     for v in values {
