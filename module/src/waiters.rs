@@ -17,6 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::collections::HashMap;
+use std::collections::HashSet;
 
 pub type WaiterId = u64;
 pub type Db = i32;
@@ -26,12 +27,14 @@ pub struct Waiters<T> {
     next_id: WaiterId,
     waiting: HashMap<WaiterId, (T, Db, Vec<Vec<u8>>)>,
     by_key: HashMap<(Db, Vec<u8>), BTreeSet<WaiterId>>,
-    ready: Vec<(Db, Vec<u8>)>,
+    /// Keys written since the last retry (their waiters retry in id order,
+    /// so the set's order does not matter).
+    ready: HashSet<(Db, Vec<u8>)>,
 }
 
 impl<T> Default for Waiters<T> {
     fn default() -> Self {
-        Waiters { next_id: 1, waiting: HashMap::new(), by_key: HashMap::new(), ready: Vec::new() }
+        Waiters { next_id: 1, waiting: HashMap::new(), by_key: HashMap::new(), ready: HashSet::new() }
     }
 }
 
@@ -85,9 +88,7 @@ impl<T> Waiters<T> {
         if !self.by_key.contains_key(&k) {
             return false;
         }
-        if !self.ready.contains(&k) {
-            self.ready.push(k);
-        }
+        self.ready.insert(k);
         true
     }
 
@@ -96,18 +97,14 @@ impl<T> Waiters<T> {
     pub fn ready_db(&mut self, db: Option<Db>) -> bool {
         let keys: Vec<(Db, Vec<u8>)> = self.by_key.keys().filter(|(d, _)| db.is_none_or(|want| *d == want)).cloned().collect();
         let any = !keys.is_empty();
-        for k in keys {
-            if !self.ready.contains(&k) {
-                self.ready.push(k);
-            }
-        }
+        self.ready.extend(keys);
         any
     }
 
     /// The waiters of every key marked ready, oldest first, each once.
     pub fn take_ready(&mut self) -> Vec<WaiterId> {
         let mut ids = BTreeSet::new();
-        for k in self.ready.drain(..) {
+        for k in self.ready.drain() {
             if let Some(set) = self.by_key.get(&k) {
                 ids.extend(set.iter().copied());
             }
