@@ -216,6 +216,16 @@ impl JournalClient {
         .await
     }
 
+    /// Opens an `AppendStream` to endpoint `i`.
+    async fn open_append_stream(&self, i: usize) -> Result<OpenAppendStream, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(APPEND_STREAM_BUFFER);
+        let mut raw = self.raw(i);
+        let opened = tokio::time::timeout(self.cfg.request_timeout, raw.append_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| Status::unavailable(format!("tcp connect error: no answer within {:?}", self.cfg.request_timeout)))??;
+        Ok(OpenAppendStream { endpoint: i, tx, replies: opened.into_inner() })
+    }
+
     /// Compare-and-set of the stream leader; returns the old leader.
     pub async fn set_leader(&self, stream: &str, new: &str, expected_old: &str) -> Result<String, JournalError> {
         let req = pb::SetLeaderRequest { stream: stream.into(), new_uuid: new.into(), expected_old: expected_old.into() };
@@ -383,4 +393,175 @@ impl Reader<'_> {
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
+}
+
+/// Requests an open append stream buffers before `send` waits.
+const APPEND_STREAM_BUFFER: usize = 16;
+
+struct OpenAppendStream {
+    endpoint: usize,
+    tx: tokio::sync::mpsc::Sender<pb::AppendRequest>,
+    replies: tonic::Streaming<pb::AppendStreamReply>,
+}
+
+/// One writer's appends over a long-lived `AppendStream` to the leader: the
+/// same answers as `JournalClient::append`, without a new HTTP/2 request
+/// (headers both ways) per append. One append at a time (`&mut self`).
+///
+/// The retry rules are `JournalClient`'s: `not-leader` moves the stream to
+/// the hinted leader (nothing was proposed); a stream that breaks or stays
+/// silent past the request timeout after a request went out makes that
+/// append `OutcomeUnknown`, and the next append opens a new stream. A node
+/// without `AppendStream` (an older journal) is answered with unary appends
+/// from then on.
+pub struct AppendSession {
+    client: std::sync::Arc<JournalClient>,
+    open: Option<OpenAppendStream>,
+    unary: bool,
+}
+
+impl AppendSession {
+    pub fn new(client: std::sync::Arc<JournalClient>) -> AppendSession {
+        AppendSession { client, open: None, unary: false }
+    }
+
+    pub fn client(&self) -> &std::sync::Arc<JournalClient> {
+        &self.client
+    }
+
+    /// False once a node answered that it has no `AppendStream` (the
+    /// session then appends with unary calls).
+    pub fn streams(&self) -> bool {
+        !self.unary
+    }
+
+    /// Appends `records`; returns the seq of the last one.
+    pub async fn append(
+        &mut self,
+        stream: &str,
+        leader_uuid: &str,
+        records: Vec<Vec<u8>>,
+        expect_last_seq: Option<u64>,
+    ) -> Result<u64, JournalError> {
+        let req = pb::AppendRequest {
+            stream: stream.into(),
+            leader_uuid: leader_uuid.into(),
+            records: records.into_iter().map(Into::into).collect(),
+            expect_last_seq,
+        };
+        let client = self.client.clone();
+        let deadline = Instant::now() + client.cfg.retry_for;
+        let n = client.endpoints.len();
+        let mut i = *client.preferred.lock().unwrap();
+        let mut tried_in_round = 0;
+        let mut last;
+        loop {
+            if self.unary {
+                let r = req.clone();
+                return client.append(&r.stream, &r.leader_uuid, r.records.into_iter().map(|b| b.to_vec()).collect(), r.expect_last_seq).await;
+            }
+            let mut open = match self.open.take() {
+                Some(o) => o,
+                None => match client.open_append_stream(i).await {
+                    Ok(o) => o,
+                    Err(status) if status.code() == Code::Unimplemented => {
+                        self.unary = true;
+                        continue;
+                    }
+                    Err(status) => {
+                        // Nothing was sent on a stream that did not open.
+                        last = format!("{}: {}", client.endpoints[i], status.message());
+                        match classify(&status) {
+                            Failure::Final(e) => return Err(e),
+                            Failure::Redirect(hint) => i = next(&client.endpoints, i, hint, &mut tried_in_round),
+                            Failure::Transport { .. } => i = next(&client.endpoints, i, None, &mut tried_in_round),
+                        }
+                        if Instant::now() >= deadline {
+                            return Err(unavailable(&client, &last));
+                        }
+                        if tried_in_round >= n {
+                            tried_in_round = 0;
+                            tokio::time::sleep(client.cfg.retry_pause).await;
+                        }
+                        continue;
+                    }
+                },
+            };
+            i = open.endpoint;
+            if open.tx.send(req.clone()).await.is_err() {
+                // The stream's sender is gone: the request was not sent.
+                last = format!("{}: the append stream closed", client.endpoints[i]);
+                if Instant::now() >= deadline {
+                    return Err(unavailable(&client, &last));
+                }
+                tokio::time::sleep(client.cfg.retry_pause).await;
+                continue;
+            }
+            let unknown = |why: String| {
+                JournalError::OutcomeUnknown(format!(
+                    "OUTCOME_UNKNOWN: append sent to {} got no answer ({why}); it may or may not be applied",
+                    client.endpoints[i]
+                ))
+            };
+            let reply = match tokio::time::timeout(client.cfg.request_timeout, open.replies.message()).await {
+                Err(_) => return Err(unknown(format!("no reply within {:?}", client.cfg.request_timeout))),
+                Ok(Err(status)) if status.code() == Code::Unimplemented => {
+                    self.unary = true;
+                    continue;
+                }
+                Ok(Err(status)) => return Err(unknown(status.to_string())),
+                Ok(Ok(None)) => return Err(unknown("the append stream ended".into())),
+                Ok(Ok(Some(reply))) => reply,
+            };
+            match reply.result {
+                Some(pb::append_stream_reply::Result::LastSeq(seq)) => {
+                    *client.preferred.lock().unwrap() = i;
+                    self.open = Some(open);
+                    return Ok(seq);
+                }
+                Some(pb::append_stream_reply::Result::Error(e)) => {
+                    let status = crate::errors::from_rpc_error(&e);
+                    match classify(&status) {
+                        Failure::Redirect(hint) => {
+                            // Not proposed: this node is not the leader.
+                            last = format!("{}: {}", client.endpoints[i], status.message());
+                            i = next(&client.endpoints, i, hint, &mut tried_in_round);
+                            if Instant::now() >= deadline {
+                                return Err(unavailable(&client, &last));
+                            }
+                            if tried_in_round >= n {
+                                tried_in_round = 0;
+                                tokio::time::sleep(client.cfg.retry_pause).await;
+                            }
+                        }
+                        Failure::Final(e) => {
+                            self.open = Some(open);
+                            return Err(e);
+                        }
+                        Failure::Transport { message, .. } => return Err(unknown(message)),
+                    }
+                }
+                None => return Err(unknown("a reply without a result".into())),
+            }
+        }
+    }
+}
+
+/// The endpoint to try after `i`: the hinted leader if it is one of ours
+/// and not `i`, else the next one (counted in `tried_in_round`).
+fn next(endpoints: &[String], i: usize, hint: Option<String>, tried_in_round: &mut usize) -> usize {
+    match hint.and_then(|h| endpoints.iter().position(|e| *e == h)) {
+        Some(j) if j != i => j,
+        _ => {
+            *tried_in_round += 1;
+            (i + 1) % endpoints.len()
+        }
+    }
+}
+
+fn unavailable(client: &JournalClient, last: &str) -> JournalError {
+    JournalError::Unavailable(format!(
+        "UNAVAILABLE: append: no journal node accepted it within {} ms (last: {last})",
+        client.cfg.retry_for.as_millis()
+    ))
 }

@@ -79,6 +79,31 @@ pub fn outcome_unknown(msg: impl Into<String>) -> Status {
     tagged(Status::unavailable(format!("OUTCOME_UNKNOWN: {}", msg.into())), "outcome-unknown")
 }
 
+/// The keel-* metadata keys a status may carry.
+const KEEL_KEYS: [&str; 3] = [ERROR_KEY, STREAM_LEADER_KEY, RAFT_LEADER_KEY];
+
+/// A status as it travels inside a stream message (`AppendStream`): its
+/// code, message and keel-* metadata.
+pub fn to_rpc_error(status: &Status) -> keel_proto::journal::RpcError {
+    let metadata = KEEL_KEYS
+        .iter()
+        .filter_map(|k| status.metadata().get(*k).and_then(|v| v.to_str().ok()).map(|v| (k.to_string(), v.to_string())))
+        .collect();
+    keel_proto::journal::RpcError { code: status.code() as i32, message: status.message().to_string(), metadata }
+}
+
+/// The inverse of `to_rpc_error`: the status the unary call would have
+/// returned. Unknown codes and metadata keys other than keel-* are dropped.
+pub fn from_rpc_error(e: &keel_proto::journal::RpcError) -> Status {
+    let mut status = Status::new(tonic::Code::from_i32(e.code), e.message.clone());
+    for k in KEEL_KEYS {
+        if let Some(v) = e.metadata.get(k).and_then(|v| v.parse().ok()) {
+            status.metadata_mut().insert(k, v);
+        }
+    }
+    status
+}
+
 /// The status for a rejection decided by the state machine.
 pub fn from_outcome(outcome: Outcome) -> Status {
     match outcome {
@@ -178,5 +203,36 @@ impl JournalError {
 
     pub fn is_fenced(&self) -> bool {
         matches!(self, JournalError::Fenced { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind of rejection the server sends survives the trip inside a
+    /// stream message: the client classifies it exactly as the unary status.
+    #[test]
+    fn statuses_survive_the_stream_encoding() {
+        let all = [
+            invalid("empty payload"),
+            unknown_stream("s"),
+            not_leader(Some(2), Some("127.0.0.1:7502".into())),
+            not_leader(None, None),
+            overloaded(10),
+            outcome_unknown("lost"),
+            from_outcome(Outcome::Fenced { stream: "s".into(), leader: "u-2".into() }),
+            from_outcome(Outcome::SeqMismatch { last_seq: 7 }),
+            Status::internal("no keel tag"),
+        ];
+        for status in all {
+            let back = from_rpc_error(&to_rpc_error(&status));
+            assert_eq!(back.code(), status.code());
+            assert_eq!(back.message(), status.message());
+            for k in KEEL_KEYS {
+                assert_eq!(back.metadata().get(k), status.metadata().get(k), "{k} of {status:?}");
+            }
+            assert_eq!(format!("{:?}", JournalError::from_status(&back)), format!("{:?}", JournalError::from_status(&status)));
+        }
     }
 }

@@ -288,6 +288,85 @@ fn payload_bytes(cmd: &Command) -> usize {
     }
 }
 
+/// Queues `cmd` for proposal now (so commands submitted one after another
+/// are proposed in that order) and returns what waits for its outcome:
+/// committed within `write_timeout_ms`, or `outcome-unknown`.
+fn submit(
+    proposals: &mpsc::Sender<Proposal>,
+    write_timeout_ms: u64,
+    cmd: Command,
+) -> Result<impl std::future::Future<Output = Result<Outcome, Status>> + Send + 'static, Status> {
+    validate(&cmd).map_err(errors::invalid)?;
+    let what = cmd.to_string();
+    let (tx, rx) = oneshot::channel();
+    proposals.try_send(Proposal { cmd, reply: tx }).map_err(|_| errors::overloaded(MAX_QUEUED_PROPOSALS))?;
+    Ok(async move {
+        match tokio::time::timeout(Duration::from_millis(write_timeout_ms), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(errors::outcome_unknown(format!("{what}: the proposal was dropped; it may or may not be applied"))),
+            Err(_) => Err(errors::outcome_unknown(format!(
+                "{what} was proposed but not committed within {write_timeout_ms} ms; it may or may not be applied"
+            ))),
+        }
+    })
+}
+
+/// Most appends of one `AppendStream` awaiting their outcome; past this the
+/// stream's next requests are read only as earlier ones are answered.
+const MAX_STREAM_APPENDS_IN_FLIGHT: usize = 256;
+
+fn append_command(r: pb::AppendRequest) -> Command {
+    Command::Append {
+        stream: r.stream,
+        leader: r.leader_uuid,
+        records: r.records.into_iter().map(|b| serde_bytes::ByteBuf::from(b.to_vec())).collect(),
+        expect_last_seq: r.expect_last_seq,
+    }
+}
+
+/// The reply to one streamed append: what the unary `Append` would answer.
+fn append_reply(result: Result<Outcome, Status>) -> pb::AppendStreamReply {
+    use pb::append_stream_reply::Result as R;
+    let result = match result {
+        Ok(Outcome::Appended { last_seq }) => R::LastSeq(last_seq),
+        Ok(other) => R::Error(errors::to_rpc_error(&errors::from_outcome(other))),
+        Err(status) => R::Error(errors::to_rpc_error(&status)),
+    };
+    pb::AppendStreamReply { result: Some(result) }
+}
+
+/// Serves one `AppendStream`: each request is submitted as it is read (in
+/// order), and answered in order once its outcome is known; up to
+/// `MAX_STREAM_APPENDS_IN_FLIGHT` wait at once. The stream ends when the
+/// writer ends it (after the last answers) or goes away.
+async fn serve_append_stream(
+    proposals: mpsc::Sender<Proposal>,
+    write_timeout_ms: u64,
+    mut inbound: tonic::Streaming<pb::AppendRequest>,
+    out: mpsc::Sender<Result<pb::AppendStreamReply, Status>>,
+) {
+    type Pending = Pin<Box<dyn std::future::Future<Output = Result<Outcome, Status>> + Send>>;
+    let mut waiting: futures::stream::FuturesOrdered<Pending> = futures::stream::FuturesOrdered::new();
+    let mut reading = true;
+    while reading || !waiting.is_empty() {
+        tokio::select! {
+            biased;
+            Some(result) = waiting.next(), if !waiting.is_empty() => {
+                if out.send(Ok(append_reply(result))).await.is_err() {
+                    return; // the writer went away
+                }
+            }
+            m = inbound.message(), if reading && waiting.len() < MAX_STREAM_APPENDS_IN_FLIGHT => match m {
+                Ok(Some(req)) => match submit(&proposals, write_timeout_ms, append_command(req)) {
+                    Ok(outcome) => waiting.push_back(Box::pin(outcome)),
+                    Err(status) => waiting.push_back(Box::pin(std::future::ready(Err(status)))),
+                },
+                Ok(None) => reading = false,
+                Err(_) => return, // the writer's side broke: nobody to answer
+            },
+        }
+    }
+}
 /// Group commit: proposes queued commands as one Raft entry per batch, in
 /// arrival order (submission is sequential, so a client's pipelined commands
 /// keep their order), with at most `MAX_BATCHES_IN_FLIGHT` entries awaiting
@@ -368,21 +447,7 @@ impl Node {
     }
 
     async fn propose(&self, cmd: Command) -> Result<Outcome, Status> {
-        validate(&cmd).map_err(errors::invalid)?;
-        let what = cmd.to_string();
-        let (tx, rx) = oneshot::channel();
-        self.proposals
-            .try_send(Proposal { cmd, reply: tx })
-            .map_err(|_| errors::overloaded(MAX_QUEUED_PROPOSALS))?;
-        let timeout = Duration::from_millis(self.cfg.write_timeout_ms);
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(errors::outcome_unknown(format!("{what}: the proposal was dropped; it may or may not be applied"))),
-            Err(_) => Err(errors::outcome_unknown(format!(
-                "{what} was proposed but not committed within {} ms; it may or may not be applied",
-                self.cfg.write_timeout_ms
-            ))),
-        }
+        submit(&self.proposals, self.cfg.write_timeout_ms, cmd)?.await
     }
 
     /// Waits until this node, as Raft leader confirmed by a quorum, has
@@ -414,21 +479,26 @@ impl Node {
 }
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadResponse, Status>> + Send>>;
+type AppendReplies = Pin<Box<dyn Stream<Item = Result<pb::AppendStreamReply, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Journal for Node {
     async fn append(&self, req: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
-        let r = req.into_inner();
-        let cmd = Command::Append {
-            stream: r.stream,
-            leader: r.leader_uuid,
-            records: r.records.into_iter().map(|b| serde_bytes::ByteBuf::from(b.to_vec())).collect(),
-            expect_last_seq: r.expect_last_seq,
-        };
-        match self.propose(cmd).await? {
+        match self.propose(append_command(req.into_inner())).await? {
             Outcome::Appended { last_seq } => Ok(Response::new(pb::AppendResponse { last_seq })),
             other => Err(errors::from_outcome(other)),
         }
+    }
+
+    type AppendStreamStream = AppendReplies;
+
+    async fn append_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::AppendRequest>>,
+    ) -> Result<Response<AppendReplies>, Status> {
+        let (out, replies) = mpsc::channel(MAX_STREAM_APPENDS_IN_FLIGHT);
+        tokio::spawn(serve_append_stream(self.proposals.clone(), self.cfg.write_timeout_ms, req.into_inner(), out));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(replies))))
     }
 
     async fn set_leader(

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
+use keel_journal::client::AppendSession;
 use keel_journal::client::JournalClient;
 use keel_journal::client::JournalError;
 use tokio::io::AsyncBufReadExt;
@@ -296,7 +297,8 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             if id == INCOMPLETE_BASE {
                 // Its writer died mid-way: void it; this node's Redis gives the base.
                 let void = Record { kind: Kind::RdbAbort, replid: "0".repeat(40), start: 0, end: 0, payload: Vec::new() };
-                last_seq = append_exactly_once(journal.clone(), cfg.stream.clone(), me.into(), void, *seq, cfg.retry_pause_ms).await?.0;
+                let mut session = AppendSession::new(journal.clone());
+                last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?.0;
                 tracing::warn!(record = last_seq, "voided an unfinished base RDB; journaling a new one");
             }
             tail = None;
@@ -380,7 +382,10 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     ctl.send(&[b"KEEL.ACK", offset.to_string().as_bytes()]).await?;
 
     let mut pending: Vec<u8> = Vec::new();
-    let mut inflight: Option<tokio::task::JoinHandle<Result<(u64, u64), Stop>>> = None;
+    let mut inflight: Option<tokio::task::JoinHandle<(AppendSession, Result<(u64, u64), Stop>)>> = None;
+    // Appends go over one long-lived stream to the journal leader; the
+    // session travels with the append in flight and comes back with it.
+    let mut session = Some(AppendSession::new(journal.clone()));
     let mut renew = tokio::time::interval(Duration::from_millis(renewal.period_ms()));
     let mut replconf = tokio::time::interval(Duration::from_millis(cfg.replconf_ack_ms));
     let mut buf = vec![0u8; 256 << 10];
@@ -399,7 +404,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             offset = rec.end;
             inflight_since = Instant::now();
             inflight = Some(tokio::spawn(append_exactly_once(
-                journal.clone(),
+                session.take().unwrap_or_else(|| AppendSession::new(journal.clone())),
                 cfg.stream.clone(),
                 me.to_string(),
                 rec,
@@ -424,7 +429,9 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             }
             done = async { inflight.as_mut().unwrap().await }, if inflight.is_some() => {
                 inflight = None;
-                let (seq, end) = match done.map_err(|e| Stop::Fatal(format!("append task failed: {e}")))? {
+                let (back, done) = done.map_err(|e| Stop::Fatal(format!("append task failed: {e}")))?;
+                session = Some(back);
+                let (seq, end) = match done {
                     Ok(v) => v,
                     Err(Stop::Fenced(message)) => {
                         fence(&mut ctl, &message).await;
@@ -641,18 +648,17 @@ async fn journal_base_rdb(
         .ok_or_else(|| Stop::Fatal(format!("unexpected RDB header {header:?} (diskless EOF-marked sync is not supported)")))?;
     let mut left = len;
     let mut last_seq = after_seq;
+    let mut session = AppendSession::new(journal.clone());
     while left > 0 {
         let n = left.min(MAX_PAYLOAD_BYTES);
         let mut chunk = vec![0u8; n];
         r.read_exact(&mut chunk).await.map_err(retry)?;
         left -= n;
         let rec = Record { kind: Kind::Rdb, replid: replid.into(), start: offset, end: offset, payload: chunk };
-        last_seq = append_exactly_once(journal.clone(), cfg.stream.clone(), me.into(), rec, last_seq, cfg.retry_pause_ms)
-            .await?
-            .0;
+        last_seq = append_record(&mut session, &cfg.stream, me, &rec, last_seq, cfg.retry_pause_ms).await?.0;
     }
     let end = Record { kind: Kind::RdbEnd, replid: replid.into(), start: offset, end: offset, payload: Vec::new() };
-    let (seq, _) = append_exactly_once(journal.clone(), cfg.stream.clone(), me.into(), end, last_seq, cfg.retry_pause_ms).await?;
+    let (seq, _) = append_record(&mut session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?;
     tracing::info!(%replid, offset, rdb_bytes = len, "journaled the base RDB of a new history");
     Ok(seq)
 }
@@ -660,21 +666,33 @@ async fn journal_base_rdb(
 /// Appends `rec` as record `after_seq + 1`, retrying through unknown
 /// outcomes; returns (seq, end offset).
 async fn append_exactly_once(
-    journal: Arc<JournalClient>,
+    mut session: AppendSession,
     stream: String,
     me: String,
     rec: Record,
     after_seq: u64,
     retry_pause_ms: u64,
+) -> (AppendSession, Result<(u64, u64), Stop>) {
+    let result = append_record(&mut session, &stream, &me, &rec, after_seq, retry_pause_ms).await;
+    (session, result)
+}
+
+async fn append_record(
+    session: &mut AppendSession,
+    stream: &str,
+    me: &str,
+    rec: &Record,
+    after_seq: u64,
+    retry_pause_ms: u64,
 ) -> Result<(u64, u64), Stop> {
     let bytes = rec.encode();
     loop {
-        match journal.append(&stream, &me, vec![bytes.clone()], Some(after_seq)).await {
+        match session.append(stream, me, vec![bytes.clone()], Some(after_seq)).await {
             Ok(seq) => return Ok((seq, rec.end)),
             Err(JournalError::Fenced { message, .. }) => return Err(Stop::Fenced(message)),
             Err(e @ JournalError::Rejected { .. }) if e.kind() == "seq-mismatch" => {
                 // An earlier attempt whose outcome was unknown may have landed.
-                let mut reader = journal.read(&stream, after_seq + 1, false);
+                let mut reader = session.client().read(stream, after_seq + 1, false);
                 let landed = match reader.next_batch().await {
                     Ok(Some(batch)) => batch.first().map(|r| r.payload.as_ref() == bytes.as_slice()).unwrap_or(false),
                     _ => false,

@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use keel_journal::client::AppendSession;
 use keel_journal::client::JournalClient;
 use keel_journal::client::JournalError;
 use keel_tests::JournalCluster;
@@ -100,6 +101,74 @@ async fn three_nodes_replicate_and_any_node_answers() {
         other => panic!("expected a not-leader redirect, got {other:?}"),
     }
     assert_eq!(client.stream_info(S).await.unwrap().last_seq, 53);
+}
+
+/// Appends over one `AppendStream` answer exactly as unary appends do: in
+/// order, a refusal (fenced, seq-mismatch, invalid) leaves the stream usable,
+/// a session that starts at a follower is led to the leader, and a session
+/// whose leader died answers outcome-unknown or lands, never twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_appends_answer_like_unary_ones() {
+    let mut c = JournalCluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let (a, b) = (new_uuid(), new_uuid());
+    c.client().set_leader(S, &a, "").await.unwrap();
+    // Starts at a follower: redirected to the leader, nothing applied twice.
+    let follower = (leader + 1) % 3;
+    let mut eps: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
+    eps.rotate_left(follower);
+    let mut s = AppendSession::new(std::sync::Arc::new(JournalClient::new(eps, Default::default()).unwrap()));
+    for i in 1..=20u64 {
+        assert_eq!(s.append(S, &a, vec![format!("s{i}").into_bytes()], Some(i - 1)).await.unwrap(), i);
+    }
+    // Refusals come back on the same stream, which goes on.
+    match s.append(S, &b, vec![b"not the leader".to_vec()], None).await {
+        Err(JournalError::Fenced { leader, .. }) => assert_eq!(leader, a),
+        other => panic!("expected FENCED, got {other:?}"),
+    }
+    match s.append(S, &a, vec![b"stale".to_vec()], Some(3)).await {
+        Err(e) => assert_eq!(e.kind(), "seq-mismatch", "{e}"),
+        other => panic!("expected seq-mismatch, got {other:?}"),
+    }
+    match s.append(S, &a, vec![Vec::new()], None).await {
+        Err(e) => assert_eq!(e.kind(), "invalid", "{e}"),
+        other => panic!("expected invalid, got {other:?}"),
+    }
+    assert_eq!(s.append(S, &a, vec![b"s21".to_vec()], Some(20)).await.unwrap(), 21);
+    // Several records in one append: the seq of the last.
+    assert_eq!(s.append(S, &a, vec![b"s22".to_vec(), b"s23".to_vec()], None).await.unwrap(), 23);
+    let got = read_all(&c.client(), S).await;
+    let want: Vec<(u64, Vec<u8>)> = (1..=23u64).map(|i| (i, format!("s{i}").into_bytes())).collect();
+    assert_eq!(got, want);
+    assert!(s.streams(), "the appends went over AppendStream");
+    // The leader dies: the session's next appends fail as unknown or
+    // unavailable until a new leader answers, then land exactly once each.
+    c.kill(leader);
+    let mut last = 23u64;
+    for i in 24..=30u64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match s.append(S, &a, vec![format!("s{i}").into_bytes()], Some(last)).await {
+                Ok(seq) => {
+                    assert_eq!(seq, last + 1);
+                    last = seq;
+                    break;
+                }
+                Err(e) if e.kind() == "seq-mismatch" => {
+                    // An attempt whose outcome was unknown landed.
+                    last += 1;
+                    break;
+                }
+                Err(e @ (JournalError::OutcomeUnknown(_) | JournalError::Unavailable(_))) => {
+                    assert!(std::time::Instant::now() < deadline, "no new leader took the append: {e}");
+                }
+                Err(e) => panic!("append failed: {e}"),
+            }
+        }
+    }
+    let got = read_all(&c.client(), S).await;
+    let want: Vec<(u64, Vec<u8>)> = (1..=30u64).map(|i| (i, format!("s{i}").into_bytes())).collect();
+    assert_eq!(got, want, "every streamed append landed once, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
