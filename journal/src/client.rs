@@ -146,12 +146,9 @@ impl JournalClient {
         F: FnMut(RawClient<Channel>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let deadline = Instant::now() + self.cfg.retry_for;
-        let n = self.endpoints.len();
-        let mut i = *self.preferred.lock().unwrap();
-        let mut tried_in_round = 0;
-        let mut last;
+        let mut at = Attempts::new(self);
         loop {
+            let i = at.i;
             match call(self.raw(i), self.cfg.request_timeout).await {
                 Ok(v) => {
                     *self.preferred.lock().unwrap() = i;
@@ -165,33 +162,11 @@ impl JournalClient {
                             self.endpoints[i]
                         )));
                     }
-                    Failure::Transport { message, .. } => {
-                        last = format!("{}: {message}", self.endpoints[i]);
-                        i = (i + 1) % n;
-                        tried_in_round += 1;
-                    }
-                    Failure::Redirect(hint) => {
-                        last = format!("{}: {}", self.endpoints[i], status.message());
-                        match hint.and_then(|h| self.endpoints.iter().position(|e| *e == h)) {
-                            Some(j) if j != i => i = j,
-                            _ => {
-                                i = (i + 1) % n;
-                                tried_in_round += 1;
-                            }
-                        }
-                    }
+                    Failure::Transport { message, .. } => at.moved(self, None, &message),
+                    Failure::Redirect(hint) => at.moved(self, hint, status.message()),
                 },
             }
-            if Instant::now() >= deadline {
-                return Err(JournalError::Unavailable(format!(
-                    "UNAVAILABLE: {what}: no journal node accepted it within {} ms (last: {last})",
-                    self.cfg.retry_for.as_millis()
-                )));
-            }
-            if tried_in_round >= n {
-                tried_in_round = 0;
-                tokio::time::sleep(self.cfg.retry_pause).await;
-            }
+            at.pause_or_give_up(self, what).await?;
         }
     }
 
@@ -203,12 +178,7 @@ impl JournalClient {
         records: Vec<Vec<u8>>,
         expect_last_seq: Option<u64>,
     ) -> Result<u64, JournalError> {
-        let req = pb::AppendRequest {
-            stream: stream.into(),
-            leader_uuid: leader_uuid.into(),
-            records: records.into_iter().map(Into::into).collect(),
-            expect_last_seq,
-        };
+        let req = append_request(stream, leader_uuid, records, expect_last_seq);
         self.run("append", false, |mut c, t| {
             let r = timed(req.clone(), t);
             async move { c.append(r).await.map(|r| r.into_inner().last_seq) }
@@ -443,18 +413,9 @@ impl AppendSession {
         records: Vec<Vec<u8>>,
         expect_last_seq: Option<u64>,
     ) -> Result<u64, JournalError> {
-        let req = pb::AppendRequest {
-            stream: stream.into(),
-            leader_uuid: leader_uuid.into(),
-            records: records.into_iter().map(Into::into).collect(),
-            expect_last_seq,
-        };
+        let req = append_request(stream, leader_uuid, records, expect_last_seq);
         let client = self.client.clone();
-        let deadline = Instant::now() + client.cfg.retry_for;
-        let n = client.endpoints.len();
-        let mut i = *client.preferred.lock().unwrap();
-        let mut tried_in_round = 0;
-        let mut last;
+        let mut at = Attempts::new(&client);
         loop {
             if self.unary {
                 let r = req.clone();
@@ -462,7 +423,7 @@ impl AppendSession {
             }
             let mut open = match self.open.take() {
                 Some(o) => o,
-                None => match client.open_append_stream(i).await {
+                None => match client.open_append_stream(at.i).await {
                     Ok(o) => o,
                     Err(status) if status.code() == Code::Unimplemented => {
                         self.unary = true;
@@ -470,30 +431,24 @@ impl AppendSession {
                     }
                     Err(status) => {
                         // Nothing was sent on a stream that did not open.
-                        last = format!("{}: {}", client.endpoints[i], status.message());
                         match classify(&status) {
                             Failure::Final(e) => return Err(e),
-                            Failure::Redirect(hint) => i = next(&client.endpoints, i, hint, &mut tried_in_round),
-                            Failure::Transport { .. } => i = next(&client.endpoints, i, None, &mut tried_in_round),
+                            Failure::Redirect(hint) => at.moved(&client, hint, status.message()),
+                            Failure::Transport { message, .. } => at.moved(&client, None, &message),
                         }
-                        if Instant::now() >= deadline {
-                            return Err(unavailable(&client, &last));
-                        }
-                        if tried_in_round >= n {
-                            tried_in_round = 0;
-                            tokio::time::sleep(client.cfg.retry_pause).await;
-                        }
+                        at.pause_or_give_up(&client, "append").await?;
                         continue;
                     }
                 },
             };
-            i = open.endpoint;
+            let i = open.endpoint;
+            at.i = i;
             if open.tx.send(req.clone()).await.is_err() {
-                // The stream's sender is gone: the request was not sent.
-                last = format!("{}: the append stream closed", client.endpoints[i]);
-                if Instant::now() >= deadline {
-                    return Err(unavailable(&client, &last));
-                }
+                // The stream's sender is gone: the request was not sent;
+                // the next attempt opens a new stream to the same node.
+                at.moved(&client, None, "the append stream closed");
+                at.i = i;
+                at.pause_or_give_up(&client, "append").await?;
                 tokio::time::sleep(client.cfg.retry_pause).await;
                 continue;
             }
@@ -524,15 +479,8 @@ impl AppendSession {
                     match classify(&status) {
                         Failure::Redirect(hint) => {
                             // Not proposed: this node is not the leader.
-                            last = format!("{}: {}", client.endpoints[i], status.message());
-                            i = next(&client.endpoints, i, hint, &mut tried_in_round);
-                            if Instant::now() >= deadline {
-                                return Err(unavailable(&client, &last));
-                            }
-                            if tried_in_round >= n {
-                                tried_in_round = 0;
-                                tokio::time::sleep(client.cfg.retry_pause).await;
-                            }
+                            at.moved(&client, hint, status.message());
+                            at.pause_or_give_up(&client, "append").await?;
                         }
                         Failure::Final(e) => {
                             self.open = Some(open);
@@ -547,21 +495,63 @@ impl AppendSession {
     }
 }
 
-/// The endpoint to try after `i`: the hinted leader if it is one of ours
-/// and not `i`, else the next one (counted in `tried_in_round`).
-fn next(endpoints: &[String], i: usize, hint: Option<String>, tried_in_round: &mut usize) -> usize {
-    match hint.and_then(|h| endpoints.iter().position(|e| *e == h)) {
-        Some(j) if j != i => j,
-        _ => {
-            *tried_in_round += 1;
-            (i + 1) % endpoints.len()
-        }
+fn append_request(stream: &str, leader_uuid: &str, records: Vec<Vec<u8>>, expect_last_seq: Option<u64>) -> pb::AppendRequest {
+    pb::AppendRequest {
+        stream: stream.into(),
+        leader_uuid: leader_uuid.into(),
+        records: records.into_iter().map(Into::into).collect(),
+        expect_last_seq,
     }
 }
 
-fn unavailable(client: &JournalClient, last: &str) -> JournalError {
-    JournalError::Unavailable(format!(
-        "UNAVAILABLE: append: no journal node accepted it within {} ms (last: {last})",
-        client.cfg.retry_for.as_millis()
-    ))
+/// Where a call that was not applied goes next, and when to give up:
+/// `not-leader` hints are followed, other failures move on to the next
+/// endpoint, and after a round over all of them the caller pauses, until
+/// `retry_for` has passed (`Unavailable`).
+struct Attempts {
+    /// The endpoint to try.
+    i: usize,
+    tried_in_round: usize,
+    deadline: Instant,
+    /// The last failure, for the final error.
+    last: String,
+}
+
+impl Attempts {
+    fn new(client: &JournalClient) -> Attempts {
+        Attempts {
+            i: *client.preferred.lock().unwrap(),
+            tried_in_round: 0,
+            deadline: Instant::now() + client.cfg.retry_for,
+            last: String::new(),
+        }
+    }
+
+    /// The call at `i` was not applied (`why`); `hint`: the leader's address.
+    fn moved(&mut self, client: &JournalClient, hint: Option<String>, why: &str) {
+        self.last = format!("{}: {why}", client.endpoints[self.i]);
+        match hint.and_then(|h| client.endpoints.iter().position(|e| *e == h)) {
+            Some(j) if j != self.i => self.i = j,
+            _ => {
+                self.i = (self.i + 1) % client.endpoints.len();
+                self.tried_in_round += 1;
+            }
+        }
+    }
+
+    /// Gives up past the deadline; pauses after each round over all nodes.
+    async fn pause_or_give_up(&mut self, client: &JournalClient, what: &str) -> Result<(), JournalError> {
+        if Instant::now() >= self.deadline {
+            return Err(JournalError::Unavailable(format!(
+                "UNAVAILABLE: {what}: no journal node accepted it within {} ms (last: {})",
+                client.cfg.retry_for.as_millis(),
+                self.last
+            )));
+        }
+        if self.tried_in_round >= client.endpoints.len() {
+            self.tried_in_round = 0;
+            tokio::time::sleep(client.cfg.retry_pause).await;
+        }
+        Ok(())
+    }
 }
