@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use clap::Subcommand;
+use keel_journal::client::AppendSession;
 use keel_journal::client::JournalClient;
 use keel_journal::client::JournalError;
 use keel_journal::server::ServeConfig;
@@ -52,6 +53,10 @@ enum Cmd {
         payload_bytes: usize,
         #[arg(long, default_value = "bench")]
         stream: String,
+        /// Each client appends over its own AppendStream (as the sidecar
+        /// does) instead of one unary call per append.
+        #[arg(long)]
+        streamed: bool,
     },
     /// Measure this disk's fdatasync latency (4 KiB writes) in DIR.
     FsyncProbe {
@@ -247,12 +252,12 @@ fn main() -> ExitCode {
                 Err(e) => exit_for(&e),
             }
         }
-        Cmd::Bench { endpoints, clients, seconds, payload_bytes, stream } => {
+        Cmd::Bench { endpoints, clients, seconds, payload_bytes, stream, streamed } => {
             let client = match JournalClient::from_list(&endpoints) {
                 Ok(c) => c,
                 Err(e) => return exit_for(&e),
             };
-            match rt.block_on(bench(Arc::new(client), clients, seconds, payload_bytes, &stream)) {
+            match rt.block_on(bench(Arc::new(client), clients, seconds, payload_bytes, &stream, streamed)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => exit_for(&e),
             }
@@ -360,6 +365,7 @@ async fn bench(
     seconds: u64,
     payload_bytes: usize,
     stream: &str,
+    streamed: bool,
 ) -> Result<(), JournalError> {
     // Become the stream's leader, whoever held it before.
     let me = uuid::Uuid::new_v4().to_string();
@@ -378,9 +384,14 @@ async fn bench(
         tasks.push(tokio::spawn(async move {
             let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut errors = 0u64;
+            let mut session = streamed.then(|| AppendSession::new(client.clone()));
             while Instant::now() < stop_at {
                 let t = Instant::now();
-                match client.append(&stream, &me, vec![payload.clone()], None).await {
+                let appended = match session.as_mut() {
+                    Some(s) => s.append(&stream, &me, vec![payload.clone()], None).await,
+                    None => client.append(&stream, &me, vec![payload.clone()], None).await,
+                };
+                match appended {
                     Ok(_) => hist.record(t.elapsed().as_micros().max(1) as u64).expect("in bounds"),
                     Err(e) if e.is_fenced() => return Err(e),
                     Err(_) => errors += 1,
@@ -399,7 +410,7 @@ async fn bench(
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "clients={clients} payload_bytes={payload_bytes} seconds={secs:.1} appends={} errors={errors} appends_per_sec={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3}",
+        "clients={clients} streamed={streamed} payload_bytes={payload_bytes} seconds={secs:.1} appends={} errors={errors} appends_per_sec={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3}",
         all.len(),
         all.len() as f64 / secs,
         all.value_at_quantile(0.5) as f64 / 1000.0,
