@@ -602,3 +602,49 @@ async fn redis_acl_users_write_what_their_rules_allow() {
 async fn valkey_acl_users_write_what_their_rules_allow() {
     acl_users_write_what_their_rules_allow(Server::Valkey).await;
 }
+
+/// A confirmation that reaches Redis while a script runs too long (Redis
+/// answers most commands `-BUSY` then) is not lost: the write it covers is
+/// acknowledged when the script ends, not failed at the write timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_during_a_busy_script_is_not_lost() {
+    let p = KeelPrimary::start(Server::Redis, 1, &[]).await;
+    let addr = p.addr();
+    let mut c = Resp::connect(&addr);
+    assert_eq!(c.cmd(&["CONFIG", "SET", "lua-time-limit", "10"]), "+OK");
+    // Hold the confirmation back: the sidecar is stopped (well within its
+    // lease) while the write runs.
+    let sidecar = p.sidecar.as_ref().expect("sidecar running").id();
+    keel_tests::signal(sidecar, "STOP");
+    let writer = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let reply = Resp::connect(&addr).cmd(&["SET", "during-busy", "v"]);
+            (reply, t.elapsed())
+        })
+    };
+    let t = Instant::now();
+    while !c.cmd(&["INFO", "keel"]).contains("keel_pending_replies:1") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the write was never held");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A script busy for 1.5 s; the sidecar resumes during it, appends the
+    // write and sends its KEEL.ACK while Redis is busy.
+    let script = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let busy = "local s = redis.call('TIME') \
+                        while true do local n = redis.call('TIME') \
+                        if (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 1500000 then break end end \
+                        return 'done'";
+            Resp::connect(&addr).cmd(&["EVAL", busy, "0"])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    keel_tests::signal(sidecar, "CONT");
+    assert_eq!(script.join().unwrap(), "done", "the script's reply");
+    let (reply, took) = writer.join().unwrap();
+    assert_eq!(reply, "+OK", "the write's reply (after {took:?})");
+    assert!(took < Duration::from_millis(4500), "the write waited {took:?}: its confirmation was lost");
+}
