@@ -606,9 +606,8 @@ async fn valkey_acl_users_write_what_their_rules_allow() {
 /// A confirmation that reaches Redis while a script runs too long (Redis
 /// answers most commands `-BUSY` then) is not lost: the write it covers is
 /// acknowledged when the script ends, not failed at the write timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_confirmation_during_a_busy_script_is_not_lost() {
-    let p = KeelPrimary::start(Server::Redis, 1, &[]).await;
+async fn a_confirmation_during_a_busy_script_is_not_lost(server: Server) {
+    let p = KeelPrimary::start(server, 1, &[]).await;
     let addr = p.addr();
     let mut c = Resp::connect(&addr);
     assert_eq!(c.cmd(&["CONFIG", "SET", "lua-time-limit", "10"]), "+OK");
@@ -647,4 +646,14 @@ async fn a_confirmation_during_a_busy_script_is_not_lost() {
     let (reply, took) = writer.join().unwrap();
     assert_eq!(reply, "+OK", "the write's reply (after {took:?})");
     assert!(took < Duration::from_millis(4500), "the write waited {took:?}: its confirmation was lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_confirmation_during_a_busy_script_is_not_lost() {
+    a_confirmation_during_a_busy_script_is_not_lost(Server::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_a_confirmation_during_a_busy_script_is_not_lost() {
+    a_confirmation_during_a_busy_script_is_not_lost(Server::Valkey).await;
 }
