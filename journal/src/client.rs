@@ -178,7 +178,11 @@ impl JournalClient {
         records: Vec<Vec<u8>>,
         expect_last_seq: Option<u64>,
     ) -> Result<u64, JournalError> {
-        let req = append_request(stream, leader_uuid, records, expect_last_seq);
+        self.append_unary(append_request(stream, leader_uuid, records, expect_last_seq)).await
+    }
+
+    /// One unary `Append` of `req` (also `AppendSession`'s fallback).
+    async fn append_unary(&self, req: pb::AppendRequest) -> Result<u64, JournalError> {
         self.run("append", false, |mut c, t| {
             let r = timed(req.clone(), t);
             async move { c.append(r).await.map(|r| r.into_inner().last_seq) }
@@ -418,8 +422,7 @@ impl AppendSession {
         let mut at = Attempts::new(&client);
         loop {
             if self.unary {
-                let r = req.clone();
-                return client.append(&r.stream, &r.leader_uuid, r.records.into_iter().map(|b| b.to_vec()).collect(), r.expect_last_seq).await;
+                return client.append_unary(req).await;
             }
             let mut open = match self.open.take() {
                 Some(o) => o,
@@ -445,9 +448,8 @@ impl AppendSession {
             at.i = i;
             if open.tx.send(req.clone()).await.is_err() {
                 // The stream's sender is gone: the request was not sent;
-                // the next attempt opens a new stream to the same node.
-                at.moved(&client, None, "the append stream closed");
-                at.i = i;
+                // after a pause a new stream to the same node takes it.
+                at.last = format!("{}: the append stream closed", client.endpoints[i]);
                 at.pause_or_give_up(&client, "append").await?;
                 tokio::time::sleep(client.cfg.retry_pause).await;
                 continue;

@@ -367,6 +367,7 @@ async fn serve_append_stream(
         }
     }
 }
+
 /// Group commit: proposes queued commands as one Raft entry per batch, in
 /// arrival order (submission is sequential, so a client's pipelined commands
 /// keep their order), with at most `MAX_BATCHES_IN_FLIGHT` entries awaiting

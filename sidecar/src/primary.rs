@@ -663,8 +663,8 @@ async fn journal_base_rdb(
     Ok(seq)
 }
 
-/// Appends `rec` as record `after_seq + 1`, retrying through unknown
-/// outcomes; returns (seq, end offset).
+/// `append_record` as a task of its own: it takes the session and gives it
+/// back with the result.
 async fn append_exactly_once(
     mut session: AppendSession,
     stream: String,
@@ -677,6 +677,8 @@ async fn append_exactly_once(
     (session, result)
 }
 
+/// Appends `rec` as record `after_seq + 1`, retrying through unknown
+/// outcomes; returns (seq, end offset).
 async fn append_record(
     session: &mut AppendSession,
     stream: &str,
