@@ -195,11 +195,70 @@ enum Never {}
 
 /// A control connection to the local Redis: commands whose replies are
 /// single lines (`KEEL.*`, `REPLICAOF`), counted so the lease renewal can
-/// tell whether Redis still answers.
+/// tell whether Redis still answers. An error reply is kept (`refused`):
+/// a refused `KEEL.ACK` would leave the writes it covers held until their
+/// timeout, so the leading loop restarts on one and says it again.
 pub struct Control {
     w: OwnedWriteHalf,
     sent: u64,
     answered: Arc<std::sync::atomic::AtomicU64>,
+    refusal: Arc<Refusal>,
+}
+
+/// The first error reply on a control connection, and a wakeup for it.
+#[derive(Default)]
+struct Refusal {
+    first: std::sync::Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+/// Longest error text kept from a control reply.
+const MAX_REFUSAL_BYTES: usize = 512;
+
+/// The replies of a control connection, fed as they arrive in arbitrary
+/// pieces. Pure: counts complete lines and keeps the first error line
+/// (with its reply number, 1-based). Memory stays bounded whatever comes.
+#[derive(Debug, Default)]
+struct ControlReplies {
+    answered: u64,
+    /// The start of the line being read, if it is an error (capped).
+    partial: Vec<u8>,
+    /// Whether the line being read began with `-`.
+    in_error: bool,
+    /// Whether the next byte begins a line.
+    at_start: bool,
+    refused: Option<String>,
+}
+
+impl ControlReplies {
+    fn new() -> ControlReplies {
+        ControlReplies { at_start: true, ..ControlReplies::default() }
+    }
+
+    /// Takes some bytes; returns true when this call found the first error.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        let mut found = false;
+        for &b in bytes {
+            if self.at_start {
+                self.at_start = false;
+                self.in_error = b == b'-';
+            }
+            if b == b'\n' {
+                self.answered += 1;
+                if self.in_error && self.refused.is_none() {
+                    let text = String::from_utf8_lossy(&self.partial[1..]).trim_end().to_string();
+                    self.refused = Some(format!("reply {}: {text}", self.answered));
+                    found = true;
+                }
+                self.partial.clear();
+                self.in_error = false;
+                self.at_start = true;
+            } else if self.in_error && self.partial.len() < MAX_REFUSAL_BYTES {
+                self.partial.push(b);
+            }
+        }
+        found
+    }
 }
 
 impl Control {
@@ -216,19 +275,41 @@ impl Control {
         r.read_exact(&mut body).await.map_err(retry)?;
         let info = String::from_utf8_lossy(&body[..len]).into_owned();
         let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = answered.clone();
+        let refusal = Arc::new(Refusal::default());
+        let (counter, refused) = (answered.clone(), refusal.clone());
         tokio::spawn(async move {
             let mut r = r;
             let mut sink = vec![0u8; 4096];
+            let mut replies = ControlReplies::new();
             while let Ok(n) = r.read(&mut sink).await {
                 if n == 0 {
                     break;
                 }
-                let lines = sink[..n].iter().filter(|b| **b == b'\n').count() as u64;
-                counter.fetch_add(lines, std::sync::atomic::Ordering::Relaxed);
+                if replies.feed(&sink[..n]) {
+                    let why = replies.refused.clone().expect("feed found an error");
+                    tracing::error!(%why, "Redis refused a command on the control connection");
+                    *refused.first.lock().unwrap() = Some(why);
+                    refused.notify.notify_one();
+                }
+                counter.store(replies.answered, std::sync::atomic::Ordering::Relaxed);
             }
         });
-        Ok((Control { w, sent: 0, answered }, info))
+        Ok((Control { w, sent: 0, answered, refusal }, info))
+    }
+
+    /// The first error Redis answered on this connection, if any.
+    pub fn refused(&self) -> Option<String> {
+        self.refusal.first.lock().unwrap().clone()
+    }
+
+    /// Resolves once Redis answered an error on this connection.
+    async fn refusal(&self) -> String {
+        loop {
+            if let Some(why) = self.refused() {
+                return why;
+            }
+            self.refusal.notify.notified().await;
+        }
     }
 
     pub async fn send(&mut self, args: &[&[u8]]) -> Result<(), Stop> {
@@ -310,6 +391,9 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         ctl.send(&[b"REPLICAOF", b"NO", b"ONE"]).await?;
         let t = Instant::now();
         while !ctl.all_answered() {
+            if let Some(why) = ctl.refused() {
+                return Err(retry(format!("Redis refused REPLICAOF NO ONE ({why})")));
+            }
             if t.elapsed() > Duration::from_millis(cfg.lease_ms) {
                 return Err(retry("Redis did not answer REPLICAOF NO ONE"));
             }
@@ -487,6 +571,11 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             }
             _ = replconf.tick() => {
                 command(&mut w, &[b"REPLCONF", b"ACK", durable.to_string().as_bytes()]).await?;
+            }
+            // A refused KEEL.* (an ACL change, say): what it said is said
+            // again on a new connection by the next leading round.
+            why = ctl.refusal() => {
+                return Err(retry(format!("Redis refused a command on the control connection ({why})")));
             }
         }
     }
@@ -715,7 +804,65 @@ async fn append_record(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    #[test]
+    fn control_replies_are_counted_and_the_first_error_kept() {
+        let mut r = ControlReplies::new();
+        assert!(!r.feed(b"+OK\r\n+O"));
+        assert_eq!((r.answered, r.refused.as_deref()), (1, None));
+        assert!(!r.feed(b"K\r\n-NOPERM this user has no "));
+        assert_eq!(r.answered, 2, "an unfinished line is not a reply yet");
+        assert!(r.feed(b"permissions to run the 'keel.ack' command\r\n+OK\r\n"));
+        assert_eq!(r.answered, 4);
+        assert_eq!(r.refused.as_deref(), Some("reply 3: NOPERM this user has no permissions to run the 'keel.ack' command"));
+        assert!(!r.feed(b"-ERR later\r\n"), "only the first error is reported");
+        assert_eq!(r.refused.as_deref().map(|s| s.starts_with("reply 3:")), Some(true));
+        // A '-' inside a line is not an error.
+        let mut r = ControlReplies::new();
+        r.feed(b"+a-b\r\n:-1\r\n");
+        assert_eq!((r.answered, r.refused), (2, None));
+    }
+
+    proptest! {
+        /// However the replies are cut into reads, the count and the first
+        /// error are the same, and a huge error line keeps a bounded text.
+        #[test]
+        fn control_replies_do_not_depend_on_how_reads_split(
+            lines in prop::collection::vec((any::<bool>(), prop::collection::vec(32u8..127, 0..700)), 0..20),
+            cuts in prop::collection::vec(1usize..64, 1..40),
+        ) {
+            let mut bytes = Vec::new();
+            for (err, text) in &lines {
+                let text: Vec<u8> = text.iter().copied().filter(|b| *b != b'-').collect();
+                bytes.push(if *err { b'-' } else { b'+' });
+                bytes.extend_from_slice(&text);
+                bytes.extend_from_slice(b"\r\n");
+            }
+            let mut whole = ControlReplies::new();
+            whole.feed(&bytes);
+            let mut pieces = ControlReplies::new();
+            let (mut at, mut i) = (0, 0);
+            while at < bytes.len() {
+                let n = cuts[i % cuts.len()].min(bytes.len() - at);
+                pieces.feed(&bytes[at..at + n]);
+                at += n;
+                i += 1;
+            }
+            prop_assert_eq!(whole.answered, lines.len() as u64);
+            prop_assert_eq!(pieces.answered, whole.answered);
+            prop_assert_eq!(&pieces.refused, &whole.refused);
+            let first = lines.iter().position(|(err, _)| *err);
+            prop_assert_eq!(whole.refused.is_some(), first.is_some());
+            if let Some(why) = &whole.refused {
+                let prefix = format!("reply {}: ", first.unwrap() + 1);
+                prop_assert!(why.starts_with(&prefix), "{why:?} does not start with {prefix:?}");
+                prop_assert!(why.len() <= MAX_REFUSAL_BYTES + 16);
+            }
+        }
+    }
 
     #[test]
     fn a_lone_client_is_never_held_back() {

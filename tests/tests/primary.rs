@@ -648,6 +648,51 @@ async fn a_confirmation_during_a_busy_script_is_not_lost(server: Server) {
     assert!(took < Duration::from_millis(4500), "the write waited {took:?}: its confirmation was lost");
 }
 
+/// Redis refuses the sidecar's `KEEL.ACK` (an ACL change denies it) while a
+/// write is held; once it is allowed again the write is answered, well
+/// before the write timeout: the refusal was noticed and the confirmation
+/// said again, not lost.
+async fn a_refused_confirmation_is_said_again(server: Server) {
+    let p = KeelPrimary::start(server, 1, &[]).await;
+    let addr = p.addr();
+    let mut c = Resp::connect(&addr);
+    assert_eq!(c.cmd(&["SET", "before", "v"]), "+OK");
+    assert_eq!(c.cmd(&["ACL", "SETUSER", "default", "-keel.ack"]), "+OK");
+    let writer = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let reply = Resp::connect(&addr).cmd(&["SET", "during-deny", "v"]);
+            (reply, t.elapsed())
+        })
+    };
+    let t = Instant::now();
+    while !c.cmd(&["INFO", "keel"]).contains("keel_pending_replies:1") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the write was never held");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Long enough for the sidecar to append the write and be refused.
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(c.cmd(&["INFO", "keel"]).contains("keel_pending_replies:1"), "the write was answered while KEEL.ACK was denied");
+    assert_eq!(c.cmd(&["ACL", "SETUSER", "default", "+keel.ack"]), "+OK");
+    let (reply, took) = writer.join().unwrap();
+    // KEEL_UNCONFIRMED (at the write timeout) would mean the
+    // refused confirmation was never said again.
+    assert_eq!(reply, "+OK", "the write's reply (after {took:?})");
+    assert_eq!(c.cmd(&["GET", "during-deny"]), "v");
+    assert_eq!(c.cmd(&["SET", "after", "v"]), "+OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_refused_confirmation_is_said_again() {
+    a_refused_confirmation_is_said_again(Server::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_a_refused_confirmation_is_said_again() {
+    a_refused_confirmation_is_said_again(Server::Valkey).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_confirmation_during_a_busy_script_is_not_lost() {
     a_confirmation_during_a_busy_script_is_not_lost(Server::Redis).await;
