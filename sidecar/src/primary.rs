@@ -390,9 +390,13 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         // A replica fed from the journal, promoted without a fork or a sync.
         ctl.send(&[b"REPLICAOF", b"NO", b"ONE"]).await?;
         let t = Instant::now();
-        while !ctl.all_answered() {
+        loop {
+            // An error reply counts as answered too: look at it first.
             if let Some(why) = ctl.refused() {
                 return Err(retry(format!("Redis refused REPLICAOF NO ONE ({why})")));
+            }
+            if ctl.all_answered() {
+                break;
             }
             if t.elapsed() > Duration::from_millis(cfg.lease_ms) {
                 return Err(retry("Redis did not answer REPLICAOF NO ONE"));
