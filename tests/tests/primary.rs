@@ -603,6 +603,26 @@ async fn valkey_acl_users_write_what_their_rules_allow() {
     acl_users_write_what_their_rules_allow(Server::Valkey).await;
 }
 
+/// Sends `SET key v` from its own connection and returns once the module
+/// holds its reply; the thread answers (reply, time it took).
+fn held_write(addr: &str, key: &str) -> std::thread::JoinHandle<(String, Duration)> {
+    let writer = {
+        let (addr, key) = (addr.to_string(), key.to_string());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let reply = Resp::connect(&addr).cmd(&["SET", &key, "v"]);
+            (reply, t.elapsed())
+        })
+    };
+    let mut c = Resp::connect(addr);
+    let t = Instant::now();
+    while !c.cmd(&["INFO", "keel"]).contains("keel_pending_replies:1") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the write was never held");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    writer
+}
+
 /// A confirmation that reaches Redis while a script runs too long (Redis
 /// answers most commands `-BUSY` then) is not lost: the write it covers is
 /// acknowledged when the script ends, not failed at the write timeout.
@@ -615,19 +635,7 @@ async fn a_confirmation_during_a_busy_script_is_not_lost(server: Server) {
     // lease) while the write runs.
     let sidecar = p.sidecar.as_ref().expect("sidecar running").id();
     keel_tests::signal(sidecar, "STOP");
-    let writer = {
-        let addr = addr.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            let reply = Resp::connect(&addr).cmd(&["SET", "during-busy", "v"]);
-            (reply, t.elapsed())
-        })
-    };
-    let t = Instant::now();
-    while !c.cmd(&["INFO", "keel"]).contains("keel_pending_replies:1") {
-        assert!(t.elapsed() < Duration::from_secs(10), "the write was never held");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let writer = held_write(&addr, "during-busy");
     // A script busy for 1.5 s; the sidecar resumes during it, appends the
     // write and sends its KEEL.ACK while Redis is busy.
     let script = {
@@ -658,19 +666,7 @@ async fn a_refused_confirmation_is_said_again(server: Server) {
     let mut c = Resp::connect(&addr);
     assert_eq!(c.cmd(&["SET", "before", "v"]), "+OK");
     assert_eq!(c.cmd(&["ACL", "SETUSER", "default", "-keel.ack"]), "+OK");
-    let writer = {
-        let addr = addr.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            let reply = Resp::connect(&addr).cmd(&["SET", "during-deny", "v"]);
-            (reply, t.elapsed())
-        })
-    };
-    let t = Instant::now();
-    while !c.cmd(&["INFO", "keel"]).contains("keel_pending_replies:1") {
-        assert!(t.elapsed() < Duration::from_secs(10), "the write was never held");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let writer = held_write(&addr, "during-deny");
     // Long enough for the sidecar to append the write and be refused.
     std::thread::sleep(Duration::from_millis(400));
     assert!(c.cmd(&["INFO", "keel"]).contains("keel_pending_replies:1"), "the write was answered while KEEL.ACK was denied");
