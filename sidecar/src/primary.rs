@@ -201,15 +201,15 @@ enum Never {}
 pub struct Control {
     w: OwnedWriteHalf,
     sent: u64,
-    answered: Arc<std::sync::atomic::AtomicU64>,
-    refusal: Arc<Refusal>,
+    replies: Arc<SharedReplies>,
 }
 
-/// The first error reply on a control connection, and a wakeup for it.
+/// What Redis answered on a control connection, kept by its reader task,
+/// and a wakeup for the first error.
 #[derive(Default)]
-struct Refusal {
-    first: std::sync::Mutex<Option<String>>,
-    notify: tokio::sync::Notify,
+struct SharedReplies {
+    seen: std::sync::Mutex<ControlReplies>,
+    refused: tokio::sync::Notify,
 }
 
 /// Longest error text kept from a control reply.
@@ -225,22 +225,18 @@ struct ControlReplies {
     partial: Vec<u8>,
     /// Whether the line being read began with `-`.
     in_error: bool,
-    /// Whether the next byte begins a line.
-    at_start: bool,
+    /// Whether a line has begun and not ended yet.
+    in_line: bool,
     refused: Option<String>,
 }
 
 impl ControlReplies {
-    fn new() -> ControlReplies {
-        ControlReplies { at_start: true, ..ControlReplies::default() }
-    }
-
     /// Takes some bytes; returns true when this call found the first error.
     fn feed(&mut self, bytes: &[u8]) -> bool {
         let mut found = false;
         for &b in bytes {
-            if self.at_start {
-                self.at_start = false;
+            if !self.in_line {
+                self.in_line = true;
                 self.in_error = b == b'-';
             }
             if b == b'\n' {
@@ -252,7 +248,7 @@ impl ControlReplies {
                 }
                 self.partial.clear();
                 self.in_error = false;
-                self.at_start = true;
+                self.in_line = false;
             } else if self.in_error && self.partial.len() < MAX_REFUSAL_BYTES {
                 self.partial.push(b);
             }
@@ -274,32 +270,30 @@ impl Control {
         let mut body = vec![0u8; len + 2];
         r.read_exact(&mut body).await.map_err(retry)?;
         let info = String::from_utf8_lossy(&body[..len]).into_owned();
-        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let refusal = Arc::new(Refusal::default());
-        let (counter, refused) = (answered.clone(), refusal.clone());
+        let replies = Arc::new(SharedReplies::default());
+        let shared = replies.clone();
         tokio::spawn(async move {
             let mut r = r;
             let mut sink = vec![0u8; 4096];
-            let mut replies = ControlReplies::new();
             while let Ok(n) = r.read(&mut sink).await {
                 if n == 0 {
                     break;
                 }
-                if replies.feed(&sink[..n]) {
-                    let why = replies.refused.clone().expect("feed found an error");
+                let mut seen = shared.seen.lock().unwrap();
+                if seen.feed(&sink[..n]) {
+                    let why = seen.refused.clone().unwrap_or_default();
+                    drop(seen);
                     tracing::error!(%why, "Redis refused a command on the control connection");
-                    *refused.first.lock().unwrap() = Some(why);
-                    refused.notify.notify_one();
+                    shared.refused.notify_one();
                 }
-                counter.store(replies.answered, std::sync::atomic::Ordering::Relaxed);
             }
         });
-        Ok((Control { w, sent: 0, answered, refusal }, info))
+        Ok((Control { w, sent: 0, replies }, info))
     }
 
     /// The first error Redis answered on this connection, if any.
     pub fn refused(&self) -> Option<String> {
-        self.refusal.first.lock().unwrap().clone()
+        self.replies.seen.lock().unwrap().refused.clone()
     }
 
     /// Resolves once Redis answered an error on this connection.
@@ -308,7 +302,7 @@ impl Control {
             if let Some(why) = self.refused() {
                 return why;
             }
-            self.refusal.notify.notified().await;
+            self.replies.refused.notified().await;
         }
     }
 
@@ -326,7 +320,7 @@ impl Control {
     /// order). Under load some `KEEL.ACK` is always in flight, so liveness
     /// is judged by one command's reply, not by all of them.
     pub fn answered_through(&self, n: u64) -> bool {
-        self.answered.load(std::sync::atomic::Ordering::Relaxed) >= n
+        self.replies.seen.lock().unwrap().answered >= n
     }
 
     /// How many commands were sent so far.
@@ -373,12 +367,14 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     // Holding the lease, nobody else appends: its last seq is the tail.
     let mut tail = journal_tail(journal, &cfg.stream, lease.last_seq).await?;
     let mut last_seq = tail.as_ref().map(|t| t.0).unwrap_or(0);
+    // This round's appends all go over one long-lived stream to the
+    // journal leader (opened at the first append).
+    let mut session = AppendSession::new(journal.clone());
     if let Some((seq, id, _)) = &tail {
         if id == INCOMPLETE_BASE || id == NO_BASE {
             if id == INCOMPLETE_BASE {
                 // Its writer died mid-way: void it; this node's Redis gives the base.
                 let void = Record { kind: Kind::RdbAbort, replid: "0".repeat(40), start: 0, end: 0, payload: Vec::new() };
-                let mut session = AppendSession::new(journal.clone());
                 last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?.0;
                 tracing::warn!(record = last_seq, "voided an unfinished base RDB; journaling a new one");
             }
@@ -456,7 +452,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 cfg.redis
             )));
         }
-        last_seq = journal_base_rdb(cfg, journal, me, &mut r, &replid, offset, last_seq).await?;
+        last_seq = journal_base_rdb(cfg, &mut session, me, &mut r, &replid, offset, last_seq).await?;
         (replid, offset)
     } else {
         return Err(Stop::Fatal(format!("unexpected PSYNC answer from Redis: {answer:?}")));
@@ -471,9 +467,8 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
 
     let mut pending: Vec<u8> = Vec::new();
     let mut inflight: Option<tokio::task::JoinHandle<(AppendSession, Result<(u64, u64), Stop>)>> = None;
-    // Appends go over one long-lived stream to the journal leader; the
-    // session travels with the append in flight and comes back with it.
-    let mut session = Some(AppendSession::new(journal.clone()));
+    // The session travels with the append in flight and comes back with it.
+    let mut session = Some(session);
     let mut renew = tokio::time::interval(Duration::from_millis(renewal.period_ms()));
     let mut replconf = tokio::time::interval(Duration::from_millis(cfg.replconf_ack_ms));
     let mut buf = vec![0u8; 256 << 10];
@@ -492,7 +487,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             offset = rec.end;
             inflight_since = Instant::now();
             inflight = Some(tokio::spawn(append_exactly_once(
-                session.take().unwrap_or_else(|| AppendSession::new(journal.clone())),
+                session.take().expect("the session is back whenever no append is in flight"),
                 cfg.stream.clone(),
                 me.to_string(),
                 rec,
@@ -727,7 +722,7 @@ async fn fence(ctl: &mut Control, why: &str) {
 /// or an `RdbAbort`); returns the last seq.
 async fn journal_base_rdb(
     cfg: &PrimaryConfig,
-    journal: &Arc<JournalClient>,
+    session: &mut AppendSession,
     me: &str,
     r: &mut BufReader<OwnedReadHalf>,
     replid: &str,
@@ -741,17 +736,16 @@ async fn journal_base_rdb(
         .ok_or_else(|| Stop::Fatal(format!("unexpected RDB header {header:?} (diskless EOF-marked sync is not supported)")))?;
     let mut left = len;
     let mut last_seq = after_seq;
-    let mut session = AppendSession::new(journal.clone());
     while left > 0 {
         let n = left.min(MAX_PAYLOAD_BYTES);
         let mut chunk = vec![0u8; n];
         r.read_exact(&mut chunk).await.map_err(retry)?;
         left -= n;
         let rec = Record { kind: Kind::Rdb, replid: replid.into(), start: offset, end: offset, payload: chunk };
-        last_seq = append_record(&mut session, &cfg.stream, me, &rec, last_seq, cfg.retry_pause_ms).await?.0;
+        last_seq = append_record(session, &cfg.stream, me, &rec, last_seq, cfg.retry_pause_ms).await?.0;
     }
     let end = Record { kind: Kind::RdbEnd, replid: replid.into(), start: offset, end: offset, payload: Vec::new() };
-    let (seq, _) = append_record(&mut session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?;
+    let (seq, _) = append_record(session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?;
     tracing::info!(%replid, offset, rdb_bytes = len, "journaled the base RDB of a new history");
     Ok(seq)
 }
@@ -814,7 +808,7 @@ mod tests {
 
     #[test]
     fn control_replies_are_counted_and_the_first_error_kept() {
-        let mut r = ControlReplies::new();
+        let mut r = ControlReplies::default();
         assert!(!r.feed(b"+OK\r\n+O"));
         assert_eq!((r.answered, r.refused.as_deref()), (1, None));
         assert!(!r.feed(b"K\r\n-NOPERM this user has no "));
@@ -825,7 +819,7 @@ mod tests {
         assert!(!r.feed(b"-ERR later\r\n"), "only the first error is reported");
         assert_eq!(r.refused.as_deref().map(|s| s.starts_with("reply 3:")), Some(true));
         // A '-' inside a line is not an error.
-        let mut r = ControlReplies::new();
+        let mut r = ControlReplies::default();
         r.feed(b"+a-b\r\n:-1\r\n");
         assert_eq!((r.answered, r.refused), (2, None));
     }
@@ -845,9 +839,9 @@ mod tests {
                 bytes.extend_from_slice(&text);
                 bytes.extend_from_slice(b"\r\n");
             }
-            let mut whole = ControlReplies::new();
+            let mut whole = ControlReplies::default();
             whole.feed(&bytes);
-            let mut pieces = ControlReplies::new();
+            let mut pieces = ControlReplies::default();
             let (mut at, mut i) = (0, 0);
             while at < bytes.len() {
                 let n = cuts[i % cuts.len()].min(bytes.len() - at);
