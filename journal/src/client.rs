@@ -155,15 +155,13 @@ impl JournalClient {
                     return Ok(v);
                 }
                 Err(status) => match classify(&status) {
-                    Failure::Final(e) => return Err(e),
                     Failure::Transport { sent: true, message } if !idempotent => {
                         return Err(JournalError::OutcomeUnknown(format!(
                             "OUTCOME_UNKNOWN: {what} sent to {} got no answer ({message}); it may or may not be applied",
                             self.endpoints[i]
                         )));
                     }
-                    Failure::Transport { message, .. } => at.moved(self, None, &message),
-                    Failure::Redirect(hint) => at.moved(self, hint, status.message()),
+                    failure => at.not_applied(self, failure, &status)?,
                 },
             }
             at.pause_or_give_up(self, what).await?;
@@ -434,11 +432,7 @@ impl AppendSession {
                     }
                     Err(status) => {
                         // Nothing was sent on a stream that did not open.
-                        match classify(&status) {
-                            Failure::Final(e) => return Err(e),
-                            Failure::Redirect(hint) => at.moved(&client, hint, status.message()),
-                            Failure::Transport { message, .. } => at.moved(&client, None, &message),
-                        }
+                        at.not_applied(&client, classify(&status), &status)?;
                         at.pause_or_give_up(&client, "append").await?;
                         continue;
                     }
@@ -539,6 +533,17 @@ impl Attempts {
                 self.tried_in_round += 1;
             }
         }
+    }
+
+    /// A call that was not applied failed with `status`: a definite answer
+    /// is returned as the error; otherwise the next endpoint is chosen.
+    fn not_applied(&mut self, client: &JournalClient, failure: Failure, status: &Status) -> Result<(), JournalError> {
+        match failure {
+            Failure::Final(e) => return Err(e),
+            Failure::Redirect(hint) => self.moved(client, hint, status.message()),
+            Failure::Transport { message, .. } => self.moved(client, None, &message),
+        }
+        Ok(())
     }
 
     /// Gives up past the deadline; pauses after each round over all nodes.
