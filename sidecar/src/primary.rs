@@ -9,8 +9,12 @@
 //!   <end+1>` from the last record, with no full sync (no fork);
 //! - `KEEL.ACK o` is sent only after the append covering `o` succeeded (the
 //!   journal fsync'd it on a quorum);
+//! - each append ends where a replica's offset can stand: after a whole
+//!   command, outside MULTI/EXEC (`Cuts`, cuts.rs), so a journal whose
+//!   writer died is always one a replica can be caught up on (a command
+//!   larger than `MAX_APPEND_PAYLOAD_BYTES` is the one exception);
 //! - one append in flight at a time; bytes arriving meanwhile form the next
-//!   record (group commit), read from the link when the append returns
+//!   append (group commit), read from the link when the append returns
 //!   (or after 20 ms in flight). An append whose outcome is unknown is
 //!   retried with `expect_last_seq`, so it lands exactly once;
 //! - after a confirmation the next append may wait (at most
@@ -47,6 +51,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::tcp::OwnedWriteHalf;
 
+use crate::cuts::Cuts;
 use crate::lease::Renewal;
 use crate::record::Kind;
 use crate::record::MAX_PAYLOAD_BYTES;
@@ -478,19 +483,26 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     let mut sent_bytes = 0usize;
     // A lease renewal out: (its send time, the call).
     let mut renewing: Option<(u64, AbortOnDrop<Result<(), JournalError>>)> = None;
+    // Appends end only where a replica's offset can stand (cuts.rs).
+    let mut cuts = Cuts::new(offset);
+    let most_per_append = (MAX_APPEND_PAYLOAD_BYTES.min(cfg.max_buffered_bytes)) as u64;
     loop {
-        if inflight.is_none() && !pending.is_empty() && merge.may_send(pending.len(), Instant::now()) {
-            let take = pending.len().min(MAX_PAYLOAD_BYTES);
-            sent_bytes = take;
-            let payload: Vec<u8> = pending.drain(..take).collect();
-            let rec = Record { kind: Kind::Stream, replid: replid.clone(), start: offset, end: offset + take as u64, payload };
-            offset = rec.end;
+        let sendable = if inflight.is_none() { cuts.sendable(MAX_PAYLOAD_BYTES as u64, most_per_append) as usize } else { 0 };
+        if sendable > 0 && merge.may_send(sendable, Instant::now()) {
+            sent_bytes = sendable;
+            let mut recs = Vec::with_capacity(sendable.div_ceil(MAX_PAYLOAD_BYTES));
+            for payload in pending.drain(..sendable).collect::<Vec<u8>>().chunks(MAX_PAYLOAD_BYTES) {
+                let end = offset + payload.len() as u64;
+                recs.push(Record { kind: Kind::Stream, replid: replid.clone(), start: offset, end, payload: payload.to_vec() });
+                offset = end;
+            }
+            cuts.take(sendable as u64);
             inflight_since = Instant::now();
             inflight = Some(tokio::spawn(append_exactly_once(
                 session.take().expect("the session is back whenever no append is in flight"),
                 cfg.stream.clone(),
                 me.to_string(),
-                rec,
+                recs,
                 last_seq,
                 cfg.retry_pause_ms,
             )));
@@ -509,6 +521,11 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                     return Err(retry("Redis closed the replication link"));
                 }
                 pending.extend_from_slice(&buf[..n]);
+                let was_broken = cuts.broken().is_some();
+                cuts.feed(&buf[..n]);
+                if let (false, Some(why)) = (was_broken, cuts.broken()) {
+                    tracing::error!(%why, "the replication stream is not RESP as expected; appends may now end mid-command");
+                }
             }
             done = async { inflight.as_mut().unwrap().await }, if inflight.is_some() => {
                 inflight = None;
@@ -545,7 +562,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 ctl.send(&[b"KEEL.ACK", durable.to_string().as_bytes()]).await?;
                 merge.confirmed(sent_bytes, pending.len(), Instant::now());
             }
-            _ = tokio::time::sleep_until(merge.deadline().into()), if inflight.is_none() && !pending.is_empty() && merge.waiting() => {}
+            _ = tokio::time::sleep_until(merge.deadline().into()), if sendable > 0 && merge.waiting() => {}
             _ = tokio::time::sleep_until((inflight_since + READ_DURING_APPEND_AFTER).into()), if append_young => {}
             _ = renew.tick() => {
                 if ctl.answered_through(lease_notice) {
@@ -625,6 +642,13 @@ impl<T> Drop for AbortOnDrop<T> {
         self.0.abort();
     }
 }
+
+/// Most stream bytes one append carries, in records of at most
+/// `MAX_PAYLOAD_BYTES`: a command up to this size is journaled whole.
+const MAX_APPEND_PAYLOAD_BYTES: usize = 14 * MAX_PAYLOAD_BYTES;
+// With each record's header (well under 1 KiB), it fits the journal's
+// limit for one append.
+const _: () = assert!(MAX_APPEND_PAYLOAD_BYTES + 14 * 1024 <= keel_journal::streams::MAX_APPEND_BYTES);
 
 /// How long an append may be in flight before the replication link is
 /// read again meanwhile.
@@ -756,16 +780,15 @@ async fn append_exactly_once(
     mut session: AppendSession,
     stream: String,
     me: String,
-    rec: Record,
+    recs: Vec<Record>,
     after_seq: u64,
     retry_pause_ms: u64,
 ) -> (AppendSession, Result<(u64, u64), Stop>) {
-    let result = append_record(&mut session, &stream, &me, &rec, after_seq, retry_pause_ms).await;
+    let result = append_records(&mut session, &stream, &me, &recs, after_seq, retry_pause_ms).await;
     (session, result)
 }
 
-/// Appends `rec` as record `after_seq + 1`, retrying through unknown
-/// outcomes; returns (seq, end offset).
+/// Appends `rec` as record `after_seq + 1`; see `append_records`.
 async fn append_record(
     session: &mut AppendSession,
     stream: &str,
@@ -774,10 +797,26 @@ async fn append_record(
     after_seq: u64,
     retry_pause_ms: u64,
 ) -> Result<(u64, u64), Stop> {
-    let bytes = rec.encode();
+    append_records(session, stream, me, std::slice::from_ref(rec), after_seq, retry_pause_ms).await
+}
+
+/// Appends `recs` (contiguous, at least one) in one append, as records
+/// `after_seq + 1..`, retrying through unknown outcomes; returns (last seq,
+/// end offset).
+async fn append_records(
+    session: &mut AppendSession,
+    stream: &str,
+    me: &str,
+    recs: &[Record],
+    after_seq: u64,
+    retry_pause_ms: u64,
+) -> Result<(u64, u64), Stop> {
+    let last = recs.last().expect("an append carries a record");
+    let all: Vec<Vec<u8>> = recs.iter().map(Record::encode).collect();
+    let bytes = &all[0];
     loop {
-        match session.append(stream, me, vec![bytes.clone()], Some(after_seq)).await {
-            Ok(seq) => return Ok((seq, rec.end)),
+        match session.append(stream, me, all.clone(), Some(after_seq)).await {
+            Ok(seq) => return Ok((seq, last.end)),
             Err(JournalError::Fenced { message, .. }) => return Err(Stop::Fenced(message)),
             Err(e @ JournalError::Rejected { .. }) if e.kind() == "seq-mismatch" => {
                 // An earlier attempt whose outcome was unknown may have landed.
@@ -786,8 +825,10 @@ async fn append_record(
                     Ok(Some(batch)) => batch.first().map(|r| r.payload.as_ref() == bytes.as_slice()).unwrap_or(false),
                     _ => false,
                 };
+                // One append lands whole or not at all: its first record
+                // (replid, offsets and bytes) tells.
                 if landed {
-                    return Ok((after_seq + 1, rec.end));
+                    return Ok((after_seq + recs.len() as u64, last.end));
                 }
                 return Err(Stop::Fatal(format!("stream {stream} moved past seq {after_seq} without this node: {e}")));
             }

@@ -430,8 +430,13 @@ impl Resp {
     /// `-ERR …`, bulk strings as their text, `(nil)`, arrays (and RESP3
     /// maps/sets/pushes) as `[a, b]`, a null array as `(nil array)`.
     pub fn full(&mut self, args: &[&str]) -> String {
-        self.send(args).expect("send");
-        self.read_reply().expect("redis reply")
+        self.try_full(args).expect("redis reply")
+    }
+
+    /// `full`, with an I/O error (server gone, timeout) returned.
+    pub fn try_full(&mut self, args: &[&str]) -> std::io::Result<String> {
+        self.send(args)?;
+        self.read_reply()
     }
 
     /// The body of a bulk string whose header gave `len` (`(nil)` for -1).

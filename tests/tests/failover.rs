@@ -415,3 +415,62 @@ async fn an_unfinished_base_rdb_is_voided_by_the_next_leader() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A journal whose writer died is one a replica can be caught up on: every
+/// append ends after a whole command, outside MULTI/EXEC. Redis writes its
+/// replication stream to the sidecar in buffer blocks, so with large values
+/// a read ends mid-command almost every time; when such a read was
+/// journaled as it came and the primary died just then, the journal ended
+/// mid-command, no replica's offset could ever reach its end, and no
+/// replica took the lease (seen once with small values in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_large_values_are_journaled_still_fails_over() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, flag) = (c.nodes[0].addr(), stop.clone());
+    // Values of 40 KB to 1.2 MB, alone or two in a transaction; every
+    // acknowledged key is kept with its length.
+    let writer = std::thread::spawn(move || {
+        let mut acked: Vec<(String, usize)> = Vec::new();
+        let Ok(mut r) = Resp::try_connect(&addr, Duration::from_secs(10)) else { return acked };
+        let mut n = 0usize;
+        while !flag.load(Ordering::Relaxed) {
+            n += 1;
+            let len = 40_000 + (n * 97_003) % 1_160_000;
+            let value = "v".repeat(len);
+            let key = format!("big:{n}");
+            if n % 3 == 0 {
+                let other = format!("big:{n}:tx");
+                let queued = [r.try_cmd(&["MULTI"]), r.try_cmd(&["SET", &key, &value]), r.try_cmd(&["SET", &other, &value[..len / 2]])];
+                if queued.iter().any(|q| q.is_err()) {
+                    return acked;
+                }
+                match r.try_full(&["EXEC"]) {
+                    Ok(l) if l == "[+OK, +OK]" => {
+                        acked.push((key, len));
+                        acked.push((other, len / 2));
+                    }
+                    _ => return acked,
+                }
+            } else {
+                match r.try_cmd(&["SET", &key, &value]) {
+                    Ok(l) if l == "+OK" => acked.push((key, len)),
+                    _ => return acked,
+                }
+            }
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    c.nodes[0].kill_redis();
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(acked.len() >= 3, "too few large writes acknowledged before the kill: {}", acked.len());
+    let mut r = Resp::connect(&c.nodes[np].addr());
+    for (key, len) in &acked {
+        assert_eq!(r.cmd(&["STRLEN", key]), format!(":{len}"), "acknowledged {key} is not whole on the new primary");
+    }
+    eprintln!("{} large writes acknowledged before the kill; node {np} took over with all of them", acked.len());
+}
