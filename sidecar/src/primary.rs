@@ -491,10 +491,13 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         if sendable > 0 && merge.may_send(sendable, Instant::now()) {
             sent_bytes = sendable;
             let mut recs = Vec::with_capacity(sendable.div_ceil(MAX_PAYLOAD_BYTES));
-            for payload in pending.drain(..sendable).collect::<Vec<u8>>().chunks(MAX_PAYLOAD_BYTES) {
-                let end = offset + payload.len() as u64;
-                recs.push(Record { kind: Kind::Stream, replid: replid.clone(), start: offset, end, payload: payload.to_vec() });
-                offset = end;
+            let mut left = sendable;
+            while left > 0 {
+                let n = left.min(MAX_PAYLOAD_BYTES);
+                let payload: Vec<u8> = pending.drain(..n).collect();
+                recs.push(Record { kind: Kind::Stream, replid: replid.clone(), start: offset, end: offset + n as u64, payload });
+                offset += n as u64;
+                left -= n;
             }
             cuts.take(sendable as u64);
             inflight_since = Instant::now();
