@@ -277,16 +277,7 @@ impl Cuts {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cmd(args: &[&[u8]]) -> Vec<u8> {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
-        out
-    }
+    use crate::resp::encode_command as cmd;
 
     #[test]
     fn whole_commands_are_cut_points_and_partial_ones_are_not() {
