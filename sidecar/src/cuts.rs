@@ -67,7 +67,8 @@ pub struct Cuts {
     args_left: u64,
     /// Index of the argument being read within its command.
     arg: u64,
-    /// The command name's first bytes (upper-cased) and its full length.
+    /// The command name's first bytes (upper-cased) and its full length
+    /// (0 between commands).
     name: [u8; 8],
     name_len: u64,
     in_multi: bool,
@@ -149,7 +150,7 @@ impl Cuts {
                 State::ArgCount
             }
             (State::Start, b'\n') => {
-                self.command_done(false);
+                self.command_done();
                 State::Start
             }
             (State::Start, b'\r') => State::Start,
@@ -168,7 +169,7 @@ impl Cuts {
             (State::LineEnd { then: AfterLine::Args }, b'\n') => {
                 (self.args_left, self.arg, self.name_len) = (self.number, 0, 0);
                 if self.args_left == 0 {
-                    self.command_done(false);
+                    self.command_done();
                     State::Start
                 } else {
                     State::Bulk
@@ -191,7 +192,7 @@ impl Cuts {
                 self.args_left -= 1;
                 self.arg += 1;
                 if self.args_left == 0 {
-                    self.command_done(true);
+                    self.command_done();
                     State::Start
                 } else {
                     State::Bulk
@@ -203,16 +204,17 @@ impl Cuts {
         Ok(())
     }
 
-    /// A command ended at `self.at` (`named`: it had a name to look at).
-    fn command_done(&mut self, named: bool) {
-        let name = &self.name[..(self.name_len as usize).min(self.name.len())];
-        if named && self.name_len <= self.name.len() as u64 {
-            match name {
+    /// A command ended at `self.at` (a keep-alive newline or `*0` has an
+    /// empty name).
+    fn command_done(&mut self) {
+        if self.name_len <= self.name.len() as u64 {
+            match &self.name[..self.name_len as usize] {
                 b"MULTI" => self.in_multi = true,
                 b"EXEC" => self.in_multi = false,
                 _ => {}
             }
         }
+        self.name_len = 0;
         if !self.in_multi {
             self.point(self.at);
         }

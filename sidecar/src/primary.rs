@@ -646,12 +646,14 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Most stream bytes one append carries, in records of at most
-/// `MAX_PAYLOAD_BYTES`: a command up to this size is journaled whole.
-const MAX_APPEND_PAYLOAD_BYTES: usize = 14 * MAX_PAYLOAD_BYTES;
+/// Most records (of at most `MAX_PAYLOAD_BYTES`) in one append.
+const MAX_RECORDS_PER_APPEND: usize = 14;
+/// Most stream bytes one append carries: a command up to this size is
+/// journaled whole.
+const MAX_APPEND_PAYLOAD_BYTES: usize = MAX_RECORDS_PER_APPEND * MAX_PAYLOAD_BYTES;
 // With each record's header (well under 1 KiB), it fits the journal's
 // limit for one append.
-const _: () = assert!(MAX_APPEND_PAYLOAD_BYTES + 14 * 1024 <= keel_journal::streams::MAX_APPEND_BYTES);
+const _: () = assert!(MAX_APPEND_PAYLOAD_BYTES + MAX_RECORDS_PER_APPEND * 1024 <= keel_journal::streams::MAX_APPEND_BYTES);
 
 /// How long an append may be in flight before the replication link is
 /// read again meanwhile.
