@@ -76,6 +76,8 @@ pub struct Cuts {
     points: VecDeque<u64>,
     /// Where the last take ended (the pending bytes' start offset).
     taken: u64,
+    /// The last cut point fed, exactly (not subject to the grain).
+    last: u64,
     /// Why the scanner stopped tracking, if it did.
     broken: Option<String>,
 }
@@ -96,6 +98,7 @@ impl Cuts {
             in_multi: false,
             points: VecDeque::new(),
             taken: offset,
+            last: offset,
             broken: None,
         }
     }
@@ -221,6 +224,7 @@ impl Cuts {
     }
 
     fn point(&mut self, at: u64) {
+        self.last = at;
         debug_assert!(at >= self.taken, "a cut point before the last take");
         if at == self.taken {
             return;
@@ -267,6 +271,21 @@ impl Cuts {
         while self.points.front().is_some_and(|&p| p <= self.taken) {
             self.points.pop_front();
         }
+    }
+
+    /// The last cut point fed: where a Redis replica fed these bytes stands
+    /// once it has applied every command it can (never between this and
+    /// the end of what it was fed).
+    pub fn last_cut(&self) -> u64 {
+        self.last
+    }
+
+    /// Takes every pending byte up to the last cut point and returns that
+    /// offset: for a reader that only asks `last_cut` (the queue of cut
+    /// points stays empty).
+    pub fn take_whole(&mut self) -> u64 {
+        self.take(self.last - self.taken);
+        self.last
     }
 
     /// Whether the pending bytes end at a cut point (all of them may go).
@@ -382,12 +401,19 @@ mod tests {
                 }
             }
             let mut c = Cuts::new(0);
+            // A reader that only keeps the last cut point (a replica's feeder).
+            let mut w = Cuts::new(0);
             let (mut at, mut i) = (0usize, 0usize);
             while at < bytes.len() {
                 let n = cuts[i % cuts.len()].min(bytes.len() - at);
                 c.feed(&bytes[at..at + n]);
+                w.feed(&bytes[at..at + n]);
                 at += n;
                 i += 1;
+                let last = safe.iter().copied().filter(|&p| p <= at as u64).max().unwrap_or(0);
+                prop_assert_eq!(c.last_cut(), last);
+                prop_assert_eq!(w.take_whole(), last);
+                prop_assert!(w.points.is_empty());
                 // Whatever it offers now ends at a true cut point.
                 let s = c.sendable(u64::MAX, u64::MAX);
                 prop_assert!(s == 0 || safe.contains(&s), "offered {s}, safe points {safe:?}");

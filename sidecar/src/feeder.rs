@@ -13,9 +13,16 @@
 //!    record that breaks the shape ends the connection, never reaches Redis;
 //! 4. it ends when Redis leaves, when the node stops following (promotion),
 //!    or on a journal error; Redis reconnects by itself and resyncs.
+//!    A `StreamVoid` record that voids bytes this Redis was already sent
+//!    (the unfinished last command of a writer that died, which Redis holds
+//!    unapplied) ends it too: Redis drops what it had not applied and
+//!    continues from its own offset, where the next writer's bytes start.
+//!    Voided bytes of records read after their void are never sent.
 //!
-//! Progress (`fed_seq`, `fed_offset`) is published for the election: a
-//! replica may only take the lease once its Redis applied everything.
+//! Progress (`fed_seq`, `fed_offset`, and `whole_offset`: where the bytes
+//! fed end after their last whole command outside a transaction) is
+//! published for the election: a replica may only take the lease once its
+//! Redis applied everything it can.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -28,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::cuts::Cuts;
 use crate::history::History;
 use crate::history::Psync;
 use crate::record::Kind;
@@ -47,6 +55,9 @@ const BASE_WAIT_MS: u64 = 200;
 pub struct Progress {
     pub fed_seq: u64,
     pub fed_offset: u64,
+    /// The last offset up to `fed_offset` after a whole command outside a
+    /// transaction: the most a Redis fed these bytes can have applied.
+    pub whole_offset: u64,
 }
 
 pub struct Feeder {
@@ -154,12 +165,12 @@ impl Feeder {
             tokio::time::sleep(Duration::from_millis(BASE_WAIT_MS)).await;
         };
         let feed_id = self.history.lock().unwrap().feed_id(&self.me).expect("a base exists");
-        let (mut seq, mut skip_to, mut in_rdb, mark) = match plan {
+        let (mut seq, mut skip_to, mut in_rdb, mark, mut cuts) = match plan {
             Psync::Full { offset: base, first_seq } => {
                 tracing::info!(%replid, offset, base, "full resync of the local Redis from the journal's base RDB");
                 let mark: String = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
                 w.write_all(format!("+FULLRESYNC {feed_id} {base}\r\n$EOF:{mark}\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
-                (first_seq, 0, true, mark)
+                (first_seq, 0, true, mark, Cuts::new(base))
             }
             Psync::Continue { from_seq, from_offset } => {
                 tracing::info!(%replid, offset = from_offset, "the local Redis continues from its own offset");
@@ -167,11 +178,13 @@ impl Feeder {
                 let caught_up = self.history.lock().unwrap().end() == Some(from_offset);
                 self.progress.send_modify(|p| {
                     p.fed_offset = from_offset;
+                    p.whole_offset = from_offset;
                     if caught_up {
                         p.fed_seq = from_seq - 1;
                     }
                 });
-                (from_seq, from_offset, false, String::new())
+                // Redis's own offset is after a whole command.
+                (from_seq, from_offset, false, String::new(), Cuts::new(from_offset))
             }
             Psync::NotReady => unreachable!(),
         };
@@ -200,18 +213,32 @@ impl Feeder {
                                 in_rdb = false;
                                 waiting_ack = true;
                                 skip_to = decoded.start;
+                                cuts = Cuts::new(decoded.start);
                                 fed = Some((seq, decoded.start));
                             }
                             Kind::Rdb | Kind::RdbEnd | Kind::RdbAbort => {}
                             Kind::Stream => {
-                                if decoded.end <= skip_to {
+                                let end = self.history.lock().unwrap().live_end(seq, decoded.start, decoded.end);
+                                if end <= skip_to {
                                     continue;
                                 }
                                 let from = skip_to.saturating_sub(decoded.start) as usize;
-                                out.extend_from_slice(&decoded.payload[from..]);
-                                skip_to = decoded.end;
-                                fed = Some((seq, decoded.end));
+                                let bytes = &decoded.payload[from..(end - decoded.start) as usize];
+                                out.extend_from_slice(bytes);
+                                cuts.feed(bytes);
+                                skip_to = end;
+                                fed = Some((seq, end));
                             }
+                            Kind::StreamVoid if !in_rdb => {
+                                if skip_to > decoded.start {
+                                    return Err(format!(
+                                        "record {seq} voids stream bytes {}..{} this Redis was sent (an unfinished command of a writer that died); it resyncs from its own offset",
+                                        decoded.start, decoded.end
+                                    ));
+                                }
+                                fed = Some((seq, skip_to));
+                            }
+                            Kind::StreamVoid => {}
                         }
                     }
                     if waiting_ack {
@@ -220,9 +247,11 @@ impl Feeder {
                         w.write_all(&out).await.map_err(|e| format!("writing to Redis: {e}"))?;
                     }
                     if let Some((s, o)) = fed {
+                        let whole = cuts.take_whole();
                         self.progress.send_modify(|p| {
                             p.fed_seq = s;
                             p.fed_offset = o;
+                            p.whole_offset = whole;
                         });
                     }
                 }

@@ -20,8 +20,9 @@
 //! writes never reached the journal asks with an offset past its tenure,
 //! and gets a full sync that discards them.
 //!
-//! Memory is bounded: one entry per producer tenure (capped) and one offset
-//! checkpoint every `CHECKPOINT_EVERY` records.
+//! Memory is bounded: one entry per producer tenure (capped), one offset
+//! checkpoint every `CHECKPOINT_EVERY` records, and one entry per void
+//! (at most one per change of writer).
 
 use std::collections::VecDeque;
 
@@ -75,6 +76,8 @@ pub struct History {
     checkpoints: Vec<(u64, u64)>,
     /// Seq of the first stream record.
     first_stream_seq: Option<u64>,
+    /// (seq of a `StreamVoid` record, the offset the stream was cut back to).
+    voids: Vec<(u64, u64)>,
 }
 
 impl History {
@@ -144,9 +147,45 @@ impl History {
                 }
                 self.end = Some(rec.end);
             }
+            Kind::StreamVoid => {
+                let (Some(base), Some(end)) = (self.base.as_ref(), self.end) else {
+                    return Err(format!("record {seq}: a stream void before a complete base RDB"));
+                };
+                if rec.end != end {
+                    return Err(format!("record {seq} voids bytes up to offset {} but the stream reached {end}", rec.end));
+                }
+                // Only the last writer's bytes can be void: every earlier
+                // tenure ended where the next one could continue.
+                let first = self.tenures.back().map(|t| t.start).unwrap_or(base.offset);
+                if rec.start < first {
+                    return Err(format!(
+                        "record {seq} voids bytes from offset {}, before the last writer's first byte at {first}",
+                        rec.start
+                    ));
+                }
+                if rec.start < end {
+                    if let Some(t) = self.tenures.back_mut() {
+                        t.end = rec.start;
+                        if t.start == t.end {
+                            self.tenures.pop_back();
+                        }
+                    }
+                    // Checkpoints stay sorted by offset for `psync`.
+                    self.checkpoints.retain(|&(_, start)| start <= rec.start);
+                    self.voids.push((seq, rec.start));
+                    self.end = Some(rec.start);
+                }
+            }
         }
         self.last_seq = seq;
         Ok(())
+    }
+
+    /// Where the live bytes of stream record `seq` (offsets `[start, end)`)
+    /// end: `end`, unless a void journaled after it cut the stream back.
+    pub fn live_end(&self, seq: u64, start: u64, end: u64) -> u64 {
+        let cut = self.voids.iter().filter(|&&(v, _)| v > seq).map(|&(_, at)| at).fold(end, u64::min);
+        cut.max(start)
     }
 
     /// This feeder's replication id for a stream with this base: the base's
@@ -282,6 +321,49 @@ mod tests {
         assert_eq!(h.psync(ME, B, 301), full);
         // Someone else's id.
         assert_eq!(h.psync(ME, "cccccccccccccccccccccccccccccccccccccccc", 201), full);
+    }
+
+    #[test]
+    fn a_void_cuts_the_stream_back_for_the_next_writer() {
+        let mut h = sample();
+        // B died with 400..500 holding an unfinished command from 430 on.
+        h.observe(7, &rec(Kind::StreamVoid, A, 430, 0)).unwrap_err();
+        let void = Record { kind: Kind::StreamVoid, replid: A.into(), start: 430, end: 500, payload: Vec::new() };
+        h.observe(7, &void).unwrap();
+        assert_eq!(h.end(), Some(430));
+        assert_eq!(h.live_end(6, 400, 500), 430, "B's record is cut back");
+        assert_eq!(h.live_end(5, 300, 400), 400, "an earlier record is untouched");
+        assert_eq!(h.live_end(8, 430, 480), 480, "a later record is untouched");
+        // The next writer (A again, under a new id) continues at 430.
+        let c = "cccccccccccccccccccccccccccccccccccccccc";
+        assert!(h.observe(8, &rec(Kind::Stream, c, 500, 10)).unwrap_err().contains("gap or an overlap"));
+        h.observe(8, &rec(Kind::Stream, c, 430, 50)).unwrap();
+        assert_eq!(h.end(), Some(480));
+        let full = Psync::Full { offset: 100, first_seq: 1 };
+        // B's primary has bytes up to 430 in common with the journal, not beyond.
+        assert_eq!(h.psync(ME, B, 431), Psync::Continue { from_seq: 3, from_offset: 430 });
+        assert_eq!(h.psync(ME, B, 451), full);
+        assert_eq!(h.psync(ME, c, 481), Psync::Continue { from_seq: 9, from_offset: 480 });
+        let feed = h.feed_id(ME).unwrap();
+        assert_eq!(h.psync(ME, &feed, 431), Psync::Continue { from_seq: 3, from_offset: 430 });
+    }
+
+    #[test]
+    fn a_void_must_end_at_the_stream_end_within_the_last_writer() {
+        let void = |start, end| Record { kind: Kind::StreamVoid, replid: A.into(), start, end, payload: Vec::new() };
+        let mut h = sample();
+        assert!(h.observe(7, &void(450, 490)).unwrap_err().contains("stream reached 500"));
+        assert!(h.observe(7, &void(399, 500)).unwrap_err().contains("before the last writer's first byte at 400"));
+        // A void of nothing changes nothing.
+        h.observe(7, &void(500, 500)).unwrap();
+        assert_eq!(h.end(), Some(500));
+        assert_eq!(h.live_end(6, 400, 500), 500);
+        // A void of the last writer's every byte forgets its tenure.
+        h.observe(8, &void(400, 500)).unwrap();
+        assert_eq!(h.end(), Some(400));
+        assert_eq!(h.psync(ME, B, 401), Psync::Full { offset: 100, first_seq: 1 });
+        let mut empty = History::default();
+        assert!(empty.observe(1, &void(0, 0)).unwrap_err().contains("before a complete base"));
     }
 
     #[test]

@@ -311,7 +311,12 @@ async fn follow(
             }
             let applied: u64 = info_field(&info, "slave_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
             let link_up = info_field(&info, "master_link_status") == Some("up");
-            let mut applied_seq = if feeding && link_up && progress.fed_seq > 0 && applied == progress.fed_offset { progress.fed_seq } else { 0 };
+            // Caught up: Redis applied every byte fed, or every whole
+            // command of them, the rest being the unfinished last command
+            // of a writer that died (no client was answered for it; the
+            // next leader voids it, after checking it is unfinished).
+            let applied_all = applied == progress.fed_offset || applied == progress.whole_offset;
+            let mut applied_seq = if feeding && link_up && progress.fed_seq > 0 && applied_all { progress.fed_seq } else { 0 };
             if feeder.history.lock().unwrap().base().is_none() && view.last_seq > 0 {
                 // A stream whose first base RDB was never completed (its
                 // writer died mid-way): nothing was ever acknowledged on it,

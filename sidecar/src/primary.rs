@@ -154,17 +154,63 @@ async fn journal_tail(journal: &JournalClient, stream: &str, last_seq: u64) -> R
     if last_seq == 0 {
         return Ok(None);
     }
-    let mut reader = journal.read(stream, last_seq, false);
-    let batch = reader.next_batch().await.map_err(retry)?.unwrap_or_default();
-    let rec = batch.into_iter().find(|r| r.seq == last_seq).ok_or_else(|| retry("last record not readable yet"))?;
-    let rec = Record::decode(&rec.payload)
-        .map_err(|e| Stop::Fatal(format!("stream {stream} record {last_seq} is not a Keel record: {e}")))?;
+    let rec = read_record(journal, stream, last_seq).await?;
     match rec.kind {
         Kind::Rdb => Ok(Some((last_seq, INCOMPLETE_BASE.into(), rec.end))),
         // Nothing after an abort: the stream holds no history yet.
         Kind::RdbAbort => Ok(Some((last_seq, NO_BASE.into(), rec.end))),
+        // The stream was cut back to the void's start.
+        Kind::StreamVoid => Ok(Some((last_seq, rec.replid, rec.start))),
         _ => Ok(Some((last_seq, rec.replid, rec.end))),
     }
+}
+
+/// Whether the journal's stream bytes from offset `from` to its end `end`
+/// (the last record being `last_seq`) hold no whole command outside a
+/// transaction: only the unfinished last command of a writer that died.
+/// Reads back from the last record to the one holding `from`, then scans
+/// forward (RESP framing only).
+async fn unfinished_tail(journal: &JournalClient, stream: &str, last_seq: u64, from: u64, end: u64) -> Result<bool, Stop> {
+    let mut first = last_seq;
+    loop {
+        let rec = read_record(journal, stream, first).await?;
+        match rec.kind {
+            Kind::Stream if rec.start <= from => break,
+            Kind::Stream if first > 1 => first -= 1,
+            // The stream continues at `rec.start` after these.
+            Kind::RdbEnd | Kind::StreamVoid if rec.start == from => {
+                first += 1;
+                break;
+            }
+            _ => return Ok(false),
+        }
+    }
+    let mut cuts = Cuts::new(from);
+    let mut reader = journal.read(stream, first, false);
+    let mut at = from;
+    while at < end {
+        let Some(batch) = reader.next_batch().await.map_err(retry)? else { break };
+        for r in batch.into_iter().take_while(|r| r.seq <= last_seq) {
+            let rec = Record::decode(&r.payload).map_err(|e| Stop::Fatal(format!("stream {stream} record {}: {e}", r.seq)))?;
+            if rec.kind != Kind::Stream || rec.start > at || rec.end < at {
+                return Ok(false);
+            }
+            cuts.feed(&rec.payload[(at - rec.start) as usize..]);
+            at = rec.end;
+            if cuts.take_whole() != from || cuts.broken().is_some() {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(at == end)
+}
+
+/// Record `seq` of `stream`, decoded.
+async fn read_record(journal: &JournalClient, stream: &str, seq: u64) -> Result<Record, Stop> {
+    let mut reader = journal.read(stream, seq, false);
+    let batch = reader.next_batch().await.map_err(retry)?.unwrap_or_default();
+    let r = batch.into_iter().find(|r| r.seq == seq).ok_or_else(|| retry(format!("record {seq} of {stream} is not readable")))?;
+    Record::decode(&r.payload).map_err(|e| Stop::Fatal(format!("stream {stream} record {seq} is not a Keel record: {e}")))
 }
 
 /// Reads one `\r\n`-terminated line (Redis may send bare `\n` keep-alives
@@ -409,12 +455,21 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     }
     let redis_replid = info_field(&info, "master_replid").unwrap_or("").to_string();
     let redis_offset: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
-    if let Some((_, _, end)) = &tail {
+    if let Some((seq, _, end)) = &mut tail {
         if redis_offset < *end {
-            return Err(Stop::LostHistory(format!(
-                "Redis at {} is at offset {redis_offset}, behind the journal's {end}",
-                cfg.redis
-            )));
+            if !unfinished_tail(journal, &cfg.stream, *seq, redis_offset, *end).await? {
+                return Err(Stop::LostHistory(format!(
+                    "Redis at {} is at offset {redis_offset}, behind the journal's {end}",
+                    cfg.redis
+                )));
+            }
+            // The journal ends with an unfinished command (or transaction)
+            // of a writer that died: no client was answered for it, and no
+            // Redis could apply it. Void it; this Redis continues from here.
+            let void = Record { kind: Kind::StreamVoid, replid: redis_replid.clone(), start: redis_offset, end: *end, payload: Vec::new() };
+            last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?.0;
+            tracing::warn!(record = last_seq, from = redis_offset, to = *end, "voided the unfinished last command of the previous writer");
+            (*seq, *end) = (last_seq, redis_offset);
         }
     }
 

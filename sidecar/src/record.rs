@@ -13,7 +13,10 @@
 //! the offset the RDB stands at), `RdbEnd` (the base RDB is complete),
 //! `RdbAbort` (the `Rdb` chunks since the last `RdbEnd`/`RdbAbort` are void:
 //! their writer died before the base was complete, and the next leader
-//! starts a new one).
+//! starts a new one), `StreamVoid` (the stream bytes `[start, end)` of the
+//! records before it are void: `end` was the stream's end, and the bytes
+//! from `start` were an unfinished command or transaction of a writer that
+//! died; the stream continues at `start`; no payload).
 
 pub const VERSION: u8 = 1;
 const HEADER_BYTES: usize = 1 + 1 + 40 + 8 + 8 + 4;
@@ -26,6 +29,7 @@ pub enum Kind {
     Rdb = 2,
     RdbEnd = 3,
     RdbAbort = 4,
+    StreamVoid = 5,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +84,7 @@ impl Record {
             2 => Kind::Rdb,
             3 => Kind::RdbEnd,
             4 => Kind::RdbAbort,
+            5 => Kind::StreamVoid,
             k => return Err(DecodeError::Kind(k)),
         };
         let replid = &b[2..42];
@@ -96,6 +101,7 @@ impl Record {
         let fits = match kind {
             Kind::Stream => end.checked_sub(start) == Some(declared as u64),
             Kind::Rdb | Kind::RdbEnd | Kind::RdbAbort => start == end,
+            Kind::StreamVoid => start <= end && declared == 0,
         };
         if !fits {
             return Err(DecodeError::Range { kind, start, end, len: declared });
@@ -131,6 +137,12 @@ mod tests {
         let wrong_range = Record { end: 200, ..r.clone() };
         assert!(matches!(Record::decode(&wrong_range.encode()), Err(DecodeError::Range { .. })));
         assert_eq!(Record::decode(b"short"), Err(DecodeError::Short(5)));
+        let void = Record { kind: Kind::StreamVoid, replid: ID.into(), start: 90, end: 103, payload: Vec::new() };
+        assert_eq!(Record::decode(&void.encode()).unwrap(), void);
+        let backwards = Record { start: 104, ..void.clone() };
+        assert!(matches!(Record::decode(&backwards.encode()), Err(DecodeError::Range { .. })));
+        let with_payload = Record { payload: b"x".to_vec(), ..void };
+        assert!(matches!(Record::decode(&with_payload.encode()), Err(DecodeError::Range { .. })));
     }
 
     proptest! {

@@ -474,3 +474,78 @@ async fn kill_9_while_large_values_are_journaled_still_fails_over() {
     }
     eprintln!("{} large writes acknowledged before the kill; node {np} took over with all of them", acked.len());
 }
+
+/// The primary died with the journal ending inside an unfinished
+/// transaction (a whole SET after MULTI, then half of the next command):
+/// bytes no replica can apply and no client was answered for. This is what
+/// a command too large for one append leaves when its writer dies between
+/// the appends. A replica takes over anyway: it is caught up on every whole
+/// command, and as the next leader it voids the unfinished tail
+/// (`StreamVoid`). The other replica, which was sent those bytes, resyncs
+/// past them and follows the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_last_command_is_voided_by_the_next_leader() {
+    use keel_sidecar::record::Kind;
+    use keel_sidecar::record::Record;
+    use keel_sidecar::resp::encode_command;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 3, LEASE_MS).await;
+    let mut r = Resp::connect(&c.nodes[0].addr());
+    for i in 0..50 {
+        assert_eq!(r.cmd(&["SET", &format!("k{i}"), &i.to_string()]), "+OK");
+    }
+    for n in [1, 2] {
+        let mut rr = Resp::connect(&c.nodes[n].addr());
+        let t = Instant::now();
+        while rr.cmd(&["GET", "k49"]) != "49" {
+            assert!(t.elapsed() < Duration::from_secs(10), "node {n} never got the writes");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    c.nodes[0].kill_sidecar();
+    c.nodes[0].kill_redis();
+    // As the dead primary's sidecar would have: its lease is still live.
+    let client = c.journal.client();
+    let info = client.stream_info("shard-1").await.unwrap();
+    let last = keel_tests::read_all(&client, "shard-1").await.pop().unwrap();
+    let last = Record::decode(&last.1).unwrap();
+    assert_eq!(last.kind, Kind::Stream);
+    let mut tail = encode_command(&[b"MULTI"]);
+    tail.extend_from_slice(&encode_command(&[b"SET", b"tx:1", b"a"]));
+    tail.extend_from_slice(&encode_command(&[b"SET", b"tx:2", b"b"])[..12]);
+    let cut = Record { kind: Kind::Stream, replid: last.replid.clone(), start: last.end, end: last.end + tail.len() as u64, payload: tail };
+    client
+        .append("shard-1", &info.leader_uuid, vec![cut.encode()], Some(info.last_seq))
+        .await
+        .expect("the dead primary's lease still covers this append");
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    let mut p = Resp::connect(&c.nodes[np].addr());
+    for i in 0..50 {
+        assert_eq!(p.cmd(&["GET", &format!("k{i}")]), i.to_string());
+    }
+    assert_eq!(p.cmd(&["EXISTS", "tx:1"]), ":0", "the unfinished transaction was applied");
+    assert_eq!(p.cmd(&["SET", "after", "1"]), "+OK");
+    let other = if np == 1 { 2 } else { 1 };
+    let mut o = Resp::connect(&c.nodes[other].addr());
+    let t = Instant::now();
+    while o.cmd(&["GET", "after"]) != "1" {
+        assert!(t.elapsed() < Duration::from_secs(15), "the other replica never followed the new leader");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(o.cmd(&["EXISTS", "tx:1"]), ":0");
+    assert_eq!(o.cmd(&["GET", "k49"]), "49");
+    let log = std::fs::read_to_string(c.nodes[other].dir.join("sidecar.log")).unwrap();
+    assert!(log.contains("voids stream bytes"), "the other replica's feeder did not resync past the void:\n{log}");
+    let log = std::fs::read_to_string(c.nodes[np].dir.join("sidecar.log")).unwrap();
+    assert!(log.contains("voided the unfinished last command"), "{log}");
+    let decoded = std::process::Command::new(keel_tests::bin("keel-sidecar"))
+        .args(["decode", "--journal", &c.journal.endpoints(), "--stream", "shard-1"])
+        .output()
+        .unwrap();
+    assert!(decoded.status.success(), "decode failed: {}", String::from_utf8_lossy(&decoded.stderr));
+    let text = String::from_utf8_lossy(&decoded.stdout);
+    assert!(text.contains("#void\t"), "{text}");
+    let commands = journaled_commands(&c.journal.endpoints(), "shard-1");
+    assert!(commands.iter().any(|w| w == &["SET", "after", "1"]), "{commands:?}");
+    assert!(!commands.iter().any(|w| w.iter().any(|a| a == "tx:1")), "the voided transaction is decoded: {commands:?}");
+}

@@ -134,7 +134,13 @@ fn main() -> ExitCode {
 async fn decode(journal: &str, stream: &str) -> anyhow::Result<()> {
     let client = JournalClient::from_list(journal)?;
     let mut reader = client.read(stream, 0, false);
+    // Stream bytes not yet parsed into a command, and their offset.
     let mut carry: Vec<u8> = Vec::new();
+    let mut carry_at = 0u64;
+    // The commands of a transaction not yet closed by EXEC, and where its
+    // MULTI starts: a void may still take them back.
+    let mut held: Vec<String> = Vec::new();
+    let mut held_from: Option<u64> = None;
     let mut expect: Option<u64> = None;
     while let Some(batch) = reader.next_batch().await? {
         for r in batch {
@@ -145,6 +151,24 @@ async fn decode(journal: &str, stream: &str) -> anyhow::Result<()> {
                 Kind::RdbEnd => {
                     println!("#rdb-end\t{}\t{}", rec.replid, rec.start);
                     expect = Some(rec.end);
+                    carry_at = rec.end;
+                }
+                Kind::StreamVoid => {
+                    // Voided: the unfinished command in `carry`, or the
+                    // unfinished transaction from its MULTI on.
+                    let unfinished = held_from.unwrap_or(carry_at);
+                    anyhow::ensure!(
+                        expect == Some(rec.end) && rec.start == unfinished,
+                        "record {}: a void of offsets {}..{} does not take back the unfinished command at {unfinished} of a stream ending at {expect:?}",
+                        r.seq,
+                        rec.start,
+                        rec.end
+                    );
+                    (held, held_from) = (Vec::new(), None);
+                    carry.clear();
+                    carry_at = rec.start;
+                    println!("#void\t{}\t{}\t{}", rec.replid, rec.start, rec.end);
+                    expect = Some(rec.start);
                 }
                 Kind::Stream => {
                     if let Some(e) = expect {
@@ -154,12 +178,28 @@ async fn decode(journal: &str, stream: &str) -> anyhow::Result<()> {
                     carry.extend_from_slice(&rec.payload);
                     while let Some((args, used)) = parse_command(&carry)? {
                         let words: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-                        println!("{}", words.join(" "));
+                        let name = words.first().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
+                        if name == "MULTI" {
+                            held_from = Some(carry_at);
+                        }
+                        let line = words.join(" ");
+                        if held_from.is_some() {
+                            held.push(line);
+                        } else {
+                            println!("{line}");
+                        }
+                        if name == "EXEC" {
+                            held.drain(..).for_each(|l| println!("{l}"));
+                            held_from = None;
+                        }
                         carry.drain(..used);
+                        carry_at += used as u64;
                     }
                 }
             }
         }
     }
+    // A transaction still open at the end is printed too: it is in the journal.
+    held.drain(..).for_each(|l| println!("{l}"));
     Ok(())
 }
