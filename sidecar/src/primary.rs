@@ -433,7 +433,8 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         }
     }
 
-    if info_field(&info, "role") == Some("slave") {
+    let promoted = info_field(&info, "role") == Some("slave");
+    if promoted {
         // A replica fed from the journal, promoted without a fork or a sync.
         ctl.send(&[b"REPLICAOF", b"NO", b"ONE"]).await?;
         let t = Instant::now();
@@ -457,7 +458,10 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     let redis_offset: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
     if let Some((seq, _, end)) = &mut tail {
         if redis_offset < *end {
-            if !unfinished_tail(journal, &cfg.stream, *seq, redis_offset, *end).await? {
+            // Only a replica just promoted can be behind for this reason
+            // (the election let it in with every whole command applied); a
+            // primary's Redis that restarted with less is not read back for.
+            if !(promoted && unfinished_tail(journal, &cfg.stream, *seq, redis_offset, *end).await?) {
                 return Err(Stop::LostHistory(format!(
                     "Redis at {} is at offset {redis_offset}, behind the journal's {end}",
                     cfg.redis
