@@ -28,7 +28,9 @@ use crate::ffi::strings;
 use crate::ffi::unblock;
 use crate::reply;
 use crate::waiters::WaiterId;
+use crate::waiters::parse_stream_id;
 use crate::waiters::source_keys;
+use crate::waiters::xreadgroup_streams;
 use crate::waiters::timeout_ms;
 pub use crate::waiters::blocks;
 
@@ -62,6 +64,94 @@ unsafe fn any_source_ready(ctx: *mut raw::RedisModuleCtx, argv: &[Vec<u8>]) -> b
         raw::RedisModule_FreeString.unwrap()(ctx, s);
         ty == want
     })
+}
+
+/// Whether XREADGROUP answers at once, with entries or an error, rather
+/// than waiting; found out without running it, so that a client that waits
+/// and is then served (or refused: its group was destroyed) counts one call
+/// in INFO commandstats, as in Redis. Redis 7.0's rule (t_stream.c): a
+/// stream read with an id other than `>` is served from the consumer's
+/// history; with `>`, when the stream's last entry is after the group's
+/// last delivered id. A missing key, stream or group makes it an error.
+/// The group's last delivered id comes from `XINFO GROUPS` (no module API
+/// reads it), the last entry from the module stream API.
+unsafe fn xreadgroup_answers_now(ctx: *mut raw::RedisModuleCtx, argv: &[Vec<u8>]) -> bool {
+    let Some((group, streams)) = xreadgroup_streams(argv) else { return true };
+    for (key, id) in streams {
+        if id != b">" {
+            return true;
+        }
+        let Some(delivered) = group_last_delivered(ctx, &key, &group) else { return true };
+        if last_entry_id(ctx, &key).is_some_and(|last| last > delivered) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The last delivered id of `group` on stream `key` (`None`: no such key,
+/// stream or group).
+unsafe fn group_last_delivered(ctx: *mut raw::RedisModuleCtx, key: &[u8], group: &[u8]) -> Option<(u64, u64)> {
+    let q: [&[u8]; 3] = [b"XINFO", b"GROUPS", key];
+    let strs = strings(ctx, &q);
+    let r = call(ctx, c"XINFO", c"v", &strs[1..]);
+    free_strings(ctx, strs);
+    if r.is_null() {
+        return None;
+    }
+    let text = |e: *mut raw::RedisModuleCallReply| -> Option<Vec<u8>> {
+        let mut len = 0usize;
+        let p = raw::RedisModule_CallReplyStringPtr.unwrap()(e, &mut len);
+        (!p.is_null()).then(|| std::slice::from_raw_parts(p as *const u8, len).to_vec())
+    };
+    let mut found = None;
+    if raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_ARRAY as c_int {
+        for g in 0..raw::RedisModule_CallReplyLength.unwrap()(r) {
+            // RESP2: each group is a flat array of field, value pairs.
+            let fields = raw::RedisModule_CallReplyArrayElement.unwrap()(r, g);
+            let n = raw::RedisModule_CallReplyLength.unwrap()(fields);
+            let (mut name, mut delivered) = (None, None);
+            for f in (0..n.saturating_sub(1)).step_by(2) {
+                let v = raw::RedisModule_CallReplyArrayElement.unwrap()(fields, f + 1);
+                match text(raw::RedisModule_CallReplyArrayElement.unwrap()(fields, f)).as_deref() {
+                    Some(b"name") => name = text(v),
+                    Some(b"last-delivered-id") => delivered = text(v),
+                    _ => {}
+                }
+            }
+            if name.as_deref() == Some(group) {
+                found = delivered.as_deref().and_then(parse_stream_id);
+                break;
+            }
+        }
+    }
+    raw::RedisModule_FreeCallReply.unwrap()(r);
+    found
+}
+
+/// The id of the last entry of stream `key` (`None`: not a stream, or empty).
+unsafe fn last_entry_id(ctx: *mut raw::RedisModuleCtx, key: &[u8]) -> Option<(u64, u64)> {
+    let s = raw::RedisModule_CreateString.unwrap()(ctx, key.as_ptr() as *const _, key.len());
+    let k = raw::RedisModule_OpenKey.unwrap()(ctx, s, raw::REDISMODULE_READ as c_int) as *mut raw::RedisModuleKey;
+    let mut last = None;
+    if raw::RedisModule_KeyType.unwrap()(k) == raw::REDISMODULE_KEYTYPE_STREAM as c_int
+        && raw::RedisModule_StreamIteratorStart.unwrap()(
+            k,
+            raw::REDISMODULE_STREAM_ITERATOR_REVERSE as c_int,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        ) == raw::REDISMODULE_OK as c_int
+    {
+        let mut id = raw::RedisModuleStreamID { ms: 0, seq: 0 };
+        let mut fields: std::os::raw::c_long = 0;
+        if raw::RedisModule_StreamIteratorNextID.unwrap()(k, &mut id, &mut fields) == raw::REDISMODULE_OK as c_int {
+            last = Some((id.ms, id.seq));
+        }
+        raw::RedisModule_StreamIteratorStop.unwrap()(k);
+    }
+    raw::RedisModule_CloseKey.unwrap()(k);
+    raw::RedisModule_FreeString.unwrap()(ctx, s);
+    last
 }
 
 /// Runs `argv` without blocking: `Err(null reply)` if it found nothing,
@@ -158,7 +248,17 @@ pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
         }
     }
     let argv = resolve_dollar(ctx, argv);
-    match try_once(ctx, &argv, write, true, false) {
+    let resp3 = flags & raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
+    let first = if name == b"xreadgroup" && !xreadgroup_answers_now(ctx, &argv) {
+        // It would wait: checked as the client's user, not run.
+        if let Err(e) = crate::ffi::acl_check_queued(ctx, args) {
+            return crate::ffi::reply_error(ctx, &e);
+        }
+        Err(if resp3 { b"_\r\n".to_vec() } else { b"*-1\r\n".to_vec() })
+    } else {
+        try_once(ctx, &argv, write, true, false)
+    };
+    match first {
         Ok(bytes) => {
             // It found data (or failed): held like a write, or a read of
             // data not durable yet.
@@ -182,7 +282,6 @@ pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
             );
             raw::RedisModule_SetDisconnectCallback.unwrap()(bc, Some(on_disconnect));
             let mut st = state();
-            let resp3 = flags & raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
             let id = st.waiters.add(Waiter { bc: Blocked(bc), argv, write, resp3, null_reply }, db, keys);
             st.waiter_of.insert(bc as usize, id);
             raw::REDISMODULE_OK as c_int
@@ -240,6 +339,9 @@ extern "C" fn retry(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
                     drop(st);
                     unblock(bc, Answer::Error("UNBLOCKED the stream key no longer exists".into()));
                 }
+                continue;
+            }
+            if argv[0].eq_ignore_ascii_case(b"xreadgroup") && !xreadgroup_answers_now(ctx, &argv) {
                 continue;
             }
             let Ok(bytes) = try_once(ctx, &argv, write, false, resp3) else { continue };

@@ -154,6 +154,44 @@ pub fn source_keys(argv: &[Vec<u8>]) -> Vec<Vec<u8>> {
     }
 }
 
+/// XREADGROUP's group name and its (key, id) pairs, parsed as Redis 7.0
+/// parses them (options in any order); `None` for a command Redis refuses
+/// with a syntax error (it is run, and answers that error itself).
+pub fn xreadgroup_streams(argv: &[Vec<u8>]) -> Option<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)> {
+    let is = |a: &[u8], w: &[u8]| a.eq_ignore_ascii_case(w);
+    let (mut i, mut group) = (1usize, None);
+    let streams = loop {
+        let a = argv.get(i)?;
+        let more = argv.len() - i - 1;
+        if (is(a, b"block") || is(a, b"count")) && more >= 1 {
+            i += 2;
+        } else if is(a, b"group") && more >= 2 {
+            group = Some(argv[i + 1].clone());
+            i += 3;
+        } else if is(a, b"noack") {
+            i += 1;
+        } else if is(a, b"streams") && more >= 1 {
+            break &argv[i + 1..];
+        } else {
+            return None;
+        }
+    };
+    if streams.len() % 2 != 0 {
+        return None;
+    }
+    let n = streams.len() / 2;
+    Some((group?, (0..n).map(|j| (streams[j].clone(), streams[n + j].clone())).collect()))
+}
+
+/// A stream entry id as XINFO prints it (`ms-seq`), or `ms` alone.
+pub fn parse_stream_id(s: &[u8]) -> Option<(u64, u64)> {
+    let s = std::str::from_utf8(s).ok()?;
+    match s.split_once('-') {
+        Some((ms, seq)) => Some((ms.parse().ok()?, seq.parse().ok()?)),
+        None => Some((s.parse().ok()?, 0)),
+    }
+}
+
 /// The command's own timeout in ms (0: forever).
 pub fn timeout_ms(name: &[u8], argv: &[Vec<u8>]) -> i64 {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -174,6 +212,37 @@ pub fn timeout_ms(name: &[u8], argv: &[Vec<u8>]) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn words(s: &str) -> Vec<Vec<u8>> {
+        s.split(' ').map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn xreadgroup_streams_are_parsed_as_redis_does() {
+        let pairs = |v: &[(&str, &str)]| v.iter().map(|(k, i)| (k.as_bytes().to_vec(), i.as_bytes().to_vec())).collect::<Vec<_>>();
+        assert_eq!(
+            xreadgroup_streams(&words("XREADGROUP GROUP g c COUNT 3 BLOCK 0 NOACK STREAMS s1 s2 > 0")),
+            Some((b"g".to_vec(), pairs(&[("s1", ">"), ("s2", "0")])))
+        );
+        // Options in any order, and names that look like options.
+        assert_eq!(
+            xreadgroup_streams(&words("XREADGROUP BLOCK 10 GROUP streams block STREAMS streams >")),
+            Some((b"streams".to_vec(), pairs(&[("streams", ">")])))
+        );
+        for bad in ["XREADGROUP GROUP g c STREAMS s1 s2 >", "XREADGROUP STREAMS s >", "XREADGROUP GROUP g c BOGUS STREAMS s >", "XREADGROUP GROUP g", "XREADGROUP GROUP g c STREAMS"] {
+            assert_eq!(xreadgroup_streams(&words(bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn stream_ids_parse() {
+        assert_eq!(parse_stream_id(b"1700000000000-5"), Some((1_700_000_000_000, 5)));
+        assert_eq!(parse_stream_id(b"7"), Some((7, 0)));
+        assert_eq!(parse_stream_id(b"0-0"), Some((0, 0)));
+        for bad in ["", "-", "1-", "a-1", "1-2-3", ">"] {
+            assert_eq!(parse_stream_id(bad.as_bytes()), None, "{bad}");
+        }
+    }
 
     fn k(s: &str) -> Vec<u8> {
         s.as_bytes().to_vec()

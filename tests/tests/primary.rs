@@ -396,13 +396,41 @@ async fn blocking_pops_are_held_until_durable(server: Server) {
     assert_eq!(first.join().unwrap().0, "[fifo, 1]");
     assert_eq!(second.join().unwrap().0, "[fifo, 2]");
 
-    // XREADGROUP BLOCK: woken by XADD.
+    // XREADGROUP BLOCK: woken by XADD; it counts one call in
+    // commandstats, as in Redis (whether it had to wait is found out
+    // without running it).
     assert_eq!(c.full(&["XGROUP", "CREATE", "st", "g", "$", "MKSTREAM"]), "+OK");
+    assert_eq!(c.full(&["CONFIG", "RESETSTAT"]), "+OK");
     let reader = spawn(vec!["XREADGROUP", "GROUP", "g", "c1", "BLOCK", "5000", "STREAMS", "st", ">"]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(!reader.is_finished());
     c.full(&["XADD", "st", "1-1", "f", "v"]);
     assert_eq!(reader.join().unwrap().0, "[[st, [[1-1, [f, v]]]]]");
+    let stats = |c: &mut Resp| {
+        let info = c.full(&["INFO", "commandstats"]);
+        info.lines().find(|l| l.starts_with("cmdstat_xreadgroup:")).map(str::to_string).unwrap_or_default()
+    };
+    assert!(stats(&mut c).contains("calls=1,"), "{}", stats(&mut c));
+    // Data there already: answered at once, one more call.
+    c.full(&["XADD", "st", "1-2", "f", "w"]);
+    assert_eq!(spawn(vec!["XREADGROUP", "GROUP", "g", "c1", "BLOCK", "5000", "STREAMS", "st", ">"]).join().unwrap().0, "[[st, [[1-2, [f, w]]]]]");
+    // A waiting reader whose group is destroyed gets NOGROUP: one failed call.
+    let reader = spawn(vec!["XREADGROUP", "GROUP", "g", "c1", "BLOCK", "5000", "STREAMS", "st", ">"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!reader.is_finished());
+    assert_eq!(c.full(&["XGROUP", "DESTROY", "st", "g"]), ":1");
+    assert!(reader.join().unwrap().0.starts_with("-NOGROUP"));
+    let s = stats(&mut c);
+    assert!(s.contains("calls=3,") && s.contains("failed_calls=1"), "{s}");
+    // A user who may not read the key is refused at once, not made to wait.
+    assert_eq!(c.full(&["XGROUP", "CREATE", "st", "g", "$"]), "+OK");
+    assert_eq!(c.full(&["ACL", "SETUSER", "eve", "on", ">pw", "~e*", "+xreadgroup"]), "+OK");
+    let mut eve = Resp::connect(&p.addr());
+    assert_eq!(eve.cmd(&["AUTH", "eve", "pw"]), "+OK");
+    let t = Instant::now();
+    let refused = eve.full(&["XREADGROUP", "GROUP", "g", "c1", "BLOCK", "3000", "STREAMS", "st", ">"]);
+    assert!(refused.starts_with("-NOPERM"), "{refused}");
+    assert!(t.elapsed() < Duration::from_millis(1500), "the refusal waited {:?}", t.elapsed());
 
     // RESP3: the score is a double, as Redis answers it.
     let addr = p.addr();
