@@ -89,6 +89,9 @@ pub(crate) enum Answer {
     /// The reply's RESP bytes.
     Reply(Vec<u8>),
     Error(String),
+    /// An error reply INFO errorstats already counted (see `counted_error`):
+    /// sent without counting it again.
+    CountedError(Vec<u8>),
 }
 
 fn cstr(s: &str) -> CString {
@@ -102,15 +105,17 @@ pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [
 }
 
 /// The module's own commands: never rewritten again.
-const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following"];
+const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.countederror"];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
 /// which client sent a command (Redis 7.0; see `maybe_in_multi`).
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.countederror",
 ];
+/// Scripts that may not write (run through the module, see `filter`).
+const READ_ONLY_SCRIPTS: &[&str] = &["eval_ro", "evalsha_ro", "fcall_ro"];
 /// Routed commands served during a busy script (KEEL.TB, `deny-script`).
 const BUSY_SAFE: &[&str] = &["multi", "exec", "discard", "watch", "unwatch", "shutdown"];
 const BUSY_MESSAGE: &str = "BUSY Redis is busy running a script. You can only call SCRIPT KILL, FUNCTION KILL or SHUTDOWN NOSAVE.";
@@ -436,6 +441,14 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, b);
             return;
         }
+        if is(READ_ONLY_SCRIPTS) {
+            // Run by the module (KEEL.T), so the script's own commands pass
+            // the filter untouched: a write refused by a read-only script is
+            // then refused as itself, as Redis counts it, not as KEEL.W.
+            let t = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.T".as_ptr(), 6);
+            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, t);
+            return;
+        }
         let wrap = state().is_write(name, sub);
         if wrap {
             let w = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.W".as_ptr(), 6);
@@ -552,6 +565,7 @@ pub(crate) extern "C" fn on_unblock(ctx: *mut raw::RedisModuleCtx, _argv: *mut *
                 let e = cstr(e);
                 raw::RedisModule_ReplyWithError.unwrap()(ctx, e.as_ptr())
             }
+            Answer::CountedError(text) => reply_counted_error(ctx, text),
         }
     }
 }
@@ -710,13 +724,17 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
                     return run_and_hold(ctx, args, write);
                 }
                 let cmd = CString::new(string_bytes(args[0])).unwrap_or_default();
-                let reply = call(ctx, &cmd, c"v0EC", &args[1..]);
+                let (reply, counted) = call_for_client(ctx, &cmd, c"v0EC", args, true);
                 if reply.is_null() {
                     return reply_error(ctx, "ERR command could not be run");
                 }
                 if let Some(e) = acl_refusal(ctx, reply, args) {
                     raw::RedisModule_FreeCallReply.unwrap()(reply);
                     return reply_error(ctx, &e);
+                }
+                if let Some(text) = counted {
+                    raw::RedisModule_FreeCallReply.unwrap()(reply);
+                    return reply_counted_error(ctx, &text);
                 }
                 let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
                 raw::RedisModule_FreeCallReply.unwrap()(reply);
@@ -899,15 +917,23 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
 /// Blocks the calling client with `value` as its reply, held until the end
 /// of this turn is durable.
 pub(crate) unsafe fn block_with(ctx: *mut raw::RedisModuleCtx, value: Vec<u8>) -> c_int {
+    block_with_answer(ctx, Answer::Reply(value))
+}
+
+unsafe fn block_with_answer(ctx: *mut raw::RedisModuleCtx, answer: Answer) -> c_int {
     let timeout = state().cfg.write_timeout_ms;
     let bc = raw::RedisModule_BlockClient.unwrap()(ctx, Some(on_unblock), Some(on_timeout), Some(free_answer), timeout);
-    hold_blocked(Blocked(bc), value);
+    hold_answer(Blocked(bc), answer);
     raw::REDISMODULE_OK as c_int
 }
 
 /// Holds `value` as the reply of an already blocked client.
 pub(crate) fn hold_blocked(bc: Blocked, value: Vec<u8>) {
-    PENDING_ANSWERS.with(|p| p.borrow_mut().insert(bc.0 as usize, Box::new(Answer::Reply(value))));
+    hold_answer(bc, Answer::Reply(value));
+}
+
+fn hold_answer(bc: Blocked, answer: Answer) {
+    PENDING_ANSWERS.with(|p| p.borrow_mut().insert(bc.0 as usize, Box::new(answer)));
     state().holds.hold(bc);
 }
 
@@ -945,7 +971,7 @@ pub(crate) fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
         // v: argv vector; !: replicate; 0: the client's protocol; E: errors as
         // replies; C: ACL checks as the client's user; M: refuse on OOM.
         let fmt = if write { c"v!0ECM" } else { c"v0EC" };
-        let reply = call(ctx, &cmd, fmt, &args[1..]);
+        let (reply, counted) = call_for_client(ctx, &cmd, fmt, args, !in_multi_or_script);
         if reply.is_null() {
             return raw::RedisModule_ReplyWithError.unwrap()(ctx, c"ERR command could not be run".as_ptr());
         }
@@ -967,7 +993,98 @@ pub(crate) fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
         // Keep a copy of the reply until the client is released.
         let value = reply::copy(reply);
         raw::RedisModule_FreeCallReply.unwrap()(reply);
-        block_with(ctx, value)
+        match counted {
+            Some(text) => block_with_answer(ctx, Answer::CountedError(text)),
+            None => block_with(ctx, value),
+        }
+    }
+}
+
+/// `call` of the client's command `args` (name first); for a script whose
+/// reply goes straight to its client (`to_client`), also the error reply's
+/// text if INFO errorstats already counted it (`counted_error`).
+unsafe fn call_for_client(
+    ctx: *mut raw::RedisModuleCtx,
+    cmd: &std::ffi::CStr,
+    fmt: &std::ffi::CStr,
+    args: &[*mut raw::RedisModuleString],
+    to_client: bool,
+) -> (*mut raw::RedisModuleCallReply, Option<Vec<u8>>) {
+    let script = to_client && SCRIPT_COMMANDS.contains(&lower(string_bytes(args[0])).as_slice());
+    let before = if script { raw::RedisModule_GetServerInfo.unwrap()(ctx, c"errorstats".as_ptr()) } else { std::ptr::null_mut() };
+    let reply = call(ctx, cmd, fmt, &args[1..]);
+    let counted = if before.is_null() { None } else { counted_error(ctx, reply, before) };
+    (reply, counted)
+}
+
+/// Scripts, whose error reply Redis may leave out of INFO errorstats.
+const SCRIPT_COMMANDS: &[&[u8]] = &[b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro"];
+
+/// A script's error reply that Redis would not count again: one raised by
+/// a failed `redis.call` (or a `redis.pcall` error returned), which was
+/// counted when that command failed (`ERR_REPLY_FLAG_NO_STATS_UPDATE`).
+/// Redis 7.0 defers a module client's errors whatever that flag, so a held
+/// reply would count it a second time. Told by INFO errorstats: an error
+/// under the reply's own name counted during the call. (A script that
+/// returns its own error with the name of one it caught is counted once,
+/// not twice.) Frees `before`.
+unsafe fn counted_error(
+    ctx: *mut raw::RedisModuleCtx,
+    reply: *mut raw::RedisModuleCallReply,
+    before: *mut raw::RedisModuleServerInfoData,
+) -> Option<Vec<u8>> {
+    let mut found = None;
+    if !reply.is_null() && raw::RedisModule_CallReplyType.unwrap()(reply) == raw::REDISMODULE_REPLY_ERROR as c_int {
+        let text = reply_text(reply).unwrap_or_default();
+        let field = CString::new([b"errorstat_", crate::resp::error_code(&text)].concat()).unwrap_or_default();
+        let count = |data: *mut raw::RedisModuleServerInfoData| {
+            let v = raw::RedisModule_ServerInfoGetFieldC.unwrap()(data, field.as_ptr());
+            if v.is_null() { 0 } else { crate::resp::errorstat_count(std::ffi::CStr::from_ptr(v).to_bytes()) }
+        };
+        let after = raw::RedisModule_GetServerInfo.unwrap()(ctx, c"errorstats".as_ptr());
+        if !after.is_null() {
+            if count(after) > count(before) {
+                found = Some(text);
+            }
+            raw::RedisModule_FreeServerInfo.unwrap()(ctx, after);
+        }
+    }
+    raw::RedisModule_FreeServerInfo.unwrap()(ctx, before);
+    found
+}
+
+/// Replies the error `text` without INFO errorstats counting it: as an
+/// element of a call reply, which carries no deferred errors of its own
+/// (`RM_ReplyWithCallReply` counts only a whole reply's).
+unsafe fn reply_counted_error(ctx: *mut raw::RedisModuleCtx, text: &[u8]) -> c_int {
+    let strs = strings(ctx, &[text]);
+    let r = call(ctx, c"KEEL.COUNTEDERROR", c"v", &strs);
+    free_strings(ctx, strs);
+    if !r.is_null() {
+        let e = raw::RedisModule_CallReplyArrayElement.unwrap()(r, 0);
+        let ok = !e.is_null()
+            && raw::RedisModule_CallReplyType.unwrap()(e) == raw::REDISMODULE_REPLY_ERROR as c_int
+            && raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, e) == raw::REDISMODULE_OK as c_int;
+        raw::RedisModule_FreeCallReply.unwrap()(r);
+        if ok {
+            return raw::REDISMODULE_OK as c_int;
+        }
+    }
+    reply::send(ctx, &reply::error(&String::from_utf8_lossy(text)))
+}
+
+/// `KEEL.COUNTEDERROR <text>`: a one-element array holding the error
+/// `text` (for `reply_counted_error`).
+extern "C" fn keel_countederror(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if argc != 2 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        // Newlines would break the protocol; a NUL would end the C string.
+        let clean: Vec<u8> = string_bytes(*argv.add(1)).iter().map(|&b| if matches!(b, b'\r' | b'\n' | 0) { b' ' } else { b }).collect();
+        let text = CString::new(clean).unwrap_or_default();
+        raw::RedisModule_ReplyWithArray.unwrap()(ctx, 1);
+        raw::RedisModule_ReplyWithError.unwrap()(ctx, text.as_ptr())
     }
 }
 
@@ -1406,7 +1523,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 13] = [
+        let commands: [(&str, CmdFn, &str); 14] = [
             ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
@@ -1420,6 +1537,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ("keel.lease", keel_lease, "admin fast no-monitor allow-busy allow-loading allow-stale"),
             ("keel.nolease", keel_nolease, "fast allow-loading allow-stale"),
             ("keel.following", keel_following, "admin fast no-monitor allow-loading allow-stale"),
+            ("keel.countederror", keel_countederror, "fast no-monitor allow-busy allow-loading allow-stale"),
         ];
         for (name, f, flags) in commands {
             let (n, fl) = (cstr(name), cstr(flags));

@@ -19,9 +19,8 @@
 //!
 //! - a read of a key with a pending write is prefixed with `KEEL.R`: it runs
 //!   at once and its reply is held like a write's (`hazards.rs`).
-//! Not handled yet (open work): MULTI/EXEC (commands queued inside MULTI run
-//! unheld), blocking pops (run natively, unheld), writes of keys a script
-//! does not declare (not tracked as read hazards), replica role.
+//! Transactions (`transactions.rs`) and blocking pops (`waiters.rs`,
+//! `blocking.rs`) are kept by the module too; the README describes each.
 
 pub mod acl;
 pub mod config;

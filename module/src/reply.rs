@@ -65,3 +65,4 @@ unsafe fn emit(ctx: *mut raw::RedisModuleCtx, tok: Token<'_>) {
         }
     };
 }
+

@@ -157,6 +157,22 @@ pub fn walk<'a>(mut buf: &'a [u8], mut emit: impl FnMut(Token<'a>)) -> Result<()
     Ok(())
 }
 
+/// The name INFO errorstats counts an error reply under, by Redis's rule
+/// (networking.c `afterErrorReply`): the first word when a space comes
+/// within the first 32 bytes of the reply (its `-` included), else `ERR`.
+/// `text` is the error without its `-`.
+pub fn error_code(text: &[u8]) -> &[u8] {
+    match text.iter().take(31).position(|&b| b == b' ') {
+        Some(i) if i > 0 => &text[..i],
+        _ => b"ERR",
+    }
+}
+
+/// The count in an INFO errorstats value (`count=N`); 0 if unreadable.
+pub fn errorstat_count(value: &[u8]) -> u64 {
+    std::str::from_utf8(value).ok().and_then(|v| v.strip_prefix("count=")).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +311,21 @@ mod tests {
         assert!(token(b"$5\r\nab\r\n").is_err());
         assert!(token(b"*-2\r\n").is_err());
         assert!(token(b"?\r\n").is_err());
+    }
+
+    #[test]
+    fn errors_are_counted_under_their_first_word() {
+        assert_eq!(error_code(b"OOM command not allowed"), b"OOM");
+        assert_eq!(error_code(b"ERR DB index is out of range"), b"ERR");
+        assert_eq!(error_code(b"MY_ERR_CODE custom msg"), b"MY_ERR_CODE");
+        assert_eq!(error_code(b"NOSPACE"), b"ERR");
+        assert_eq!(error_code(b""), b"ERR");
+        assert_eq!(error_code(b" leading space"), b"ERR");
+        // A space past the 32nd byte of the reply does not count.
+        let long = [b'A'; 31];
+        assert_eq!(error_code(&[&long[..], b" x"].concat()), b"ERR");
+        assert_eq!(error_code(&[&long[..30], b" x"].concat()), &long[..30]);
+        assert_eq!(errorstat_count(b"count=17"), 17);
+        assert_eq!(errorstat_count(b"junk"), 0);
     }
 }

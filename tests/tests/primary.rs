@@ -726,3 +726,41 @@ async fn redis_a_confirmation_during_a_busy_script_is_not_lost() {
 async fn valkey_a_confirmation_during_a_busy_script_is_not_lost() {
     a_confirmation_during_a_busy_script_is_not_lost(Server::Valkey).await;
 }
+
+/// A script's error counts once in INFO errorstats, as in Redis: an error
+/// raised by a failed `redis.call` was counted when that command failed
+/// (Redis leaves the script's reply out), while an error the script makes
+/// itself is counted as the reply. A write refused by a read-only script is
+/// counted against the write itself.
+async fn script_errors_count_once(server: Server) {
+    let p = KeelPrimary::start(server, 1, &["write_timeout_ms=5000"]).await;
+    let mut c = Resp::connect(&p.addr());
+    let field = |c: &mut Resp, section: &str, name: &str| {
+        let info = c.full(&["INFO", section]);
+        info.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).unwrap_or("").trim().to_string()
+    };
+    assert_eq!(c.cmd(&["CONFIG", "RESETSTAT"]), "+OK");
+    assert!(c.cmd(&["EVAL", "return redis.call('select', 99)", "0"]).starts_with("-ERR DB index is out of range"));
+    assert_eq!(field(&mut c, "errorstats", "errorstat_ERR"), "count=1");
+    assert_eq!(field(&mut c, "stats", "total_error_replies"), "1");
+    assert_eq!(c.cmd(&["SET", "keel:str", "abc"]), "+OK");
+    assert!(c.cmd(&["EVAL", "return redis.pcall('incr', KEYS[1])", "1", "keel:str"]).starts_with("-ERR value is not an integer"));
+    assert_eq!(field(&mut c, "errorstats", "errorstat_ERR"), "count=2");
+    assert!(c.cmd(&["EVAL", "return redis.error_reply('MY_CODE made here')", "0"]).starts_with("-MY_CODE made here"));
+    assert_eq!(field(&mut c, "errorstats", "errorstat_MY_CODE"), "count=1");
+    assert_eq!(field(&mut c, "stats", "total_error_replies"), "3");
+    assert!(c.cmd(&["EVAL_RO", "return redis.call('set', KEYS[1], 'y')", "1", "keel:x"]).starts_with("-ERR Write commands are not allowed from read-only scripts"));
+    assert_eq!(field(&mut c, "stats", "total_error_replies"), "4");
+    let set = field(&mut c, "commandstats", "cmdstat_set");
+    assert!(set.contains("rejected_calls=1"), "{set}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_script_errors_count_once() {
+    script_errors_count_once(Server::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_script_errors_count_once() {
+    script_errors_count_once(Server::Valkey).await;
+}
