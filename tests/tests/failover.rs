@@ -562,3 +562,53 @@ async fn an_unfinished_last_command_is_voided_by_the_next_leader() {
     assert!(commands.iter().any(|w| w == &["SET", "after", "1"]), "{commands:?}");
     assert!(!commands.iter().any(|w| w.iter().any(|a| a == "tx:1")), "the voided transaction is decoded: {commands:?}");
 }
+
+/// The real case behind `StreamVoid`: a command too large for one append
+/// (a 40 MB SET, several 7 MiB appends) whose primary dies, sidecar and
+/// Redis, between its appends. A replica takes over; the value is whole
+/// or absent (it was never acknowledged), and every acknowledged write is
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_between_the_appends_of_a_huge_command_fails_over() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    let mut r = Resp::connect(&c.nodes[0].addr());
+    for i in 0..20 {
+        assert_eq!(r.cmd(&["SET", &format!("small:{i}"), "v"]), "+OK");
+    }
+    let client = c.journal.client();
+    let before = client.stream_info("shard-1").await.unwrap().last_seq;
+    let len = 40 << 20;
+    let addr = c.nodes[0].addr();
+    let writer = std::thread::spawn(move || {
+        let value = "x".repeat(len);
+        Resp::try_connect(&addr, Duration::from_secs(5)).and_then(|mut w| w.try_cmd(&["SET", "huge", &value])).ok()
+    });
+    // Kill once the first of the command's appends is in (14 records of
+    // 512 KiB each), before the last.
+    let t = Instant::now();
+    loop {
+        let seq = client.stream_info("shard-1").await.unwrap().last_seq;
+        if seq >= before + 14 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the huge command was never journaled (last seq {seq})");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    c.nodes[0].kill_sidecar();
+    c.nodes[0].kill_redis();
+    let acked = writer.join().unwrap();
+    assert_ne!(acked.as_deref(), Some("+OK"), "the huge write was acknowledged before it was whole in the journal");
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(15));
+    let mut p = Resp::connect(&c.nodes[np].addr());
+    for i in 0..20 {
+        assert_eq!(p.cmd(&["GET", &format!("small:{i}")]), "v");
+    }
+    let strlen = p.cmd(&["STRLEN", "huge"]);
+    assert!(strlen == ":0" || strlen == format!(":{len}"), "the huge value is torn: {strlen}");
+    let log = std::fs::read_to_string(c.nodes[np].dir.join("sidecar.log")).unwrap();
+    eprintln!(
+        "huge value on the new primary: {strlen}; tail voided: {}",
+        log.contains("voided the unfinished last command")
+    );
+}
