@@ -22,6 +22,7 @@ use crate::ffi::command_keys;
 use crate::ffi::free_strings;
 use crate::ffi::hold_blocked;
 use crate::ffi::read_must_wait;
+use crate::ffi::reply_text;
 use crate::ffi::state;
 use crate::ffi::string_bytes;
 use crate::ffi::strings;
@@ -99,11 +100,6 @@ unsafe fn group_last_delivered(ctx: *mut raw::RedisModuleCtx, key: &[u8], group:
     if r.is_null() {
         return None;
     }
-    let text = |e: *mut raw::RedisModuleCallReply| -> Option<Vec<u8>> {
-        let mut len = 0usize;
-        let p = raw::RedisModule_CallReplyStringPtr.unwrap()(e, &mut len);
-        (!p.is_null()).then(|| std::slice::from_raw_parts(p as *const u8, len).to_vec())
-    };
     let mut found = None;
     if raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_ARRAY as c_int {
         for g in 0..raw::RedisModule_CallReplyLength.unwrap()(r) {
@@ -113,9 +109,9 @@ unsafe fn group_last_delivered(ctx: *mut raw::RedisModuleCtx, key: &[u8], group:
             let (mut name, mut delivered) = (None, None);
             for f in (0..n.saturating_sub(1)).step_by(2) {
                 let v = raw::RedisModule_CallReplyArrayElement.unwrap()(fields, f + 1);
-                match text(raw::RedisModule_CallReplyArrayElement.unwrap()(fields, f)).as_deref() {
-                    Some(b"name") => name = text(v),
-                    Some(b"last-delivered-id") => delivered = text(v),
+                match reply_text(raw::RedisModule_CallReplyArrayElement.unwrap()(fields, f)).as_deref() {
+                    Some(b"name") => name = reply_text(v),
+                    Some(b"last-delivered-id") => delivered = reply_text(v),
                     _ => {}
                 }
             }
@@ -205,25 +201,8 @@ unsafe fn resolve_dollar(ctx: *mut raw::RedisModuleCtx, mut argv: Vec<Vec<u8>>) 
         if argv[s + 1 + n + i] != b"$" {
             continue;
         }
-        let key = argv[s + 1 + i].clone();
-        let q = vec![b"XREVRANGE".to_vec(), key, b"+".to_vec(), b"-".to_vec(), b"COUNT".to_vec(), b"1".to_vec()];
-        let strs = strings(ctx, &q);
-        let r = call(ctx, c"XREVRANGE", c"v", &strs[1..]);
-        free_strings(ctx, strs);
-        let mut last = b"0-0".to_vec();
-        if !r.is_null() {
-            let entry = raw::RedisModule_CallReplyArrayElement.unwrap()(r, 0);
-            if !entry.is_null() {
-                let id = raw::RedisModule_CallReplyArrayElement.unwrap()(entry, 0);
-                let mut len = 0usize;
-                let p = raw::RedisModule_CallReplyStringPtr.unwrap()(id, &mut len);
-                if !p.is_null() {
-                    last = std::slice::from_raw_parts(p as *const u8, len).to_vec();
-                }
-            }
-            raw::RedisModule_FreeCallReply.unwrap()(r);
-        }
-        argv[s + 1 + n + i] = last;
+        let (ms, seq) = last_entry_id(ctx, &argv[s + 1 + i]).unwrap_or((0, 0));
+        argv[s + 1 + n + i] = format!("{ms}-{seq}").into_bytes();
     }
     argv
 }

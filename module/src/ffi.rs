@@ -163,7 +163,7 @@ fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
 }
 
 /// The text of a string or error call reply (`None` for other types).
-unsafe fn reply_text(r: *mut raw::RedisModuleCallReply) -> Option<Vec<u8>> {
+pub(crate) unsafe fn reply_text(r: *mut raw::RedisModuleCallReply) -> Option<Vec<u8>> {
     let mut len = 0usize;
     let p = raw::RedisModule_CallReplyStringPtr.unwrap()(r, &mut len);
     (!p.is_null()).then(|| std::slice::from_raw_parts(p as *const u8, len).to_vec())
@@ -1010,7 +1010,8 @@ unsafe fn call_for_client(
     args: &[*mut raw::RedisModuleString],
     to_client: bool,
 ) -> (*mut raw::RedisModuleCallReply, Option<Vec<u8>>) {
-    let script = to_client && SCRIPT_COMMANDS.contains(&lower(string_bytes(args[0])).as_slice());
+    let name = string_bytes(args[0]);
+    let script = to_client && SCRIPT_COMMANDS.iter().any(|s| name.eq_ignore_ascii_case(s));
     let before = if script { raw::RedisModule_GetServerInfo.unwrap()(ctx, c"errorstats".as_ptr()) } else { std::ptr::null_mut() };
     let reply = call(ctx, cmd, fmt, &args[1..]);
     let counted = if before.is_null() { None } else { counted_error(ctx, reply, before) };

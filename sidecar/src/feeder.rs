@@ -202,7 +202,12 @@ impl Feeder {
                     let mut fed = None;
                     for rec in batch {
                         let decoded = Record::decode(&rec.payload).map_err(|e| format!("record {}: {e}", rec.seq))?;
-                        self.history.lock().unwrap().observe(rec.seq, &decoded)?;
+                        // Where this record's live bytes end (a void may follow it).
+                        let live_end = {
+                            let mut h = self.history.lock().unwrap();
+                            h.observe(rec.seq, &decoded)?;
+                            h.live_end(rec.seq, decoded.start, decoded.end)
+                        };
                         seq = rec.seq;
                         match decoded.kind {
                             Kind::Rdb if in_rdb => out.extend_from_slice(&decoded.payload),
@@ -218,18 +223,18 @@ impl Feeder {
                             }
                             Kind::Rdb | Kind::RdbEnd | Kind::RdbAbort => {}
                             Kind::Stream => {
-                                let end = self.history.lock().unwrap().live_end(seq, decoded.start, decoded.end);
-                                if end <= skip_to {
+                                if live_end <= skip_to {
                                     continue;
                                 }
                                 let from = skip_to.saturating_sub(decoded.start) as usize;
-                                let bytes = &decoded.payload[from..(end - decoded.start) as usize];
+                                let bytes = &decoded.payload[from..(live_end - decoded.start) as usize];
                                 out.extend_from_slice(bytes);
                                 cuts.feed(bytes);
-                                skip_to = end;
-                                fed = Some((seq, end));
+                                skip_to = live_end;
+                                fed = Some((seq, live_end));
                             }
-                            Kind::StreamVoid if !in_rdb => {
+                            // Never inside the base: History refuses a void before it.
+                            Kind::StreamVoid => {
                                 if skip_to > decoded.start {
                                     return Err(format!(
                                         "record {seq} voids stream bytes {}..{} this Redis was sent (an unfinished command of a writer that died); it resyncs from its own offset",
@@ -238,7 +243,6 @@ impl Feeder {
                                 }
                                 fed = Some((seq, skip_to));
                             }
-                            Kind::StreamVoid => {}
                         }
                     }
                     if waiting_ack {
