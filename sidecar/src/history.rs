@@ -23,11 +23,19 @@
 //! Memory is bounded: one entry per producer tenure (capped), one offset
 //! checkpoint every `CHECKPOINT_EVERY` records, and one entry per void
 //! (at most one per change of writer).
+//!
+//! Snapshots (snapshot.rs): once a verified snapshot standing at record `S`
+//! and offset `O` is published, the journal may trim records before it. It
+//! becomes the history's *floor*: a full resync sends the snapshot's RDB and
+//! then records from `S + 1`; a partial resync must ask for an offset at or
+//! past `O`, and never reads a record before `S + 1`. A history can also
+//! start from a snapshot (`from_snapshot`) instead of the journaled base.
 
 use std::collections::VecDeque;
 
 use crate::record::Kind;
 use crate::record::Record;
+use crate::snapshot::SnapshotMeta;
 
 /// Records between two offset checkpoints.
 pub const CHECKPOINT_EVERY: u64 = 256;
@@ -55,8 +63,10 @@ struct Tenure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Psync {
     /// `+FULLRESYNC <feed id> <base offset>`, then the base RDB from
-    /// `base.first_seq`, then every stream record after `base.end_seq`.
-    Full { offset: u64, first_seq: u64 },
+    /// `base.first_seq`, then every stream record after `base.end_seq`;
+    /// or, with `snapshot`, that snapshot's RDB and then records from
+    /// `first_seq` (its seq + 1).
+    Full { offset: u64, first_seq: u64, snapshot: Option<Box<SnapshotMeta>> },
     /// `+CONTINUE <feed id>`; read from `from_seq` and send bytes after
     /// offset `from_offset`.
     Continue { from_seq: u64, from_offset: u64 },
@@ -78,9 +88,64 @@ pub struct History {
     first_stream_seq: Option<u64>,
     /// (seq of a `StreamVoid` record, the offset the stream was cut back to).
     voids: Vec<(u64, u64)>,
+    /// The latest published snapshot this history reached.
+    floor: Option<SnapshotMeta>,
 }
 
 impl History {
+    /// A history that starts at a published snapshot: records after
+    /// `snap.seq` are observed next.
+    pub fn from_snapshot(snap: &SnapshotMeta) -> History {
+        History {
+            base: Some(Base {
+                replid: snap.origin_replid.clone(),
+                offset: snap.origin_offset,
+                first_seq: snap.seq + 1,
+                end_seq: snap.seq,
+            }),
+            rdb_first_seq: None,
+            last_seq: snap.seq,
+            end: Some(snap.offset),
+            tenures: VecDeque::from([Tenure { replid: snap.replid.clone(), start: snap.offset, end: snap.offset }]),
+            checkpoints: Vec::new(),
+            first_stream_seq: None,
+            voids: Vec::new(),
+            floor: Some(snap.clone()),
+        }
+    }
+
+    /// Takes a newly published snapshot as the floor. Ignored (false) when
+    /// this history has not read that far yet or already has a later one;
+    /// an error when it contradicts what was read.
+    pub fn set_floor(&mut self, snap: &SnapshotMeta) -> Result<bool, String> {
+        if snap.seq > self.last_seq || self.floor.as_ref().is_some_and(|f| f.seq >= snap.seq) {
+            return Ok(false);
+        }
+        let (Some(base), Some(end)) = (self.base.as_ref(), self.end) else {
+            return Ok(false);
+        };
+        if snap.origin_replid != base.replid || snap.origin_offset != base.offset {
+            return Err(format!(
+                "snapshot at record {} belongs to a history based at {}:{}, not this one ({}:{})",
+                snap.seq, snap.origin_replid, snap.origin_offset, base.replid, base.offset
+            ));
+        }
+        if snap.offset > end || snap.offset < base.offset || snap.seq < base.end_seq {
+            return Err(format!("snapshot at record {} offset {} lies outside the history read ({}..{end})", snap.seq, snap.offset, base.offset));
+        }
+        self.floor = Some(snap.clone());
+        Ok(true)
+    }
+
+    pub fn floor(&self) -> Option<&SnapshotMeta> {
+        self.floor.as_ref()
+    }
+
+    /// The producer whose bytes the stream ends with.
+    pub fn last_producer(&self) -> Option<&str> {
+        self.tenures.back().map(|t| t.replid.as_str())
+    }
+
     pub fn base(&self) -> Option<&Base> {
         self.base.as_ref()
     }
@@ -211,12 +276,15 @@ impl History {
         let (Some(base), Some(end)) = (self.base.as_ref(), self.end) else {
             return Psync::NotReady;
         };
-        let full = Psync::Full { offset: base.offset, first_seq: base.first_seq };
+        let (full, floor_offset, floor_next) = match &self.floor {
+            Some(f) => (Psync::Full { offset: f.offset, first_seq: f.seq + 1, snapshot: Some(Box::new(f.clone())) }, f.offset, f.seq + 1),
+            None => (Psync::Full { offset: base.offset, first_seq: base.first_seq, snapshot: None }, base.offset, 0),
+        };
         // Redis asks for the byte after the last one it has.
         let Some(have) = u64::try_from(psync_offset).ok().and_then(|p| p.checked_sub(1)) else {
             return full;
         };
-        if have < base.offset || have > end {
+        if have < floor_offset || have > end {
             return full;
         }
         let ours = self.feed_id(node_uuid).as_deref() == Some(replid);
@@ -233,7 +301,9 @@ impl History {
             0 => base.end_seq + 1,
             i => self.checkpoints[i - 1].0,
         };
-        Psync::Continue { from_seq, from_offset: have }
+        // Records before the floor may be trimmed; the floor's next record
+        // starts at its offset, at or before `have`.
+        Psync::Continue { from_seq: from_seq.max(floor_next), from_offset: have }
     }
 }
 
@@ -285,7 +355,7 @@ mod tests {
         h.observe(3, &rec(Kind::RdbAbort, A, 0, 0)).unwrap();
         h.observe(4, &rec(Kind::Rdb, B, 50, 10)).unwrap();
         h.observe(5, &rec(Kind::RdbEnd, B, 50, 0)).unwrap();
-        assert_eq!(h.psync(ME, "?", -1), Psync::Full { offset: 50, first_seq: 4 });
+        assert_eq!(h.psync(ME, "?", -1), Psync::Full { offset: 50, first_seq: 4, snapshot: None });
         assert!(h.observe(6, &rec(Kind::RdbAbort, B, 50, 0)).is_err(), "a complete base cannot be voided");
     }
 
@@ -296,7 +366,7 @@ mod tests {
         h.observe(1, &rec(Kind::Rdb, A, 0, 10)).unwrap();
         assert_eq!(h.psync(ME, "?", -1), Psync::NotReady);
         h.observe(2, &rec(Kind::RdbEnd, A, 0, 0)).unwrap();
-        assert_eq!(h.psync(ME, "?", -1), Psync::Full { offset: 0, first_seq: 1 });
+        assert_eq!(h.psync(ME, "?", -1), Psync::Full { offset: 0, first_seq: 1, snapshot: None });
     }
 
     #[test]
@@ -305,7 +375,7 @@ mod tests {
         let feed = h.feed_id(ME).unwrap();
         assert_ne!(feed, A);
         assert_ne!(Some(feed.clone()), h.feed_id("1f3c2a64-5b0e-4c1e-9b9b-2b1f4f0d9a11"));
-        let full = Psync::Full { offset: 100, first_seq: 1 };
+        let full = Psync::Full { offset: 100, first_seq: 1, snapshot: None };
         // A fresh Redis.
         assert_eq!(h.psync(ME, "?", -1), full);
         // Fed by us: anywhere in the stream.
@@ -339,7 +409,7 @@ mod tests {
         assert!(h.observe(8, &rec(Kind::Stream, c, 500, 10)).unwrap_err().contains("gap or an overlap"));
         h.observe(8, &rec(Kind::Stream, c, 430, 50)).unwrap();
         assert_eq!(h.end(), Some(480));
-        let full = Psync::Full { offset: 100, first_seq: 1 };
+        let full = Psync::Full { offset: 100, first_seq: 1, snapshot: None };
         // B's primary has bytes up to 430 in common with the journal, not beyond.
         assert_eq!(h.psync(ME, B, 431), Psync::Continue { from_seq: 3, from_offset: 430 });
         assert_eq!(h.psync(ME, B, 451), full);
@@ -361,9 +431,64 @@ mod tests {
         // A void of the last writer's every byte forgets its tenure.
         h.observe(8, &void(400, 500)).unwrap();
         assert_eq!(h.end(), Some(400));
-        assert_eq!(h.psync(ME, B, 401), Psync::Full { offset: 100, first_seq: 1 });
+        assert_eq!(h.psync(ME, B, 401), Psync::Full { offset: 100, first_seq: 1, snapshot: None });
         let mut empty = History::default();
         assert!(empty.observe(1, &void(0, 0)).unwrap_err().contains("before a complete base"));
+    }
+
+    fn snap(seq: u64, offset: u64, replid: &str) -> SnapshotMeta {
+        SnapshotMeta {
+            stream: "s".into(),
+            seq,
+            offset,
+            replid: replid.into(),
+            origin_replid: A.into(),
+            origin_offset: 100,
+            engine: "redis".into(),
+            engine_version: "7.0.15".into(),
+            rdb_version: 10,
+            rdb_bytes: 1,
+            rdb_sha256: "0".repeat(64),
+            digest: "0".repeat(40),
+            stream_sha256: "0".repeat(64),
+            created_unix_ms: 0,
+            key: format!("s/{seq}.rdb"),
+        }
+    }
+
+    #[test]
+    fn a_floor_moves_full_resyncs_to_the_snapshot_and_bounds_partial_ones() {
+        let mut h = sample();
+        let feed = h.feed_id(ME).unwrap();
+        // Record 4 ends at 300.
+        assert!(h.set_floor(&snap(4, 300, A)).unwrap());
+        let full = Psync::Full { offset: 300, first_seq: 5, snapshot: Some(Box::new(snap(4, 300, A))) };
+        assert_eq!(h.psync(ME, "?", -1), full);
+        assert_eq!(h.psync(ME, &feed, 151), full, "bytes before the floor may be trimmed");
+        assert_eq!(h.psync(ME, &feed, 351), Psync::Continue { from_seq: 5, from_offset: 350 });
+        assert_eq!(h.psync(ME, B, 451), Psync::Continue { from_seq: 5, from_offset: 450 });
+        // An older floor, or one past what was read, is ignored.
+        assert!(!h.set_floor(&snap(3, 200, A)).unwrap());
+        assert!(!h.set_floor(&snap(9, 600, B)).unwrap());
+        // One from another history, or outside the bytes read, is an error.
+        assert!(h.set_floor(&SnapshotMeta { origin_offset: 7, ..snap(5, 400, A) }).is_err());
+        assert!(h.set_floor(&snap(5, 900, A)).is_err());
+    }
+
+    #[test]
+    fn a_history_from_a_snapshot_continues_its_feeds_and_producers() {
+        let whole = sample();
+        let feed = whole.feed_id(ME).unwrap();
+        let mut h = History::from_snapshot(&snap(5, 400, A));
+        assert_eq!(h.feed_id(ME).unwrap(), feed, "the feed id survives snapshots");
+        assert_eq!(h.end(), Some(400));
+        h.observe(6, &rec(Kind::Stream, B, 400, 100)).unwrap();
+        assert!(h.observe(8, &rec(Kind::Stream, B, 500, 1)).is_err(), "a gap");
+        assert_eq!(h.psync(ME, &feed, 451), Psync::Continue { from_seq: 6, from_offset: 450 });
+        assert_eq!(h.psync(ME, B, 501), Psync::Continue { from_seq: 7, from_offset: 500 });
+        assert_eq!(h.psync(ME, A, 401), Psync::Continue { from_seq: 6, from_offset: 400 });
+        assert!(matches!(h.psync(ME, A, 301), Psync::Full { offset: 400, first_seq: 6, snapshot: Some(_) }));
+        assert_eq!(h.last_producer(), Some(B));
     }
 
     #[test]

@@ -12,3 +12,5 @@ pub mod primary;
 pub mod record;
 pub mod resp;
 pub mod sentinel;
+pub mod snapshot;
+pub mod snapshotter;

@@ -56,6 +56,8 @@ pub struct NodeConfig {
     pub master_name: String,
     /// How often a follower looks at the lease and its Redis.
     pub poll_ms: u64,
+    /// Where published snapshots are read from (full resyncs after a trim).
+    pub store: Option<crate::snapshot::SnapshotStore>,
 }
 
 impl NodeConfig {
@@ -146,7 +148,8 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         tokio::spawn(sentinel::serve(listener, rx));
         tokio::spawn(keep_view(journal.clone(), cfg.primary.stream.clone(), me_member, cfg.master_name.clone(), cfg.poll_ms, tx));
     }
-    let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone());
+    let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone(), cfg.store.clone());
+    tokio::spawn(report_snapshots(journal.clone(), cfg.primary.stream.clone(), cfg.primary.redis.clone(), cfg.primary.lease_ms));
     let mut quiet = Quiet::default();
     loop {
         let info = match journal.stream_info(&cfg.primary.stream).await {
@@ -248,9 +251,14 @@ async fn redis_request(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<R
 
 /// `INFO replication` of the local Redis, within `timeout_ms`.
 pub async fn redis_info(redis: &str, timeout_ms: u64) -> Result<String, Stop> {
-    match redis_request(redis, &[b"INFO", b"replication"], timeout_ms).await? {
+    redis_info_section(redis, "replication", timeout_ms).await
+}
+
+/// `INFO <section>` of the local Redis, within `timeout_ms`.
+pub async fn redis_info_section(redis: &str, section: &str, timeout_ms: u64) -> Result<String, Stop> {
+    match redis_request(redis, &[b"INFO", section.as_bytes()], timeout_ms).await? {
         Reply::Bulk(info) => Ok(info),
-        Reply::Line(l) => Err(Stop::Retry(format!("INFO answered {l:?}"))),
+        Reply::Line(l) => Err(Stop::Retry(format!("INFO {section} answered {l:?}"))),
     }
 }
 
@@ -358,6 +366,29 @@ async fn follow(
     };
     let _ = stop_tx.send(true);
     r
+}
+
+/// How often the published snapshot is read and told to the local Redis.
+const SNAPSHOT_REPORT_MS: u64 = 1_000;
+
+/// Tells the local Redis the stream's published snapshot (`INFO keel`).
+async fn report_snapshots(journal: Arc<JournalClient>, stream: String, redis: String, timeout_ms: u64) {
+    loop {
+        if let Ok(Some(b)) = journal.get_meta(&stream, crate::snapshot::SNAPSHOT_META_KEY).await {
+            match crate::snapshot::SnapshotMeta::decode(&b) {
+                Ok(m) => {
+                    // Told every time: a Redis restarted empty learns it again.
+                    let (seq, offset, created) = (m.seq.to_string(), m.offset.to_string(), m.created_unix_ms.to_string());
+                    let args: [&[u8]; 4] = [b"KEEL.SNAPSHOT", seq.as_bytes(), offset.as_bytes(), created.as_bytes()];
+                    if let Err(e) = redis_command(&redis, &args, timeout_ms).await {
+                        tracing::debug!(error = %e, "KEEL.SNAPSHOT");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "the published snapshot's meta"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(SNAPSHOT_REPORT_MS)).await;
+    }
 }
 
 /// Keeps this node listed in the stream's `members` metadata.

@@ -142,6 +142,11 @@ pub fn node_uuid(state_dir: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
+/// An RDB with no key: the base of a new history whose Redis is empty.
+/// Version 9 (every supported server reads it); a zero checksum means
+/// "not computed" to the loader.
+const EMPTY_RDB: &[u8] = b"REDIS0009\xff\0\0\0\0\0\0\0\0";
+
 /// `journal_tail`'s replid when the stream ends inside a base RDB whose
 /// writer died (no write can have been acknowledged on such a stream).
 const INCOMPLETE_BASE: &str = "incomplete-base";
@@ -477,6 +482,23 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         }
     }
 
+    if tail.is_none() && !promoted {
+        // A new history. Its base is the local Redis's data; when that is
+        // empty, the base is an empty RDB journaled here, and Redis syncs
+        // it from the journal like any replica (then is promoted): Redis
+        // would fork to give it (a full sync), and a Keel primary never
+        // forks. A Redis that already holds data still gives its own.
+        let keyspace = crate::node::redis_info_section(&cfg.redis, "keyspace", cfg.lease_ms).await?;
+        if !keyspace.lines().any(|l| l.starts_with("db")) {
+            let rdb = Record { kind: Kind::Rdb, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: EMPTY_RDB.to_vec() };
+            last_seq = append_record(&mut session, &cfg.stream, me, &rdb, last_seq, cfg.retry_pause_ms).await?.0;
+            let end = Record { kind: Kind::RdbEnd, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: Vec::new() };
+            last_seq = append_record(&mut session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?.0;
+            tracing::info!(record = last_seq, replid = %redis_replid, offset = redis_offset, "a new history from an empty base; the local Redis syncs it from the journal");
+            return Err(Stop::LostHistory("the new history's base is in the journal; the local Redis loads it as a replica, then leads".into()));
+        }
+        tracing::warn!("a new history whose base is the local Redis's data: Redis forks once to give it");
+    }
     let repl = TcpStream::connect(&cfg.redis).await.map_err(|e| retry(format!("connect {}: {e}", cfg.redis)))?;
     repl.set_nodelay(true).map_err(retry)?;
     // Redis names its replica by this address instead of asking the kernel

@@ -1,5 +1,7 @@
 //! Splits a Redis replication stream (RESP multi-bulk commands) into
 //! commands. Used to read journaled streams back (`keel-sidecar decode`).
+//! Also reads the simple replies (status, error, integer, bulk) of a
+//! private redis-server the snapshotter drives (`parse_reply`).
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed RESP at byte {at}: {what}")]
@@ -57,6 +59,44 @@ pub fn parse_command(b: &[u8]) -> Result<Option<(Vec<Vec<u8>>, usize)>, RespErro
         at = next + len + 2;
     }
     Ok(Some((args, at)))
+}
+
+/// One reply of the kinds a private server's commands answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+}
+
+/// Parses one non-aggregate reply at the start of `b`, like `parse_command`.
+pub fn parse_reply(b: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
+    if b.is_empty() {
+        return Ok(None);
+    }
+    let Some((head, next)) = line(b, 1) else { return Ok(None) };
+    let text = || String::from_utf8_lossy(head).into_owned();
+    match b[0] {
+        b'+' => Ok(Some((Reply::Status(text()), next))),
+        b'-' => Ok(Some((Reply::Error(text()), next))),
+        b':' => {
+            let n = text().parse().map_err(|_| RespError { at: 1, what: "integer is not a number" })?;
+            Ok(Some((Reply::Int(n), next)))
+        }
+        b'$' if head == b"-1" => Ok(Some((Reply::Bulk(None), next))),
+        b'$' => {
+            let len = number(head, 1)?;
+            if b.len() < next + len + 2 {
+                return Ok(None);
+            }
+            if &b[next + len..next + len + 2] != b"\r\n" {
+                return Err(RespError { at: next + len, what: "bulk not followed by CRLF" });
+            }
+            Ok(Some((Reply::Bulk(Some(b[next..next + len].to_vec())), next + len + 2)))
+        }
+        _ => Err(RespError { at: 0, what: "not a status, error, integer or bulk reply" }),
+    }
 }
 
 /// Encodes a command as RESP.

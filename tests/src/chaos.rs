@@ -67,6 +67,12 @@ const MAX_TXN_OPS: usize = 3;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The module's write timeout in the deployment (below CLIENT_TIMEOUT).
 const WRITE_TIMEOUT_MS: u64 = 3000;
+/// Untrimmed journal bytes that make the snapshotter build a snapshot:
+/// small, so snapshots and trims happen during the episodes.
+const SNAPSHOT_EVERY_BYTES: u64 = 64 << 10;
+/// The host whose namespace runs the snapshotter (it is never the one
+/// faulted on purpose; a RestartAll kills it with everything else).
+const SNAPSHOTTER_HOST: &str = "n2";
 
 /// The faults the nemesis knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -184,6 +190,7 @@ pub struct Deployment {
     lease_ms: u64,
     journal: Vec<Option<Child>>,
     nodes: Vec<NodeProcs>,
+    snapshotter: Option<Child>,
 }
 
 impl Deployment {
@@ -197,6 +204,7 @@ impl Deployment {
             lease_ms,
             journal: JOURNAL_HOSTS.iter().map(|_| None).collect(),
             nodes: NODE_HOSTS.iter().map(|_| NodeProcs { redis: None, sidecar: None }).collect(),
+            snapshotter: None,
         };
         for i in 0..JOURNAL_HOSTS.len() {
             d.start_journal(i)?;
@@ -210,7 +218,36 @@ impl Deployment {
             }
         }
         d.wait_healthy(Duration::from_secs(60), NODE_HOSTS.len())?;
+        d.start_snapshotter()?;
         Ok(d)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    /// The snapshotter: snapshots and trims run during the episodes.
+    pub fn start_snapshotter(&mut self) -> Result<(), String> {
+        let log = self.log("snapshotter.log")?;
+        let mut cmd = self.lab.command(SNAPSHOTTER_HOST, bin("keel-sidecar"));
+        cmd.args(["snapshot", "--journal", &self.journal_endpoints(), "--every-bytes", &SNAPSHOT_EVERY_BYTES.to_string()])
+            .args(["--poll-ms", "200", "--store"])
+            .arg(self.store())
+            .arg("--work-dir")
+            .arg(self.dir.join("snapshotter"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        let child = die_with_parent(&mut cmd).spawn().map_err(|e| format!("spawn keel-sidecar snapshot: {e}"))?;
+        self.snapshotter = Some(child);
+        Ok(())
+    }
+
+    /// Snapshots published during the run (from the snapshotter's log).
+    pub fn snapshots_published(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("snapshotter.log"))
+            .map(|l| l.lines().filter(|l| l.contains("snapshot verified and published")).count())
+            .unwrap_or(0)
     }
 
     fn log(&self, name: &str) -> Result<std::fs::File, String> {
@@ -297,6 +334,8 @@ impl Deployment {
         cmd
             .args(["node", "--redis", &format!("{ip}:{REDIS_PORT}"), "--journal", &self.journal_endpoints()])
             .args(["--lease-ms", &self.lease_ms.to_string(), "--sentinel", &format!("{ip}:{SENTINEL_PORT}")])
+            .arg("--store")
+            .arg(self.store())
             .arg("--state-dir")
             .arg(self.dir.join(host).join("sidecar"))
             .stdin(Stdio::null())
@@ -366,6 +405,7 @@ impl Deployment {
     }
 
     pub fn stop_all(&mut self) {
+        kill(&mut self.snapshotter);
         for k in 0..self.nodes.len() {
             self.signal_redis(k, "CONT");
             self.kill_sidecar(k);
@@ -487,6 +527,7 @@ impl Deployment {
                 self.start_redis(k)?;
                 self.start_sidecar(k)?;
             }
+            self.start_snapshotter()?;
             return Ok(());
         }
         for i in d.journal_killed {
@@ -886,6 +927,9 @@ pub struct Summary {
     pub registers: checker::Report,
     pub lost_appends: Vec<checker::LostWrite>,
     pub seconds: f64,
+    /// Snapshots verified and published during the run (each trims the
+    /// journal before it).
+    pub snapshots: usize,
 }
 
 impl Summary {
@@ -902,6 +946,7 @@ impl std::fmt::Display for Summary {
         }
         let worst = self.episodes.iter().map(|e| e.1).max().unwrap_or_default();
         writeln!(f, "slowest recovery after heal: {worst:.1?}")?;
+        writeln!(f, "snapshots published (journal trimmed before each): {}", self.snapshots)?;
         for u in &self.unrecovered {
             writeln!(f, "NOT RECOVERED: {u}")?;
         }
@@ -929,7 +974,10 @@ pub fn run(cfg: &Config) -> Result<Summary, String> {
     for h in NODE_HOSTS {
         let _ = std::fs::remove_dir_all(cfg.dir.join(h));
     }
-    for f in ["list-append.jsonl", "registers.jsonl", "summary.txt"] {
+    for d in ["snapshots", "snapshotter"] {
+        let _ = std::fs::remove_dir_all(cfg.dir.join(d));
+    }
+    for f in ["list-append.jsonl", "registers.jsonl", "summary.txt", "snapshotter.log"] {
         let _ = std::fs::remove_file(cfg.dir.join(f));
     }
     // Absolute: redis-server changes into its --dir before opening its log.
@@ -1019,6 +1067,7 @@ pub fn run(cfg: &Config) -> Result<Summary, String> {
         unrecovered.push("no primary for the final reads".into());
     }
     d.stop_all();
+    let snapshots = d.snapshots_published();
     let la_ops = crate::history::read_history(la.path()).map_err(|e| e.to_string())?;
     let rg_ops = crate::history::read_history(rg.path()).map_err(|e| e.to_string())?;
     let lost_appends = checker::lost_writes(&checker::acked_appends(&la_ops), &final_state);
@@ -1030,6 +1079,7 @@ pub fn run(cfg: &Config) -> Result<Summary, String> {
         registers: checker::check_registers(&rg_ops),
         lost_appends,
         seconds: started.elapsed().as_secs_f64(),
+        snapshots,
     })
 }
 

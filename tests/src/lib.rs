@@ -512,6 +512,8 @@ pub fn spawn_redis(server: Server, port: u16, dir: &Path, module_args: &[String]
     let log = dir.join("redis.log");
     let child = Command::new(server.binary())
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        // DEBUG DIGEST from loopback: tests compare datasets with it.
+        .args(["--enable-debug-command", "local"])
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")
@@ -565,6 +567,8 @@ pub struct KeelNode {
     pub lease_ms: u64,
     pub redis: Option<Child>,
     pub sidecar: Option<Child>,
+    /// The deployment's snapshot store (a directory by default).
+    pub store: String,
 }
 
 impl KeelNode {
@@ -581,6 +585,7 @@ impl KeelNode {
             lease_ms,
             redis: None,
             sidecar: None,
+            store: root.join("snapshots").display().to_string(),
         }
     }
 
@@ -598,7 +603,19 @@ impl KeelNode {
 
     pub fn start_sidecar(&mut self) {
         let lease_ms = self.lease_ms.to_string();
-        let args = ["node", "--redis", &self.addr(), "--journal", &self.journal, "--lease-ms", &lease_ms, "--sentinel", &self.sentinel_addr()];
+        let args = [
+            "node",
+            "--redis",
+            &self.addr(),
+            "--journal",
+            &self.journal,
+            "--lease-ms",
+            &lease_ms,
+            "--sentinel",
+            &self.sentinel_addr(),
+            "--store",
+            &self.store,
+        ];
         self.sidecar = Some(spawn_sidecar(&self.dir, &args));
     }
 

@@ -240,9 +240,11 @@ async fn a_replica_serves_reads_refuses_writes_and_catches_up_by_itself() {
     until(&|| get(&replica, "sidecar-down") == "1");
     let log = std::fs::read_to_string(c.nodes[1].dir.join("sidecar.log")).unwrap();
     assert!(log.contains("continues from its own offset"), "the restarted sidecar made a full resync:\n{log}");
-    // The primary never served a replica: no full sync on it beyond the
-    // sidecar's first attach.
-    assert_eq!(c.nodes[0].info_field("stats", "sync_full").as_deref(), Some("1"));
+    // The primary never served a replica, nor forked: no full sync on it at
+    // all (its sidecar attached by continuation: a new history's empty base
+    // came from the journal).
+    assert_eq!(c.nodes[0].info_field("stats", "sync_full").as_deref(), Some("0"));
+    assert_eq!(c.nodes[0].info_field("stats", "total_forks").as_deref(), Some("0"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! `keel-sidecar`: `node` runs a Keel node beside a redis-server (replica,
-//! candidate, primary); `decode` prints a journaled stream as commands.
+//! candidate, primary); `snapshot` builds, verifies and publishes snapshots
+//! so the journal can trim; `decode` prints a journaled stream as commands.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,9 @@ use keel_sidecar::node::NodeConfig;
 use keel_sidecar::record::Kind;
 use keel_sidecar::record::Record;
 use keel_sidecar::resp::parse_command;
+use keel_sidecar::snapshotter::Cycle;
+use keel_sidecar::snapshotter::Snapshotter;
+use keel_sidecar::snapshotter::SnapshotterConfig;
 
 #[derive(Parser)]
 #[command(name = "keel-sidecar", about = "Keel's sidecar: runs a Keel node beside a redis-server")]
@@ -67,6 +71,44 @@ enum Cmd {
         /// The master name discovery answers for.
         #[arg(long, default_value = "keel")]
         master_name: String,
+        /// The snapshot store (a directory, or s3://bucket/prefix): full
+        /// resyncs after the journal was trimmed start from its snapshots.
+        #[arg(long, env = "KEEL_STORE")]
+        store: Option<String>,
+    },
+    /// Build, verify and publish snapshots of a stream in private
+    /// redis-servers (never on the primary), then trim the journal before
+    /// them. Runs a cycle whenever the journal's untrimmed bytes reach
+    /// --every-bytes; with --once, runs one cycle now and prints its seq.
+    Snapshot {
+        #[arg(long, env = "KEEL_JOURNAL")]
+        journal: String,
+        #[arg(long, default_value = "shard-1")]
+        stream: String,
+        /// A directory, or s3://bucket/prefix (AWS_* variables give the
+        /// endpoint and credentials).
+        #[arg(long, env = "KEEL_STORE")]
+        store: String,
+        /// The server binary of the private servers.
+        #[arg(long, default_value = "redis-server")]
+        redis_server: PathBuf,
+        #[arg(long)]
+        work_dir: PathBuf,
+        #[arg(long, default_value_t = 64 << 20)]
+        every_bytes: u64,
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+        #[arg(long, default_value_t = 600_000)]
+        cycle_timeout_ms: u64,
+        /// Run one cycle now, print the published snapshot's seq, exit.
+        #[arg(long)]
+        once: bool,
+        /// Print the published snapshot's meta (JSON) and exit.
+        #[arg(long, conflicts_with = "once")]
+        show: bool,
+        /// Damage the snapshot after upload (tests of the verification).
+        #[arg(long, hide = true)]
+        fault: Option<keel_sidecar::snapshotter::Fault>,
     },
     /// Print a journaled stream: one line per command (or RDB chunk).
     Decode {
@@ -99,6 +141,7 @@ fn main() -> ExitCode {
             feed_listen,
             sentinel,
             master_name,
+            store,
         } => {
             let primary = PrimaryConfig {
                 redis,
@@ -112,7 +155,14 @@ fn main() -> ExitCode {
                 replconf_ack_ms,
                 retry_pause_ms,
             };
-            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, master_name, poll_ms };
+            let store = match store.as_deref().map(keel_sidecar::snapshot::SnapshotStore::open).transpose() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("keel-sidecar: bad configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, master_name, poll_ms, store };
             if let Err(e) = cfg.validate() {
                 eprintln!("keel-sidecar: bad configuration: {e}");
                 return ExitCode::from(2);
@@ -120,6 +170,50 @@ fn main() -> ExitCode {
             let stop = rt.block_on(keel_sidecar::node::run(cfg));
             eprintln!("keel-sidecar: {stop}");
             ExitCode::from(1)
+        }
+        Cmd::Snapshot { journal, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, once, show, fault } => {
+            let cfg = SnapshotterConfig { journal, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, fault };
+            let s = match Snapshotter::new(cfg) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("keel-sidecar: bad configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if show {
+                return match rt.block_on(s.show()) {
+                    Ok(Some(m)) => {
+                        println!("{}", String::from_utf8_lossy(&m.encode()));
+                        ExitCode::SUCCESS
+                    }
+                    Ok(None) => {
+                        eprintln!("keel-sidecar: no snapshot is published");
+                        ExitCode::from(1)
+                    }
+                    Err(e) => {
+                        eprintln!("keel-sidecar: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
+            if once {
+                return match rt.block_on(s.cycle()) {
+                    Ok(Cycle::Published(m)) => {
+                        println!("{}", m.seq);
+                        ExitCode::SUCCESS
+                    }
+                    Ok(Cycle::NothingNew(m)) => {
+                        eprintln!("keel-sidecar: no record since the published snapshot");
+                        println!("{}", m.map(|m| m.seq).unwrap_or(0));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("keel-sidecar: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
+            rt.block_on(s.run())
         }
         Cmd::Decode { journal, stream } => match rt.block_on(decode(&journal, &stream)) {
             Ok(()) => ExitCode::SUCCESS,
