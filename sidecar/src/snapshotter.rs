@@ -59,6 +59,8 @@ use crate::snapshot::rdb_version;
 const WATCH_MS: u64 = 20;
 /// How long a private server may take to answer its first PING.
 const PRIVATE_START_MS: u64 = 30_000;
+/// Cycles started again when another snapshotter published meanwhile.
+const RACE_ATTEMPTS: usize = 3;
 /// The smallest `every_bytes`: a cycle costs a private server's start.
 pub const MIN_EVERY_BYTES: u64 = 64 << 10;
 /// Largest reply read from a private server (INFO, DEBUG DIGEST).
@@ -233,6 +235,27 @@ impl Snapshotter {
     }
 
     async fn cycle_inner(&self) -> Result<Cycle, String> {
+        // Another snapshotter may publish while this one builds (a cycle on
+        // demand beside the scheduled one): then this cycle is refused
+        // (the tail it read was trimmed, or its compare-and-set fails), and
+        // it starts again from the new snapshot.
+        for attempt in 1..=RACE_ATTEMPTS {
+            let before = self.published().await?.1.map(|p| p.seq);
+            match self.cycle_once().await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    let after = self.published().await.ok().and_then(|p| p.1).map(|p| p.seq);
+                    if after == before || attempt == RACE_ATTEMPTS {
+                        return Err(e);
+                    }
+                    tracing::info!(error = %e, published = ?after, "another snapshot was published during this cycle; starting again from it");
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    async fn cycle_once(&self) -> Result<Cycle, String> {
         let t0 = Instant::now();
         let (prev_raw, prev) = self.published().await?;
         let info = self.journal.stream_info(&self.cfg.stream).await.map_err(|e| format!("stream {}: {e}", self.cfg.stream))?;

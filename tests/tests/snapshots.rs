@@ -260,3 +260,72 @@ async fn snapshots_in_s3_rebuild_a_new_node() {
         unsafe { std::env::remove_var(k) };
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_killed_whole_comes_back_from_its_snapshot_and_tail() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 3, 2, LEASE_MS).await;
+    let store = c.nodes[0].store.clone();
+    let before = tokio::task::block_in_place(|| {
+        write_keys(&c.nodes[0].addr(), 0, 300);
+        let s = snapshot_once(&c, &store, &[]);
+        assert_eq!(first_seq(&c), s);
+        // Acknowledged after the snapshot: only the journal's tail has these.
+        write_keys(&c.nodes[0].addr(), 300, 100);
+        digest(&c.nodes[0].addr())
+    });
+    // kill -9 of every process: Redis keeps nothing (no persistence).
+    for n in c.nodes.iter_mut() {
+        n.kill_sidecar();
+        n.kill_redis();
+    }
+    c.journal.kill_and_restart_all().await;
+    for n in c.nodes.iter_mut() {
+        n.start_redis();
+        n.start_sidecar();
+    }
+    tokio::task::block_in_place(|| {
+        let p = c.wait_new_primary(None, Duration::from_secs(60));
+        c.wait_writable(p, Duration::from_secs(30));
+        let other = 1 - p;
+        c.wait_replica_synced(other, Duration::from_secs(60));
+        // Every acknowledged write, on both nodes (the probe write rewrote
+        // a key with its same value).
+        assert_eq!(digest(&c.nodes[p].addr()), before, "the new primary lost or changed data");
+        wait_same_data(&c.nodes[p].addr(), &c.nodes[other].addr(), Duration::from_secs(30));
+        for n in &c.nodes {
+            assert_eq!(n.info_field("stats", "total_forks").as_deref(), Some("0"), "{} forked", n.name);
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshotters_racing_publish_one_after_the_other() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = KeelCluster::start(Server::Redis, 1, 1, LEASE_MS).await;
+    let store = c.nodes[0].store.clone();
+    tokio::task::block_in_place(|| {
+        write_keys(&c.nodes[0].addr(), 0, 300);
+        let s0 = snapshot_once(&c, &store, &[]);
+        write_keys(&c.nodes[0].addr(), 300, 300);
+        // Two cycles at once, each from its own work dir: both succeed (the
+        // loser starts again from the winner's snapshot) or find nothing new.
+        let run = |name: &str| {
+            let mut cmd = Command::new(bin("keel-sidecar"));
+            cmd.args(["snapshot", "--once", "--journal", &c.journal.endpoints(), "--store", &store, "--work-dir"])
+                .arg(c.journal.dir.path().join(name))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd.spawn().unwrap()
+        };
+        let (a, b) = (run("race-a"), run("race-b"));
+        for child in [a, b] {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "a racing cycle failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let now = published(&c, &store, &[]).unwrap()["seq"].as_u64().unwrap();
+        assert!(now > s0);
+        assert_eq!(first_seq(&c), now);
+    });
+}
