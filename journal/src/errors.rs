@@ -75,6 +75,18 @@ pub fn not_leader_because(why: String) -> Status {
     tagged(Status::unavailable(format!("NOT_LEADER: {why}; retry shortly")), "not-leader")
 }
 
+/// The Raft leader refused an append that would take `stream` over this
+/// node's `--stream-quota-bytes` (nothing was proposed).
+pub fn stream_full(stream: &str, held_bytes: u64, quota_bytes: u64) -> Status {
+    tagged(
+        Status::resource_exhausted(format!(
+            "STREAM_FULL: stream {stream} holds {held_bytes} untrimmed bytes, its quota is {quota_bytes} \
+             (--stream-quota-bytes); take a snapshot so the journal can trim (scripts/cluster snapshot), or raise the quota"
+        )),
+        "stream-full",
+    )
+}
+
 pub fn outcome_unknown(msg: impl Into<String>) -> Status {
     tagged(Status::unavailable(format!("OUTCOME_UNKNOWN: {}", msg.into())), "outcome-unknown")
 }
@@ -143,9 +155,10 @@ pub fn from_outcome(outcome: Outcome) -> Status {
             "seq-mismatch",
         ),
         Outcome::UnknownStream { stream } => unknown_stream(&stream),
-        Outcome::StreamFull { retained_bytes, limit } => tagged(
+        Outcome::StreamFull { stream, retained_bytes, limit } => tagged(
             Status::resource_exhausted(format!(
-                "STREAM_FULL: the stream holds {retained_bytes} untrimmed bytes (limit {limit}); trim it after a snapshot"
+                "STREAM_FULL: stream {stream} holds {retained_bytes} untrimmed bytes, the journal's hard cap is {limit}; \
+                 take a snapshot so the journal can trim (scripts/cluster snapshot)"
             )),
             "stream-full",
         ),
@@ -220,6 +233,8 @@ mod tests {
             not_leader(Some(2), Some("127.0.0.1:7502".into())),
             not_leader(None, None),
             overloaded(10),
+            stream_full("s", 10, 8),
+            from_outcome(Outcome::StreamFull { stream: "s".into(), retained_bytes: 1, limit: 2 }),
             outcome_unknown("lost"),
             from_outcome(Outcome::Fenced { stream: "s".into(), leader: "u-2".into() }),
             from_outcome(Outcome::SeqMismatch { last_seq: 7 }),

@@ -9,6 +9,12 @@
 //! leader change, node shutting down) is answered `outcome-unknown`, never as
 //! success or as a clean failure.
 //!
+//! Admission: an append that would take its stream's untrimmed bytes (plus
+//! appends admitted and not yet answered) over `--stream-quota-bytes` is
+//! refused `stream-full` before it is proposed (`streams::admit_append`).
+//! Only the Raft leader proposes, so its flag is the one that counts; `apply`
+//! keeps a fixed last-resort cap, the same on every node.
+//!
 //! Reads (`Read`, `GetMeta`, `StreamInfo`) are linearizable: served by the
 //! Raft leader after a ReadIndex round (`linearize`), so a read sees every
 //! write acknowledged before it began. Followers answer `not-leader`.
@@ -46,6 +52,8 @@ use crate::network::decode;
 use crate::network::encode;
 use crate::state_machine::StateMachineStore;
 use crate::streams::MAX_APPEND_BYTES;
+use crate::streams::MAX_RETAINED_BYTES_PER_STREAM;
+use crate::streams::admit_append;
 use crate::streams::validate;
 use crate::types::Command;
 use crate::types::NodeId;
@@ -76,7 +84,13 @@ pub struct ServeConfig {
     pub read_batch_records: usize,
     /// Bytes per `Read` response message.
     pub read_batch_bytes: usize,
+    /// Untrimmed bytes a stream may hold before this node, as Raft leader,
+    /// refuses appends to it (`stream-full`).
+    pub stream_quota_bytes: u64,
 }
+
+/// `--stream-quota-bytes` unless given.
+pub const DEFAULT_STREAM_QUOTA_BYTES: u64 = 1 << 30;
 
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
@@ -108,6 +122,13 @@ impl ServeConfig {
         }
         if self.read_batch_records == 0 || self.read_batch_bytes == 0 {
             return Err("read batch bounds must be positive".into());
+        }
+        if self.stream_quota_bytes < MAX_APPEND_BYTES as u64 || self.stream_quota_bytes > MAX_RETAINED_BYTES_PER_STREAM {
+            return Err(format!(
+                "--stream-quota-bytes {} is out of range {MAX_APPEND_BYTES}..={MAX_RETAINED_BYTES_PER_STREAM} \
+                 (at least one largest append, at most the journal's hard cap per stream)",
+                self.stream_quota_bytes
+            ));
         }
         Ok(())
     }
@@ -158,6 +179,15 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 
     let (proposals, queue) = mpsc::channel(MAX_QUEUED_PROPOSALS);
     tokio::spawn(run_proposer(raft.clone(), queue));
+    let proposals = Submitter {
+        proposals,
+        write_timeout_ms: cfg.write_timeout_ms,
+        sm: sm.clone(),
+        raft: raft.clone(),
+        node_id: cfg.node_id,
+        stream_quota_bytes: cfg.stream_quota_bytes,
+        in_flight: Arc::default(),
+    };
     let (recovered_tx, recovered) = watch::channel(false);
     tokio::spawn(recover(raft.clone(), recovered_tx));
     let node = Arc::new(Node { cfg: cfg.clone(), raft: raft.clone(), sm, proposals, recovered });
@@ -259,7 +289,7 @@ struct Node {
     cfg: ServeConfig,
     raft: Raft,
     sm: StateMachineStore,
-    proposals: mpsc::Sender<Proposal>,
+    proposals: Submitter,
     /// Becomes true once the state machine holds everything this node's
     /// durable log may have acknowledged before a restart (see `recover`).
     recovered: watch::Receiver<bool>,
@@ -288,27 +318,86 @@ fn payload_bytes(cmd: &Command) -> usize {
     }
 }
 
-/// Queues `cmd` for proposal now (so commands submitted one after another
-/// are proposed in that order) and returns what waits for its outcome:
-/// committed within `write_timeout_ms`, or `outcome-unknown`.
-fn submit(
-    proposals: &mpsc::Sender<Proposal>,
+/// Where commands enter: validation, admission control, the proposal queue.
+#[derive(Clone)]
+struct Submitter {
+    proposals: mpsc::Sender<Proposal>,
     write_timeout_ms: u64,
-    cmd: Command,
-) -> Result<impl std::future::Future<Output = Result<Outcome, Status>> + Send + 'static, Status> {
-    validate(&cmd).map_err(errors::invalid)?;
-    let what = cmd.to_string();
-    let (tx, rx) = oneshot::channel();
-    proposals.try_send(Proposal { cmd, reply: tx }).map_err(|_| errors::overloaded(MAX_QUEUED_PROPOSALS))?;
-    Ok(async move {
-        match tokio::time::timeout(Duration::from_millis(write_timeout_ms), rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(errors::outcome_unknown(format!("{what}: the proposal was dropped; it may or may not be applied"))),
-            Err(_) => Err(errors::outcome_unknown(format!(
-                "{what} was proposed but not committed within {write_timeout_ms} ms; it may or may not be applied"
-            ))),
+    sm: StateMachineStore,
+    raft: Raft,
+    node_id: NodeId,
+    stream_quota_bytes: u64,
+    /// Payload bytes of appends admitted per stream and not answered yet:
+    /// they count against the quota until their outcome is known (by then
+    /// the applied state holds them, or they failed).
+    in_flight: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+}
+
+/// Releases an admitted append's bytes from `Submitter::in_flight`.
+struct Admitted {
+    in_flight: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    stream: String,
+    bytes: u64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut m = self.in_flight.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.stream) {
+            *n -= self.bytes;
+            if *n == 0 {
+                m.remove(&self.stream);
+            }
         }
-    })
+    }
+}
+
+impl Submitter {
+    /// Admits an append against the stream's quota. Only the Raft leader
+    /// decides: elsewhere the proposal is answered `not-leader` anyway. An
+    /// unknown stream is left to `apply` (`unknown-stream`).
+    fn admit(&self, cmd: &Command) -> Result<Option<Admitted>, Status> {
+        let Command::Append { stream, records, .. } = cmd else { return Ok(None) };
+        if self.raft.metrics().borrow_watched().current_leader != Some(self.node_id) {
+            return Ok(None);
+        }
+        let add: u64 = records.iter().map(|r| r.len() as u64).sum();
+        let Some(retained) = self.sm.with_streams(|s| s.streams.get(stream).map(|st| st.retained_bytes)) else {
+            return Ok(None);
+        };
+        let mut in_flight = self.in_flight.lock().unwrap();
+        let pending = in_flight.get(stream).copied().unwrap_or(0);
+        admit_append(retained, pending, add, self.stream_quota_bytes)
+            .map_err(|held| errors::stream_full(stream, held, self.stream_quota_bytes))?;
+        *in_flight.entry(stream.clone()).or_default() += add;
+        Ok(Some(Admitted { in_flight: self.in_flight.clone(), stream: stream.clone(), bytes: add }))
+    }
+
+    /// Queues `cmd` for proposal now (so commands submitted one after
+    /// another are proposed in that order) and returns what waits for its
+    /// outcome: committed within `write_timeout_ms`, or `outcome-unknown`.
+    fn submit(
+        &self,
+        cmd: Command,
+    ) -> Result<impl std::future::Future<Output = Result<Outcome, Status>> + Send + 'static, Status> {
+        validate(&cmd).map_err(errors::invalid)?;
+        let admitted = self.admit(&cmd)?;
+        let what = cmd.to_string();
+        let write_timeout_ms = self.write_timeout_ms;
+        let (tx, rx) = oneshot::channel();
+        self.proposals.try_send(Proposal { cmd, reply: tx }).map_err(|_| errors::overloaded(MAX_QUEUED_PROPOSALS))?;
+        Ok(async move {
+            let result = match tokio::time::timeout(Duration::from_millis(write_timeout_ms), rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(errors::outcome_unknown(format!("{what}: the proposal was dropped; it may or may not be applied"))),
+                Err(_) => Err(errors::outcome_unknown(format!(
+                    "{what} was proposed but not committed within {write_timeout_ms} ms; it may or may not be applied"
+                ))),
+            };
+            drop(admitted);
+            result
+        })
+    }
 }
 
 /// Most appends of one `AppendStream` awaiting their outcome; past this the
@@ -340,8 +429,7 @@ fn append_reply(result: Result<Outcome, Status>) -> pb::AppendStreamReply {
 /// `MAX_STREAM_APPENDS_IN_FLIGHT` wait at once. The stream ends when the
 /// writer ends it (after the last answers) or goes away.
 async fn serve_append_stream(
-    proposals: mpsc::Sender<Proposal>,
-    write_timeout_ms: u64,
+    proposals: Submitter,
     mut inbound: tonic::Streaming<pb::AppendRequest>,
     out: mpsc::Sender<Result<pb::AppendStreamReply, Status>>,
 ) {
@@ -357,7 +445,7 @@ async fn serve_append_stream(
                 }
             }
             m = inbound.message(), if reading && waiting.len() < MAX_STREAM_APPENDS_IN_FLIGHT => match m {
-                Ok(Some(req)) => match submit(&proposals, write_timeout_ms, append_command(req)) {
+                Ok(Some(req)) => match proposals.submit(append_command(req)) {
                     Ok(outcome) => waiting.push_back(Box::pin(outcome)),
                     Err(status) => waiting.push_back(Box::pin(std::future::ready(Err(status)))),
                 },
@@ -448,7 +536,7 @@ impl Node {
     }
 
     async fn propose(&self, cmd: Command) -> Result<Outcome, Status> {
-        submit(&self.proposals, self.cfg.write_timeout_ms, cmd)?.await
+        self.proposals.submit(cmd)?.await
     }
 
     /// Waits until this node, as Raft leader confirmed by a quorum, has
@@ -498,7 +586,7 @@ impl Journal for Node {
         req: Request<tonic::Streaming<pb::AppendRequest>>,
     ) -> Result<Response<AppendReplies>, Status> {
         let (out, replies) = mpsc::channel(MAX_STREAM_APPENDS_IN_FLIGHT);
-        tokio::spawn(serve_append_stream(self.proposals.clone(), self.cfg.write_timeout_ms, req.into_inner(), out));
+        tokio::spawn(serve_append_stream(self.proposals.clone(), req.into_inner(), out));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(replies))))
     }
 

@@ -35,9 +35,11 @@ pub const MAX_NAME_BYTES: usize = 256;
 pub const MAX_META_VALUE_BYTES: usize = 64 << 10;
 /// Most meta keys per stream.
 pub const MAX_META_KEYS: usize = 256;
-/// Untrimmed payload a stream may hold before appends are refused; the
-/// journal keeps records in memory, so this bounds its memory per stream.
-pub const MAX_RETAINED_BYTES_PER_STREAM: u64 = 1 << 30;
+/// Last-resort cap on a stream's untrimmed payload, decided in `apply` (the
+/// same on every node whatever its flags). The room users meet first is the
+/// per-node `--stream-quota-bytes`, checked by the Raft leader before it
+/// proposes an append (`admit_append`); it may not exceed this.
+pub const MAX_RETAINED_BYTES_PER_STREAM: u64 = 64 << 30;
 /// Lease length given by `SetLeader` when the stream never had a lease.
 pub const DEFAULT_LEASE_MS: u64 = 1_000;
 /// Longest lease a candidate may ask for.
@@ -170,6 +172,21 @@ pub fn validate(cmd: &Command) -> Result<(), String> {
     Ok(())
 }
 
+/// Admission control for an append of `add` bytes to a stream holding
+/// `retained_bytes` untrimmed bytes, with `in_flight_bytes` of earlier appends
+/// admitted but not applied yet: refused (with what the stream holds,
+/// counting those in flight) when the total would exceed `quota_bytes`.
+///
+/// Decided by the Raft leader before proposing, never in `apply`: the quota
+/// is a per-node flag, and nodes with different flags must apply the same.
+pub fn admit_append(retained_bytes: u64, in_flight_bytes: u64, add: u64, quota_bytes: u64) -> Result<(), u64> {
+    let held = retained_bytes.saturating_add(in_flight_bytes);
+    if held.saturating_add(add) > quota_bytes {
+        return Err(held);
+    }
+    Ok(())
+}
+
 fn show(bytes: Option<&Payload>) -> String {
     match bytes {
         None => "<absent>".into(),
@@ -201,7 +218,11 @@ impl Streams {
                 }
                 let add: u64 = records.iter().map(|r| r.len() as u64).sum();
                 if s.retained_bytes + add > MAX_RETAINED_BYTES_PER_STREAM {
-                    return Outcome::StreamFull { retained_bytes: s.retained_bytes, limit: MAX_RETAINED_BYTES_PER_STREAM };
+                    return Outcome::StreamFull {
+                        stream: stream.clone(),
+                        retained_bytes: s.retained_bytes,
+                        limit: MAX_RETAINED_BYTES_PER_STREAM,
+                    };
                 }
                 for r in records {
                     s.records.push_back(r.clone());
@@ -487,6 +508,16 @@ mod tests {
         assert!(s.records_from(0, 10, 100).is_empty());
     }
 
+    #[test]
+    fn admission_refuses_what_would_pass_the_quota() {
+        assert_eq!(admit_append(0, 0, 100, 100), Ok(()));
+        assert_eq!(admit_append(0, 0, 101, 100), Err(0));
+        assert_eq!(admit_append(60, 0, 40, 100), Ok(()));
+        assert_eq!(admit_append(60, 30, 20, 100), Err(90), "appends in flight count");
+        assert_eq!(admit_append(100, 0, 1, 100), Err(100));
+        assert_eq!(admit_append(u64::MAX - 1, 1, 1, u64::MAX - 1), Err(u64::MAX), "no overflow");
+    }
+
     mod prop {
         use proptest::prelude::*;
 
@@ -511,6 +542,23 @@ mod tests {
         }
 
         proptest! {
+            /// Whatever the order, admitted appends never take a stream over
+            /// its quota, and an append that fits is admitted.
+            #[test]
+            fn admission_keeps_the_stream_under_quota(quota in 0u64..10_000, adds in proptest::collection::vec(0u64..3_000, 0..40)) {
+                let mut held = 0u64;
+                for add in adds {
+                    match admit_append(held, 0, add, quota) {
+                        Ok(()) => held += add,
+                        Err(h) => {
+                            prop_assert_eq!(h, held);
+                            prop_assert!(held + add > quota);
+                        }
+                    }
+                    prop_assert!(held <= quota);
+                }
+            }
+
             #[test]
             fn invariants_hold_under_any_command_sequence(cmds in proptest::collection::vec(any_cmd(), 0..60)) {
                 let mut st = Streams::default();

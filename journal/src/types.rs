@@ -105,8 +105,9 @@ pub enum Outcome {
     /// `expect_last_seq` did not match.
     SeqMismatch { last_seq: u64 },
     UnknownStream { stream: String },
-    /// The stream holds too many untrimmed bytes.
-    StreamFull { retained_bytes: u64, limit: u64 },
+    /// The stream would pass the journal's last-resort cap on untrimmed
+    /// bytes (`streams::MAX_RETAINED_BYTES_PER_STREAM`).
+    StreamFull { stream: String, retained_bytes: u64, limit: u64 },
     Invalid { reason: String },
     /// One outcome per command of a `Command::Batch`, in order.
     Batch(Vec<Outcome>),

@@ -524,3 +524,51 @@ async fn follow_read_tails_new_records() {
     let seen = tokio::time::timeout(Duration::from_secs(10), tail).await.expect("tail returned").unwrap();
     assert_eq!(seen, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
 }
+
+/// A stream's quota is admission control at the Raft leader: an append that
+/// would take the stream over `--stream-quota-bytes` is refused stream-full
+/// with what to do, nothing is applied, and appends are accepted again once
+/// a trim made room. A bad quota is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_quota_refuses_appends_until_a_trim() {
+    /// The smallest quota the journal accepts: one largest append.
+    const QUOTA: usize = keel_journal::streams::MAX_APPEND_BYTES;
+    const RECORD: usize = QUOTA / 4;
+    let quota = QUOTA.to_string();
+    let c = JournalCluster::start_with(1, &["--stream-quota-bytes", &quota]).await;
+    let client = c.client();
+    let a = new_uuid();
+    client.set_leader(S, &a, "").await.unwrap();
+    let record = |b: u8| vec![vec![b; RECORD / 2], vec![b; RECORD / 2]];
+    for i in 1..=4u8 {
+        assert_eq!(client.append(S, &a, record(i), None).await.unwrap(), u64::from(i) * 2);
+    }
+    let e = client.append(S, &a, vec![b"one byte too many".to_vec()], None).await.unwrap_err();
+    assert_eq!(e.kind(), "stream-full", "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("stream {S} holds {QUOTA} untrimmed bytes, its quota is {QUOTA}")), "{msg}");
+    assert!(msg.contains("--stream-quota-bytes") && msg.contains("snapshot"), "{msg}");
+    // Streamed appends are refused alike.
+    let mut session = AppendSession::new(std::sync::Arc::new(c.client()));
+    let e = session.append(S, &a, vec![b"x".to_vec()], None).await.unwrap_err();
+    assert_eq!(e.kind(), "stream-full", "{e}");
+    let info = client.stream_info(S).await.unwrap();
+    assert_eq!((info.last_seq, info.bytes), (8, QUOTA as u64), "nothing of the refused appends was applied");
+
+    // A trim makes room for exactly what it dropped.
+    assert_eq!(client.trim(S, 2).await.unwrap(), 3);
+    assert_eq!(client.append(S, &a, record(5), None).await.unwrap(), 10);
+    assert_eq!(session.append(S, &a, vec![b"x".to_vec()], None).await.unwrap_err().kind(), "stream-full");
+    let got = read_all(&client, S).await;
+    assert_eq!(got.first().map(|r| r.0), Some(3));
+    assert_eq!(got.last().map(|r| (r.0, r.1[0])), Some((10, 5)));
+
+    // A quota below one largest append is refused at start, naming the flag.
+    let out = Command::new(bin("keel-journal"))
+        .args(["serve", "--node-id", "1", "--listen", "127.0.0.1:1", "--data", "/tmp/x", "--peers", "1=127.0.0.1:1"])
+        .args(["--stream-quota-bytes", "1000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--stream-quota-bytes 1000 is out of range"), "{:?}", out);
+}

@@ -103,6 +103,10 @@ struct ServeArgs {
     read_batch_records: usize,
     #[arg(long, default_value_t = 1 << 20)]
     read_batch_bytes: usize,
+    /// Untrimmed bytes a stream may hold before appends to it are refused
+    /// (stream-full) until a snapshot lets the journal trim it.
+    #[arg(long, default_value_t = keel_journal::server::DEFAULT_STREAM_QUOTA_BYTES)]
+    stream_quota_bytes: u64,
 }
 
 #[derive(Subcommand)]
@@ -229,6 +233,7 @@ fn main() -> ExitCode {
                 write_timeout_ms: a.write_timeout_ms,
                 read_batch_records: a.read_batch_records,
                 read_batch_bytes: a.read_batch_bytes,
+                stream_quota_bytes: a.stream_quota_bytes,
             };
             if let Err(e) = cfg.validate() {
                 eprintln!("keel-journal: bad configuration: {e}");
