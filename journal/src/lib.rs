@@ -5,6 +5,7 @@
 pub mod client;
 pub mod errors;
 pub mod raft_log_store;
+pub mod records;
 pub mod network;
 pub mod server;
 pub mod state_machine;

@@ -10,8 +10,12 @@
 //! An entry-less request (the commit notice openraft sends after each entry,
 //! a heartbeat) waits up to 2 ms for the next request to carry it (`Rides`).
 //! Transport failures become `Unreachable` (openraft backs off and retries);
-//! a remote error is reported as-is. Snapshots are sent whole in one message,
-//! bounded by `MAX_RAFT_MESSAGE_BYTES`.
+//! a remote error is reported as-is. A snapshot is sent as a run of
+//! `InstallSnapshot` calls, each carrying the next `SNAPSHOT_CHUNK_BYTES` of
+//! its byte stream (`SnapshotChunk`, read from the leader's record files);
+//! the follower stages them on disk and installs on the last one, so neither
+//! side holds more than a chunk in memory. Any failure ends the transfer and
+//! openraft starts a new one (from offset 0).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -46,6 +50,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
+use crate::records::SnapshotData;
 use crate::types::LogId;
 use crate::types::NodeId;
 use crate::types::TypeConfig;
@@ -63,14 +68,23 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
     rmp_serde::from_slice(b).map_err(|e| format!("decode: {e}"))
 }
 
-/// The snapshot as sent to a follower.
+/// Bytes of a snapshot's stream per `InstallSnapshot` call.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
+
+/// One piece of a snapshot sent to a follower: `data` is the snapshot's
+/// byte stream at `offset`; `done` marks the last piece.
 #[derive(serde::Serialize, serde::Deserialize)]
-pub struct SnapshotMessage {
+pub struct SnapshotChunk {
     pub vote: VoteOf<TypeConfig>,
     pub meta: openraft::alias::SnapshotMetaOf<TypeConfig>,
+    pub offset: u64,
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    pub done: bool,
 }
+
+/// The follower's answer to a chunk: `None` until the last one.
+pub type SnapshotChunkReply = Result<Option<SnapshotResponse<TypeConfig>>, String>;
 
 /// Makes one client per peer.
 #[derive(Clone, Default)]
@@ -240,7 +254,7 @@ fn answers(reply: StreamAppendResult<TypeConfig>, carried: &[Option<LogId>]) -> 
 }
 
 impl RaftNetworkV2<TypeConfig> for Peer {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     fn stream_append<'s, S>(&'s mut self, input: S, option: RPCOption) -> StreamAppendFuture<'s>
     where
@@ -343,16 +357,57 @@ impl RaftNetworkV2<TypeConfig> for Peer {
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<TypeConfig>,
-        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
-        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let msg = SnapshotMessage { vote, meta: snapshot.meta, data: snapshot.snapshot };
-        // A snapshot can be large: allow it the hard TTL, not the soft one.
-        self.call("snapshot", &msg, option.hard_ttl()).await.map_err(|e| match e {
-            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
-            other => StreamingError::Unreachable(Unreachable::new(&Msg(other.to_string()))),
-        })
+        let target = self.target;
+        let total = snapshot.snapshot.len();
+        let mut reader = Some(snapshot.snapshot.reader());
+        let mut offset = 0u64;
+        let mut cancel = std::pin::pin!(cancel);
+        let started = Instant::now();
+        loop {
+            // Read the next chunk off the runtime's thread: it may hit disk.
+            let mut r = reader.take().expect("the reader is back after each chunk");
+            let (r, data) = tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut buf = Vec::with_capacity(SNAPSHOT_CHUNK_BYTES);
+                let got = (&mut r).take(SNAPSHOT_CHUNK_BYTES as u64).read_to_end(&mut buf).map(|_| buf);
+                (r, got)
+            })
+            .await
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&Msg(format!("snapshot reader: {e}")))))?;
+            reader = Some(r);
+            let data = data.map_err(|e| StreamingError::Unreachable(Unreachable::new(&Msg(format!("reading the snapshot to send: {e}")))))?;
+            let n = data.len() as u64;
+            let done = offset + n >= total;
+            let chunk = SnapshotChunk { vote: vote.clone(), meta: snapshot.meta.clone(), offset, data, done };
+            // A chunk may take long (the last one installs): allow each the hard TTL.
+            let call = self.call::<_, Option<SnapshotResponse<TypeConfig>>>("snapshot", &chunk, option.hard_ttl());
+            let reply = tokio::select! {
+                closed = &mut cancel => {
+                    return Err(StreamingError::Closed(closed));
+                }
+                r = call => r,
+            };
+            let reply = reply.map_err(|e| match e {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                other => StreamingError::Unreachable(Unreachable::new(&Msg(other.to_string()))),
+            })?;
+            offset += n;
+            match (reply, done) {
+                (Some(resp), true) => {
+                    tracing::info!(target_node = target, bytes = total, secs = started.elapsed().as_secs_f64(), "snapshot sent");
+                    return Ok(resp);
+                }
+                (None, false) => {}
+                (_, _) => {
+                    let e = format!("journal node {target} answered snapshot chunk at {offset} out of turn");
+                    return Err(StreamingError::Unreachable(Unreachable::new(&Msg(e))));
+                }
+            }
+        }
     }
 }
 
@@ -369,7 +424,7 @@ mod tests {
         fn raft_message_decoders_never_panic(junk in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode::<AppendEntriesRequest<TypeConfig>>(&junk);
             let _ = decode::<VoteRequest<TypeConfig>>(&junk);
-            let _ = decode::<SnapshotMessage>(&junk);
+            let _ = decode::<SnapshotChunk>(&junk);
             let _ = decode::<Result<VoteResponse<TypeConfig>, String>>(&junk);
             let _ = decode::<StreamReply>(&junk);
         }
@@ -383,7 +438,7 @@ mod tests {
     /// `last` (none if `last == prev`), with commit index `commit`.
     fn req(prev: u64, last: u64, commit: u64) -> AppendEntriesRequest<TypeConfig> {
         let entries = (prev + 1..=last)
-            .map(|i| <crate::types::Entry as openraft::entry::RaftEntry>::new_normal(log_id(i), crate::types::Command::Trim { stream: "s".into(), upto_seq: i }))
+            .map(|i| <crate::types::Entry as openraft::entry::RaftEntry>::new_normal(log_id(i), crate::types::Command::Trim { stream: "s".into(), upto_seq: i, upto_bytes: None }))
             .collect();
         AppendEntriesRequest {
             vote: openraft::impls::Vote::new_committed(2, 1),

@@ -45,6 +45,17 @@ use crate::types::LogId;
 use crate::types::TypeConfig;
 use crate::types::Vote;
 
+/// Bytes of recent entries raft-log keeps in memory (its default, 1 GB,
+/// would hold every record of a full stream twice over). raft-log evicts
+/// only entries of closed WAL chunks, so its cache holds up to this plus one
+/// `WAL_CHUNK_BYTES` chunk.
+pub const LOG_CACHE_BYTES: usize = 16 << 20;
+/// Size at which raft-log closes a WAL file and starts the next; purged
+/// entries free disk (and cache) a whole chunk at a time.
+pub const WAL_CHUNK_BYTES: usize = 16 << 20;
+/// Entries raft-log keeps in memory at most.
+pub const LOG_CACHE_ENTRIES: usize = 4096;
+
 /// Largest encoded log id, vote or entry the decoder accepts.
 const MAX_FRAME_BYTES: u32 = 256 << 20;
 
@@ -179,6 +190,9 @@ impl LogStore {
         let dir_str = dir.to_str().ok_or_else(|| bad_data(format!("{} is not UTF-8", dir.display())))?;
         let mut config = raft_log::Config::new(dir_str);
         config.wal.flush_batch_wait = Some(flush_wait);
+        config.log_cache_capacity = Some(LOG_CACHE_BYTES);
+        config.wal.chunk_max_size = Some(WAL_CHUNK_BYTES);
+        config.log_cache_max_items = Some(LOG_CACHE_ENTRIES);
         let log = RaftLog::open(Arc::new(config))
             .map_err(|e| io::Error::new(e.kind(), format!("opening the Raft log in {}: {e}", dir.display())))?;
         Ok(LogStore { log: Arc::new(Mutex::new(log)) })
@@ -328,7 +342,7 @@ mod tests {
     fn entry(term: u64, index: u64) -> Entry {
         Entry::new_normal(
             log_id(term, index),
-            Command::Trim { stream: format!("s{index}"), upto_seq: index },
+            Command::Trim { stream: format!("s{index}"), upto_seq: index, upto_bytes: None },
         )
     }
 

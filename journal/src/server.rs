@@ -47,7 +47,9 @@ use crate::errors;
 use crate::raft_log_store::LogStore;
 use crate::network::MAX_RAFT_MESSAGE_BYTES;
 use crate::network::Network;
-use crate::network::SnapshotMessage;
+use crate::network::SnapshotChunk;
+use crate::network::SnapshotChunkReply;
+use crate::records::SnapshotData;
 use crate::network::decode;
 use crate::network::encode;
 use crate::state_machine::StateMachineStore;
@@ -134,6 +136,11 @@ impl ServeConfig {
     }
 }
 
+/// Raft entries per AppendEntries message. Each entry is one batch of
+/// commands (`MAX_BATCH_BYTES`, or one larger append up to
+/// `MAX_APPEND_BYTES`), so this bounds what one message holds in memory.
+const MAX_ENTRIES_PER_APPEND_ENTRIES: u64 = 8;
+
 /// Longest group-commit window accepted.
 pub const MAX_FLUSH_WAIT_US: u64 = 10_000;
 
@@ -172,6 +179,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
         max_in_snapshot_log_to_keep: cfg.keep_log_entries,
         install_snapshot_timeout: 30_000,
+        max_payload_entries: MAX_ENTRIES_PER_APPEND_ENTRIES,
         ..Default::default()
     }
     .validate()?;
@@ -194,7 +202,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let journal = JournalServer::from_arc(node.clone())
         .max_decoding_message_size(MAX_APPEND_BYTES * 2)
         .max_encoding_message_size(MAX_APPEND_BYTES * 2);
-    let raft_svc = RaftServer::new(RaftTransport { raft: raft.clone() })
+    let raft_svc = RaftServer::new(RaftTransport { raft: raft.clone(), sm: node.sm.clone() })
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
 
@@ -642,10 +650,14 @@ impl Journal for Node {
         tokio::spawn(async move {
             let mut applied = sm.subscribe();
             loop {
-                let batch = sm.with_streams(|s| match s.streams.get(&r.stream) {
+                let batch = sm.with_records(|s, records| match s.streams.get(&r.stream) {
                     None => Err(errors::unknown_stream(&r.stream)),
                     Some(st) if next < st.first_seq => Err(errors::trimmed(&r.stream, next, st.first_seq)),
-                    Some(st) => Ok(st.records_from(next, max_records, max_bytes)),
+                    Some(st) if next > st.last_seq => Ok(Vec::new()),
+                    Some(st) => records.read(st.id, next, st.last_seq, max_records, max_bytes).map_err(|e| {
+                        tracing::error!(stream = %r.stream, from_seq = next, error = %e, "cannot read records");
+                        Status::internal(format!("reading {} from seq {next}: {e}", r.stream))
+                    }),
                 });
                 match batch {
                     Err(status) => {
@@ -679,7 +691,20 @@ impl Journal for Node {
 
     async fn trim(&self, req: Request<pb::TrimRequest>) -> Result<Response<pb::TrimResponse>, Status> {
         let r = req.into_inner();
-        match self.propose(Command::Trim { stream: r.stream, upto_seq: r.upto_seq }).await? {
+        // Stamp the bytes the trim drops, read from this node's record store
+        // once it has applied everything committed (the count for a given seq
+        // never changes, so any later apply agrees).
+        self.linearize().await?;
+        let upto_bytes = self.sm.with_records(|s, records| match s.streams.get(&r.stream) {
+            Some(st) if r.upto_seq >= st.first_seq && r.upto_seq <= st.last_seq => {
+                records.bytes_through(st.id, r.upto_seq).map(Some).map_err(|e| {
+                    tracing::error!(stream = %r.stream, upto_seq = r.upto_seq, error = %e, "cannot read the record store");
+                    Status::internal(format!("reading {} at seq {}: {e}", r.stream, r.upto_seq))
+                })
+            }
+            _ => Ok(None),
+        })?;
+        match self.propose(Command::Trim { stream: r.stream, upto_seq: r.upto_seq, upto_bytes }).await? {
             Outcome::Trimmed { first_seq } => Ok(Response::new(pb::TrimResponse { first_seq })),
             other => Err(errors::from_outcome(other)),
         }
@@ -767,6 +792,7 @@ fn lease_reply(outcome: Outcome) -> Result<Response<pb::LeaseResponse>, Status> 
 /// Receives openraft's messages from peers.
 struct RaftTransport {
     raft: Raft,
+    sm: StateMachineStore,
 }
 
 fn raft_reply<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
@@ -815,12 +841,18 @@ impl keel_proto::journal::raft_server::Raft for RaftTransport {
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        let msg: SnapshotMessage = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
-        let snapshot = openraft::alias::SnapshotOf::<crate::types::TypeConfig, Vec<u8>> {
-            meta: msg.meta,
-            snapshot: msg.data,
+        let chunk: SnapshotChunk = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
+        let reply: SnapshotChunkReply = match self.sm.stage_chunk(&chunk.meta, chunk.offset, chunk.data, chunk.done).await {
+            Err(e) => {
+                tracing::warn!(offset = chunk.offset, error = %e, "refused a snapshot chunk");
+                Err(format!("staging snapshot chunk at {}: {e}", chunk.offset))
+            }
+            Ok(None) => Ok(None),
+            Ok(Some(data)) => {
+                let snapshot = openraft::alias::SnapshotOf::<crate::types::TypeConfig, SnapshotData> { meta: chunk.meta, snapshot: data };
+                self.raft.install_full_snapshot(chunk.vote, snapshot).await.map(Some).map_err(|e| e.to_string())
+            }
         };
-        let res = self.raft.install_full_snapshot(msg.vote, snapshot).await.map_err(|e| e.to_string());
-        raft_reply(&res)
+        raft_reply(&reply)
     }
 }

@@ -53,9 +53,13 @@ pub enum Command {
         uuid: String,
         stamp_unix_ms: u64,
     },
+    /// Drops seqs `..=upto_seq`. `upto_bytes` is the payload bytes of seqs
+    /// `1..=upto_seq`, stamped by the Raft leader from its record store
+    /// (`None` when nothing is to be dropped), so `apply` stays pure.
     Trim {
         stream: String,
         upto_seq: u64,
+        upto_bytes: Option<u64>,
     },
     CasMeta {
         stream: String,
@@ -75,7 +79,7 @@ impl std::fmt::Display for Command {
             Command::SetLeader { stream, new, .. } => write!(f, "set_leader({stream}, {new})"),
             Command::TakeLease { stream, candidate, .. } => write!(f, "take_lease({stream}, {candidate})"),
             Command::RenewLease { stream, uuid, .. } => write!(f, "renew_lease({stream}, {uuid})"),
-            Command::Trim { stream, upto_seq } => write!(f, "trim({stream}, {upto_seq})"),
+            Command::Trim { stream, upto_seq, .. } => write!(f, "trim({stream}, {upto_seq})"),
             Command::CasMeta { stream, key, .. } => write!(f, "cas_meta({stream}, {key})"),
             Command::Batch(cmds) => write!(f, "batch({} commands)", cmds.len()),
         }
