@@ -142,6 +142,10 @@ pub fn node_uuid(state_dir: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
+/// How often an append refused for lack of room (`stream-full`) is tried
+/// again.
+const STREAM_FULL_RETRY_MS: u64 = 100;
+
 /// An RDB with no key: the base of a new history whose Redis is empty.
 /// Version 9 (every supported server reads it); a zero checksum means
 /// "not computed" to the loader.
@@ -900,9 +904,15 @@ async fn append_records(
     let last = recs.last().expect("an append carries a record");
     let all: Vec<Vec<u8>> = recs.iter().map(Record::encode).collect();
     let bytes = &all[0];
+    let mut full_since: Option<Instant> = None;
     loop {
         match session.append(stream, me, all.clone(), Some(after_seq)).await {
-            Ok(seq) => return Ok((seq, last.end)),
+            Ok(seq) => {
+                if let Some(t) = full_since {
+                    tracing::info!(waited_ms = t.elapsed().as_millis() as u64, "the journal stream has room again");
+                }
+                return Ok((seq, last.end));
+            }
             Err(JournalError::Fenced { message, .. }) => return Err(Stop::Fenced(message)),
             Err(e @ JournalError::Rejected { .. }) if e.kind() == "seq-mismatch" => {
                 // An earlier attempt whose outcome was unknown may have landed.
@@ -921,6 +931,17 @@ async fn append_records(
             Err(e @ (JournalError::OutcomeUnknown(_) | JournalError::Unavailable(_))) => {
                 tracing::warn!(error = %e, "append not confirmed; retrying");
                 tokio::time::sleep(Duration::from_millis(retry_pause_ms)).await;
+            }
+            Err(e @ JournalError::Rejected { .. }) if e.kind() == "stream-full" => {
+                // Back-pressure, not a failure: nothing was appended, and the
+                // snapshotter's next trim makes room. Writes stay held (the
+                // module answers those past its write timeout as unconfirmed);
+                // the lease is renewed meanwhile.
+                full_since.get_or_insert_with(|| {
+                    tracing::warn!(error = %e, "the journal stream is full: appends wait for a snapshot to trim it");
+                    Instant::now()
+                });
+                tokio::time::sleep(Duration::from_millis(STREAM_FULL_RETRY_MS)).await;
             }
             Err(e) => return Err(Stop::Fatal(format!("append refused: {e}"))),
         }

@@ -329,3 +329,50 @@ async fn snapshotters_racing_publish_one_after_the_other() {
         assert_eq!(first_seq(&c), now);
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_journal_holds_writes_until_a_snapshot_trims_it() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The smallest quota the journal takes (one largest append), and no
+    // scheduled snapshotter: the stream fills up.
+    let journal = keel_tests::JournalCluster::start_with(1, &["--stream-quota-bytes", &(8u64 << 20).to_string()]).await;
+    let mut c = KeelCluster::start_on(journal, Server::Redis, 1, LEASE_MS);
+    let store = c.nodes[0].store.clone();
+    tokio::task::block_in_place(|| {
+        let addr = c.nodes[0].addr();
+        let value = "f".repeat(100_000);
+        let mut r = Resp::connect(&addr);
+        let mut acked = Vec::new();
+        let mut refused = None;
+        for i in 0..200 {
+            let reply = r.cmd(&["SET", &format!("full:{i}"), &value]);
+            if reply == "+OK" {
+                acked.push(i);
+            } else {
+                refused = Some(reply);
+                break;
+            }
+        }
+        let refused = refused.expect("an 8 MiB stream never filled with 20 MB of writes");
+        assert!(refused.contains("KEEL_UNCONFIRMED"), "a write into a full journal: {refused}");
+        // The sidecar waits for room: it neither exits nor gives up the lease.
+        assert!(c.nodes[0].sidecar.as_mut().unwrap().try_wait().unwrap().is_none(), "the sidecar exited on a full stream");
+        let log = std::fs::read_to_string(c.nodes[0].dir.join("sidecar.log")).unwrap();
+        assert!(log.contains("the journal stream is full"), "{log}");
+        assert_eq!(c.nodes[0].role(), "primary");
+        // A snapshot makes room; held and new writes go through.
+        snapshot_once(&c, &store, &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut r = Resp::connect(&addr);
+        while r.cmd(&["SET", "after-room", "1"]) != "+OK" {
+            assert!(Instant::now() < deadline, "writes never resumed after the trim");
+        }
+        for i in &acked {
+            assert_eq!(r.cmd(&["STRLEN", &format!("full:{i}")]), ":100000", "acknowledged full:{i} is missing");
+        }
+        // The unconfirmed write landed once there was room (its outcome was
+        // unknown to the client, never lost by the deployment).
+        let last = acked.len();
+        assert_eq!(r.cmd(&["STRLEN", &format!("full:{last}")]), ":100000");
+    });
+}
