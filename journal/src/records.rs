@@ -148,7 +148,12 @@ impl Segment {
         header[0..8].copy_from_slice(SEGMENT_MAGIC);
         header[8..16].copy_from_slice(&cum_before.to_le_bytes());
         file.write_all_at(&header, 0)?;
-        Ok(Segment {
+        Ok(Segment::empty(path, file, first_seq, cum_before, true))
+    }
+
+    /// A segment holding no frame yet (past its header).
+    fn empty(path: PathBuf, file: std::fs::File, first_seq: u64, cum_before: u64, dirty: bool) -> Segment {
+        Segment {
             path,
             file: Arc::new(file),
             first_seq,
@@ -156,8 +161,8 @@ impl Segment {
             len: SEGMENT_HEADER_BYTES,
             cum_end: cum_before,
             index: vec![IndexPoint { seq: first_seq, offset: SEGMENT_HEADER_BYTES, cum_before }],
-            dirty: true,
-        })
+            dirty,
+        }
     }
 
     /// Opens an existing segment, cuts it to `limit` bytes if given, and
@@ -186,16 +191,7 @@ impl Segment {
             return Err(at(0, "bad magic"));
         }
         let cum_before = u64::from_le_bytes(header[8..16].try_into().unwrap());
-        let mut seg = Segment {
-            path: path.clone(),
-            file: Arc::new(file),
-            first_seq,
-            next_seq: first_seq,
-            len: SEGMENT_HEADER_BYTES,
-            cum_end: cum_before,
-            index: vec![IndexPoint { seq: first_seq, offset: SEGMENT_HEADER_BYTES, cum_before }],
-            dirty: false,
-        };
+        let mut seg = Segment::empty(path.clone(), file, first_seq, cum_before, false);
         let mut reader = std::io::BufReader::with_capacity(COPY_BUFFER_BYTES, FileReader::new(seg.file.clone(), SEGMENT_HEADER_BYTES, len));
         let mut payload = Vec::new();
         while seg.len < len {
