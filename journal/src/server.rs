@@ -147,6 +147,27 @@ pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
     fs2::available_space(path).ok()
 }
 
+/// `--heartbeat-ms` unless given.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
+/// `--election-min-ms` / `--election-max-ms` unless given.
+///
+/// Budget: a Keel primary renews its lease (1000 ms by default) every third
+/// of it and keeps it while a renewal sent within the lease less a 100 ms
+/// drift margin lands, so after the journal's leader dies right after a
+/// renewal, a new leader must commit the next one within ~550 ms. openraft
+/// refuses votes while a follower's leader lease (`election_timeout_max`
+/// since it last heard the leader) runs, so a new leader takes between
+/// `election_max` and about twice that (a candidate that fired early is
+/// refused once and fires again): 200–400 ms here. With the earlier
+/// 500–1000 ms it took 0.6–2 s and the primary lost its lease; with 200–400
+/// ms, 650–750 ms were measured (lapsed).
+///
+/// Spurious elections: measured on a 2-core box, three debug-build nodes,
+/// two busy-loop CPU hogs, 32–64 streamed clients of 1 KB or 100 KB
+/// appends: the term never moved past the first election.
+pub const DEFAULT_ELECTION_MIN_MS: u64 = 100;
+pub const DEFAULT_ELECTION_MAX_MS: u64 = 200;
+
 /// `--stream-quota-bytes` unless given.
 pub const DEFAULT_STREAM_QUOTA_BYTES: u64 = 1 << 30;
 

@@ -87,11 +87,17 @@ struct ServeArgs {
     /// All members: 1=HOST:PORT,2=HOST:PORT,… (one entry = single-node journal).
     #[arg(long)]
     peers: String,
-    #[arg(long, default_value_t = 100)]
+    /// How often the Raft leader tells followers it is alive.
+    #[arg(long, default_value_t = keel_journal::server::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
-    #[arg(long, default_value_t = 500)]
+    /// A follower that hears no leader for a random time between the
+    /// election bounds calls an election. Together they bound how long the
+    /// journal has no leader after losing one; it must stay well inside a
+    /// Keel primary's lease (1000 ms by default), or losing the journal's
+    /// leader costs a Keel failover.
+    #[arg(long, default_value_t = keel_journal::server::DEFAULT_ELECTION_MIN_MS)]
     election_min_ms: u64,
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = keel_journal::server::DEFAULT_ELECTION_MAX_MS)]
     election_max_ms: u64,
     /// Async worker threads (1 = a single-threaded runtime).
     #[arg(long, default_value_t = 1)]
