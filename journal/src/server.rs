@@ -260,6 +260,11 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         max_in_snapshot_log_to_keep: cfg.keep_log_entries,
         install_snapshot_timeout: 30_000,
         max_payload_entries: MAX_ENTRIES_PER_APPEND_ENTRIES,
+        // A follower whose data directory was wiped (the documented cure
+        // for a damaged log) comes back with less log than the leader saw:
+        // without this the leader's core panics, and now that a stopped
+        // core ends the process, the leader would exit.
+        allow_log_reversion: Some(true),
         ..Default::default()
     }
     .validate()?;
