@@ -15,6 +15,9 @@
 //! and the node must not silently drop it (wipe the node's data directory
 //! and it re-syncs from its peers).
 //!
+//! Errors: every I/O error leaving this adapter names the log's directory,
+//! so the one line a node logs when its core stops says where it failed.
+//!
 //! Encoding: log ids, votes and entries are MessagePack, each framed by a
 //! u32 length inside raft-log's own checksummed record.
 
@@ -113,10 +116,15 @@ impl Decode for EncodedEntry {
     }
 }
 
+/// `e`, saying it happened in the Raft log in `dir`.
+fn in_log(dir: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("writing the Raft log in {}: {e}", dir.display()))
+}
+
 /// Who is waiting for a flush.
 pub enum Flushed {
-    /// openraft, for appended entries.
-    Raft(IOFlushed<TypeConfig>),
+    /// openraft, for appended entries (of the log in this directory).
+    Raft(IOFlushed<TypeConfig>, Arc<Path>),
     /// An async caller of this adapter (vote, truncate).
     Waiter(oneshot::Sender<io::Result<()>>),
 }
@@ -124,7 +132,7 @@ pub enum Flushed {
 impl raft_log::Callback for Flushed {
     fn send(self, res: Result<(), io::Error>) {
         match self {
-            Flushed::Raft(cb) => cb.io_completed(res),
+            Flushed::Raft(cb, dir) => cb.io_completed(res.map_err(|e| in_log(&dir, e))),
             Flushed::Waiter(tx) => {
                 let _ = tx.send(res);
             }
@@ -135,7 +143,7 @@ impl raft_log::Callback for Flushed {
 impl Debug for Flushed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Flushed::Raft(_) => "Flushed::Raft",
+            Flushed::Raft(..) => "Flushed::Raft",
             Flushed::Waiter(_) => "Flushed::Waiter",
         })
     }
@@ -165,6 +173,7 @@ impl raft_log::Types for JournalLogTypes {
 #[derive(Clone)]
 pub struct LogStore {
     log: Arc<Mutex<RaftLog<JournalLogTypes>>>,
+    dir: Arc<Path>,
 }
 
 fn to_range<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
@@ -195,14 +204,19 @@ impl LogStore {
         config.log_cache_max_items = Some(LOG_CACHE_ENTRIES);
         let log = RaftLog::open(Arc::new(config))
             .map_err(|e| io::Error::new(e.kind(), format!("opening the Raft log in {}: {e}", dir.display())))?;
-        Ok(LogStore { log: Arc::new(Mutex::new(log)) })
+        Ok(LogStore { log: Arc::new(Mutex::new(log)), dir: Arc::from(dir) })
+    }
+
+    /// `e`, naming this log's directory.
+    fn ctx(&self, e: io::Error) -> io::Error {
+        in_log(&self.dir, e)
     }
 
     /// Asks raft-log to fsync everything written so far and waits for it.
     async fn sync(&self) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.log.lock().unwrap().flush(true, Some(Flushed::Waiter(tx)))?;
-        rx.await.map_err(|_| io::Error::other("raft-log dropped a flush request"))?
+        self.log.lock().unwrap().flush(true, Some(Flushed::Waiter(tx))).map_err(|e| self.ctx(e))?;
+        rx.await.map_err(|_| io::Error::other("raft-log dropped a flush request"))?.map_err(|e| self.ctx(e))
     }
 
     fn read_entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
@@ -246,7 +260,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.log.lock().unwrap().save_vote(Framed(vote.clone()))?;
+        self.log.lock().unwrap().save_vote(Framed(vote.clone())).map_err(|e| self.ctx(e))?;
         self.sync().await
     }
 
@@ -254,7 +268,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Synced with the next append's flush; losing it only means
         // re-applying a little more after a crash.
         if let Some(c) = committed {
-            self.log.lock().unwrap().commit(Framed(c))?;
+            self.log.lock().unwrap().commit(Framed(c)).map_err(|e| self.ctx(e))?;
         }
         Ok(())
     }
@@ -271,9 +285,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.push((Framed(e.log_id.clone()), EncodedEntry(bytes)));
         }
         let mut log = self.log.lock().unwrap();
-        log.append(batch)?;
+        log.append(batch).map_err(|e| self.ctx(e))?;
         // The callback fires from raft-log's flush worker once synced.
-        log.flush(true, Some(Flushed::Raft(callback)))?;
+        log.flush(true, Some(Flushed::Raft(callback, self.dir.clone()))).map_err(|e| self.ctx(e))?;
         Ok(())
     }
 
@@ -287,7 +301,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 Some(last) if last.0.index >= from => {}
                 _ => return Ok(()),
             }
-            log.truncate(from)?;
+            log.truncate(from).map_err(|e| self.ctx(e))?;
         }
         self.sync().await
     }
@@ -296,8 +310,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Purged entries are already in a snapshot on disk; a purge lost in a
         // crash only leaves entries that are purged again later.
         let mut log = self.log.lock().unwrap();
-        log.purge(Framed(log_id))?;
-        log.flush(false, None)?;
+        log.purge(Framed(log_id)).map_err(|e| self.ctx(e))?;
+        log.flush(false, None).map_err(|e| self.ctx(e))?;
         Ok(())
     }
 }

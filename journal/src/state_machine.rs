@@ -131,6 +131,12 @@ pub struct StateMachineStore {
     inner: Arc<Inner>,
 }
 
+/// `e`, saying what was being done in which directory (the line a node
+/// logs when a storage error stops it names the place).
+fn failed_in(doing: &str, dir: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{doing} in {}: {e}", dir.display()))
+}
+
 fn invalid_data(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
@@ -312,7 +318,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             }
             StateMachineStore::persist_snapshot(&dir, &f)
         })
-        .await?;
+        .await
+        .map_err(|e| failed_in("writing a snapshot", &self.inner.dir, e))?;
         let data = {
             let mut st = self.inner.state.write().unwrap();
             for s in file.streams.streams.values() {
@@ -355,6 +362,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         for effect in effects {
                             if let Effect::Append { id, first_seq, cum_before, records } = effect {
                                 st.records.append(id, first_seq, cum_before, records).map_err(|e| {
+                                    let e = failed_in("writing records to the record store", &self.inner.dir.join(&st.records_dir), e);
                                     tracing::error!(error = %e, log_id = %entry.log_id, "cannot write records to the record store");
                                     e
                                 })?;
@@ -409,7 +417,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             Ok((file, records))
         })
-        .await?;
+        .await
+        .map_err(|e| failed_in("installing a snapshot", &self.inner.dir, e))?;
         let old = {
             let mut st = self.inner.state.write().unwrap();
             st.streams = file.streams.clone();

@@ -95,6 +95,13 @@ impl JournalCluster {
 
     /// Like `start`, passing `args` to every `keel-journal serve`.
     pub async fn start_with(n: usize, args: &[&str]) -> JournalCluster {
+        JournalCluster::start_with_setup(n, args, |_| {}).await
+    }
+
+    /// Like `start_with`, running `setup` on the cluster (its directory and
+    /// nodes laid out, e.g. to mount a filesystem on a node's data
+    /// directory) before any node starts.
+    pub async fn start_with_setup(n: usize, args: &[&str], setup: impl FnOnce(&JournalCluster)) -> JournalCluster {
         let dir = tempfile::Builder::new().prefix("keel-journal-test").tempdir().unwrap();
         let nodes: Vec<JournalNode> = (1..=n as u64)
             .map(|id| JournalNode {
@@ -108,6 +115,7 @@ impl JournalCluster {
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
         let extra_args = args.iter().map(|a| a.to_string()).collect();
         let mut c = JournalCluster { dir, nodes, peers, extra_args };
+        setup(&c);
         for i in 0..n {
             c.spawn(i);
         }

@@ -14,7 +14,9 @@ use clap::Subcommand;
 use keel_journal::client::AppendSession;
 use keel_journal::client::JournalClient;
 use keel_journal::client::JournalError;
+use keel_journal::server::EXIT_STORAGE_FAILED;
 use keel_journal::server::ServeConfig;
+use keel_journal::server::StorageFailure;
 use keel_journal::server::parse_peers;
 use keel_journal::server::serve;
 
@@ -32,6 +34,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one journal node.
+    #[command(after_help = "Exit status: 0 after Ctrl-C; 2 on a bad configuration; \
+74 when the node stopped because it cannot write or open its data directory (disk full, \
+I/O error in the Raft log, record store or a snapshot): one STORAGE_FAILED line on stderr \
+names the directory and the cause; free space and restart it (a supervisor should); \
+1 on any other failure.")]
     Serve(ServeArgs),
     /// Operate on a running journal cluster.
     Ctl {
@@ -80,11 +87,17 @@ struct ServeArgs {
     /// All members: 1=HOST:PORT,2=HOST:PORT,… (one entry = single-node journal).
     #[arg(long)]
     peers: String,
-    #[arg(long, default_value_t = 100)]
+    /// How often the Raft leader tells followers it is alive.
+    #[arg(long, default_value_t = keel_journal::server::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
-    #[arg(long, default_value_t = 500)]
+    /// A follower that hears no leader for a random time between the
+    /// election bounds calls an election. Together they bound how long the
+    /// journal has no leader after losing one; it must stay well inside a
+    /// Keel primary's lease (1000 ms by default), or losing the journal's
+    /// leader costs a Keel failover.
+    #[arg(long, default_value_t = keel_journal::server::DEFAULT_ELECTION_MIN_MS)]
     election_min_ms: u64,
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = keel_journal::server::DEFAULT_ELECTION_MAX_MS)]
     election_max_ms: u64,
     /// Async worker threads (1 = a single-threaded runtime).
     #[arg(long, default_value_t = 1)]
@@ -239,12 +252,21 @@ fn main() -> ExitCode {
                 eprintln!("keel-journal: bad configuration: {e}");
                 return ExitCode::from(2);
             }
-            match rt.block_on(serve(cfg)) {
+            let served = rt.block_on(serve(cfg));
+            // Tasks still blocked on a failed disk must not hold up the exit.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("keel-journal: {e:#}");
-                    ExitCode::from(EXIT_FAILED)
-                }
+                Err(e) => match e.downcast_ref::<StorageFailure>() {
+                    Some(failure) => {
+                        tracing::error!(data_dir = %failure.data_dir.display(), "{failure}");
+                        ExitCode::from(EXIT_STORAGE_FAILED)
+                    }
+                    None => {
+                        eprintln!("keel-journal: {e:#}");
+                        ExitCode::from(EXIT_FAILED)
+                    }
+                },
             }
         }
         Cmd::Ctl { endpoints, op } => {
@@ -286,13 +308,14 @@ async fn ctl(client: &JournalClient, op: CtlOp) -> Result<(), JournalError> {
                     Ok(s) => {
                         any = true;
                         println!(
-                            "{ep}\tnode={}\tstate={}\tterm={}\tleader={}\tlast_log={}\tapplied={}\tstreams={}",
+                            "{ep}\tnode={}\tstate={}\tterm={}\tleader={}\tlast_log={}\tapplied={}\tdata_free_bytes={}\tstreams={}",
                             s.node_id,
                             s.state,
                             s.term,
                             s.raft_leader_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
                             s.last_log_index,
                             s.last_applied_index,
+                            s.data_free_bytes.map(|b| b.to_string()).unwrap_or_else(|| "unknown".into()),
                             s.streams.join(",")
                         );
                     }
