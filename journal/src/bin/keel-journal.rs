@@ -221,7 +221,9 @@ fn main() -> ExitCode {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info,openraft=warn".into()),
+                        // raft-log logs every payload-cache eviction at info:
+                        // one line per append under load.
+                        .unwrap_or_else(|_| "info,openraft=warn,raft_log=warn".into()),
                 )
                 .with_writer(std::io::stderr)
                 .init();
