@@ -9,7 +9,8 @@
 //! (openraft then backs off and starts a new one); an idle stream is fine.
 //! An entry-less request (the commit notice openraft sends after each entry,
 //! a heartbeat) waits up to 2 ms for the next request to carry it (`Rides`).
-//! Transport failures become `Unreachable` (openraft backs off and retries);
+//! Transport failures become `Unreachable` (openraft backs off and retries;
+//! a stream that cannot be opened is retried no sooner than `REOPEN_INTERVAL`);
 //! a remote error is reported as-is. A snapshot is sent as a run of
 //! `InstallSnapshot` calls, each carrying the next `SNAPSHOT_CHUNK_BYTES` of
 //! its byte stream (`SnapshotChunk`, read from the leader's record files);
@@ -152,6 +153,10 @@ type StreamAppendFuture<'s> = openraft::base::BoxFuture<
     Result<openraft::base::BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
 >;
 
+/// The least time between two attempts to open a replication stream to a
+/// peer that cannot be reached (connection refused comes back at once).
+const REOPEN_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long an entry-less AppendEntries (the leader's new commit index, a
 /// heartbeat, a probe) may wait for the next request to ride along.
 const RIDE_WAIT: Duration = Duration::from_millis(2);
@@ -287,10 +292,23 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         });
         let mut client = self.client.clone();
         Box::pin(async move {
-            let inbound = match tokio::time::timeout(ttl, client.stream_append(tonic::Request::new(outbound))).await {
-                Ok(Ok(r)) => r.into_inner(),
-                Ok(Err(status)) => return Err(unreachable(target, format!("stream_append: {}", status.message()))),
-                Err(_) => return Err(unreachable(target, format!("stream_append: no answer within {ttl:?}"))),
+            let started = tokio::time::Instant::now();
+            let opened = tokio::time::timeout(ttl, client.stream_append(tonic::Request::new(outbound))).await;
+            let failed = match opened {
+                Ok(Ok(r)) => Ok(r.into_inner()),
+                Ok(Err(status)) => Err(format!("stream_append: {}", status.message())),
+                Err(_) => Err(format!("stream_append: no answer within {ttl:?}")),
+            };
+            let inbound = match failed {
+                Ok(inbound) => inbound,
+                Err(why) => {
+                    // openraft starts the next stream at once when one
+                    // cannot be opened (its backoff only paces requests on
+                    // an open stream): against a peer that is down, that is
+                    // a busy loop through the Raft core.
+                    tokio::time::sleep_until(started + REOPEN_INTERVAL).await;
+                    return Err(unreachable(target, why));
+                }
             };
             type Item = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
             let ready: VecDeque<Item> = VecDeque::new();
