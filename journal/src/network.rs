@@ -5,7 +5,7 @@
 //! Replication uses one long-lived bidirectional stream per follower
 //! (`StreamAppend`): openraft's AppendEntries requests go out as they are made,
 //! without waiting for the previous answer, and the follower's results come
-//! back in order. A request unanswered for the RPC's soft TTL ends the stream
+//! back in order. A request unanswered for `ANSWER_WITHIN` ends the stream
 //! (openraft then backs off and starts a new one); an idle stream is fine.
 //! An entry-less request (the commit notice openraft sends after each entry,
 //! a heartbeat) waits up to 2 ms for the next request to carry it (`Rides`).
@@ -153,6 +153,17 @@ type StreamAppendFuture<'s> = openraft::base::BoxFuture<
     Result<openraft::base::BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
 >;
 
+/// How long a request on a replication stream may wait for its answer
+/// before the stream is given up (openraft's TTL for it is 3/4 of a
+/// heartbeat, 37.5 ms). A follower answers after writing and fsyncing the
+/// request's entries: up to `server::MAX_ENTRIES_PER_APPEND_ENTRIES` appends of up to
+/// `streams::MAX_APPEND_BYTES` each can take far longer than a heartbeat on a busy
+/// disk, and each give-up cost a 200 ms backoff and the resending of those
+/// entries: with both followers behind, commits (a Keel primary's lease
+/// renewals among them) stalled for seconds. A follower that is gone
+/// stops only its own stream; the other keeps committing.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+
 /// The least time between two attempts to open a replication stream to a
 /// peer that cannot be reached (connection refused comes back at once).
 const REOPEN_INTERVAL: Duration = Duration::from_millis(100);
@@ -267,6 +278,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
     {
         let target = self.target;
         let ttl = option.soft_ttl();
+        let answer_within = ttl.max(ANSWER_WITHIN);
         // Per message sent and not answered yet, oldest first: when it was
         // sent, and the log positions of the entry-less requests it carries
         // (see `Rides`), whose answers come before its own.
@@ -343,8 +355,8 @@ impl RaftNetworkV2<TypeConfig> for Peer {
                             }
                             Err(_) => {
                                 let oldest = unanswered.lock().expect("not poisoned").front().map(|(t, _)| *t);
-                                if oldest.is_some_and(|t| t.elapsed() >= ttl) {
-                                    let e = unreachable(target, format!("stream_append: a request unanswered for {ttl:?}"));
+                                if oldest.is_some_and(|t| t.elapsed() >= answer_within) {
+                                    let e = unreachable(target, format!("stream_append: a request unanswered for {answer_within:?}"));
                                     return Some((Err(e), (None, ready)));
                                 }
                             }

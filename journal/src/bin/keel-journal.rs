@@ -64,6 +64,11 @@ names the directory and the cause; free space and restart it (a supervisor shoul
         /// does) instead of one unary call per append.
         #[arg(long)]
         streamed: bool,
+        /// Also renew the stream's lease every this many ms (as a Keel
+        /// primary does, alongside its appends) and report the renewals'
+        /// latency (0: no renewals).
+        #[arg(long, default_value_t = 0)]
+        renew_every_ms: u64,
     },
     /// Measure this disk's fdatasync latency (4 KiB writes) in DIR.
     FsyncProbe {
@@ -281,12 +286,12 @@ fn main() -> ExitCode {
                 Err(e) => exit_for(&e),
             }
         }
-        Cmd::Bench { endpoints, clients, seconds, payload_bytes, stream, streamed } => {
+        Cmd::Bench { endpoints, clients, seconds, payload_bytes, stream, streamed, renew_every_ms } => {
             let client = match JournalClient::from_list(&endpoints) {
                 Ok(c) => c,
                 Err(e) => return exit_for(&e),
             };
-            match rt.block_on(bench(Arc::new(client), clients, seconds, payload_bytes, &stream, streamed)) {
+            match rt.block_on(bench(Arc::new(client), clients, seconds, payload_bytes, &stream, streamed, renew_every_ms)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => exit_for(&e),
             }
@@ -396,6 +401,7 @@ async fn bench(
     payload_bytes: usize,
     stream: &str,
     streamed: bool,
+    renew_every_ms: u64,
 ) -> Result<(), JournalError> {
     // Become the stream's leader, whoever held it before.
     let me = uuid::Uuid::new_v4().to_string();
@@ -430,6 +436,21 @@ async fn bench(
             Ok((hist, errors))
         }));
     }
+    let renewals = (renew_every_ms > 0).then(|| {
+        let (client, me, stream) = (client.clone(), me.clone(), stream.to_string());
+        tokio::spawn(async move {
+            let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut tick = tokio::time::interval(Duration::from_millis(renew_every_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while Instant::now() < stop_at {
+                tick.tick().await;
+                let t = Instant::now();
+                client.renew_lease(&stream, &me).await?;
+                hist.record(t.elapsed().as_micros().max(1) as u64).expect("in bounds");
+            }
+            Ok::<_, JournalError>(hist)
+        })
+    });
     let started = Instant::now();
     let mut all = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let mut errors = 0;
@@ -447,6 +468,16 @@ async fn bench(
         all.value_at_quantile(0.99) as f64 / 1000.0,
         all.value_at_quantile(0.999) as f64 / 1000.0,
     );
+    if let Some(r) = renewals {
+        let h = r.await.expect("renewal task")?;
+        println!(
+            "renewals={} renew_p50_ms={:.3} renew_p99_ms={:.3} renew_max_ms={:.3}",
+            h.len(),
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.max() as f64 / 1000.0,
+        );
+    }
     Ok(())
 }
 
