@@ -55,6 +55,7 @@ use crate::cuts::Cuts;
 use crate::lease::Renewal;
 use crate::record::Kind;
 use crate::record::MAX_PAYLOAD_BYTES;
+use crate::record::ReadOneError;
 use crate::record::Record;
 use crate::resp::encode_command;
 
@@ -216,10 +217,11 @@ async fn unfinished_tail(journal: &JournalClient, stream: &str, last_seq: u64, f
 
 /// Record `seq` of `stream`, decoded.
 async fn read_record(journal: &JournalClient, stream: &str, seq: u64) -> Result<Record, Stop> {
-    let mut reader = journal.read(stream, seq, false);
-    let batch = reader.next_batch().await.map_err(retry)?.unwrap_or_default();
-    let r = batch.into_iter().find(|r| r.seq == seq).ok_or_else(|| retry(format!("record {seq} of {stream} is not readable")))?;
-    Record::decode(&r.payload).map_err(|e| Stop::Fatal(format!("stream {stream} record {seq} is not a Keel record: {e}")))
+    crate::record::read_one(journal, stream, seq).await.map_err(|e| match e {
+        ReadOneError::Journal(e) => retry(e),
+        ReadOneError::Gone => retry(format!("record {seq} of {stream} is not readable")),
+        ReadOneError::Undecodable(e) => Stop::Fatal(format!("stream {stream} record {seq} is not a Keel record: {e}")),
+    })
 }
 
 /// Reads one `\r\n`-terminated line (Redis may send bare `\n` keep-alives

@@ -18,6 +18,9 @@
 //! from `start` were an unfinished command or transaction of a writer that
 //! died; the stream continues at `start`; no payload).
 
+use keel_journal::client::JournalClient;
+use keel_journal::client::JournalError;
+
 pub const VERSION: u8 = 1;
 const HEADER_BYTES: usize = 1 + 1 + 40 + 8 + 8 + 4;
 /// Largest payload one record carries (the journal's record limit is 1 MiB).
@@ -114,6 +117,35 @@ impl Record {
             payload: payload.to_vec(),
         })
     }
+}
+
+/// Why `read_one` found no record.
+#[derive(Debug)]
+pub enum ReadOneError {
+    /// The journal did not answer (or refused the read).
+    Journal(JournalError),
+    /// The record is not in the stream (trimmed, or not written yet).
+    Gone,
+    /// The record is there but is not a Keel record.
+    Undecodable(String),
+}
+
+impl std::fmt::Display for ReadOneError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadOneError::Journal(e) => write!(f, "{e}"),
+            ReadOneError::Gone => write!(f, "the record is not in the stream"),
+            ReadOneError::Undecodable(e) => write!(f, "not a Keel record: {e}"),
+        }
+    }
+}
+
+/// Reads and decodes record `seq` of `stream`.
+pub async fn read_one(journal: &JournalClient, stream: &str, seq: u64) -> Result<Record, ReadOneError> {
+    let mut reader = journal.read(stream, seq, false);
+    let batch = reader.next_batch().await.map_err(ReadOneError::Journal)?.unwrap_or_default();
+    let r = batch.into_iter().find(|r| r.seq == seq).ok_or(ReadOneError::Gone)?;
+    Record::decode(&r.payload).map_err(|e| ReadOneError::Undecodable(e.to_string()))
 }
 
 #[cfg(test)]

@@ -239,25 +239,28 @@ impl Snapshotter {
         // demand beside the scheduled one): then this cycle is refused
         // (the tail it read was trimmed, or its compare-and-set fails), and
         // it starts again from the new snapshot.
+        let mut published = self.published().await?;
         for attempt in 1..=RACE_ATTEMPTS {
-            let before = self.published().await?.1.map(|p| p.seq);
-            match self.cycle_once().await {
+            let before = published.1.as_ref().map(|p| p.seq);
+            match self.cycle_once(published).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
-                    let after = self.published().await.ok().and_then(|p| p.1).map(|p| p.seq);
+                    let Ok(now) = self.published().await else { return Err(e) };
+                    let after = now.1.as_ref().map(|p| p.seq);
                     if after == before || attempt == RACE_ATTEMPTS {
                         return Err(e);
                     }
                     tracing::info!(error = %e, published = ?after, "another snapshot was published during this cycle; starting again from it");
+                    published = now;
                 }
             }
         }
         unreachable!("the last attempt returns")
     }
 
-    async fn cycle_once(&self) -> Result<Cycle, String> {
+    /// One attempt, from the published snapshot `(its raw meta, its meta)`.
+    async fn cycle_once(&self, (prev_raw, prev): (Option<Vec<u8>>, Option<SnapshotMeta>)) -> Result<Cycle, String> {
         let t0 = Instant::now();
-        let (prev_raw, prev) = self.published().await?;
         let info = self.journal.stream_info(&self.cfg.stream).await.map_err(|e| format!("stream {}: {e}", self.cfg.stream))?;
         let target = info.last_seq;
         if target <= prev.as_ref().map(|p| p.seq).unwrap_or(0) {
@@ -431,7 +434,7 @@ impl Snapshotter {
             let b = h.base().ok_or("the feeder has no base")?;
             (b.replid.clone(), b.offset)
         };
-        let at = read_record(&self.journal, &self.cfg.stream, fed.fed_seq).await?;
+        let at = crate::record::read_one(&self.journal, &self.cfg.stream, fed.fed_seq).await.map_err(|e| format!("reading record {}: {e}", fed.fed_seq))?;
         let (rdb_sha256, rdb_bytes) = file_sha256(&rdb).await?;
         let mut head = [0u8; 9];
         tokio::fs::File::open(&rdb).await.map_err(|e| e.to_string())?.read_exact(&mut head).await.map_err(|e| format!("{}: {e}", rdb.display()))?;
@@ -487,13 +490,6 @@ impl Snapshotter {
         }
         Ok(())
     }
-}
-
-async fn read_record(journal: &JournalClient, stream: &str, seq: u64) -> Result<Record, String> {
-    let mut r = journal.read(stream, seq, false);
-    let batch = r.next_batch().await.map_err(|e| format!("reading record {seq}: {e}"))?.ok_or(format!("record {seq} is gone"))?;
-    let rec = batch.into_iter().next().filter(|r| r.seq == seq).ok_or(format!("record {seq} is gone"))?;
-    Record::decode(&rec.payload).map_err(|e| format!("record {seq}: {e}"))
 }
 
 /// The running stream checksum up to record `upto`, recomputed from the
