@@ -17,7 +17,8 @@
 //!   (`REPLICAOF`, `SLAVEOF`, `FAILOVER`, `CLUSTER FAILOVER`…), changes of
 //!   the control user itself (`ACL SETUSER`/`DELUSER` naming it), and
 //!   `CONFIG SET replica-read-only no` (a replica must refuse writes: it
-//!   does not hold the lease, so nothing it took would be journaled).
+//!   does not hold the lease, so nothing it took would be journaled), and
+//!   `MODULE UNLOAD keel` (writes would be answered before durable).
 //! The filter runs before MULTI queues a command and for a script's calls
 //! too, so neither bypasses it (`KEEL.GUARD` is `deny-script`).
 
@@ -110,6 +111,8 @@ pub enum Guard {
     ControlUser,
     /// Lets a replica take writes (`CONFIG SET replica-read-only no`).
     ReadOnlyConfig,
+    /// `MODULE UNLOAD keel`: writes would be answered before durable.
+    Unload,
 }
 
 impl Guard {
@@ -117,7 +120,7 @@ impl Guard {
     pub fn allows(self, caller_is_control: bool) -> bool {
         match self {
             Guard::Role | Guard::ControlUser => caller_is_control,
-            Guard::ReadOnlyConfig => false,
+            Guard::ReadOnlyConfig | Guard::Unload => false,
         }
     }
 }
@@ -143,6 +146,9 @@ pub fn guard<A: AsRef<[u8]>>(args: &[A], control_user: &[u8]) -> Option<Guard> {
             return Some(Guard::ControlUser);
         }
         return None;
+    }
+    if name.eq_ignore_ascii_case(b"module") && is(1, "unload") && is(2, "keel") {
+        return Some(Guard::Unload);
     }
     if name.eq_ignore_ascii_case(b"config") && is(1, "set") {
         let pairs = args.get(2..).unwrap_or_default().chunks(2);
@@ -172,6 +178,9 @@ pub fn refusal(g: Guard, name: &[u8], control_user: &str) -> String {
         ),
         Guard::ReadOnlyConfig => "ERR Keel keeps replica-read-only yes: a replica does not hold the lease, and a write \
              it took would never be journaled"
+            .into(),
+        Guard::Unload => "ERR Keel cannot be unloaded from a running node: its writes would be answered before they \
+             are durable; restart redis-server without the module instead"
             .into(),
     }
 }
@@ -250,6 +259,15 @@ mod tests {
         ] {
             assert_eq!(g(args), None, "{args:?}");
         }
+    }
+
+    #[test]
+    fn the_module_is_never_unloaded() {
+        assert_eq!(g(&["MODULE", "UNLOAD", "keel"]), Some(Guard::Unload));
+        assert_eq!(g(&["module", "unload", "KEEL"]), Some(Guard::Unload));
+        assert_eq!(g(&["module", "unload", "other"]), None);
+        assert_eq!(g(&["module", "list"]), None);
+        assert!(!Guard::Unload.allows(true));
     }
 
     #[test]

@@ -383,9 +383,10 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         let name = &lower[..name.len()];
         let is = |list: &[&str]| list.iter().any(|n| n.as_bytes() == name);
         let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
-        // Role changes, the control user and replica-read-only: for every
-        // client, inside MULTI and scripts too (control.rs).
-        if matches!(name, b"replicaof" | b"slaveof" | b"failover" | b"cluster" | b"acl" | b"config") {
+        // Role changes, the control user, replica-read-only and unloading
+        // the module: for every client, inside MULTI and scripts too
+        // (control.rs).
+        if matches!(name, b"replicaof" | b"slaveof" | b"failover" | b"cluster" | b"acl" | b"config" | b"module") {
             let args: Vec<&[u8]> = (0..argc).map(|i| string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i))).collect();
             let guarded = control::guard(&args, state().cfg.control_user.as_bytes()).is_some();
             if guarded {

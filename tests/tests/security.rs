@@ -62,8 +62,8 @@ fn as_control(addr: &str, dir: &std::path::Path) -> Resp {
 /// each is refused with NOPERM naming it, and nothing changes (a held write
 /// stays held, the durable offset stays). The control user's `KEEL.ACK`
 /// beyond Redis's offset is refused too. Nobody else may change or delete
-/// the control user; other users are managed as usual. The secret is in no
-/// INFO and no log.
+/// the control user; other users are managed as usual; nobody unloads the
+/// module. The secret is in no INFO and no log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_commands_are_only_the_sidecars() {
     let _serial = serial();
@@ -118,6 +118,8 @@ async fn control_commands_are_only_the_sidecars() {
         assert!(reply.starts_with(&format!("-NOPERM the ACL user '{CONTROL_USER}' belongs to this node's Keel sidecar")), "{cmd:?}: {reply}");
     }
     assert!(c.full(&["ACL", "GETUSER", CONTROL_USER]).contains("on"), "the control user was changed");
+    let reply = c.cmd(&["MODULE", "UNLOAD", "keel"]);
+    assert!(reply.starts_with("-ERR Keel cannot be unloaded"), "{reply}");
     assert_eq!(c.cmd(&["ACL", "SETUSER", "bob", "on", ">pw", "~*", "+@all"]), "+OK");
     assert_eq!(c.cmd(&["ACL", "DELUSER", "bob"]), ":1");
     // The sidecar may confirm again: the held write is answered.
