@@ -280,3 +280,20 @@ fn bad_control_secret_files_are_refused() {
     let out = Command::new(bin("keel-sidecar")).args(["node", "--journal", "127.0.0.1:1", "--state-dir", "x"]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--control-secret-file"));
 }
+
+/// A server started with `--replica-read-only no` gets `yes` from the
+/// module (a replica never holds the lease), which logs that it did.
+#[test]
+fn replica_read_only_is_set_at_load() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let port = keel_tests::free_port();
+    let mut redis = Some(keel_tests::spawn_redis(Server::Redis, port, dir.path(), &["--replica-read-only".into(), "no".into()]));
+    let mut c = Resp::connect(&format!("127.0.0.1:{port}"));
+    wait_until(Duration::from_secs(10), "replica-read-only is yes", || {
+        c.full(&["CONFIG", "GET", "replica-read-only"]) == "[replica-read-only, yes]"
+    });
+    let log = std::fs::read_to_string(dir.path().join("redis.log")).unwrap();
+    assert!(log.contains("replica-read-only was \"no\"; set to yes"), "{log}");
+    keel_tests::kill_child(&mut redis);
+}
