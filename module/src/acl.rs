@@ -20,6 +20,7 @@ pub const CLIENT_WRAPPERS: &[&str] = &[
     "keel.b",
     "keel.br",
     "keel.nolease",
+    "keel.guard",
 ];
 
 /// The ACL rules that allow a user the wrappers.

@@ -1,5 +1,6 @@
 //! The FFI layer: command filter, `KEEL.W`, `KEEL.ACK`, `KEEL.FENCED`, the
-//! beforeSleep hook and `INFO keel`. Every decision is `Holds`'s.
+//! beforeSleep hook and `INFO keel`. Every decision is `Holds`'s; who may
+//! run the control and role commands is `control.rs`'s.
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use redis_module_macros::info_command_handler;
 use crate::acl;
 use crate::config::Config;
 use crate::config::parse_args;
+use crate::control;
 use crate::gate;
 use crate::gate::Decision;
 use crate::gate::Gate;
@@ -79,6 +81,11 @@ pub(crate) struct State {
     /// Users may lack the wrappers (the module just loaded, or `ACL LOAD`
     /// ran): granted before the event loop sleeps (see acl.rs).
     pub(crate) acl_grant_pending: bool,
+    /// Whether `replica-read-only` was checked (first beforeSleep).
+    pub(crate) read_only_checked: bool,
+    /// The highest `master_repl_offset` seen since the last role change:
+    /// a `KEEL.ACK` up to it needs no look at INFO.
+    pub(crate) produced_offset: u64,
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
@@ -108,14 +115,14 @@ pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [
 }
 
 /// The module's own commands: never rewritten again.
-const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.countederror"];
+const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.countederror", "keel.guard"];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
 /// which client sent a command (Redis 7.0; see `maybe_in_multi`).
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.countederror",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.countederror", "keel.guard",
 ];
 /// Scripts that may not write (run through the module, see `filter`).
 const READ_ONLY_SCRIPTS: &[&str] = &["eval_ro", "evalsha_ro", "fcall_ro"];
@@ -376,6 +383,18 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         let name = &lower[..name.len()];
         let is = |list: &[&str]| list.iter().any(|n| n.as_bytes() == name);
         let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
+        // Role changes, the control user, replica-read-only and unloading
+        // the module: for every client, inside MULTI and scripts too
+        // (control.rs).
+        if matches!(name, b"replicaof" | b"slaveof" | b"failover" | b"cluster" | b"acl" | b"config" | b"module") {
+            let args: Vec<&[u8]> = (0..argc).map(|i| string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i))).collect();
+            let guarded = control::guard(&args, state().cfg.control_user.as_bytes()).is_some();
+            if guarded {
+                let g = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.GUARD".as_ptr(), 10);
+                raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, g);
+                return;
+            }
+        }
         if acl::is_setuser(name, sub, argc as usize) {
             // The user keeps the wrappers whatever the rules say (acl.rs).
             for (i, rule) in acl::grant_rules().enumerate() {
@@ -1135,15 +1154,136 @@ pub(crate) fn forget(bc: Blocked) {
     drop(take_answer(bc));
 }
 
+/// Whether the calling client is authenticated as the control user.
+unsafe fn caller_is_control(ctx: *mut raw::RedisModuleCtx) -> bool {
+    let name = raw::RedisModule_GetCurrentUserName.unwrap()(ctx);
+    if name.is_null() {
+        return false;
+    }
+    let is = string_bytes(name) == state().cfg.control_user.as_bytes();
+    raw::RedisModule_FreeString.unwrap()(ctx, name);
+    is
+}
+
+/// Answers `NOPERM` to a control command from anyone but this node's
+/// sidecar (control.rs); `None` lets the command run.
+unsafe fn refuse_unless_control(ctx: *mut raw::RedisModuleCtx, command: &str) -> Option<c_int> {
+    if caller_is_control(ctx) {
+        return None;
+    }
+    let user = state().cfg.control_user.clone();
+    Some(reply_error(ctx, &control::not_control(command, &user)))
+}
+
+/// `KEEL.GUARD <command…>`: what the filter took from a client because
+/// `control::guard` names it. Runs it (unfiltered) where the guard allows
+/// the caller, answers the refusal otherwise; a refusal inside MULTI makes
+/// the EXEC abort, as Redis does with a command refused at queue time.
+extern "C" fn keel_guard(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if argc < 2 {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        let bytes: Vec<&[u8]> = args.iter().map(|a| string_bytes(*a)).collect();
+        let user = state().cfg.control_user.clone();
+        let Some(g) = control::guard(&bytes, user.as_bytes()) else {
+            return reply_error(ctx, "ERR KEEL.GUARD runs only the commands the Keel module hands it");
+        };
+        if g.allows(caller_is_control(ctx)) {
+            let cmd = CString::new(bytes[0]).unwrap_or_default();
+            let reply = call(ctx, &cmd, c"vE", &args[1..]);
+            if reply.is_null() {
+                return reply_error(ctx, "ERR command could not be run");
+            }
+            let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
+            raw::RedisModule_FreeCallReply.unwrap()(reply);
+            return r;
+        }
+        let id = raw::RedisModule_GetClientId.unwrap()(ctx);
+        {
+            let mut st = state();
+            if st.txs.in_multi(id) {
+                st.txs.queue_error(id);
+            }
+        }
+        reply_error(ctx, &control::refusal(g, bytes[0], &user))
+    }
+}
+
+/// (Re)creates the control user with the secret: at load, and after
+/// `ACL LOAD` replaced the users. Its rules are the module's alone
+/// (`control::guard` refuses changes from clients).
+unsafe fn ensure_control_user(ctx: *mut raw::RedisModuleCtx) {
+    let user = state().cfg.control_user.clone();
+    let mut password = b">".to_vec();
+    password.extend_from_slice(state().cfg.control_secret.bytes());
+    let r = call_bytes(ctx, c"ACL", &[b"SETUSER", user.as_bytes(), b"reset", b"on", &password, b"~*", b"&*", b"+@all"]);
+    password.fill(0);
+    let failed = r.is_null() || raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_ERROR as c_int;
+    let why = if r.is_null() { Vec::new() } else { reply_text(r).unwrap_or_default() };
+    if !r.is_null() {
+        raw::RedisModule_FreeCallReply.unwrap()(r);
+    }
+    if failed {
+        Context::new(ctx).log_warning(&format!(
+            "keel: could not create the control user '{user}' ({}); the sidecar cannot authenticate",
+            String::from_utf8_lossy(&why)
+        ));
+    }
+}
+
+/// A replica must refuse writes itself (it does not hold the lease): sets
+/// `replica-read-only yes` if it was started with `no`.
+unsafe fn ensure_replica_read_only(ctx: *mut raw::RedisModuleCtx) {
+    let r = call_bytes(ctx, c"CONFIG", &[b"GET", b"replica-read-only"]);
+    if r.is_null() {
+        return;
+    }
+    let value = if raw::RedisModule_CallReplyLength.unwrap()(r) >= 2 {
+        reply_str(raw::RedisModule_CallReplyArrayElement.unwrap()(r, 1))
+    } else {
+        Vec::new()
+    };
+    raw::RedisModule_FreeCallReply.unwrap()(r);
+    if value == b"yes" {
+        return;
+    }
+    let r = call_bytes(ctx, c"CONFIG", &[b"SET", b"replica-read-only", b"yes"]);
+    if !r.is_null() {
+        raw::RedisModule_FreeCallReply.unwrap()(r);
+    }
+    Context::new(ctx).log_notice(&format!(
+        "keel: replica-read-only was {:?}; set to yes (a Keel replica never takes writes)",
+        String::from_utf8_lossy(&value)
+    ));
+}
+
 /// `KEEL.ACK <offset>`: the journal holds the replication stream up to offset.
 extern "C" fn keel_ack(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
+        if let Some(r) = refuse_unless_control(ctx, "keel.ack") {
+            return r;
+        }
         if argc != 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
         let mut off: i64 = 0;
         if raw::RedisModule_StringToLongLong.unwrap()(*argv.add(1), &mut off) != raw::REDISMODULE_OK as c_int || off < 0 {
             return raw::RedisModule_ReplyWithError.unwrap()(ctx, c"ERR offset must be a non-negative integer".as_ptr());
+        }
+        // The journal cannot hold what this Redis never produced: such an
+        // ack would release replies before their writes are durable.
+        if off as u64 > state().produced_offset {
+            let produced = repl_offset();
+            if off as u64 > produced {
+                return reply_error(
+                    ctx,
+                    &format!("ERR KEEL.ACK {off} is beyond this Redis's replication offset {produced}; nothing was acknowledged"),
+                );
+            }
+            let mut st = state();
+            st.produced_offset = st.produced_offset.max(produced);
         }
         state().hazards.durable(off as u64);
         let released = state().holds.durable(off as u64);
@@ -1157,6 +1297,9 @@ extern "C" fn keel_ack(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Redis
 /// lease as this node (reported in INFO).
 extern "C" fn keel_leader(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
+        if let Some(r) = refuse_unless_control(ctx, "keel.leader") {
+            return r;
+        }
         if argc != 3 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
@@ -1171,6 +1314,9 @@ extern "C" fn keel_leader(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Re
 /// `KEEL.FENCED <reason>`: the journal refused this node; fail every held write.
 extern "C" fn keel_fenced(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
+        if let Some(r) = refuse_unless_control(ctx, "keel.fenced") {
+            return r;
+        }
         let reason = if argc > 1 { String::from_utf8_lossy(string_bytes(*argv.add(1))).into_owned() } else { String::new() };
         state().gate.fence();
         fail_everything_held(
@@ -1185,6 +1331,9 @@ extern "C" fn keel_fenced(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Re
 /// may serve until `until_ms` on the machine's monotonic clock.
 extern "C" fn keel_lease(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
+        if let Some(r) = refuse_unless_control(ctx, "keel.lease") {
+            return r;
+        }
         if argc != 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
@@ -1204,6 +1353,9 @@ extern "C" fn keel_lease(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Red
 /// sidecar reports whom it follows and how far the journal reaches.
 extern "C" fn keel_following(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
+        if let Some(r) = refuse_unless_control(ctx, "keel.following") {
+            return r;
+        }
         if argc != 4 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
@@ -1228,6 +1380,9 @@ extern "C" fn keel_following(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw:
 /// stream's published snapshot, for `INFO keel`.
 extern "C" fn keel_snapshot(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
+        if let Some(r) = refuse_unless_control(ctx, "keel.snapshot") {
+            return r;
+        }
         if argc != 4 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
@@ -1279,6 +1434,7 @@ extern "C" fn on_role_changed(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisMo
     let mut st = state();
     st.holds = Holds::default();
     st.leader_uuid.clear();
+    st.produced_offset = 0;
 }
 
 /// This node can no longer confirm anything it holds: every held reply and
@@ -1306,7 +1462,13 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
         return; // only BEFORE_SLEEP
     }
     if std::mem::take(&mut state().acl_grant_pending) {
-        unsafe { grant_wrappers(ctx) };
+        unsafe {
+            ensure_control_user(ctx);
+            grant_wrappers(ctx);
+        }
+    }
+    if !std::mem::replace(&mut state().read_only_checked, true) {
+        unsafe { ensure_replica_read_only(ctx) };
     }
     {
         let st = state();
@@ -1316,7 +1478,9 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
     }
     let offset = unsafe { master_repl_offset(ctx) };
     if offset != u64::MAX {
-        state().hazards.end_turn(offset);
+        let mut st = state();
+        st.hazards.end_turn(offset);
+        st.produced_offset = st.produced_offset.max(offset);
     }
     let released = state().holds.end_turn(offset);
     release(released);
@@ -1508,6 +1672,8 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("timed_out_total", st.timed_out_total.to_string())?
         .field("sidecar", st.cfg.sidecar.clone())?
         .field("journal_endpoints", st.cfg.journal.clone())?
+        .field("control_user", st.cfg.control_user.clone())?
+        .field("control_secret_file", st.cfg.control_secret_file.clone())?
         .field("write_timeout_ms", st.cfg.write_timeout_ms.to_string())?
         .field("snapshot_seq", snap_seq.to_string())?
         .field("snapshot_age_seconds", snap_age_s.to_string())?
@@ -1519,7 +1685,7 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
     let args: Vec<String> = args.iter().map(|a| a.to_string_lossy()).collect();
-    let cfg = match parse_args(&args) {
+    let cfg = match parse_args(&args).and_then(|mut c| c.load_secret().map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             ctx.log_warning(&e);
@@ -1553,11 +1719,13 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         timed_out_total: 0,
         containers,
         acl_grant_pending: true,
+        read_only_checked: false,
+        produced_offset: 0,
     }));
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 15] = [
+        let commands: [(&str, CmdFn, &str); 16] = [
             ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
@@ -1573,6 +1741,9 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ("keel.following", keel_following, "admin fast no-monitor allow-loading allow-stale"),
             ("keel.snapshot", keel_snapshot, "admin fast no-monitor allow-loading allow-stale allow-busy"),
             ("keel.countederror", keel_countederror, "fast no-monitor allow-busy allow-loading allow-stale"),
+            // Not `admin`: every user is granted it (acl.rs) and gets Keel's
+            // refusal; it runs the command only for the control user.
+            ("keel.guard", keel_guard, "no-monitor no-slowlog deny-script allow-stale"),
         ];
         for (name, f, flags) in commands {
             let (n, fl) = (cstr(name), cstr(flags));

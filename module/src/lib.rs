@@ -24,6 +24,7 @@
 
 pub mod acl;
 pub mod config;
+pub mod control;
 pub mod gate;
 pub mod hazards;
 pub mod holds;

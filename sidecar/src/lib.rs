@@ -3,6 +3,7 @@
 //! the lease when the primary's lapses, then leads: it journals its Redis's
 //! replication stream and acknowledges durable offsets to the module.
 
+pub mod auth;
 pub mod cuts;
 pub mod feeder;
 pub mod history;

@@ -31,6 +31,8 @@ use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::auth::Credentials;
+use crate::auth::check_auth_reply;
 use crate::feeder::Feeder;
 use crate::lease::Candidate;
 use crate::lease::Step;
@@ -149,7 +151,13 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         tokio::spawn(keep_view(journal.clone(), cfg.primary.stream.clone(), me_member, cfg.master_name.clone(), cfg.poll_ms, tx));
     }
     let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone(), cfg.store.clone());
-    tokio::spawn(report_snapshots(journal.clone(), cfg.primary.stream.clone(), cfg.primary.redis.clone(), cfg.primary.lease_ms));
+    tokio::spawn(report_snapshots(
+        journal.clone(),
+        cfg.primary.stream.clone(),
+        cfg.primary.redis.clone(),
+        cfg.primary.control.clone(),
+        cfg.primary.lease_ms,
+    ));
     let mut quiet = Quiet::default();
     loop {
         let info = match journal.stream_info(&cfg.primary.stream).await {
@@ -219,14 +227,16 @@ enum Reply {
     Line(String),
 }
 
-/// Sends one command to the local Redis on a fresh connection and reads its
-/// reply, within `timeout_ms`.
-async fn redis_request(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<Reply, Stop> {
+/// Sends one command to the local Redis on a fresh connection (after
+/// `AUTH` as the control user) and reads its reply, within `timeout_ms`.
+async fn redis_request(redis: &str, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<Reply, Stop> {
     let fut = async {
         let mut s = TcpStream::connect(redis).await.map_err(|e| format!("connect {redis}: {e}"))?;
+        s.write_all(&creds.auth_command()).await.map_err(|e| e.to_string())?;
         s.write_all(&encode_command(args)).await.map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
+        let mut authenticated = false;
         loop {
             let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
             if n == 0 {
@@ -235,6 +245,21 @@ async fn redis_request(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<R
             buf.extend_from_slice(&chunk[..n]);
             let Some(i) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
             let head = String::from_utf8_lossy(&buf[..i]).into_owned();
+            if !authenticated {
+                // AUTH's answer comes first (the command was pipelined).
+                check_auth_reply(&head, &creds.user, redis)?;
+                authenticated = true;
+                buf.drain(..i + 2);
+                let Some(j) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
+                let head = String::from_utf8_lossy(&buf[..j]).into_owned();
+                let Some(len) = head.strip_prefix('$').and_then(|l| l.parse::<usize>().ok()) else {
+                    return Ok(Reply::Line(head));
+                };
+                if buf.len() >= j + 2 + len {
+                    return Ok(Reply::Bulk(String::from_utf8_lossy(&buf[j + 2..j + 2 + len]).into_owned()));
+                }
+                continue;
+            }
             let Some(len) = head.strip_prefix('$').and_then(|l| l.parse::<usize>().ok()) else {
                 return Ok(Reply::Line(head));
             };
@@ -250,21 +275,21 @@ async fn redis_request(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<R
 }
 
 /// `INFO replication` of the local Redis, within `timeout_ms`.
-pub async fn redis_info(redis: &str, timeout_ms: u64) -> Result<String, Stop> {
-    redis_info_section(redis, "replication", timeout_ms).await
+pub async fn redis_info(redis: &str, creds: &Credentials, timeout_ms: u64) -> Result<String, Stop> {
+    redis_info_section(redis, creds, "replication", timeout_ms).await
 }
 
 /// `INFO <section>` of the local Redis, within `timeout_ms`.
-pub async fn redis_info_section(redis: &str, section: &str, timeout_ms: u64) -> Result<String, Stop> {
-    match redis_request(redis, &[b"INFO", section.as_bytes()], timeout_ms).await? {
+pub async fn redis_info_section(redis: &str, creds: &Credentials, section: &str, timeout_ms: u64) -> Result<String, Stop> {
+    match redis_request(redis, creds, &[b"INFO", section.as_bytes()], timeout_ms).await? {
         Reply::Bulk(info) => Ok(info),
         Reply::Line(l) => Err(Stop::Retry(format!("INFO {section} answered {l:?}"))),
     }
 }
 
 /// Sends one command to the local Redis and returns its reply's first line.
-async fn redis_command(redis: &str, args: &[&[u8]], timeout_ms: u64) -> Result<String, Stop> {
-    match redis_request(redis, args, timeout_ms).await? {
+async fn redis_command(redis: &str, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<String, Stop> {
+    match redis_request(redis, creds, args, timeout_ms).await? {
         Reply::Bulk(b) => Ok(b),
         Reply::Line(l) => Ok(l),
     }
@@ -293,12 +318,12 @@ async fn follow(
         let mut logged = "";
         loop {
             // Keep Redis a replica of the feeder.
-            let info = redis_info(&p.redis, p.lease_ms).await?;
+            let info = redis_info(&p.redis, &p.control, p.lease_ms).await?;
             let feeding = info_field(&info, "role") == Some("slave")
                 && info_field(&info, "master_host") == Some("127.0.0.1")
                 && info_field(&info, "master_port") == Some(port.as_str());
             if !feeding {
-                let r = redis_command(&p.redis, &[b"REPLICAOF", b"127.0.0.1", port.as_bytes()], p.lease_ms).await?;
+                let r = redis_command(&p.redis, &p.control, &[b"REPLICAOF", b"127.0.0.1", port.as_bytes()], p.lease_ms).await?;
                 tracing::info!(reply = %r, feed_port, "the local Redis now replicates from the journal");
             }
             let view = match journal.stream_info(&p.stream).await {
@@ -313,7 +338,7 @@ async fn follow(
             if feeding {
                 let end = feeder.history.lock().unwrap().end().unwrap_or(0).to_string();
                 let args: [&[u8]; 4] = [b"KEEL.FOLLOWING", view.leader.as_bytes(), p.stream.as_bytes(), end.as_bytes()];
-                if let Err(e) = redis_command(&p.redis, &args, p.lease_ms).await {
+                if let Err(e) = redis_command(&p.redis, &p.control, &args, p.lease_ms).await {
                     tracing::debug!(error = %e, "KEEL.FOLLOWING");
                 }
             }
@@ -372,7 +397,7 @@ async fn follow(
 const SNAPSHOT_REPORT_MS: u64 = 1_000;
 
 /// Tells the local Redis the stream's published snapshot (`INFO keel`).
-async fn report_snapshots(journal: Arc<JournalClient>, stream: String, redis: String, timeout_ms: u64) {
+async fn report_snapshots(journal: Arc<JournalClient>, stream: String, redis: String, creds: Credentials, timeout_ms: u64) {
     loop {
         if let Ok(Some(b)) = journal.get_meta(&stream, crate::snapshot::SNAPSHOT_META_KEY).await {
             match crate::snapshot::SnapshotMeta::decode(&b) {
@@ -380,7 +405,7 @@ async fn report_snapshots(journal: Arc<JournalClient>, stream: String, redis: St
                     // Told every time: a Redis restarted empty learns it again.
                     let (seq, offset, created) = (m.seq.to_string(), m.offset.to_string(), m.created_unix_ms.to_string());
                     let args: [&[u8]; 4] = [b"KEEL.SNAPSHOT", seq.as_bytes(), offset.as_bytes(), created.as_bytes()];
-                    if let Err(e) = redis_command(&redis, &args, timeout_ms).await {
+                    if let Err(e) = redis_command(&redis, &creds, &args, timeout_ms).await {
                         tracing::debug!(error = %e, "KEEL.SNAPSHOT");
                     }
                 }

@@ -57,12 +57,17 @@ use crate::record::Kind;
 use crate::record::MAX_PAYLOAD_BYTES;
 use crate::record::ReadOneError;
 use crate::record::Record;
+use crate::auth::Credentials;
+use crate::auth::check_auth_reply;
 use crate::resp::encode_command;
 
 /// Every bound of the primary sidecar.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
     pub redis: String,
+    /// The ACL user and secret every connection to Redis authenticates
+    /// with (auth.rs).
+    pub control: Credentials,
     pub journal: String,
     pub stream: String,
     pub state_dir: PathBuf,
@@ -244,6 +249,13 @@ async fn command(w: &mut OwnedWriteHalf, args: &[&[u8]]) -> Result<(), Stop> {
     w.write_all(&encode_command(args)).await.map_err(retry)
 }
 
+/// `AUTH` as the control user, first on every connection to Redis.
+async fn authenticate(r: &mut BufReader<OwnedReadHalf>, w: &mut OwnedWriteHalf, creds: &Credentials, redis: &str) -> Result<(), Stop> {
+    w.write_all(&creds.auth_command()).await.map_err(retry)?;
+    let answer = read_line(r).await?;
+    check_auth_reply(&answer, &creds.user, redis).map_err(Stop::Retry)
+}
+
 /// Leads the stream from the local Redis until fenced, the Redis lost its
 /// history, or an error. The caller holds the lease (taken for `me`).
 pub async fn lead(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Stop {
@@ -320,11 +332,12 @@ impl ControlReplies {
 }
 
 impl Control {
-    pub async fn connect(redis: &str) -> Result<(Control, String), Stop> {
+    pub async fn connect(redis: &str, creds: &Credentials) -> Result<(Control, String), Stop> {
         let ctl = TcpStream::connect(redis).await.map_err(|e| retry(format!("connect {redis}: {e}")))?;
         ctl.set_nodelay(true).map_err(retry)?;
         let (ctl_r, mut w) = ctl.into_split();
         let mut r = BufReader::new(ctl_r);
+        authenticate(&mut r, &mut w, creds, redis).await?;
         // INFO replication first, read whole, before replies are only counted.
         command(&mut w, &[b"INFO", b"replication"]).await?;
         let header = read_line(&mut r).await?;
@@ -494,7 +507,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         // it from the journal like any replica (then is promoted): Redis
         // would fork to give it (a full sync), and a Keel primary never
         // forks. A Redis that already holds data still gives its own.
-        let keyspace = crate::node::redis_info_section(&cfg.redis, "keyspace", cfg.lease_ms).await?;
+        let keyspace = crate::node::redis_info_section(&cfg.redis, &cfg.control, "keyspace", cfg.lease_ms).await?;
         if !keyspace.lines().any(|l| l.starts_with("db")) {
             let rdb = Record { kind: Kind::Rdb, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: EMPTY_RDB.to_vec() };
             last_seq = append_record(&mut session, &cfg.stream, me, &rdb, last_seq, cfg.retry_pause_ms).await?.0;
@@ -512,6 +525,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     let local_ip = repl.local_addr().map_err(retry)?.ip().to_string();
     let (r, mut w) = repl.into_split();
     let mut r = BufReader::with_capacity(1 << 20, r);
+    authenticate(&mut r, &mut w, &cfg.control, &cfg.redis).await?;
     command(&mut w, &[b"PING"]).await?;
     let pong = read_line(&mut r).await?;
     if pong.starts_with('-') {
@@ -815,7 +829,7 @@ impl Merge {
 
 /// A control connection and `INFO replication`, within the lease.
 async fn control(cfg: &PrimaryConfig) -> Result<(Control, String), Stop> {
-    match tokio::time::timeout(Duration::from_millis(cfg.lease_ms), Control::connect(&cfg.redis)).await {
+    match tokio::time::timeout(Duration::from_millis(cfg.lease_ms), Control::connect(&cfg.redis, &cfg.control)).await {
         Ok(r) => r,
         Err(_) => Err(retry(format!("Redis at {} did not answer within {} ms", cfg.redis, cfg.lease_ms))),
     }

@@ -305,6 +305,7 @@ impl Deployment {
             .arg(dir.join("redis.log"))
             .arg("--loadmodule")
             .arg(bin("libkeel_module.so"))
+            .arg(format!("control_secret_file={}", crate::control_secret(&dir).display()))
             .arg(format!("write_timeout_ms={WRITE_TIMEOUT_MS}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -338,6 +339,8 @@ impl Deployment {
             .arg(self.store())
             .arg("--state-dir")
             .arg(self.dir.join(host).join("sidecar"))
+            .arg("--control-secret-file")
+            .arg(crate::control_secret(&self.dir.join(host)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);

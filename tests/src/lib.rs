@@ -513,11 +513,41 @@ impl Resp {
     }
 }
 
+/// The ACL user the sidecar authenticates as (the module's default).
+pub const CONTROL_USER: &str = "keel-sidecar";
+
+/// `dir/control.secret`: the control user's password, shared by a node's
+/// module and sidecar; written (mode 0600, 32 random bytes as hex) if
+/// missing.
+pub fn control_secret(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("control.secret");
+    if !path.exists() {
+        std::fs::create_dir_all(dir).unwrap();
+        let hex: String = uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).unwrap();
+        writeln!(f, "{hex}").unwrap();
+    }
+    path
+}
+
+/// The secret in `dir/control.secret` (`control_secret`).
+pub fn control_secret_of(dir: &Path) -> String {
+    std::fs::read_to_string(control_secret(dir)).unwrap().trim_end().to_string()
+}
+
 /// Starts a redis-server (or valkey-server) with the keel module on a
 /// loopback port, logging to `dir/redis.log`; returns once it accepts
-/// connections.
+/// connections. Unless `module_args` name one, the module gets
+/// `control_secret_file=dir/control.secret` (`control_secret`).
 pub fn spawn_redis(server: Server, port: u16, dir: &Path, module_args: &[String]) -> Child {
     let log = dir.join("redis.log");
+    let mut module_args = module_args.to_vec();
+    if !module_args.iter().any(|a| a.starts_with("control_secret_file=")) {
+        // First: arguments after the module's are the server's own.
+        module_args.insert(0, format!("control_secret_file={}", control_secret(dir).display()));
+    }
     let child = Command::new(server.binary())
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         // DEBUG DIGEST from loopback: tests compare datasets with it.
@@ -528,7 +558,7 @@ pub fn spawn_redis(server: Server, port: u16, dir: &Path, module_args: &[String]
         .arg(&log)
         .arg("--loadmodule")
         .arg(bin("libkeel_module.so"))
-        .args(module_args)
+        .args(&module_args)
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn redis-server");
@@ -548,14 +578,16 @@ pub fn kill_child(c: &mut Option<Child>) {
     }
 }
 
-/// Starts `keel-sidecar <args…> --state-dir dir/sidecar`, logging to
-/// `dir/sidecar.log`.
+/// Starts `keel-sidecar <args…> --state-dir dir/sidecar
+/// --control-secret-file dir/control.secret`, logging to `dir/sidecar.log`.
 pub fn spawn_sidecar(dir: &Path, args: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("sidecar.log")).unwrap();
     Command::new(bin("keel-sidecar"))
         .args(args)
         .arg("--state-dir")
         .arg(dir.join("sidecar"))
+        .arg("--control-secret-file")
+        .arg(control_secret(dir))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

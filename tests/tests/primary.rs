@@ -687,18 +687,21 @@ async fn a_confirmation_during_a_busy_script_is_not_lost(server: Server) {
 /// Redis refuses the sidecar's `KEEL.ACK` (an ACL change denies it) while a
 /// write is held; once it is allowed again the write is answered, well
 /// before the write timeout: the refusal was noticed and the confirmation
-/// said again, not lost.
+/// said again, not lost. (Only the control user itself may change its
+/// rules: the test authenticates as it, with the node's secret.)
 async fn a_refused_confirmation_is_said_again(server: Server) {
     let p = KeelPrimary::start(server, 1, &[]).await;
     let addr = p.addr();
     let mut c = Resp::connect(&addr);
+    let secret = keel_tests::control_secret_of(&p.dir);
+    assert_eq!(c.cmd(&["AUTH", keel_tests::CONTROL_USER, &secret]), "+OK");
     assert_eq!(c.cmd(&["SET", "before", "v"]), "+OK");
-    assert_eq!(c.cmd(&["ACL", "SETUSER", "default", "-keel.ack"]), "+OK");
+    assert_eq!(c.cmd(&["ACL", "SETUSER", keel_tests::CONTROL_USER, "-keel.ack"]), "+OK");
     let writer = held_write(&addr, "during-deny");
     // Long enough for the sidecar to append the write and be refused.
     std::thread::sleep(Duration::from_millis(400));
     assert!(c.cmd(&["INFO", "keel"]).contains("keel_pending_replies:1"), "the write was answered while KEEL.ACK was denied");
-    assert_eq!(c.cmd(&["ACL", "SETUSER", "default", "+keel.ack"]), "+OK");
+    assert_eq!(c.cmd(&["ACL", "SETUSER", keel_tests::CONTROL_USER, "+keel.ack"]), "+OK");
     let (reply, took) = writer.join().unwrap();
     // KEEL_UNCONFIRMED (at the write timeout) would mean the
     // refused confirmation was never said again.

@@ -75,6 +75,14 @@ enum Cmd {
         /// resyncs after the journal was trimmed start from its snapshots.
         #[arg(long, env = "KEEL_STORE")]
         store: Option<String>,
+        /// The ACL user the module lets run the control commands
+        /// (its `control_user=`).
+        #[arg(long, default_value = keel_sidecar::auth::DEFAULT_USER)]
+        control_user: String,
+        /// The file holding that user's password (mode 0600; the module's
+        /// `control_secret_file=`). Never give the secret on a command line.
+        #[arg(long)]
+        control_secret_file: PathBuf,
     },
     /// Build, verify and publish snapshots of a stream in private
     /// redis-servers (never on the primary), then trim the journal before
@@ -142,9 +150,19 @@ fn main() -> ExitCode {
             sentinel,
             master_name,
             store,
+            control_user,
+            control_secret_file,
         } => {
+            let control = match keel_sidecar::auth::Credentials::from_file(&control_user, &control_secret_file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("keel-sidecar: bad configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let primary = PrimaryConfig {
                 redis,
+                control,
                 journal,
                 stream,
                 state_dir,

@@ -1,0 +1,322 @@
+//! Who may steer a Keel node: the control commands and the role commands.
+//!
+//! Invariant: only this node's sidecar changes what the module believes
+//! (durable offset, lease, fence, leader) and what role Redis plays. Any
+//! other client, whatever its ACL rules (the default user has `+@all`), is
+//! refused:
+//! - the sidecar authenticates as a dedicated ACL user (`control_user`,
+//!   default `keel-sidecar`) whose password is read from a file
+//!   (`control_secret_file`, mode 0600, checked by `check_secret`); the module
+//!   (re)creates that user before the event loop sleeps, at load and after
+//!   `ACL LOAD`;
+//! - `KEEL.ACK`, `KEEL.FENCED`, `KEEL.LEADER`, `KEEL.LEASE`,
+//!   `KEEL.FOLLOWING`, `KEEL.SNAPSHOT` answer `NOPERM` to any other user;
+//! - the command filter rewrites what `guard` names into `KEEL.GUARD <the
+//!   command>`, which runs it (unfiltered) only for the control user where
+//!   `Guard::allows` says so, and otherwise answers `refusal`: role changes
+//!   (`REPLICAOF`, `SLAVEOF`, `FAILOVER`, `CLUSTER FAILOVER`…), changes of
+//!   the control user itself (`ACL SETUSER`/`DELUSER` naming it), and
+//!   `CONFIG SET replica-read-only no` (a replica must refuse writes: it
+//!   does not hold the lease, so nothing it took would be journaled), and
+//!   `MODULE UNLOAD keel` (writes would be answered before durable).
+//! The filter runs before MULTI queues a command and for a script's calls
+//! too, so neither bypasses it (`KEEL.GUARD` is `deny-script`).
+
+/// Shortest secret accepted.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// Longest control user name accepted.
+pub const MAX_USER_BYTES: usize = 128;
+/// The control user when `control_user=` is not given.
+pub const DEFAULT_USER: &str = "keel-sidecar";
+
+/// The control secret: never printed (`Debug` shows its length only).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(<{} bytes, not shown>)", self.0.len())
+    }
+}
+
+/// Checks the contents and permission bits of the secret file at `path`:
+/// one trailing newline is not part of the secret; the rest must be at
+/// least `MIN_SECRET_BYTES` long, and the file readable by its owner only.
+pub fn check_secret(path: &str, contents: &[u8], mode: u32) -> Result<Secret, String> {
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "keel: control_secret_file {path:?} is readable or writable by group or others (mode {:o}); chmod 600 it",
+            mode & 0o777
+        ));
+    }
+    let s = contents.strip_suffix(b"\n").unwrap_or(contents);
+    let s = s.strip_suffix(b"\r").unwrap_or(s);
+    if s.is_empty() {
+        return Err(format!("keel: control_secret_file {path:?} is empty; write a secret of at least {MIN_SECRET_BYTES} bytes into it"));
+    }
+    if s.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "keel: the secret in control_secret_file {path:?} is {} bytes; it must be at least {MIN_SECRET_BYTES} (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`)",
+            s.len()
+        ));
+    }
+    if s.iter().any(|&b| b == b'\n' || b == b'\r' || b == 0) {
+        return Err(format!("keel: the secret in control_secret_file {path:?} must be one line"));
+    }
+    Ok(Secret(s.to_vec()))
+}
+
+/// Reads and checks the secret file (`check_secret`).
+pub fn read_secret(path: &str) -> Result<Secret, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("keel: control_secret_file {path:?}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("keel: control_secret_file {path:?} is not a regular file"));
+    }
+    let contents = std::fs::read(path).map_err(|e| format!("keel: control_secret_file {path:?}: {e}"))?;
+    check_secret(path, &contents, meta.permissions().mode())
+}
+
+/// Whether `name` can be an ACL user name given as one argument.
+pub fn valid_user(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_USER_BYTES
+        && name.bytes().all(|b| b.is_ascii_graphic())
+        && !name.starts_with(['>', '<', '~', '&', '+', '-', '%', '#', '!'])
+}
+
+/// The control commands: only the control user may run them.
+pub const CONTROL_COMMANDS: &[&str] = &["keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.following", "keel.snapshot"];
+
+/// The answer to a control command from any other user.
+pub fn not_control(command: &str, control_user: &str) -> String {
+    format!(
+        "NOPERM only this node's Keel sidecar (ACL user '{control_user}') may run {}",
+        command.to_ascii_uppercase()
+    )
+}
+
+/// A command the filter hands to `KEEL.GUARD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Changes Redis's role (REPLICAOF, FAILOVER…).
+    Role,
+    /// Changes or deletes the control user.
+    ControlUser,
+    /// Lets a replica take writes (`CONFIG SET replica-read-only no`).
+    ReadOnlyConfig,
+    /// `MODULE UNLOAD keel`: writes would be answered before durable.
+    Unload,
+}
+
+impl Guard {
+    /// Whether the command runs for this caller.
+    pub fn allows(self, caller_is_control: bool) -> bool {
+        match self {
+            Guard::Role | Guard::ControlUser => caller_is_control,
+            Guard::ReadOnlyConfig | Guard::Unload => false,
+        }
+    }
+}
+
+/// What `KEEL.GUARD` must do with a command (arguments as sent, name
+/// first), if anything.
+pub fn guard<A: AsRef<[u8]>>(args: &[A], control_user: &[u8]) -> Option<Guard> {
+    let arg = |i: usize| args.get(i).map(|a| a.as_ref());
+    let is = |i: usize, w: &str| arg(i).is_some_and(|a| a.eq_ignore_ascii_case(w.as_bytes()));
+    let name = arg(0)?;
+    if ["replicaof", "slaveof", "failover"].iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes())) {
+        return Some(Guard::Role);
+    }
+    if name.eq_ignore_ascii_case(b"cluster") && ["failover", "replicate", "reset"].iter().any(|s| is(1, s)) {
+        return Some(Guard::Role);
+    }
+    if name.eq_ignore_ascii_case(b"acl") {
+        // User names are case-sensitive.
+        if is(1, "setuser") && arg(2) == Some(control_user) {
+            return Some(Guard::ControlUser);
+        }
+        if is(1, "deluser") && args.iter().skip(2).any(|a| a.as_ref() == control_user) {
+            return Some(Guard::ControlUser);
+        }
+        return None;
+    }
+    if name.eq_ignore_ascii_case(b"module") && is(1, "unload") && is(2, "keel") {
+        return Some(Guard::Unload);
+    }
+    if name.eq_ignore_ascii_case(b"config") && is(1, "set") {
+        let pairs = args.get(2..).unwrap_or_default().chunks(2);
+        for pair in pairs {
+            let [param, value] = pair else { break };
+            let param = param.as_ref();
+            let read_only = param.eq_ignore_ascii_case(b"replica-read-only") || param.eq_ignore_ascii_case(b"slave-read-only");
+            if read_only && !value.as_ref().eq_ignore_ascii_case(b"yes") {
+                return Some(Guard::ReadOnlyConfig);
+            }
+        }
+    }
+    None
+}
+
+/// The error a refused guarded command gets (`name`: its name as sent).
+pub fn refusal(g: Guard, name: &[u8], control_user: &str) -> String {
+    let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+    match g {
+        Guard::Role => format!(
+            "ERR Keel decides this node's role: {name} is refused (a Keel primary hands over when its lease lapses; \
+             stop its sidecar or its redis-server to fail over)"
+        ),
+        Guard::ControlUser => format!(
+            "NOPERM the ACL user '{control_user}' belongs to this node's Keel sidecar: the module sets it from \
+             control_secret_file; change that file and restart redis-server, then the sidecar"
+        ),
+        Guard::ReadOnlyConfig => "ERR Keel keeps replica-read-only yes: a replica does not hold the lease, and a write \
+             it took would never be journaled"
+            .into(),
+        Guard::Unload => "ERR Keel cannot be unloaded from a running node: its writes would be answered before they \
+             are durable; restart redis-server without the module instead"
+            .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const U: &[u8] = b"keel-sidecar";
+
+    fn g(args: &[&str]) -> Option<Guard> {
+        guard(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>(), U)
+    }
+
+    #[test]
+    fn role_commands_are_guarded_in_any_case() {
+        for args in [
+            &["REPLICAOF", "NO", "ONE"][..],
+            &["replicaof", "127.0.0.1", "6379"],
+            &["SlaveOf", "no", "one"],
+            &["FAILOVER"],
+            &["failover", "TO", "h", "1", "FORCE"],
+            &["failover", "abort"],
+            &["CLUSTER", "FAILOVER"],
+            &["cluster", "failover", "TAKEOVER"],
+            &["cluster", "replicate", "abc"],
+            &["cluster", "RESET", "hard"],
+            &["replicaof"],
+        ] {
+            assert_eq!(g(args), Some(Guard::Role), "{args:?}");
+        }
+        for args in [&["cluster", "info"][..], &["role"], &["set", "replicaof", "x"], &["info", "replication"], &[]] {
+            assert_eq!(g(args), None, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_control_user_is_guarded_among_acl_commands() {
+        assert_eq!(g(&["ACL", "SETUSER", "keel-sidecar", "reset"]), Some(Guard::ControlUser));
+        assert_eq!(g(&["acl", "setuser", "keel-sidecar"]), Some(Guard::ControlUser));
+        assert_eq!(g(&["acl", "deluser", "bob", "keel-sidecar"]), Some(Guard::ControlUser));
+        assert_eq!(g(&["acl", "DelUser", "keel-sidecar"]), Some(Guard::ControlUser));
+        // Other users, other subcommands, and names that only look alike.
+        for args in [
+            &["acl", "setuser", "bob", "on"][..],
+            &["acl", "setuser", "KEEL-SIDECAR", "on"],
+            &["acl", "deluser", "bob"],
+            &["acl", "getuser", "keel-sidecar"],
+            &["acl", "list"],
+            &["acl", "setuser", "bob", "keel-sidecar"],
+            &["acl"],
+        ] {
+            assert_eq!(g(args), None, "{args:?}");
+        }
+        assert_eq!(guard(&[&b"acl"[..], b"setuser", b"ops"], b"ops"), Some(Guard::ControlUser));
+    }
+
+    #[test]
+    fn replica_read_only_may_only_be_set_to_yes() {
+        for args in [
+            &["CONFIG", "SET", "replica-read-only", "no"][..],
+            &["config", "set", "Slave-Read-Only", "NO"],
+            &["config", "set", "maxmemory", "0", "replica-read-only", "no"],
+            &["config", "set", "replica-read-only", "0"],
+            &["config", "set", "replica-read-only", "false"],
+        ] {
+            assert_eq!(g(args), Some(Guard::ReadOnlyConfig), "{args:?}");
+        }
+        for args in [
+            &["config", "set", "replica-read-only", "yes"][..],
+            &["config", "set", "replica-read-only", "YES", "maxmemory", "0"],
+            &["config", "get", "replica-read-only"],
+            &["config", "set", "maxmemory", "replica-read-only"],
+            &["config", "set", "replica-read-only"],
+            &["config", "set", "replica-serve-stale-data", "no"],
+        ] {
+            assert_eq!(g(args), None, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn the_module_is_never_unloaded() {
+        assert_eq!(g(&["MODULE", "UNLOAD", "keel"]), Some(Guard::Unload));
+        assert_eq!(g(&["module", "unload", "KEEL"]), Some(Guard::Unload));
+        assert_eq!(g(&["module", "unload", "other"]), None);
+        assert_eq!(g(&["module", "list"]), None);
+        assert!(!Guard::Unload.allows(true));
+    }
+
+    #[test]
+    fn only_the_control_user_passes_and_never_for_read_only() {
+        assert!(Guard::Role.allows(true) && !Guard::Role.allows(false));
+        assert!(Guard::ControlUser.allows(true) && !Guard::ControlUser.allows(false));
+        assert!(!Guard::ReadOnlyConfig.allows(true) && !Guard::ReadOnlyConfig.allows(false));
+        let r = refusal(Guard::Role, b"replicaof", "keel-sidecar");
+        assert!(r.starts_with("ERR Keel decides this node's role: REPLICAOF is refused"), "{r}");
+        assert!(refusal(Guard::ControlUser, b"acl", "ops").contains("'ops'"));
+        assert_eq!(
+            not_control("keel.ack", "keel-sidecar"),
+            "NOPERM only this node's Keel sidecar (ACL user 'keel-sidecar') may run KEEL.ACK"
+        );
+    }
+
+    #[test]
+    fn secret_files_are_checked() {
+        let good = b"0123456789abcdef0123\n";
+        assert_eq!(check_secret("f", good, 0o100600).unwrap().bytes(), b"0123456789abcdef0123");
+        assert_eq!(check_secret("f", b"0123456789abcdef\r\n", 0o400).unwrap().bytes(), b"0123456789abcdef");
+        for (contents, mode, says) in [
+            (&good[..], 0o644, "group or others"),
+            (good, 0o640, "chmod 600"),
+            (good, 0o602, "group or others"),
+            (b"", 0o600, "empty"),
+            (b"\n", 0o600, "empty"),
+            (b"short\n", 0o600, "at least 16"),
+            (b"0123456789abcde", 0o600, "15 bytes"),
+            (b"0123456789\nabcdef0123", 0o600, "one line"),
+        ] {
+            let e = check_secret("/etc/keel/secret", contents, mode).unwrap_err();
+            assert!(e.contains(says) && e.contains("/etc/keel/secret"), "{contents:?} {mode:o}: {e}");
+            assert!(!e.contains("0123456789"), "the secret leaked into the error: {e}");
+        }
+        assert_eq!(format!("{:?}", check_secret("f", good, 0o600).unwrap()), "Secret(<20 bytes, not shown>)");
+    }
+
+    #[test]
+    fn user_names_are_one_acl_word() {
+        assert!(valid_user("keel-sidecar") && valid_user("ops_1"));
+        for bad in ["", "a b", "a\tb", "a\nb", ">pw", "+@all", "~k", "é", &"x".repeat(MAX_USER_BYTES + 1)] {
+            assert!(!valid_user(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let e = read_secret("/nonexistent/keel.secret").unwrap_err();
+        assert!(e.contains("/nonexistent/keel.secret"), "{e}");
+    }
+}
