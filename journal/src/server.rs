@@ -863,6 +863,7 @@ impl Journal for Node {
                 first_seq: st.first_seq,
                 last_seq: st.last_seq,
                 bytes: st.retained_bytes,
+                quota_bytes: self.cfg.stream_quota_bytes,
             }))
         })
     }

@@ -128,8 +128,17 @@ impl SnapshotterConfig {
 
 /// Whether a snapshot is due: the journal holds `untrimmed_bytes` and
 /// records past the published snapshot's.
-pub fn due(untrimmed_bytes: u64, every_bytes: u64, last_seq: u64, published_seq: Option<u64>) -> bool {
-    last_seq > published_seq.unwrap_or(0) && untrimmed_bytes >= every_bytes
+pub fn due(untrimmed_bytes: u64, every_bytes: u64, quota_bytes: u64, last_seq: u64, published_seq: Option<u64>) -> bool {
+    last_seq > published_seq.unwrap_or(0) && untrimmed_bytes >= threshold(every_bytes, quota_bytes)
+}
+
+/// The untrimmed bytes at which a cycle starts: `every_bytes`, but never
+/// more than half the journal's quota for the stream (`quota_bytes`, 0 when
+/// the journal does not say), so a cycle starts while the stream still has
+/// room for the writes made during it. A threshold at or over the quota
+/// would never be reached: the journal refuses appends first.
+pub fn threshold(every_bytes: u64, quota_bytes: u64) -> u64 {
+    if quota_bytes == 0 { every_bytes } else { every_bytes.min(quota_bytes / 2) }
 }
 
 /// The journal records to trim once `published` is: every one before it
@@ -160,6 +169,8 @@ pub struct Snapshotter {
     journal: Arc<JournalClient>,
     store: SnapshotStore,
     me: String,
+    /// Whether the threshold was said to be capped by the quota (once).
+    warned_threshold: std::sync::atomic::AtomicBool,
 }
 
 fn now_unix_ms() -> u64 {
@@ -172,7 +183,7 @@ impl Snapshotter {
         let journal = Arc::new(JournalClient::from_list(&cfg.journal).map_err(|e| e.to_string())?);
         let store = SnapshotStore::open(&cfg.store)?;
         let me = crate::primary::node_uuid(&cfg.work_dir).map_err(|e| format!("work dir {}: {e}", cfg.work_dir.display()))?;
-        Ok(Snapshotter { cfg, journal, store, me })
+        Ok(Snapshotter { cfg, journal, store, me, warned_threshold: Default::default() })
     }
 
     pub fn store(&self) -> &SnapshotStore {
@@ -222,7 +233,16 @@ impl Snapshotter {
         if let Some(p) = &published {
             self.trim(p).await;
         }
-        Ok(due(info.bytes, self.cfg.every_bytes, info.last_seq, published.map(|p| p.seq)))
+        let at = threshold(self.cfg.every_bytes, info.quota_bytes);
+        if at < self.cfg.every_bytes && !self.warned_threshold.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                every_bytes = self.cfg.every_bytes,
+                quota_bytes = info.quota_bytes,
+                threshold = at,
+                "--every-bytes is over half the journal's quota for this stream; cycles start at half the quota"
+            );
+        }
+        Ok(due(info.bytes, self.cfg.every_bytes, info.quota_bytes, info.last_seq, published.map(|p| p.seq)))
     }
 
     /// One whole cycle (bounded by `cycle_timeout_ms`).
@@ -597,10 +617,22 @@ mod tests {
 
     #[test]
     fn a_snapshot_is_due_by_untrimmed_bytes_and_new_records() {
-        assert!(due(64 << 20, 64 << 20, 10, None));
-        assert!(due(64 << 20, 64 << 20, 10, Some(9)));
-        assert!(!due(64 << 20, 64 << 20, 10, Some(10)), "nothing new");
-        assert!(!due((64 << 20) - 1, 64 << 20, 10, None));
+        assert!(due(64 << 20, 64 << 20, 0, 10, None));
+        assert!(due(64 << 20, 64 << 20, 0, 10, Some(9)));
+        assert!(!due(64 << 20, 64 << 20, 0, 10, Some(10)), "nothing new");
+        assert!(!due((64 << 20) - 1, 64 << 20, 0, 10, None));
+    }
+
+    #[test]
+    fn a_snapshot_is_due_before_the_stream_fills_up() {
+        const GIB: u64 = 1 << 30;
+        // A threshold at the quota would never be reached: the journal
+        // refuses appends a few KiB short of it.
+        assert!(due(GIB / 2, GIB, GIB, 10, None));
+        assert!(!due(GIB / 2 - 1, GIB, GIB, 10, None));
+        assert_eq!(threshold(GIB, GIB), GIB / 2);
+        assert_eq!(threshold(64 << 20, GIB), 64 << 20, "a threshold well under the quota stands");
+        assert_eq!(threshold(GIB, 0), GIB, "a journal that does not say leaves it alone");
     }
 
     #[test]

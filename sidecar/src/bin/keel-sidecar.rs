@@ -102,6 +102,8 @@ enum Cmd {
         redis_server: PathBuf,
         #[arg(long)]
         work_dir: PathBuf,
+        /// Untrimmed journal bytes that start a cycle (capped at half the
+        /// journal's quota for the stream, which it reports).
         #[arg(long, default_value_t = 64 << 20)]
         every_bytes: u64,
         #[arg(long, default_value_t = 1000)]
