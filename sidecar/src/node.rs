@@ -18,6 +18,21 @@
 //!   a dead or paused Redis lets it lapse, so a replica takes over;
 //! - every node registers its addresses in the stream's metadata
 //!   (`members`), which discovery answers from.
+//!
+//! A record no node can read (stall.rs). The election rule: a node stands
+//! for election (takes the lease, or leads again under its own lease) only
+//! when its feed is not stalled and its Redis applied every record up to
+//! the stream's last seq (`Candidate::step`). A feed that stalled at record
+//! `n` has applied at most `n - 1`, and nothing after `n` can be fed, so a
+//! stalled node never leads, whatever else the counts say; the journal's
+//! own check (`caught_up_seq`) only sees what the node claims. A node that
+//! meets the record while leading (`Stop::Stalled`, when it reads the tail)
+//! or finds that another writer appended under its lease
+//! (`Stop::Overtaken`) fences its Redis (`KEEL.FENCED`: held writes fail,
+//! nothing more is served as primary) and follows; it is logged once, and
+//! the node keeps running, reporting the stall (`KEEL.STALLED`, `INFO
+//! keel`). With every node stalled the stream has no primary until an
+//! operator acts; that is said in every node's log and `INFO keel`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,10 +184,12 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                 continue;
             }
         };
-        let lead = match &info {
-            None => true,
-            Some(i) => i.leader_uuid == me || (i.last_seq == 0 && i.leader_uuid.is_empty()),
-        };
+        // A stalled node does not lead, not even under its own lease.
+        let lead = feeder.stalled().is_none()
+            && match &info {
+                None => true,
+                Some(i) => i.leader_uuid == me || (i.last_seq == 0 && i.leader_uuid.is_empty()),
+            };
         if lead {
             match primary::lead(&cfg.primary, &journal, &me).await {
                 Stop::Fatal(m) => return Stop::Fatal(m),
@@ -183,6 +200,15 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                 }
                 Stop::Fenced(m) => tracing::warn!(why = %m, "fenced; following the new leader"),
                 Stop::LostHistory(m) => tracing::warn!(why = %m, "rebuilding the local Redis from the journal"),
+                Stop::Overtaken(m) => {
+                    tracing::error!(why = %m, "another process appended to the stream under this node's lease; stepped down (writes fenced), following");
+                    fence_local(&cfg, &m).await;
+                }
+                Stop::Stalled { seq, reason } => {
+                    // Logged once by the feeder, which stops at it too.
+                    let why = feeder.stalled_on(seq, &reason);
+                    fence_local(&cfg, &why).await;
+                }
             }
         }
         match follow(&cfg, &journal, &feeder, &listener, feed_port, &me).await {
@@ -196,6 +222,16 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                 tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
             }
         }
+    }
+}
+
+/// Tells the local Redis it is not the primary (`KEEL.FENCED`: held writes
+/// fail, nothing is served as primary); best effort: the follow loop makes
+/// it a replica next anyway.
+async fn fence_local(cfg: &NodeConfig, why: &str) {
+    let p = &cfg.primary;
+    if let Err(e) = redis_command(&p.redis, &p.control, &[b"KEEL.FENCED", why.as_bytes()], p.lease_ms).await {
+        tracing::warn!(error = %e, "could not fence the local Redis; it becomes a replica next");
     }
 }
 
@@ -316,6 +352,8 @@ async fn follow(
     };
     let elect = async {
         let mut logged = "";
+        // Whether the module may show a stall (told at the first poll).
+        let mut told_stall = true;
         loop {
             // Keep Redis a replica of the feeder.
             let info = redis_info(&p.redis, &p.control, p.lease_ms).await?;
@@ -342,6 +380,17 @@ async fn follow(
                     tracing::debug!(error = %e, "KEEL.FOLLOWING");
                 }
             }
+            let stall = feeder.stalled();
+            if stall.is_some() || told_stall {
+                // Told at every poll while stalled: a Redis restarted
+                // meanwhile learns it again.
+                let (seq, reason) = stall.as_ref().map(|s| (s.seq.to_string(), s.reason.as_str())).unwrap_or(("0".into(), ""));
+                let args: [&[u8]; 3] = [b"KEEL.STALLED", seq.as_bytes(), reason.as_bytes()];
+                match redis_command(&p.redis, &p.control, &args, p.lease_ms).await {
+                    Ok(_) => told_stall = stall.is_some(),
+                    Err(e) => tracing::debug!(error = %e, "KEEL.STALLED"),
+                }
+            }
             let applied: u64 = info_field(&info, "slave_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
             let link_up = info_field(&info, "master_link_status") == Some("up");
             // Caught up: Redis applied every byte fed, or every whole
@@ -360,7 +409,7 @@ async fn follow(
                     applied_seq = view.last_seq;
                 }
             }
-            match candidate.step(&view, applied_seq, now_unix_ms()) {
+            match candidate.step(&view, applied_seq, stall.is_some(), now_unix_ms()) {
                 Step::Wait { ms, why } => {
                     if why != logged {
                         tracing::info!(why, leader = %view.leader, last_seq = view.last_seq, applied_seq, "following");
