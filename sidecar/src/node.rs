@@ -184,13 +184,8 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                 continue;
             }
         };
-        // A stalled node does not lead, not even under its own lease.
-        let lead = feeder.stalled().is_none()
-            && match &info {
-                None => true,
-                Some(i) => i.leader_uuid == me || (i.last_seq == 0 && i.leader_uuid.is_empty()),
-            };
-        if lead {
+        let view = info.as_ref().map(|i| (i.leader_uuid.as_str(), i.last_seq));
+        if leads_at_start(&me, view, feeder.stalled().is_some()) {
             match primary::lead(&cfg.primary, &journal, &me).await {
                 Stop::Fatal(m) => return Stop::Fatal(m),
                 Stop::Retry(m) => {
@@ -222,6 +217,20 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                 tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
             }
         }
+    }
+}
+
+/// Whether this node leads without an election: on a new stream, or one
+/// it leads already (a restarted sidecar under its own lease); `stream`:
+/// (leader uuid, last seq), None for a stream that does not exist yet.
+/// Never while its feed is stalled, not even under its own lease.
+fn leads_at_start(me: &str, stream: Option<(&str, u64)>, stalled: bool) -> bool {
+    if stalled {
+        return false;
+    }
+    match stream {
+        None => true,
+        Some((leader, last_seq)) => leader == me || (last_seq == 0 && leader.is_empty()),
     }
 }
 
@@ -550,6 +559,18 @@ async fn keep_view(journal: Arc<JournalClient>, stream: String, me: Member, mast
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stalled_node_never_leads_without_an_election() {
+        assert!(leads_at_start("me", None, false), "a new stream");
+        assert!(leads_at_start("me", Some(("", 0)), false), "an empty stream nobody leads");
+        assert!(leads_at_start("me", Some(("me", 40)), false), "its own lease");
+        assert!(!leads_at_start("me", Some(("", 3)), false), "a stream with records: an election");
+        assert!(!leads_at_start("me", Some(("other", 40)), false));
+        for stream in [None, Some(("", 0)), Some(("me", 40)), Some(("other", 40))] {
+            assert!(!leads_at_start("me", stream, true), "stalled, {stream:?}");
+        }
+    }
 
     #[test]
     fn members_round_trip_and_junk_lines_are_skipped() {
