@@ -10,7 +10,7 @@
 //!   (re)creates that user before the event loop sleeps, at load and after
 //!   `ACL LOAD`;
 //! - `KEEL.ACK`, `KEEL.FENCED`, `KEEL.LEADER`, `KEEL.LEASE`,
-//!   `KEEL.FOLLOWING`, `KEEL.SNAPSHOT` answer `NOPERM` to any other user;
+//!   `KEEL.FOLLOWING`, `KEEL.SNAPSHOT`, `KEEL.STALLED` answer `NOPERM` to any other user;
 //! - the command filter rewrites what `guard` names into `KEEL.GUARD <the
 //!   command>`, which runs it (unfiltered) only for the control user where
 //!   `Guard::allows` says so, and otherwise answers `refusal`: role changes
@@ -92,7 +92,22 @@ pub fn valid_user(name: &str) -> bool {
 }
 
 /// The control commands: only the control user may run them.
-pub const CONTROL_COMMANDS: &[&str] = &["keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.following", "keel.snapshot"];
+pub const CONTROL_COMMANDS: &[&str] = &["keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.following", "keel.snapshot", "keel.stalled"];
+
+/// Text a control command hands to `INFO keel` (`KEEL.STALLED`'s reason),
+/// as one line: control characters become spaces, at most `max` bytes
+/// (cut on a char boundary).
+pub fn info_line(b: &[u8], max: usize) -> String {
+    let mut s: String = String::from_utf8_lossy(b).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
 
 /// The answer to a control command from any other user.
 pub fn not_control(command: &str, control_user: &str) -> String {
@@ -190,6 +205,18 @@ mod tests {
     use super::*;
 
     const U: &[u8] = b"keel-sidecar";
+
+    #[test]
+    fn info_lines_are_one_bounded_line() {
+        assert_eq!(info_line(b"record is 6 bytes", 64), "record is 6 bytes");
+        assert_eq!(info_line(b"a\r\nb\tc", 64), "a  b c");
+        assert_eq!(info_line(b"\xff!", 64), "\u{fffd}!");
+        let long = "\u{e9}".repeat(100);
+        let cut = info_line(long.as_bytes(), 51);
+        assert_eq!(cut.len(), 50, "cut on a char boundary");
+        assert!(cut.chars().all(|c| c == '\u{e9}'));
+        assert_eq!(info_line(b"", 0), "");
+    }
 
     fn g(args: &[&str]) -> Option<Guard> {
         guard(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>(), U)

@@ -67,6 +67,9 @@ pub(crate) struct State {
     /// The stream's published snapshot (seq, replication offset, creation
     /// time in Unix ms), as the sidecar last said; seq 0: none.
     pub(crate) snapshot: (u64, u64, u64),
+    /// The record this node's feed stalled at and why, as the sidecar last
+    /// said (seq 0: the feed is fine).
+    pub(crate) stalled: (u64, String),
     /// Blocking pops waiting for data (see blocking.rs).
     pub(crate) waiters: Waiters<Waiter>,
     pub(crate) waiter_of: HashMap<usize, WaiterId>,
@@ -115,14 +118,14 @@ pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [
 }
 
 /// The module's own commands: never rewritten again.
-const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.countederror", "keel.guard"];
+const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.stalled", "keel.countederror", "keel.guard"];
 /// Commands that act on the connection itself: they always run natively,
 /// even for a client inside MULTI when the server cannot tell the filter
 /// which client sent a command (Redis 7.0; see `maybe_in_multi`).
 const CONNECTION_COMMANDS: &[&str] = &[
     "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.countederror", "keel.guard",
+    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.stalled", "keel.countederror", "keel.guard",
 ];
 /// Scripts that may not write (run through the module, see `filter`).
 const READ_ONLY_SCRIPTS: &[&str] = &["eval_ro", "evalsha_ro", "fcall_ro"];
@@ -1398,6 +1401,31 @@ extern "C" fn keel_snapshot(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::
     }
 }
 
+/// Longest stall reason kept for `INFO keel`.
+const MAX_STALL_REASON_BYTES: usize = 256;
+
+/// `KEEL.STALLED <seq> [<reason>]`: the sidecar's feed stopped at journal
+/// record `seq`, which it cannot read (seq 0: it is fine again); shown by
+/// `INFO keel`. Accepted in any role: a primary's sidecar that meets such a
+/// record steps down and reports it too.
+extern "C" fn keel_stalled(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
+    unsafe {
+        if let Some(r) = refuse_unless_control(ctx, "keel.stalled") {
+            return r;
+        }
+        if !(2..=3).contains(&argc) {
+            return raw::RedisModule_WrongArity.unwrap()(ctx);
+        }
+        let mut seq: i64 = 0;
+        if raw::RedisModule_StringToLongLong.unwrap()(*argv.add(1), &mut seq) != raw::REDISMODULE_OK as c_int || seq < 0 {
+            return reply_error(ctx, "ERR seq must be a non-negative integer");
+        }
+        let reason = if seq > 0 && argc == 3 { crate::control::info_line(string_bytes(*argv.add(2)), MAX_STALL_REASON_BYTES) } else { String::new() };
+        state().stalled = (seq as u64, reason);
+        reply_ok(ctx)
+    }
+}
+
 /// `KEEL.NOLEASE cmd…`: a data command this node must not serve now. As
 /// Redis does with a command it rejects, a client inside MULTI has its
 /// transaction flagged (EXEC will abort it), and a refused EXEC discards it:
@@ -1678,6 +1706,8 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("snapshot_seq", snap_seq.to_string())?
         .field("snapshot_age_seconds", snap_age_s.to_string())?
         .field("snapshot_bytes_since", if snap_seq == 0 { applied } else { applied.saturating_sub(snap_offset) }.to_string())?
+        .field("feed_stalled_seq", st.stalled.0.to_string())?
+        .field("feed_stalled_reason", st.stalled.1.clone())?
         .build_section()?
         .build_info()?;
     Ok(())
@@ -1715,6 +1745,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         stream: String::new(),
         journal_offset: 0,
         snapshot: (0, 0, 0),
+        stalled: (0, String::new()),
         released_total: 0,
         timed_out_total: 0,
         containers,
@@ -1725,7 +1756,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
         type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 16] = [
+        let commands: [(&str, CmdFn, &str); 17] = [
             ("keel.w", keel_w, "write"),
             ("keel.r", keel_r, "readonly"),
             ("keel.t", keel_t, ""),
@@ -1740,6 +1771,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ("keel.nolease", keel_nolease, "fast allow-loading allow-stale"),
             ("keel.following", keel_following, "admin fast no-monitor allow-loading allow-stale"),
             ("keel.snapshot", keel_snapshot, "admin fast no-monitor allow-loading allow-stale allow-busy"),
+            ("keel.stalled", keel_stalled, "admin fast no-monitor allow-loading allow-stale allow-busy"),
             ("keel.countederror", keel_countederror, "fast no-monitor allow-busy allow-loading allow-stale"),
             // Not `admin`: every user is granted it (acl.rs) and gets Keel's
             // refusal; it runs the command only for the control user.

@@ -23,6 +23,12 @@
 //! snapshot's RDB, streamed from the store, then records after it: the
 //! journal may have trimmed everything before.
 //!
+//! A record that does not decode, or that `History` refuses, stalls the
+//! feed at it (stall.rs): it is logged once, never sent, not read again;
+//! the connection stays up with everything before it fed, and a Redis
+//! (re)connecting meanwhile waits for its PSYNC answer until a published
+//! snapshot covers the record.
+//!
 //! Progress (`fed_seq`, `fed_offset`, and `whole_offset`: where the bytes
 //! fed end after their last whole command outside a transaction) is
 //! published for the election: a replica may only take the lease once its
@@ -50,6 +56,9 @@ use crate::snapshot::SnapshotMeta;
 use crate::snapshot::SnapshotStore;
 use crate::snapshot::StreamSum;
 use crate::snapshot::hex;
+use crate::stall::STALL_RECHECK_MS;
+use crate::stall::Stall;
+use crate::stall::Stalled;
 use sha2::Digest;
 use sha2::Sha256;
 
@@ -84,6 +93,8 @@ pub struct Feeder {
     pub until_seq: Option<u64>,
     /// Checksums the live stream bytes fed (the snapshotter's).
     pub tap: Option<Mutex<StreamSum>>,
+    /// A record this feeder cannot feed (stall.rs).
+    stall: Mutex<Stall>,
 }
 
 impl Feeder {
@@ -97,7 +108,43 @@ impl Feeder {
             store,
             until_seq: None,
             tap: None,
+            stall: Mutex::new(Stall::default()),
         }
+    }
+
+    /// Where the feed stopped on a record it cannot feed, if it did.
+    pub fn stalled(&self) -> Option<Stalled> {
+        self.stall.lock().unwrap().at().cloned()
+    }
+
+    /// Record `seq` cannot be fed, for `reason`: the feed stops at it. Logged
+    /// once per stall (at error level, with what to do). Returns the error
+    /// text for the caller.
+    pub fn stalled_on(&self, seq: u64, reason: &str) -> String {
+        if self.stall.lock().unwrap().met(seq, reason) {
+            tracing::error!(stream = %self.stream, seq, reason, what_to_do = %crate::stall::advice(&self.stream, seq), "the feed stalled at a record it cannot read");
+        }
+        format!("the feed stalled at record {seq} of {}: {reason}", self.stream)
+    }
+
+    /// A stall the history has reached (the next record to read is the
+    /// stalled one or past it), unless a published snapshot `snap` covers
+    /// it: then the history starts over from that snapshot.
+    fn stall_stands(&self, snap: Option<&SnapshotMeta>) -> Option<String> {
+        let at = self.stalled()?;
+        if let Some(s) = snap {
+            if self.store.is_some() && self.stall.lock().unwrap().covered_by(s.seq) {
+                tracing::info!(stream = %self.stream, stalled_seq = at.seq, snapshot_seq = s.seq, "a published snapshot covers the record the feed stalled at; feeding again from it");
+                *self.history.lock().unwrap() = History::from_snapshot(s);
+                return None;
+            }
+        }
+        if self.history.lock().unwrap().last_seq() + 1 < at.seq {
+            // Not there yet (the stall was met by the primary's side): read
+            // up to it; meeting it again is not news.
+            return None;
+        }
+        Some(format!("the feed stalled at record {} of {}: {}", at.seq, self.stream, at.reason))
     }
 
     /// The published snapshot, if any.
@@ -115,6 +162,9 @@ impl Feeder {
     /// whose next records were trimmed, starts over from the snapshot.
     pub async fn refresh(&self) -> Result<(), String> {
         let snap = self.published_snapshot().await?;
+        if let Some(e) = self.stall_stands(snap.as_ref()) {
+            return Err(e);
+        }
         if let Some(s) = &snap {
             let mut h = self.history.lock().unwrap();
             if h.last_seq() == 0 {
@@ -130,8 +180,8 @@ impl Feeder {
                     Ok(Some(batch)) => {
                         let mut h = self.history.lock().unwrap();
                         for r in batch {
-                            let rec = Record::decode(&r.payload).map_err(|e| format!("record {}: {e}", r.seq))?;
-                            h.observe(r.seq, &rec)?;
+                            let rec = Record::decode(&r.payload).map_err(|e| self.stalled_on(r.seq, &e.to_string()))?;
+                            h.observe(r.seq, &rec).map_err(|e| self.stalled_on(r.seq, &e))?;
                         }
                     }
                     Ok(None) => break 'read,
@@ -223,7 +273,23 @@ impl Feeder {
             }
         };
         let plan = loop {
-            self.refresh().await?;
+            if let Err(e) = self.refresh().await {
+                if self.stalled().is_none() {
+                    return Err(e);
+                }
+                // Stalled: Redis waits for its answer; the stall is looked
+                // at again every STALL_RECHECK_MS (the snapshot that covers
+                // it). Redis leaving meanwhile ends this quietly.
+                tokio::select! {
+                    n = r.read(&mut chunk) => {
+                        if n.map_err(|e| e.to_string())? == 0 {
+                            return Ok(());
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(STALL_RECHECK_MS)) => {}
+                }
+                continue;
+            }
             let plan = self.history.lock().unwrap().psync(&self.me, &replid, offset);
             if plan != Psync::NotReady {
                 break plan;
@@ -301,18 +367,34 @@ impl Feeder {
         let mut held: Option<Vec<u8>> = None;
         // With `until_seq`: the feed stopped at a whole-command cut.
         let mut reached = false;
+        // The feed stalled at a record it cannot feed (stall.rs).
+        let mut stalled = false;
         loop {
             tokio::select! {
-                batch = reader.next_batch(), if !reached && held.as_ref().is_none_or(|h| h.len() < MAX_HELD_BYTES) => {
+                batch = reader.next_batch(), if !reached && !stalled && held.as_ref().is_none_or(|h| h.len() < MAX_HELD_BYTES) => {
                     let batch = batch.map_err(|e| format!("reading the journal: {e}"))?.ok_or("the journal ended a followed read")?;
                     let mut out: Vec<u8> = held.take().unwrap_or_default();
                     let mut fed = None;
                     for rec in batch {
-                        let decoded = Record::decode(&rec.payload).map_err(|e| format!("record {}: {e}", rec.seq))?;
+                        // What came before a record that cannot be fed is
+                        // still fed; the feed stops at that record.
+                        let decoded = match Record::decode(&rec.payload) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                self.stalled_on(rec.seq, &e.to_string());
+                                stalled = true;
+                                break;
+                            }
+                        };
                         // Where this record's live bytes end (a void may follow it).
                         let live_end = {
                             let mut h = self.history.lock().unwrap();
-                            h.observe(rec.seq, &decoded)?;
+                            if let Err(e) = h.observe(rec.seq, &decoded) {
+                                drop(h);
+                                self.stalled_on(rec.seq, &e);
+                                stalled = true;
+                                break;
+                            }
                             h.live_end(rec.seq, decoded.start, decoded.end)
                         };
                         seq = rec.seq;
@@ -372,6 +454,14 @@ impl Feeder {
                             p.whole_offset = whole;
                         });
                         reached = self.until_seq.is_some_and(|u| s >= u) && whole == o;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(STALL_RECHECK_MS)), if stalled => {
+                    // A snapshot that covers the stalled record: Redis
+                    // resyncs (the history starts over from it).
+                    let snap = self.published_snapshot().await?;
+                    if self.stall_stands(snap.as_ref()).is_none() {
+                        return Ok(());
                     }
                 }
                 n = r.read(&mut chunk) => {

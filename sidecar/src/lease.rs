@@ -14,7 +14,10 @@
 //!
 //! `Candidate` (a replica's side): try to take the lease once the journal's
 //! deadline plus a per-node backoff has passed, and only when this node
-//! has applied every record (the journal refuses a lagging candidate too).
+//! has applied every record (the journal refuses a lagging candidate too),
+//! and never while its feed is stalled on a record it cannot read
+//! (stall.rs): its Redis has not applied what the stream holds, however the
+//! counts look (a stream without a base, say, counts as caught up).
 
 /// The primary's renewal bookkeeping.
 #[derive(Debug, Clone)]
@@ -88,8 +91,12 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// `applied_seq`: the last record the local Redis has applied.
-    pub fn step(&self, view: &StreamView, applied_seq: u64, now_unix_ms: u64) -> Step {
+    /// `applied_seq`: the last record the local Redis has applied;
+    /// `stalled`: this node's feed stopped at a record it cannot read.
+    pub fn step(&self, view: &StreamView, applied_seq: u64, stalled: bool, now_unix_ms: u64) -> Step {
+        if stalled {
+            return Step::Wait { ms: self.poll_ms, why: "the feed is stalled at a record this node cannot read" };
+        }
         if applied_seq < view.last_seq {
             return Step::Wait { ms: self.poll_ms, why: "catching up" };
         }
@@ -147,13 +154,27 @@ mod tests {
     fn only_a_caught_up_candidate_after_expiry_and_backoff_tries() {
         let c = cand();
         let v = StreamView { leader: "old".into(), deadline_unix_ms: 10_000, last_seq: 50 };
-        assert_eq!(c.step(&v, 49, 20_000), Step::Wait { ms: 250, why: "catching up" });
-        assert_eq!(c.step(&v, 50, 9_000), Step::Wait { ms: 250, why: "the lease is held" });
-        assert_eq!(c.step(&v, 50, 10_050), Step::Wait { ms: 50, why: "the lease is held" });
-        assert_eq!(c.step(&v, 50, 10_100), Step::Take { caught_up_seq: 50 });
+        assert_eq!(c.step(&v, 49, false, 20_000), Step::Wait { ms: 250, why: "catching up" });
+        assert_eq!(c.step(&v, 50, false, 9_000), Step::Wait { ms: 250, why: "the lease is held" });
+        assert_eq!(c.step(&v, 50, false, 10_050), Step::Wait { ms: 50, why: "the lease is held" });
+        assert_eq!(c.step(&v, 50, false, 10_100), Step::Take { caught_up_seq: 50 });
         let mine = StreamView { leader: "me".into(), ..v.clone() };
-        assert_eq!(c.step(&mine, 50, 0), Step::Take { caught_up_seq: 50 });
+        assert_eq!(c.step(&mine, 50, false, 0), Step::Take { caught_up_seq: 50 });
         let nobody = StreamView { leader: String::new(), ..v };
-        assert_eq!(c.step(&nobody, 50, 0), Step::Take { caught_up_seq: 50 });
+        assert_eq!(c.step(&nobody, 50, false, 0), Step::Take { caught_up_seq: 50 });
+    }
+
+    #[test]
+    fn a_stalled_candidate_never_tries() {
+        let c = cand();
+        let stalled = Step::Wait { ms: 250, why: "the feed is stalled at a record this node cannot read" };
+        for leader in ["", "me", "old"] {
+            for applied in [0, 49, 50, 51] {
+                for now in [0, 10_100, u64::MAX / 2] {
+                    let v = StreamView { leader: leader.into(), deadline_unix_ms: 10_000, last_seq: 50 };
+                    assert_eq!(c.step(&v, applied, true, now), stalled, "leader {leader:?}, applied {applied}, now {now}");
+                }
+            }
+        }
     }
 }

@@ -15,3 +15,4 @@ pub mod resp;
 pub mod sentinel;
 pub mod snapshot;
 pub mod snapshotter;
+pub mod stall;

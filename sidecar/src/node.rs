@@ -18,6 +18,21 @@
 //!   a dead or paused Redis lets it lapse, so a replica takes over;
 //! - every node registers its addresses in the stream's metadata
 //!   (`members`), which discovery answers from.
+//!
+//! A record no node can read (stall.rs). The election rule: a node stands
+//! for election (takes the lease, or leads again under its own lease) only
+//! when its feed is not stalled and its Redis applied every record up to
+//! the stream's last seq (`Candidate::step`). A feed that stalled at record
+//! `n` has applied at most `n - 1`, and nothing after `n` can be fed, so a
+//! stalled node never leads, whatever else the counts say; the journal's
+//! own check (`caught_up_seq`) only sees what the node claims. A node that
+//! meets the record while leading (`Stop::Stalled`, when it reads the tail)
+//! or finds that another writer appended under its lease
+//! (`Stop::Overtaken`) fences its Redis (`KEEL.FENCED`: held writes fail,
+//! nothing more is served as primary) and follows; it is logged once, and
+//! the node keeps running, reporting the stall (`KEEL.STALLED`, `INFO
+//! keel`). With every node stalled the stream has no primary until an
+//! operator acts; that is said in every node's log and `INFO keel`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,11 +184,8 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                 continue;
             }
         };
-        let lead = match &info {
-            None => true,
-            Some(i) => i.leader_uuid == me || (i.last_seq == 0 && i.leader_uuid.is_empty()),
-        };
-        if lead {
+        let view = info.as_ref().map(|i| (i.leader_uuid.as_str(), i.last_seq));
+        if leads_at_start(&me, view, feeder.stalled().is_some()) {
             match primary::lead(&cfg.primary, &journal, &me).await {
                 Stop::Fatal(m) => return Stop::Fatal(m),
                 Stop::Retry(m) => {
@@ -183,6 +195,15 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                 }
                 Stop::Fenced(m) => tracing::warn!(why = %m, "fenced; following the new leader"),
                 Stop::LostHistory(m) => tracing::warn!(why = %m, "rebuilding the local Redis from the journal"),
+                Stop::Overtaken(m) => {
+                    tracing::error!(why = %m, "another process appended to the stream under this node's lease; stepped down (writes fenced), following");
+                    fence_local(&cfg, &m).await;
+                }
+                Stop::Stalled { seq, reason } => {
+                    // Logged once by the feeder, which stops at it too.
+                    let why = feeder.stalled_on(seq, &reason);
+                    fence_local(&cfg, &why).await;
+                }
             }
         }
         match follow(&cfg, &journal, &feeder, &listener, feed_port, &me).await {
@@ -196,6 +217,30 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                 tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
             }
         }
+    }
+}
+
+/// Whether this node leads without an election: on a new stream, or one
+/// it leads already (a restarted sidecar under its own lease); `stream`:
+/// (leader uuid, last seq), None for a stream that does not exist yet.
+/// Never while its feed is stalled, not even under its own lease.
+fn leads_at_start(me: &str, stream: Option<(&str, u64)>, stalled: bool) -> bool {
+    if stalled {
+        return false;
+    }
+    match stream {
+        None => true,
+        Some((leader, last_seq)) => leader == me || (last_seq == 0 && leader.is_empty()),
+    }
+}
+
+/// Tells the local Redis it is not the primary (`KEEL.FENCED`: held writes
+/// fail, nothing is served as primary); best effort: the follow loop makes
+/// it a replica next anyway.
+async fn fence_local(cfg: &NodeConfig, why: &str) {
+    let p = &cfg.primary;
+    if let Err(e) = redis_command(&p.redis, &p.control, &[b"KEEL.FENCED", why.as_bytes()], p.lease_ms).await {
+        tracing::warn!(error = %e, "could not fence the local Redis; it becomes a replica next");
     }
 }
 
@@ -316,6 +361,8 @@ async fn follow(
     };
     let elect = async {
         let mut logged = "";
+        // Whether the module may show a stall (told at the first poll).
+        let mut told_stall = true;
         loop {
             // Keep Redis a replica of the feeder.
             let info = redis_info(&p.redis, &p.control, p.lease_ms).await?;
@@ -342,6 +389,17 @@ async fn follow(
                     tracing::debug!(error = %e, "KEEL.FOLLOWING");
                 }
             }
+            let stall = feeder.stalled();
+            if stall.is_some() || told_stall {
+                // Told at every poll while stalled: a Redis restarted
+                // meanwhile learns it again.
+                let (seq, reason) = stall.as_ref().map(|s| (s.seq.to_string(), s.reason.as_str())).unwrap_or(("0".into(), ""));
+                let args: [&[u8]; 3] = [b"KEEL.STALLED", seq.as_bytes(), reason.as_bytes()];
+                match redis_command(&p.redis, &p.control, &args, p.lease_ms).await {
+                    Ok(_) => told_stall = stall.is_some(),
+                    Err(e) => tracing::debug!(error = %e, "KEEL.STALLED"),
+                }
+            }
             let applied: u64 = info_field(&info, "slave_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
             let link_up = info_field(&info, "master_link_status") == Some("up");
             // Caught up: Redis applied every byte fed, or every whole
@@ -360,7 +418,7 @@ async fn follow(
                     applied_seq = view.last_seq;
                 }
             }
-            match candidate.step(&view, applied_seq, now_unix_ms()) {
+            match candidate.step(&view, applied_seq, stall.is_some(), now_unix_ms()) {
                 Step::Wait { ms, why } => {
                     if why != logged {
                         tracing::info!(why, leader = %view.leader, last_seq = view.last_seq, applied_seq, "following");
@@ -501,6 +559,18 @@ async fn keep_view(journal: Arc<JournalClient>, stream: String, me: Member, mast
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stalled_node_never_leads_without_an_election() {
+        assert!(leads_at_start("me", None, false), "a new stream");
+        assert!(leads_at_start("me", Some(("", 0)), false), "an empty stream nobody leads");
+        assert!(leads_at_start("me", Some(("me", 40)), false), "its own lease");
+        assert!(!leads_at_start("me", Some(("", 3)), false), "a stream with records: an election");
+        assert!(!leads_at_start("me", Some(("other", 40)), false));
+        for stream in [None, Some(("", 0)), Some(("me", 40)), Some(("other", 40))] {
+            assert!(!leads_at_start("me", stream, true), "stalled, {stream:?}");
+        }
+    }
 
     #[test]
     fn members_round_trip_and_junk_lines_are_skipped() {

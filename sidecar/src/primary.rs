@@ -117,6 +117,15 @@ pub enum Stop {
     /// rebuilt from the journal as a replica.
     #[error("the local Redis lost its history: {0}")]
     LostHistory(String),
+    /// Another process appended to the stream under this node's lease
+    /// (the journal took its append): this node steps down (its writes are
+    /// fenced) and follows.
+    #[error("OVERTAKEN: {0}")]
+    Overtaken(String),
+    /// Record `seq` of the stream is not a Keel record: nobody can lead on
+    /// from it (stall.rs); this node follows, stalled.
+    #[error("record {seq} cannot be read: {reason}")]
+    Stalled { seq: u64, reason: String },
     #[error("{0}")]
     Fatal(String),
     /// Worth retrying from the journal's state (lost link, unavailable journal).
@@ -206,7 +215,7 @@ async fn unfinished_tail(journal: &JournalClient, stream: &str, last_seq: u64, f
     while at < end {
         let Some(batch) = reader.next_batch().await.map_err(retry)? else { break };
         for r in batch.into_iter().take_while(|r| r.seq <= last_seq) {
-            let rec = Record::decode(&r.payload).map_err(|e| Stop::Fatal(format!("stream {stream} record {}: {e}", r.seq)))?;
+            let rec = Record::decode(&r.payload).map_err(|e| Stop::Stalled { seq: r.seq, reason: e.to_string() })?;
             if rec.kind != Kind::Stream || rec.start > at || rec.end < at {
                 return Ok(false);
             }
@@ -225,7 +234,7 @@ async fn read_record(journal: &JournalClient, stream: &str, seq: u64) -> Result<
     crate::record::read_one(journal, stream, seq).await.map_err(|e| match e {
         ReadOneError::Journal(e) => retry(e),
         ReadOneError::Gone => retry(format!("record {seq} of {stream} is not readable")),
-        ReadOneError::Undecodable(e) => Stop::Fatal(format!("stream {stream} record {seq} is not a Keel record: {e}")),
+        ReadOneError::Undecodable(reason) => Stop::Stalled { seq, reason },
     })
 }
 
@@ -641,6 +650,10 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                         fence(&mut ctl, &message).await;
                         return Err(Stop::Fenced(message));
                     }
+                    Err(Stop::Overtaken(message)) => {
+                        fence(&mut ctl, &message).await;
+                        return Err(Stop::Overtaken(message));
+                    }
                     Err(e) => return Err(e),
                 };
                 last_seq = seq;
@@ -942,7 +955,7 @@ async fn append_records(
                 if landed {
                     return Ok((after_seq + recs.len() as u64, last.end));
                 }
-                return Err(Stop::Fatal(format!("stream {stream} moved past seq {after_seq} without this node: {e}")));
+                return Err(Stop::Overtaken(format!("stream {stream} moved past seq {after_seq} without this node: {e}")));
             }
             Err(e @ (JournalError::OutcomeUnknown(_) | JournalError::Unavailable(_))) => {
                 tracing::warn!(error = %e, "append not confirmed; retrying");

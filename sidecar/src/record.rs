@@ -126,7 +126,7 @@ pub enum ReadOneError {
     Journal(JournalError),
     /// The record is not in the stream (trimmed, or not written yet).
     Gone,
-    /// The record is there but is not a Keel record.
+    /// The record is there but is not a Keel record (the decoder's reason).
     Undecodable(String),
 }
 

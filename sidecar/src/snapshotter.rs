@@ -417,6 +417,17 @@ impl Snapshotter {
             // the feed stopped at its cut.
             let mut progress = feeder.progress.subscribe();
             let fed = loop {
+                if let Some(st) = feeder.stalled() {
+                    // The same record stalls every replica: no snapshot
+                    // can be built past it (stall.rs).
+                    return Err(format!(
+                        "no snapshot can be built past record {} of {}: {} ({})",
+                        st.seq,
+                        self.cfg.stream,
+                        st.reason,
+                        crate::stall::advice(&self.cfg.stream, st.seq)
+                    ));
+                }
                 let p = *progress.borrow_and_update();
                 if p.fed_seq >= target && p.whole_offset == p.fed_offset {
                     let info = redis.info("replication").await?;

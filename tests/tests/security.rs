@@ -95,6 +95,7 @@ async fn control_commands_are_only_the_sidecars() {
         &["KEEL.LEASE", "1"],
         &["KEEL.FOLLOWING", "someone", "shard-1", "1"],
         &["KEEL.SNAPSHOT", "1", "2", "3"],
+        &["KEEL.STALLED", "4", "not a Keel record"],
     ] {
         let reply = c.cmd(cmd);
         let want = format!(
@@ -107,6 +108,7 @@ async fn control_commands_are_only_the_sidecars() {
     assert_eq!(info_field(&mut c, "keel", "keel_durable_offset"), durable);
     assert_eq!(info_field(&mut c, "keel", "keel_role"), "primary");
     assert_eq!(info_field(&mut c, "keel", "keel_snapshot_seq"), "0");
+    assert_eq!(info_field(&mut c, "keel", "keel_feed_stalled_seq"), "0");
     // The control user is the module's: no other client changes it.
     for cmd in [
         &["ACL", "SETUSER", CONTROL_USER, "nopass"][..],
