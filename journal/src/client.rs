@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 pub use crate::errors::JournalError;
 use crate::errors::ERROR_KEY;
 use crate::errors::RAFT_LEADER_KEY;
+pub use crate::tls::JournalTls;
 
 /// Client bounds.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct ClientConfig {
     pub retry_for: Duration,
     /// Pause between rounds over all endpoints.
     pub retry_pause: Duration,
+    /// TLS identity for every channel (tls.rs); `Off` (the default) is
+    /// refused by a node that serves TLS.
+    pub tls: JournalTls,
 }
 
 impl Default for ClientConfig {
@@ -44,6 +48,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_millis(500),
             retry_for: Duration::from_secs(10),
             retry_pause: Duration::from_millis(50),
+            tls: JournalTls::Off,
         }
     }
 }
@@ -93,6 +98,23 @@ fn classify(status: &Status) -> Failure {
             let refused = chain.contains("onnection refused")
                 || chain.contains("tcp connect error")
                 || chain.contains("error trying to connect");
+            // A failed TLS handshake: the node reads no request before the
+            // handshake completes, so nothing was applied. Under TLS 1.3 a
+            // client learns its certificate was refused only from the
+            // alert that answers its first request.
+            if tls_refusal(&chain) {
+                return Failure::Transport { sent: false, message: format!("TLS handshake failed: {chain}") };
+            }
+            // A plaintext client reads a TLS node's alert as a malformed
+            // HTTP/2 frame, which no journal node sends: nothing was read.
+            if chain.contains("frame with invalid size") && chain.contains("GoAway") {
+                return Failure::Transport {
+                    sent: false,
+                    message: format!(
+                        "the node did not answer in HTTP/2 ({chain}); it serves TLS: give this client the deployment's certificates"
+                    ),
+                };
+            }
             match status.code() {
                 Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal => {
                     Failure::Transport { sent: !refused, message: chain }
@@ -103,24 +125,36 @@ fn classify(status: &Status) -> Failure {
     }
 }
 
+/// Whether a transport error's text is a TLS handshake failure (rustls's
+/// words: a refused or missing certificate, an alert, a timed-out
+/// handshake).
+fn tls_refusal(chain: &str) -> bool {
+    ["received fatal alert", "invalid peer certificate", "peer sent no certificates", "HandshakeTimeout", "handshake timed out"]
+        .iter()
+        .any(|w| chain.contains(w))
+}
+
 impl JournalClient {
     /// `endpoints` are `host:port` of journal nodes (any subset works).
     pub fn new(endpoints: Vec<String>, cfg: ClientConfig) -> Result<JournalClient, JournalError> {
         if endpoints.is_empty() {
             return Err(JournalError::Unavailable("no journal endpoints given".into()));
         }
+        let bad = |message: String| JournalError::Rejected { kind: "invalid".into(), message };
         for e in &endpoints {
-            Channel::from_shared(format!("http://{e}"))
-                .map_err(|err| JournalError::Rejected { kind: "invalid".into(), message: format!("bad endpoint {e:?}: {err}") })?;
+            let endpoint = Channel::from_shared(format!("{}://{e}", cfg.tls.scheme())).map_err(|err| bad(format!("bad endpoint {e:?}: {err}")))?;
+            if let Some(tls) = cfg.tls.client_config() {
+                endpoint.tls_config(tls).map_err(|err| bad(format!("TLS settings for {e:?}: {err}")))?;
+            }
         }
         let n = endpoints.len();
         Ok(JournalClient { endpoints, cfg, preferred: Mutex::new(0), channels: Mutex::new(vec![None; n]) })
     }
 
     /// Parses a comma-separated endpoint list.
-    pub fn from_list(list: &str) -> Result<JournalClient, JournalError> {
+    pub fn from_list(list: &str, tls: &JournalTls) -> Result<JournalClient, JournalError> {
         let endpoints = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
-        JournalClient::new(endpoints, ClientConfig::default())
+        JournalClient::new(endpoints, ClientConfig { tls: tls.clone(), ..ClientConfig::default() })
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -130,11 +164,14 @@ impl JournalClient {
     fn raw(&self, i: usize) -> RawClient<Channel> {
         let mut chans = self.channels.lock().unwrap();
         let ch = chans[i].get_or_insert_with(|| {
-            Channel::from_shared(format!("http://{}", self.endpoints[i]))
+            let mut endpoint = Channel::from_shared(format!("{}://{}", self.cfg.tls.scheme(), self.endpoints[i]))
                 .expect("validated in new")
                 .connect_timeout(self.cfg.connect_timeout)
-                .tcp_nodelay(true)
-                .connect_lazy()
+                .tcp_nodelay(true);
+            if let Some(tls) = self.cfg.tls.client_config() {
+                endpoint = endpoint.tls_config(tls).expect("validated in new");
+            }
+            endpoint.connect_lazy()
         });
         RawClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
     }

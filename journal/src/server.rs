@@ -74,6 +74,7 @@ use crate::types::Command;
 use crate::types::NodeId;
 use crate::types::Outcome;
 use crate::types::Raft;
+use crate::tls::JournalTls;
 
 /// Every bound and duration of a journal node.
 #[derive(Debug, Clone)]
@@ -102,6 +103,8 @@ pub struct ServeConfig {
     /// Untrimmed bytes a stream may hold before this node, as Raft leader,
     /// refuses appends to it (`stream-full`).
     pub stream_quota_bytes: u64,
+    /// Mutual TLS for clients and peers (tls.rs), or explicitly none.
+    pub tls: JournalTls,
 }
 
 /// Exit code of `keel-journal serve` when the node stopped because its
@@ -268,7 +271,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         ..Default::default()
     }
     .validate()?;
-    let raft = match Raft::new(cfg.node_id, Arc::new(raft_config), Network, log_store, sm.clone()).await {
+    let raft = match Raft::new(cfg.node_id, Arc::new(raft_config), Network { tls: cfg.tls.clone() }, log_store, sm.clone()).await {
         Ok(r) => r,
         Err(openraft::errors::Fatal::StorageError(e)) => return Err(StorageFailure::new(&cfg.data_dir, e).into()),
         Err(e) => return Err(e.into()),
@@ -295,13 +298,20 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = cfg.tls.server_config() {
+        builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
-    tracing::info!(node_id = cfg.node_id, listen = %cfg.listen, peers = ?cfg.peers, "journal node started");
+    tracing::info!(node_id = cfg.node_id, listen = %cfg.listen, peers = ?cfg.peers, tls = %cfg.tls.describe(), "journal node started");
+    if !cfg.tls.is_on() {
+        tracing::warn!(listen = %cfg.listen, "INSECURE: this journal node runs without TLS (--insecure): anyone who can reach its port can append, take leases and read every stream");
+    }
 
     tokio::spawn(log_state_changes(raft.clone()));
     tokio::spawn(initialize_when_pristine(raft.clone(), cfg.peers.clone()));
 
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(journal)
         .add_service(raft_svc)
         .serve_with_incoming_shutdown(incoming(listener), async {
