@@ -296,15 +296,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let tls = match a.tls.load(&format!("{JOURNAL_NODE_PREFIX}{}", a.node_id)).and_then(|t| t.check_serves().map(|()| t)) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("keel-journal: bad TLS configuration: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let cfg = ServeConfig {
-                tls,
+            let mut cfg = ServeConfig {
+                tls: JournalTls::Off,
                 node_id: a.node_id,
                 listen: a.listen,
                 data_dir: a.data,
@@ -324,6 +317,13 @@ fn main() -> ExitCode {
                 eprintln!("keel-journal: bad configuration: {e}");
                 return ExitCode::from(2);
             }
+            cfg.tls = match a.tls.load(&format!("{JOURNAL_NODE_PREFIX}{}", a.node_id)).and_then(|t| t.check_serves().map(|()| t)) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("keel-journal: bad TLS configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let served = rt.block_on(serve(cfg));
             // Tasks still blocked on a failed disk must not hold up the exit.
             rt.shutdown_timeout(Duration::from_secs(1));
