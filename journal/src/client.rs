@@ -69,6 +69,9 @@ pub struct JournalClient {
     /// Index into `endpoints` of the node to try first (the last leader seen).
     preferred: Mutex<usize>,
     channels: Mutex<Vec<Option<Channel>>>,
+    /// Per endpoint: a call was answered over its channel. Until then a
+    /// write is preceded by a `Status` call (see `run`).
+    answered: Mutex<Vec<bool>>,
 }
 
 /// Whether a failed call can be retried without risk of applying it twice.
@@ -148,7 +151,13 @@ impl JournalClient {
             }
         }
         let n = endpoints.len();
-        Ok(JournalClient { endpoints, cfg, preferred: Mutex::new(0), channels: Mutex::new(vec![None; n]) })
+        Ok(JournalClient {
+            endpoints,
+            cfg,
+            preferred: Mutex::new(0),
+            channels: Mutex::new(vec![None; n]),
+            answered: Mutex::new(vec![false; n]),
+        })
     }
 
     /// Parses a comma-separated endpoint list.
@@ -186,9 +195,31 @@ impl JournalClient {
         let mut at = Attempts::new(self);
         loop {
             let i = at.i;
+            // A node that refuses this client's certificate (TLS 1.3) says
+            // so only after the client sent its first request, by closing
+            // the connection: a write sent first would come back "outcome
+            // unknown". So the first call over a channel that never
+            // answered is a `Status`, whose failure leaves the write unsent.
+            if !idempotent && !self.answered.lock().unwrap()[i] {
+                match self.raw(i).status(timed(pb::StatusRequest {}, self.cfg.request_timeout)).await {
+                    Ok(_) => self.answered.lock().unwrap()[i] = true,
+                    Err(status) => {
+                        let failure = match classify(&status) {
+                            Failure::Transport { message, .. } => {
+                                Failure::Transport { sent: false, message: self.connect_hint(format!("before sending {what}: {message}")) }
+                            }
+                            other => other,
+                        };
+                        at.not_applied(self, failure, &status)?;
+                        at.pause_or_give_up(self, what).await?;
+                        continue;
+                    }
+                }
+            }
             match call(self.raw(i), self.cfg.request_timeout).await {
                 Ok(v) => {
                     *self.preferred.lock().unwrap() = i;
+                    self.answered.lock().unwrap()[i] = true;
                     return Ok(v);
                 }
                 Err(status) => match classify(&status) {
@@ -233,6 +264,19 @@ impl JournalClient {
             .await
             .map_err(|_| Status::unavailable(format!("tcp connect error: no answer within {:?}", self.cfg.request_timeout)))??;
         Ok(OpenAppendStream { endpoint: i, tx, replies: opened.into_inner() })
+    }
+
+    /// `message` of a failed first call, with what a closed connection
+    /// there may mean.
+    fn connect_hint(&self, message: String) -> String {
+        if message.contains("TLS") || message.contains("serves TLS") || !(message.contains("closed") || message.contains("reset") || message.contains("broken pipe")) {
+            return message;
+        }
+        if self.cfg.tls.is_on() {
+            format!("{message} (a journal node closes the connection of a client whose certificate it refuses: check this one is of the deployment's CA)")
+        } else {
+            format!("{message} (a journal node that serves TLS closes plaintext connections: give this client the deployment's certificates)")
+        }
     }
 
     /// Compare-and-set of the stream leader; returns the old leader.
