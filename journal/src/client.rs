@@ -106,7 +106,10 @@ fn classify(status: &Status) -> Failure {
             // client learns its certificate was refused only from the
             // alert that answers its first request.
             if tls_refusal(&chain) {
-                return Failure::Transport { sent: false, message: format!("TLS handshake failed: {chain}") };
+                return Failure::Transport {
+                    sent: false,
+                    message: format!("TLS handshake failed: {chain} (the node and this client must each show a certificate of the deployment's CA)"),
+                };
             }
             // A plaintext client reads a TLS node's alert as a malformed
             // HTTP/2 frame, which no journal node sends: nothing was read.
