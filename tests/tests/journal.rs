@@ -484,7 +484,11 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(e.kind(), "trimmed", "{e}");
 
     // A malformed frame on the Raft port is refused without harm.
-    let mut raw = keel_proto::journal::raft_client::RaftClient::connect(format!("http://{}", c.nodes[0].addr)).await.unwrap();
+    let endpoint = tonic::transport::Channel::from_shared(format!("https://{}", c.nodes[0].addr))
+        .unwrap()
+        .tls_config(c.tls().client_config().expect("a TLS cluster"))
+        .unwrap();
+    let mut raw = keel_proto::journal::raft_client::RaftClient::new(endpoint.connect().await.unwrap());
     let status = raw.append_entries(keel_proto::journal::RaftMessage { data: vec![0xc1, 0xff, 0x00].into() }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(client.append(S, &a, vec![b"still".to_vec()], None).await.unwrap(), 2);
