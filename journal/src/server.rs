@@ -294,7 +294,8 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let journal = JournalServer::from_arc(node.clone())
         .max_decoding_message_size(MAX_APPEND_BYTES * 2)
         .max_encoding_message_size(MAX_APPEND_BYTES * 2);
-    let raft_svc = RaftServer::new(RaftTransport { raft: raft.clone(), sm: node.sm.clone() })
+    let peers = cfg.tls.peer_check().map_err(anyhow::Error::msg)?.map(Arc::new);
+    let raft_svc = RaftServer::new(RaftTransport { raft: raft.clone(), sm: node.sm.clone(), peers })
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
 
@@ -918,6 +919,20 @@ fn lease_reply(outcome: Outcome) -> Result<Response<pb::LeaseResponse>, Status> 
 struct RaftTransport {
     raft: Raft,
     sm: StateMachineStore,
+    /// Who may call it (None: no TLS, anyone).
+    peers: Option<Arc<crate::tls::PeerCheck>>,
+}
+
+impl RaftTransport {
+    /// With TLS, only journal nodes may call the Raft service (tls.rs).
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(peers) = &self.peers else { return Ok(()) };
+        let chain = req.peer_certs();
+        peers.check(chain.as_deref().map(|c| c.as_slice())).map_err(|why| {
+            tracing::warn!(remote = ?req.remote_addr(), %why, "refused a Raft call");
+            Status::permission_denied(format!("PERMISSION_DENIED: only journal nodes may call the Raft service: {why}"))
+        })
+    }
 }
 
 fn raft_reply<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
@@ -928,12 +943,14 @@ fn raft_reply<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, S
 #[tonic::async_trait]
 impl keel_proto::journal::raft_server::Raft for RaftTransport {
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.admit(&req)?;
         let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
         let res = self.raft.vote(rpc).await.map_err(|e| e.to_string());
         raft_reply(&res)
     }
 
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.admit(&req)?;
         let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
         let res = self.raft.append_entries(rpc).await.map_err(|e| e.to_string());
         raft_reply(&res)
@@ -945,6 +962,7 @@ impl keel_proto::journal::raft_server::Raft for RaftTransport {
         &self,
         req: Request<tonic::Streaming<pb::RaftMessage>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        self.admit(&req)?;
         // A request that does not decode, or a broken link, ends the input:
         // openraft answers what came before it and the stream ends; the
         // leader then starts a new one.
@@ -966,6 +984,7 @@ impl keel_proto::journal::raft_server::Raft for RaftTransport {
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.admit(&req)?;
         let chunk: SnapshotChunk = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
         let reply: SnapshotChunkReply = match self.sm.stage_chunk(&chunk.meta, chunk.offset, chunk.data, chunk.done).await {
             Err(e) => {

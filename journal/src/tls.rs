@@ -18,7 +18,9 @@
 //!
 //! Clients check the server against `JOURNAL_SERVER_NAME`, not the address
 //! they dial: a node's certificate need not list every address a client
-//! may use for it.
+//! may use for it. The Raft service (peer traffic) further takes only
+//! callers whose certificate is a journal node's (`PeerCheck`): a client's
+//! certificate cannot vote or replicate.
 //!
 //! Life cycle of a process's TLS settings: command-line flags (`TlsFlags`)
 //! are resolved without I/O into a `TlsChoice` (three files, or explicitly
@@ -168,6 +170,8 @@ pub enum JournalTls {
 pub struct Loaded {
     paths: Option<TlsPaths>,
     ca: Certificate,
+    /// The CA certificates, parsed.
+    roots: Vec<CertificateDer<'static>>,
     /// None: a client that checks the server but shows no certificate
     /// (`JournalTls::anonymous`, for probes and tests).
     identity: Option<Identity>,
@@ -213,7 +217,7 @@ impl JournalTls {
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| format!("the private key {} is not a PEM private key: {e}", paths.key.display()))?;
         let mut store = rustls::RootCertStore::empty();
-        for r in roots {
+        for r in roots.clone() {
             store.add(r).map_err(|e| format!("the CA certificate {} is not usable: {e}", paths.ca.display()))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -238,6 +242,7 @@ impl JournalTls {
         Ok(JournalTls::On(Arc::new(Loaded {
             paths: Some(paths.clone()),
             ca: Certificate::from_pem(ca_pem),
+            roots,
             identity: Some(Identity::from_pem(cert_pem, key_pem)),
         })))
     }
@@ -246,8 +251,8 @@ impl JournalTls {
     /// an outsider who knows the CA looks like (journal nodes refuse it).
     pub fn anonymous(ca: &Path) -> Result<JournalTls, String> {
         let ca_pem = read("the CA certificate", ca)?;
-        certs_of("the CA certificate", ca, &ca_pem)?;
-        Ok(JournalTls::On(Arc::new(Loaded { paths: None, ca: Certificate::from_pem(ca_pem), identity: None })))
+        let roots = certs_of("the CA certificate", ca, &ca_pem)?;
+        Ok(JournalTls::On(Arc::new(Loaded { paths: None, ca: Certificate::from_pem(ca_pem), roots, identity: None })))
     }
 
     pub fn is_on(&self) -> bool {
@@ -304,6 +309,12 @@ impl JournalTls {
         Ok(())
     }
 
+    /// The Raft service's check of its callers; None without TLS.
+    pub fn peer_check(&self) -> Result<Option<PeerCheck>, String> {
+        let JournalTls::On(l) = self else { return Ok(None) };
+        Ok(Some(PeerCheck { verifier: server_verifier(&l.roots)?, accepted: Default::default() }))
+    }
+
     /// One phrase for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -313,6 +324,51 @@ impl JournalTls {
                 None => "TLS without a client certificate".into(),
             },
         }
+    }
+}
+
+fn server_verifier(roots: &[CertificateDer<'static>]) -> Result<Arc<rustls::client::WebPkiServerVerifier>, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).map_err(|e| format!("a CA certificate is not usable: {e}"))?;
+    }
+    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), Arc::new(rustls::crypto::ring::default_provider()))
+        .build()
+        .map_err(|e| format!("the CA certificates: {e}"))
+}
+
+/// Certificates a `PeerCheck` remembers as accepted (a deployment has a
+/// handful of journal nodes); past this it forgets them all and checks
+/// again.
+pub const MAX_ACCEPTED_PEER_CERTS: usize = 64;
+
+/// Admits a caller of the Raft service only if the certificate it showed
+/// in the handshake is a journal node's: of the CA, for
+/// `JOURNAL_SERVER_NAME`, with server use. Certificates once accepted are
+/// remembered (by their bytes), so a heartbeat costs no signature check.
+pub struct PeerCheck {
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    accepted: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+}
+
+impl PeerCheck {
+    pub fn check(&self, chain: Option<&[CertificateDer<'static>]>) -> Result<(), String> {
+        let Some((leaf, rest)) = chain.and_then(|c| c.split_first()) else {
+            return Err("the caller showed no certificate".into());
+        };
+        if self.accepted.lock().unwrap().contains(leaf.as_ref()) {
+            return Ok(());
+        }
+        let name = ServerName::try_from(JOURNAL_SERVER_NAME).expect("a valid DNS name");
+        self.verifier
+            .verify_server_cert(leaf, rest, &name, &[], UnixTime::now())
+            .map_err(|e| format!("the caller's certificate is not a journal node's ({e})"))?;
+        let mut accepted = self.accepted.lock().unwrap();
+        if accepted.len() >= MAX_ACCEPTED_PEER_CERTS {
+            accepted.clear();
+        }
+        accepted.insert(leaf.as_ref().to_vec());
+        Ok(())
     }
 }
 

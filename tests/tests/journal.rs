@@ -484,11 +484,21 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(e.kind(), "trimmed", "{e}");
 
     // A malformed frame on the Raft port is refused without harm.
-    let endpoint = tonic::transport::Channel::from_shared(format!("https://{}", c.nodes[0].addr))
-        .unwrap()
-        .tls_config(c.tls().client_config().expect("a TLS cluster"))
-        .unwrap();
-    let mut raw = keel_proto::journal::raft_client::RaftClient::new(endpoint.connect().await.unwrap());
+    // (It takes a journal node's certificate: a client's is refused.)
+    let raft_port = |tls: keel_journal::tls::JournalTls| {
+        let endpoint = tonic::transport::Channel::from_shared(format!("https://{}", c.nodes[0].addr))
+            .unwrap()
+            .tls_config(tls.client_config().expect("a TLS cluster"))
+            .unwrap();
+        async move { keel_proto::journal::raft_client::RaftClient::new(endpoint.connect().await.unwrap()) }
+    };
+    let mut as_client = raft_port(c.tls()).await;
+    let status = as_client.append_entries(keel_proto::journal::RaftMessage { data: vec![0xc1].into() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("only journal nodes"), "{status}");
+    let node_cert = keel_journal::tls::TlsPaths::in_dir(c.tls_dir.as_ref().unwrap(), "journal-1");
+    let as_node = keel_journal::tls::JournalTls::load(&keel_journal::tls::TlsChoice::Files(node_cert)).unwrap();
+    let mut raw = raft_port(as_node).await;
     let status = raw.append_entries(keel_proto::journal::RaftMessage { data: vec![0xc1, 0xff, 0x00].into() }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(client.append(S, &a, vec![b"still".to_vec()], None).await.unwrap(), 2);

@@ -4,6 +4,8 @@
 //!   client whose certificate is of another CA are refused in the
 //!   handshake, with an error that says so, and nothing is appended;
 //! - a plaintext connection to a journal port never gets an HTTP/2 answer;
+//! - a client's certificate of the CA cannot call the Raft service (only a
+//!   journal node's can);
 //! - the forged append of issue 16 (`keel-journal ctl append shard-1
 //!   --leader <the primary's uuid>` from anyone who reaches a port) fails,
 //!   and the deployment keeps its primary;
@@ -131,6 +133,16 @@ async fn clients_without_a_certificate_of_the_ca_are_refused() {
     let other_dir = other.display().to_string();
     let (code, _, err) = journal_cmd(&["ctl", "--endpoints", &eps, "--tls-dir", &other_dir, "status"], b"");
     assert_ne!(code, 0, "status with another CA's certificate: {err}");
+
+    // A certificate of the CA that is not a journal node's cannot speak
+    // the Raft service (a vote for a made-up term, here).
+    let endpoint = tonic::transport::Channel::from_shared(format!("https://{}", c.nodes[0].addr))
+        .unwrap()
+        .tls_config(c.tls().client_config().unwrap())
+        .unwrap();
+    let mut raft = keel_proto::journal::raft_client::RaftClient::new(endpoint.connect().await.unwrap());
+    let status = raft.vote(keel_proto::journal::RaftMessage { data: vec![0x80].into() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
 
     // Nothing of theirs was appended; the deployment's own client works.
     let records = read_all(&ok, S).await;
