@@ -9,6 +9,11 @@
 //!   (timeout, connection lost) is `OutcomeUnknown`, never retried here: the
 //!   caller decides (an append can retry with `expect_last_seq`).
 //! - Reads are retried on any transport failure and resume where they were.
+//! - A failed TLS handshake (tls.rs) means the node read nothing: it is
+//!   treated like a refused connection. TLS 1.3 tells a client that its
+//!   certificate was refused only in answer to its first request, so the
+//!   first write over a channel that never answered is preceded by a
+//!   `Status` call, and a refusal there leaves the write unsent.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -672,5 +677,24 @@ impl Attempts {
             tokio::time::sleep(client.cfg.retry_pause).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_refusals_are_recognised() {
+        for chain in [
+            "transport error: received fatal alert: CertificateRequired",
+            "invalid peer certificate: UnknownIssuer",
+            "received fatal alert: UnknownCA",
+        ] {
+            assert!(tls_refusal(chain), "{chain}");
+        }
+        for chain in ["tcp connect error: Connection refused", "h2 protocol error: stream reset", "operation was canceled: connection closed"] {
+            assert!(!tls_refusal(chain), "{chain}");
+        }
     }
 }

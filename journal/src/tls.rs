@@ -442,8 +442,8 @@ fn validity(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
 /// is not there, then a certificate and key for every name that has none
 /// (`Role::of` the name decides its use). Journal nodes' certificates name
 /// `JOURNAL_SERVER_NAME`, localhost, 127.0.0.1, ::1 and `extra_sans`
-/// (DNS names or IP addresses). Every file is mode 0600, the directory
-/// 0700. Returns the names issued.
+/// (DNS names or IP addresses). Every file is mode 0600, and the
+/// directory 0700 when it makes it. Returns the names issued.
 pub fn issue(dir: &Path, names: &[String], extra_sans: &[String]) -> Result<Vec<String>, String> {
     use rcgen::BasicConstraints;
     use rcgen::CertificateParams;
@@ -454,9 +454,14 @@ pub fn issue(dir: &Path, names: &[String], extra_sans: &[String]) -> Result<Vec<
     use rcgen::KeyPair;
     use rcgen::KeyUsagePurpose;
 
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("cannot chmod 700 {}: {e}", dir.display()))?;
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     let present: BTreeSet<String> = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
