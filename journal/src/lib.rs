@@ -10,4 +10,5 @@ pub mod network;
 pub mod server;
 pub mod state_machine;
 pub mod streams;
+pub mod tls;
 pub mod types;

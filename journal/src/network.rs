@@ -52,6 +52,7 @@ use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
 use crate::records::SnapshotData;
+use crate::tls::JournalTls;
 use crate::types::LogId;
 use crate::types::NodeId;
 use crate::types::TypeConfig;
@@ -87,18 +88,25 @@ pub struct SnapshotChunk {
 /// The follower's answer to a chunk: `None` until the last one.
 pub type SnapshotChunkReply = Result<Option<SnapshotResponse<TypeConfig>>, String>;
 
-/// Makes one client per peer.
+/// Makes one client per peer. With TLS, a node shows its peers its own
+/// certificate (journal nodes' certificates serve as client certificates
+/// too) and checks theirs against the deployment's CA (tls.rs).
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    pub tls: JournalTls,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        let endpoint = Channel::from_shared(format!("http://{}", node.addr))
+        let mut endpoint = Channel::from_shared(format!("{}://{}", self.tls.scheme(), node.addr))
             .expect("peer address was validated at start-up")
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if let Some(tls) = self.tls.client_config() {
+            endpoint = endpoint.tls_config(tls).expect("the TLS files were checked at start-up");
+        }
         let client = RaftClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);

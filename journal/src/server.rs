@@ -74,6 +74,7 @@ use crate::types::Command;
 use crate::types::NodeId;
 use crate::types::Outcome;
 use crate::types::Raft;
+use crate::tls::JournalTls;
 
 /// Every bound and duration of a journal node.
 #[derive(Debug, Clone)]
@@ -102,6 +103,8 @@ pub struct ServeConfig {
     /// Untrimmed bytes a stream may hold before this node, as Raft leader,
     /// refuses appends to it (`stream-full`).
     pub stream_quota_bytes: u64,
+    /// Mutual TLS for clients and peers (tls.rs), or explicitly none.
+    pub tls: JournalTls,
 }
 
 /// Exit code of `keel-journal serve` when the node stopped because its
@@ -268,7 +271,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         ..Default::default()
     }
     .validate()?;
-    let raft = match Raft::new(cfg.node_id, Arc::new(raft_config), Network, log_store, sm.clone()).await {
+    let raft = match Raft::new(cfg.node_id, Arc::new(raft_config), Network { tls: cfg.tls.clone() }, log_store, sm.clone()).await {
         Ok(r) => r,
         Err(openraft::errors::Fatal::StorageError(e)) => return Err(StorageFailure::new(&cfg.data_dir, e).into()),
         Err(e) => return Err(e.into()),
@@ -291,17 +294,25 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let journal = JournalServer::from_arc(node.clone())
         .max_decoding_message_size(MAX_APPEND_BYTES * 2)
         .max_encoding_message_size(MAX_APPEND_BYTES * 2);
-    let raft_svc = RaftServer::new(RaftTransport { raft: raft.clone(), sm: node.sm.clone() })
+    let peers = cfg.tls.peer_check().map_err(anyhow::Error::msg)?.map(Arc::new);
+    let raft_svc = RaftServer::new(RaftTransport { raft: raft.clone(), sm: node.sm.clone(), peers })
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = cfg.tls.server_config() {
+        builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
-    tracing::info!(node_id = cfg.node_id, listen = %cfg.listen, peers = ?cfg.peers, "journal node started");
+    tracing::info!(node_id = cfg.node_id, listen = %cfg.listen, peers = ?cfg.peers, tls = %cfg.tls.describe(), "journal node started");
+    if !cfg.tls.is_on() {
+        tracing::warn!(listen = %cfg.listen, "INSECURE: this journal node runs without TLS (--insecure): anyone who can reach its port can append, take leases and read every stream");
+    }
 
     tokio::spawn(log_state_changes(raft.clone()));
     tokio::spawn(initialize_when_pristine(raft.clone(), cfg.peers.clone()));
 
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(journal)
         .add_service(raft_svc)
         .serve_with_incoming_shutdown(incoming(listener), async {
@@ -908,6 +919,20 @@ fn lease_reply(outcome: Outcome) -> Result<Response<pb::LeaseResponse>, Status> 
 struct RaftTransport {
     raft: Raft,
     sm: StateMachineStore,
+    /// Who may call it (None: no TLS, anyone).
+    peers: Option<Arc<crate::tls::PeerCheck>>,
+}
+
+impl RaftTransport {
+    /// With TLS, only journal nodes may call the Raft service (tls.rs).
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(peers) = &self.peers else { return Ok(()) };
+        let chain = req.peer_certs();
+        peers.check(chain.as_deref().map(|c| c.as_slice())).map_err(|why| {
+            tracing::warn!(remote = ?req.remote_addr(), %why, "refused a Raft call");
+            Status::permission_denied(format!("PERMISSION_DENIED: only journal nodes may call the Raft service: {why}"))
+        })
+    }
 }
 
 fn raft_reply<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
@@ -918,12 +943,14 @@ fn raft_reply<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, S
 #[tonic::async_trait]
 impl keel_proto::journal::raft_server::Raft for RaftTransport {
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.admit(&req)?;
         let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
         let res = self.raft.vote(rpc).await.map_err(|e| e.to_string());
         raft_reply(&res)
     }
 
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.admit(&req)?;
         let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
         let res = self.raft.append_entries(rpc).await.map_err(|e| e.to_string());
         raft_reply(&res)
@@ -935,6 +962,7 @@ impl keel_proto::journal::raft_server::Raft for RaftTransport {
         &self,
         req: Request<tonic::Streaming<pb::RaftMessage>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        self.admit(&req)?;
         // A request that does not decode, or a broken link, ends the input:
         // openraft answers what came before it and the stream ends; the
         // leader then starts a new one.
@@ -956,6 +984,7 @@ impl keel_proto::journal::raft_server::Raft for RaftTransport {
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.admit(&req)?;
         let chunk: SnapshotChunk = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
         let reply: SnapshotChunkReply = match self.sm.stage_chunk(&chunk.meta, chunk.offset, chunk.data, chunk.done).await {
             Err(e) => {

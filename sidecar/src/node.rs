@@ -139,7 +139,7 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         Ok(u) => u,
         Err(e) => return Stop::Fatal(format!("state dir {}: {e}", cfg.primary.state_dir.display())),
     };
-    let journal = match JournalClient::from_list(&cfg.primary.journal) {
+    let journal = match JournalClient::from_list(&cfg.primary.journal, &cfg.primary.journal_tls) {
         Ok(j) => Arc::new(j),
         Err(e) => return Stop::Fatal(e.to_string()),
     };

@@ -69,6 +69,8 @@ pub struct PrimaryConfig {
     /// with (auth.rs).
     pub control: Credentials,
     pub journal: String,
+    /// TLS to the journal (or explicitly none).
+    pub journal_tls: keel_journal::tls::JournalTls,
     pub stream: String,
     pub state_dir: PathBuf,
     pub lease_ms: u64,

@@ -70,6 +70,8 @@ const MAX_REPLY_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct SnapshotterConfig {
     pub journal: String,
+    /// TLS to the journal (or explicitly none).
+    pub journal_tls: keel_journal::tls::JournalTls,
     pub stream: String,
     pub store: String,
     /// The redis-server (or valkey-server) binary the private servers run.
@@ -180,7 +182,7 @@ fn now_unix_ms() -> u64 {
 impl Snapshotter {
     pub fn new(cfg: SnapshotterConfig) -> Result<Snapshotter, String> {
         cfg.validate()?;
-        let journal = Arc::new(JournalClient::from_list(&cfg.journal).map_err(|e| e.to_string())?);
+        let journal = Arc::new(JournalClient::from_list(&cfg.journal, &cfg.journal_tls).map_err(|e| e.to_string())?);
         let store = SnapshotStore::open(&cfg.store)?;
         let me = crate::primary::node_uuid(&cfg.work_dir).map_err(|e| format!("work dir {}: {e}", cfg.work_dir.display()))?;
         Ok(Snapshotter { cfg, journal, store, me, warned_threshold: Default::default() })
@@ -669,6 +671,7 @@ mod tests {
     fn bad_configuration_is_refused() {
         let good = SnapshotterConfig {
             journal: "127.0.0.1:1".into(),
+            journal_tls: Default::default(),
             stream: "s".into(),
             store: "/tmp/x".into(),
             redis_server: "redis-server".into(),

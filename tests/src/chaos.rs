@@ -206,6 +206,13 @@ impl Deployment {
             nodes: NODE_HOSTS.iter().map(|_| NodeProcs { redis: None, sidecar: None }).collect(),
             snapshotter: None,
         };
+        // The deployment's CA and one certificate per process (lib.rs).
+        let names: Vec<String> = (1..=JOURNAL_HOSTS.len())
+            .map(|i| format!("journal-{i}"))
+            .chain(NODE_HOSTS.iter().map(|h| h.to_string()))
+            .chain(["snapshotter".to_string()])
+            .collect();
+        keel_journal::tls::issue(&crate::tls_dir(dir), &names, &[])?;
         for i in 0..JOURNAL_HOSTS.len() {
             d.start_journal(i)?;
         }
@@ -231,6 +238,7 @@ impl Deployment {
         let log = self.log("snapshotter.log")?;
         let mut cmd = self.lab.command(SNAPSHOTTER_HOST, bin("keel-sidecar"));
         cmd.args(["snapshot", "--journal", &self.journal_endpoints(), "--every-bytes", &SNAPSHOT_EVERY_BYTES.to_string()])
+            .args(crate::journal_tls_args(Some(&crate::tls_dir(&self.dir)), "snapshotter"))
             .args(["--poll-ms", "200", "--store"])
             .arg(self.store())
             .arg("--work-dir")
@@ -277,6 +285,8 @@ impl Deployment {
             .arg("--data")
             .arg(self.dir.join(format!("data-{host}")))
             .args(["--peers", &peers.join(",")])
+            .arg("--tls-dir")
+            .arg(crate::tls_dir(&self.dir))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);
@@ -334,6 +344,7 @@ impl Deployment {
         let mut cmd = self.lab.command(host, bin("keel-sidecar"));
         cmd
             .args(["node", "--redis", &format!("{ip}:{REDIS_PORT}"), "--journal", &self.journal_endpoints()])
+            .args(crate::journal_tls_args(Some(&crate::tls_dir(&self.dir)), host))
             .args(["--lease-ms", &self.lease_ms.to_string(), "--sentinel", &format!("{ip}:{SENTINEL_PORT}")])
             .arg("--store")
             .arg(self.store())

@@ -2,6 +2,12 @@
 //! processes on loopback ports in a temporary directory, and kills, pauses
 //! and restarts them. Nothing here is mocked.
 //!
+//! Journals run secure, as deployments do: each cluster makes its own CA
+//! and certificates (`keel_journal::tls::issue`) in `<dir>/tls`, and every
+//! process and client the harness starts gets its own pair from there
+//! (`journal_tls_args`). `--insecure` among a cluster's arguments runs it
+//! without TLS.
+//!
 //! Binaries are found in `KEEL_BIN_DIR` if set, else next to the test
 //! executable's target directory (`target/<profile>/`); `scripts/test` builds
 //! them before running the tests.
@@ -21,6 +27,9 @@ use std::time::Instant;
 
 use keel_journal::client::ClientConfig;
 use keel_journal::client::JournalClient;
+use keel_journal::tls::JournalTls;
+use keel_journal::tls::TlsChoice;
+use keel_journal::tls::TlsPaths;
 
 /// How long a cluster may take to elect its first leader.
 pub const LEADER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -79,12 +88,37 @@ pub struct JournalNode {
     pub child: Option<Child>,
 }
 
+/// Where a test deployment keeps its certificates: `<root>/tls`.
+pub fn tls_dir(root: &Path) -> PathBuf {
+    root.join("tls")
+}
+
+/// Makes certificate `name` in `dir` (and the CA, the first time) unless
+/// it is there.
+pub fn ensure_cert(dir: &Path, name: &str) -> TlsPaths {
+    keel_journal::tls::issue(dir, &[name.to_string()], &[]).unwrap_or_else(|e| panic!("certificates in {}: {e}", dir.display()));
+    TlsPaths::in_dir(dir, name)
+}
+
+/// `keel-sidecar` arguments for a journal whose certificates are in `dir`
+/// (None: an insecure journal), as process `name`.
+pub fn journal_tls_args(dir: Option<&Path>, name: &str) -> Vec<String> {
+    let Some(dir) = dir else { return vec!["--journal-insecure".into()] };
+    let p = ensure_cert(dir, name);
+    let s = |p: &Path| p.display().to_string();
+    vec!["--journal-ca".into(), s(&p.ca), "--journal-cert".into(), s(&p.cert), "--journal-key".into(), s(&p.key)]
+}
+
 /// A journal cluster of real processes.
 pub struct JournalCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<JournalNode>,
     peers: String,
     extra_args: Vec<String>,
+    /// The certificates (`<dir>/tls`), or None for an insecure cluster.
+    pub tls_dir: Option<PathBuf>,
+    /// The harness's own client identity.
+    tls: JournalTls,
 }
 
 impl JournalCluster {
@@ -113,8 +147,17 @@ impl JournalCluster {
             })
             .collect();
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
-        let extra_args = args.iter().map(|a| a.to_string()).collect();
-        let mut c = JournalCluster { dir, nodes, peers, extra_args };
+        let extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (tls_dir, tls) = if extra_args.iter().any(|a| a == "--insecure") {
+            (None, JournalTls::Off)
+        } else {
+            let tls_dir = tls_dir(dir.path());
+            let names: Vec<String> = nodes.iter().map(|n| format!("journal-{}", n.id)).chain(["harness".to_string(), "ctl".to_string()]).collect();
+            keel_journal::tls::issue(&tls_dir, &names, &[]).expect("test certificates");
+            let tls = JournalTls::load(&TlsChoice::Files(TlsPaths::in_dir(&tls_dir, "harness"))).expect("the harness's certificate");
+            (Some(tls_dir), tls)
+        };
+        let mut c = JournalCluster { dir, nodes, peers, extra_args, tls_dir, tls };
         setup(&c);
         for i in 0..n {
             c.spawn(i);
@@ -132,6 +175,7 @@ impl JournalCluster {
             .arg("--data")
             .arg(&node.data)
             .args(["--peers", &self.peers])
+            .args(self.tls_dir.iter().flat_map(|d| [std::ffi::OsString::from("--tls-dir"), d.clone().into_os_string()]))
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -146,13 +190,36 @@ impl JournalCluster {
     }
 
     pub fn client(&self) -> JournalClient {
-        let cfg = ClientConfig { retry_for: Duration::from_secs(20), ..Default::default() };
+        let cfg = ClientConfig { retry_for: Duration::from_secs(20), tls: self.tls.clone(), ..Default::default() };
         JournalClient::new(self.nodes.iter().map(|n| n.addr.clone()).collect(), cfg).unwrap()
     }
 
     /// A client that talks to node `i` only.
     pub fn client_of(&self, i: usize) -> JournalClient {
-        JournalClient::new(vec![self.nodes[i].addr.clone()], ClientConfig::default()).unwrap()
+        JournalClient::new(vec![self.nodes[i].addr.clone()], self.client_config()).unwrap()
+    }
+
+    /// `ClientConfig::default()` with the harness's TLS identity.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig { tls: self.tls.clone(), ..Default::default() }
+    }
+
+    /// The harness's TLS identity (Off for an insecure cluster).
+    pub fn tls(&self) -> JournalTls {
+        self.tls.clone()
+    }
+
+    /// `keel-sidecar` arguments for process `name` (its own certificate).
+    pub fn sidecar_tls_args(&self, name: &str) -> Vec<String> {
+        journal_tls_args(self.tls_dir.as_deref(), name)
+    }
+
+    /// `keel-journal ctl`/`bench` arguments (the `ctl` certificate).
+    pub fn ctl_tls_args(&self) -> Vec<String> {
+        match &self.tls_dir {
+            Some(d) => vec!["--tls-dir".into(), d.display().to_string()],
+            None => vec!["--insecure".into()],
+        }
     }
 
     pub fn pid(&self, i: usize) -> u32 {
@@ -328,7 +395,9 @@ impl KeelPrimary {
 
     pub fn start_sidecar(&mut self) {
         let (addr, endpoints) = (self.addr(), self.journal.endpoints());
+        let tls = self.journal.sidecar_tls_args("primary");
         let mut args = vec!["primary", "--redis", &addr, "--journal", &endpoints, "--lease-ms", "1000", "--stream", &self.stream];
+        args.extend(tls.iter().map(|a| a.as_str()));
         args.extend(self.sidecar_args.iter().map(|a| a.as_str()));
         self.sidecar = Some(spawn_sidecar(&self.dir, &args));
     }
@@ -362,15 +431,16 @@ impl KeelPrimary {
 
     /// The journaled stream, decoded into commands (lower-cased names).
     pub fn journaled_commands(&self) -> Vec<Vec<String>> {
-        journaled_commands(&self.journal.endpoints(), &self.stream)
+        journaled_commands(&self.journal, &self.stream)
     }
 }
 
 /// A journaled stream, decoded into commands, in journal order.
-pub fn journaled_commands(endpoints: &str, stream: &str) -> Vec<Vec<String>> {
+pub fn journaled_commands(journal: &JournalCluster, stream: &str) -> Vec<Vec<String>> {
     {
         let out = Command::new(bin("keel-sidecar"))
-            .args(["decode", "--journal", endpoints, "--stream", stream])
+            .args(["decode", "--journal", &journal.endpoints(), "--stream", stream])
+            .args(journal.sidecar_tls_args("decode"))
             .output()
             .unwrap();
         assert!(out.status.success(), "decode failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -609,11 +679,17 @@ pub struct KeelNode {
     pub sidecar: Option<Child>,
     /// The deployment's snapshot store (a directory by default).
     pub store: String,
+    /// The sidecar's arguments for TLS to the journal.
+    pub journal_tls: Vec<String>,
 }
 
 impl KeelNode {
+    /// `root`: the journal cluster's directory (its certificates are in
+    /// `<root>/tls` unless it is insecure).
     pub fn new(name: &str, server: Server, root: &Path, journal: &str, lease_ms: u64) -> KeelNode {
         let dir = root.join(name);
+        let tls = tls_dir(root);
+        let journal_tls = journal_tls_args(tls.exists().then_some(tls.as_path()), name);
         std::fs::create_dir_all(&dir).unwrap();
         KeelNode {
             name: name.into(),
@@ -626,6 +702,7 @@ impl KeelNode {
             redis: None,
             sidecar: None,
             store: root.join("snapshots").display().to_string(),
+            journal_tls,
         }
     }
 
@@ -643,19 +720,21 @@ impl KeelNode {
 
     pub fn start_sidecar(&mut self) {
         let lease_ms = self.lease_ms.to_string();
-        let args = [
+        let (addr, sentinel) = (self.addr(), self.sentinel_addr());
+        let mut args = vec![
             "node",
             "--redis",
-            &self.addr(),
+            &addr,
             "--journal",
             &self.journal,
             "--lease-ms",
             &lease_ms,
             "--sentinel",
-            &self.sentinel_addr(),
+            &sentinel,
             "--store",
             &self.store,
         ];
+        args.extend(self.journal_tls.iter().map(|a| a.as_str()));
         self.sidecar = Some(spawn_sidecar(&self.dir, &args));
     }
 

@@ -41,9 +41,11 @@ fn count_in_log(c: &KeelCluster, i: usize, line: &str) -> usize {
 }
 
 /// Appends `payload` as one record under `leader`; returns its seq.
-fn append_raw(endpoints: &str, leader: &str, payload: &[u8]) -> u64 {
+fn append_raw(journal: &keel_tests::JournalCluster, leader: &str, payload: &[u8]) -> u64 {
     let mut child = Command::new(bin("keel-journal"))
-        .args(["ctl", "--endpoints", endpoints, "append", STREAM, "--leader", leader])
+        .args(["ctl", "--endpoints", &journal.endpoints()])
+        .args(journal.ctl_tls_args())
+        .args(["append", STREAM, "--leader", leader])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -71,7 +73,7 @@ async fn a_corrupt_record_stalls_every_feed_visibly_and_no_node_leads_past_it() 
     let leader = c.nodes[0].info_field("keel", "keel_leader_uuid").expect("the primary answers INFO");
     assert!(!leader.is_empty());
 
-    let bad = append_raw(&c.journal.endpoints(), &leader, b"6bytes");
+    let bad = append_raw(&c.journal, &leader, b"6bytes");
 
     // The replica's feed stalls at it and says why.
     until("the replica to report the stall", Duration::from_secs(20), &mut || {

@@ -111,7 +111,7 @@ fn check(c: &KeelCluster, acks: &[Ack]) -> Vec<(usize, usize)> {
         let want = a.key.split(':').nth(1).unwrap();
         assert_eq!(r.cmd(&["GET", &a.key]), want, "acknowledged {} (by node {}) is not on the primary", a.key, a.node);
     }
-    let journaled: std::collections::HashSet<String> = journaled_commands(&c.journal.endpoints(), "shard-1")
+    let journaled: std::collections::HashSet<String> = journaled_commands(&c.journal, "shard-1")
         .into_iter()
         .filter(|cmd| cmd.len() == 3 && cmd[0].eq_ignore_ascii_case("set"))
         .map(|cmd| cmd[1].clone())
@@ -402,6 +402,7 @@ async fn an_unfinished_base_rdb_is_voided_by_the_next_leader() {
     assert_eq!(r.cmd(&["SET", "after", "1"]), "+OK");
     let decoded = std::process::Command::new(keel_tests::bin("keel-sidecar"))
         .args(["decode", "--journal", &c.journal.endpoints(), "--stream", "shard-1"])
+        .args(c.journal.sidecar_tls_args("decode"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&decoded.stdout);
@@ -555,12 +556,13 @@ async fn an_unfinished_last_command_is_voided_by_the_next_leader() {
     assert_eq!(z.cmd(&["GET", "k49"]), "49");
     let decoded = std::process::Command::new(keel_tests::bin("keel-sidecar"))
         .args(["decode", "--journal", &c.journal.endpoints(), "--stream", "shard-1"])
+        .args(c.journal.sidecar_tls_args("decode"))
         .output()
         .unwrap();
     assert!(decoded.status.success(), "decode failed: {}", String::from_utf8_lossy(&decoded.stderr));
     let text = String::from_utf8_lossy(&decoded.stdout);
     assert!(text.contains("#void\t"), "{text}");
-    let commands = journaled_commands(&c.journal.endpoints(), "shard-1");
+    let commands = journaled_commands(&c.journal, "shard-1");
     assert!(commands.iter().any(|w| w == &["SET", "after", "1"]), "{commands:?}");
     assert!(!commands.iter().any(|w| w.iter().any(|a| a == "tx:1")), "the voided transaction is decoded: {commands:?}");
 }

@@ -49,10 +49,11 @@ async fn append_numbered(client: &JournalClient, leader: &str, prefix: &str, ran
     }
 }
 
-fn ctl(endpoints: &str, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+fn ctl(c: &JournalCluster, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     use std::io::Write;
     let mut child = Command::new(bin("keel-journal"))
-        .args(["ctl", "--endpoints", endpoints])
+        .args(["ctl", "--endpoints", &c.endpoints()])
+        .args(c.ctl_tls_args())
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -81,7 +82,7 @@ async fn three_nodes_replicate_and_any_node_answers() {
     for i in 0..3 {
         let mut eps: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
         eps.rotate_left(i);
-        let from_i = JournalClient::new(eps, Default::default()).unwrap();
+        let from_i = JournalClient::new(eps, c.client_config()).unwrap();
         let got = read_all(&from_i, S).await;
         assert_eq!(got.len(), 50 + i, "starting at node {i}");
         assert_eq!(got[7], (8, b"r7".to_vec()));
@@ -117,7 +118,7 @@ async fn streamed_appends_answer_like_unary_ones() {
     let follower = (leader + 1) % 3;
     let mut eps: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
     eps.rotate_left(follower);
-    let mut s = AppendSession::new(std::sync::Arc::new(JournalClient::new(eps, Default::default()).unwrap()));
+    let mut s = AppendSession::new(std::sync::Arc::new(JournalClient::new(eps, c.client_config()).unwrap()));
     for i in 1..=20u64 {
         assert_eq!(s.append(S, &a, vec![format!("s{i}").into_bytes()], Some(i - 1)).await.unwrap(), i);
     }
@@ -200,13 +201,13 @@ async fn fencing_and_compare_and_set() {
     assert_eq!(client.append(S, &b, vec![b"w".to_vec()], None).await.unwrap(), 2);
 
     // The CLI: exit 3 on FENCED with the reason on stderr, 0 on success.
-    let (code, _, err) = ctl(&c.endpoints(), &["append", S, "--leader", &a], b"late");
+    let (code, _, err) = ctl(&c, &["append", S, "--leader", &a], b"late");
     assert_eq!(code, 3, "stderr: {err}");
     assert!(err.contains("FENCED"), "{err}");
-    let (code, out, err) = ctl(&c.endpoints(), &["append", S, "--leader", &b], b"cli");
+    let (code, out, err) = ctl(&c, &["append", S, "--leader", &b], b"cli");
     assert_eq!(code, 0, "stderr: {err}");
     assert_eq!(out.trim(), "3");
-    let (code, out, _) = ctl(&c.endpoints(), &["read", S, "--from", "2"], b"");
+    let (code, out, _) = ctl(&c, &["read", S, "--from", "2"], b"");
     assert_eq!(code, 0);
     assert_eq!(out, "2\tw\n3\tcli\n");
     let got = read_all(&client, S).await;
@@ -253,9 +254,10 @@ async fn paused_stale_leader_is_fenced_after_resume() {
 
     // A's writer: a separate process appending "A" in a loop until refused.
     let script = format!(
-        "while true; do echo -n A | '{}' ctl --endpoints '{}' append {S} --leader {a} >/dev/null || exit $?; done",
+        "while true; do echo -n A | '{}' ctl --endpoints '{}' {} append {S} --leader {a} >/dev/null || exit $?; done",
         bin("keel-journal").display(),
-        c.endpoints()
+        c.endpoints(),
+        c.ctl_tls_args().join(" ")
     );
     let mut writer = Command::new("setsid").args(["bash", "-c", &script]).spawn().unwrap();
     let pgid = writer.id();
@@ -482,7 +484,21 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(e.kind(), "trimmed", "{e}");
 
     // A malformed frame on the Raft port is refused without harm.
-    let mut raw = keel_proto::journal::raft_client::RaftClient::connect(format!("http://{}", c.nodes[0].addr)).await.unwrap();
+    // (It takes a journal node's certificate: a client's is refused.)
+    let raft_port = |tls: keel_journal::tls::JournalTls| {
+        let endpoint = tonic::transport::Channel::from_shared(format!("https://{}", c.nodes[0].addr))
+            .unwrap()
+            .tls_config(tls.client_config().expect("a TLS cluster"))
+            .unwrap();
+        async move { keel_proto::journal::raft_client::RaftClient::new(endpoint.connect().await.unwrap()) }
+    };
+    let mut as_client = raft_port(c.tls()).await;
+    let status = as_client.append_entries(keel_proto::journal::RaftMessage { data: vec![0xc1].into() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("only journal nodes"), "{status}");
+    let node_cert = keel_journal::tls::TlsPaths::in_dir(c.tls_dir.as_ref().unwrap(), "journal-1");
+    let as_node = keel_journal::tls::JournalTls::load(&keel_journal::tls::TlsChoice::Files(node_cert)).unwrap();
+    let mut raw = raft_port(as_node).await;
     let status = raw.append_entries(keel_proto::journal::RaftMessage { data: vec![0xc1, 0xff, 0x00].into() }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(client.append(S, &a, vec![b"still".to_vec()], None).await.unwrap(), 2);
@@ -681,6 +697,8 @@ async fn records_live_on_disk_and_memory_stays_bounded() {
         .args(["serve", "--node-id", &node.id.to_string(), "--listen", &node.addr, "--peers", &peers])
         .arg("--data")
         .arg(&node.data)
+        .arg("--tls-dir")
+        .arg(c.tls_dir.as_ref().unwrap())
         .args(["--snapshot-every-entries", "100", "--keep-log-entries", "200"])
         .args(["--heartbeat-ms", "50", "--election-min-ms", "150", "--election-max-ms", "200"])
         .stdout(out.try_clone().unwrap())

@@ -37,6 +37,7 @@ fn snapshot_cmd(c: &KeelCluster, store: &str, extra: &[&str], env: &[(&str, Stri
     let mut cmd = Command::new(bin("keel-sidecar"));
     cmd.args(["snapshot", "--journal", &c.journal.endpoints(), "--stream", "shard-1", "--store", store, "--work-dir"])
         .arg(&work)
+        .args(c.journal.sidecar_tls_args("snapshotter"))
         .args(["--cycle-timeout-ms", "120000"])
         .args(extra)
         .stdin(Stdio::null());
@@ -314,6 +315,7 @@ async fn snapshotters_racing_publish_one_after_the_other() {
             let mut cmd = Command::new(bin("keel-sidecar"));
             cmd.args(["snapshot", "--once", "--journal", &c.journal.endpoints(), "--store", &store, "--work-dir"])
                 .arg(c.journal.dir.path().join(name))
+                .args(c.journal.sidecar_tls_args(name))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());

@@ -79,6 +79,7 @@ fn spawn_snapshotter(c: &KeelCluster, store: &str, every: u64) -> Child {
     let log = std::fs::File::create(dir.join("snapshotter.log")).unwrap();
     Command::new(bin("keel-sidecar"))
         .args(["snapshot", "--journal", &c.journal.endpoints(), "--store", store, "--poll-ms", "100"])
+        .args(c.journal.sidecar_tls_args("snapshotter"))
         .args(["--every-bytes", &every.to_string(), "--work-dir"])
         .arg(dir.join("snapshotter"))
         .stdin(Stdio::null())

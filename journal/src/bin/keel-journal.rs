@@ -1,5 +1,5 @@
 //! `keel-journal`: run a journal node (`serve`), operate a cluster (`ctl`),
-//! measure it (`bench`, `fsync-probe`).
+//! make its certificates (`certs`), measure it (`bench`, `fsync-probe`).
 
 use std::io::Read as _;
 use std::io::Write as _;
@@ -19,6 +19,9 @@ use keel_journal::server::ServeConfig;
 use keel_journal::server::StorageFailure;
 use keel_journal::server::parse_peers;
 use keel_journal::server::serve;
+use keel_journal::tls::JOURNAL_NODE_PREFIX;
+use keel_journal::tls::JournalTls;
+use keel_journal::tls::TlsFlags;
 
 /// A faster allocator for a process that allocates per request.
 #[global_allocator]
@@ -45,6 +48,8 @@ names the directory and the cause; free space and restart it (a supervisor shoul
         /// Comma-separated host:port of journal nodes.
         #[arg(long, env = "KEEL_JOURNAL")]
         endpoints: String,
+        #[command(flatten)]
+        tls: TlsArgs,
         #[command(subcommand)]
         op: CtlOp,
     },
@@ -52,6 +57,8 @@ names the directory and the cause; free space and restart it (a supervisor shoul
     Bench {
         #[arg(long, env = "KEEL_JOURNAL")]
         endpoints: String,
+        #[command(flatten)]
+        tls: TlsArgs,
         #[arg(long, default_value_t = 1)]
         clients: usize,
         #[arg(long, default_value_t = 10)]
@@ -70,6 +77,25 @@ names the directory and the cause; free space and restart it (a supervisor shoul
         #[arg(long, default_value_t = 0)]
         renew_every_ms: u64,
     },
+    /// Make a deployment's CA and certificates in DIR (or add the missing
+    /// ones: existing pairs are kept, new ones are signed by DIR's CA).
+    #[command(after_help = "Writes DIR/ca.pem and ca.key (the CA), and NAME.pem and NAME.key for \
+journal-1..journal-N (journal nodes: server and client use, for the name keel-journal, localhost, \
+127.0.0.1, ::1 and every --san) and every --clients name (client use only). Every file is mode 0600. \
+Give each process its own pair and ca.pem; ca.key only signs.")]
+    Certs {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Journal nodes: certificates journal-1..journal-N.
+        #[arg(long, default_value_t = 0)]
+        journal_nodes: u64,
+        /// Comma-separated client names (e.g. node-0,node-1,snapshotter,ctl).
+        #[arg(long, value_delimiter = ',')]
+        clients: Vec<String>,
+        /// More names or IP addresses for the journal nodes' certificates.
+        #[arg(long)]
+        san: Vec<String>,
+    },
     /// Measure this disk's fdatasync latency (4 KiB writes) in DIR.
     FsyncProbe {
         #[arg(long)]
@@ -77,6 +103,35 @@ names the directory and the cause; free space and restart it (a supervisor shoul
         #[arg(long, default_value_t = 2000)]
         count: usize,
     },
+}
+
+/// TLS to the journal (see `keel-journal certs`).
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// The deployment's CA certificate (PEM).
+    #[arg(long, env = "KEEL_JOURNAL_CA")]
+    ca: Option<PathBuf>,
+    /// This process's certificate (PEM), issued by the CA.
+    #[arg(long, env = "KEEL_JOURNAL_CERT")]
+    cert: Option<PathBuf>,
+    /// This process's private key (PEM, mode 0600).
+    #[arg(long, env = "KEEL_JOURNAL_KEY")]
+    key: Option<PathBuf>,
+    /// A directory made by `keel-journal certs` (e.g. a deployment's DIR/tls):
+    /// ca.pem and this process's pair (journal-<id> for serve, ctl otherwise).
+    #[arg(long, env = "KEEL_JOURNAL_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// No TLS: plaintext gRPC that anyone who reaches the port may use.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    /// The loaded identity for certificate `name`, or a message for exit 2.
+    fn load(self, name: &str) -> Result<JournalTls, String> {
+        let flags = TlsFlags { ca: self.ca, cert: self.cert, key: self.key, dir: self.tls_dir, insecure: self.insecure };
+        JournalTls::load(&flags.resolve(name, "--")?)
+    }
 }
 
 #[derive(clap::Args)]
@@ -125,6 +180,8 @@ struct ServeArgs {
     /// (stream-full) until a snapshot lets the journal trim it.
     #[arg(long, default_value_t = keel_journal::server::DEFAULT_STREAM_QUOTA_BYTES)]
     stream_quota_bytes: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -239,7 +296,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let cfg = ServeConfig {
+            let mut cfg = ServeConfig {
+                tls: JournalTls::Off,
                 node_id: a.node_id,
                 listen: a.listen,
                 data_dir: a.data,
@@ -259,6 +317,13 @@ fn main() -> ExitCode {
                 eprintln!("keel-journal: bad configuration: {e}");
                 return ExitCode::from(2);
             }
+            cfg.tls = match a.tls.load(&format!("{JOURNAL_NODE_PREFIX}{}", a.node_id)).and_then(|t| t.check_serves().map(|()| t)) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("keel-journal: bad TLS configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let served = rt.block_on(serve(cfg));
             // Tasks still blocked on a failed disk must not hold up the exit.
             rt.shutdown_timeout(Duration::from_secs(1));
@@ -276,8 +341,15 @@ fn main() -> ExitCode {
                 },
             }
         }
-        Cmd::Ctl { endpoints, op } => {
-            let client = match JournalClient::from_list(&endpoints) {
+        Cmd::Ctl { endpoints, tls, op } => {
+            let tls = match tls.load("ctl") {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("keel-journal: bad TLS configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let client = match JournalClient::from_list(&endpoints, &tls) {
                 Ok(c) => c,
                 Err(e) => return exit_for(&e),
             };
@@ -286,14 +358,37 @@ fn main() -> ExitCode {
                 Err(e) => exit_for(&e),
             }
         }
-        Cmd::Bench { endpoints, clients, seconds, payload_bytes, stream, streamed, renew_every_ms } => {
-            let client = match JournalClient::from_list(&endpoints) {
+        Cmd::Bench { endpoints, tls, clients, seconds, payload_bytes, stream, streamed, renew_every_ms } => {
+            let tls = match tls.load("ctl") {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("keel-journal: bad TLS configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let client = match JournalClient::from_list(&endpoints, &tls) {
                 Ok(c) => c,
                 Err(e) => return exit_for(&e),
             };
             match rt.block_on(bench(Arc::new(client), clients, seconds, payload_bytes, &stream, streamed, renew_every_ms)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => exit_for(&e),
+            }
+        }
+        Cmd::Certs { dir, journal_nodes, clients, san } => {
+            let mut names: Vec<String> = (1..=journal_nodes).map(|i| format!("{JOURNAL_NODE_PREFIX}{i}")).collect();
+            names.extend(clients.into_iter().filter(|c| !c.is_empty()));
+            match keel_journal::tls::issue(&dir, &names, &san) {
+                Ok(made) => {
+                    for n in &made {
+                        println!("issued {}", dir.join(format!("{n}.pem")).display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keel-journal: certs in {}: {e}", dir.display());
+                    ExitCode::from(EXIT_FAILED)
+                }
             }
         }
         Cmd::FsyncProbe { dir, count } => match fsync_probe(&dir, count) {

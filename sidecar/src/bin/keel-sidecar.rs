@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::Subcommand;
 use keel_journal::client::JournalClient;
+use keel_journal::tls::JournalTls;
+use keel_journal::tls::TlsFlags;
 use keel_sidecar::primary::PrimaryConfig;
 use keel_sidecar::node::NodeConfig;
 use keel_sidecar::record::Kind;
@@ -37,6 +39,8 @@ enum Cmd {
         /// Comma-separated journal endpoints.
         #[arg(long, env = "KEEL_JOURNAL")]
         journal: String,
+        #[command(flatten)]
+        journal_tls: JournalTlsArgs,
         #[arg(long, default_value = "shard-1")]
         stream: String,
         /// Where this node keeps its identity.
@@ -91,6 +95,8 @@ enum Cmd {
     Snapshot {
         #[arg(long, env = "KEEL_JOURNAL")]
         journal: String,
+        #[command(flatten)]
+        journal_tls: JournalTlsArgs,
         #[arg(long, default_value = "shard-1")]
         stream: String,
         /// A directory, or s3://bucket/prefix (AWS_* variables give the
@@ -124,9 +130,44 @@ enum Cmd {
     Decode {
         #[arg(long, env = "KEEL_JOURNAL")]
         journal: String,
+        #[command(flatten)]
+        journal_tls: JournalTlsArgs,
         #[arg(long, default_value = "shard-1")]
         stream: String,
     },
+}
+
+/// TLS to the journal: the deployment's CA and this process's own
+/// certificate (`keel-journal certs` makes them).
+#[derive(clap::Args)]
+struct JournalTlsArgs {
+    /// The deployment's CA certificate (PEM).
+    #[arg(long, env = "KEEL_JOURNAL_CA")]
+    journal_ca: Option<PathBuf>,
+    /// This process's certificate (PEM), issued by that CA.
+    #[arg(long, env = "KEEL_JOURNAL_CERT")]
+    journal_cert: Option<PathBuf>,
+    /// This process's private key (PEM, mode 0600).
+    #[arg(long, env = "KEEL_JOURNAL_KEY")]
+    journal_key: Option<PathBuf>,
+    /// Talk to a journal that runs without TLS (`keel-journal serve --insecure`).
+    #[arg(long)]
+    journal_insecure: bool,
+}
+
+impl JournalTlsArgs {
+    fn load(self) -> Result<JournalTls, String> {
+        let flags = TlsFlags { ca: self.journal_ca, cert: self.journal_cert, key: self.journal_key, dir: None, insecure: self.journal_insecure };
+        JournalTls::load(&flags.resolve("", "--journal-")?)
+    }
+}
+
+/// Loads the journal TLS settings, or ends the process with exit code 2.
+fn load_journal_tls(args: JournalTlsArgs) -> Result<JournalTls, ExitCode> {
+    args.load().map_err(|e| {
+        eprintln!("keel-sidecar: bad journal TLS configuration: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn main() -> ExitCode {
@@ -139,6 +180,7 @@ fn main() -> ExitCode {
         Cmd::Node {
             redis,
             journal,
+            journal_tls,
             stream,
             state_dir,
             lease_ms,
@@ -162,10 +204,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let journal_tls = match load_journal_tls(journal_tls) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
             let primary = PrimaryConfig {
                 redis,
                 control,
                 journal,
+                journal_tls,
                 stream,
                 state_dir,
                 lease_ms,
@@ -191,8 +238,12 @@ fn main() -> ExitCode {
             eprintln!("keel-sidecar: {stop}");
             ExitCode::from(1)
         }
-        Cmd::Snapshot { journal, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, once, show, fault } => {
-            let cfg = SnapshotterConfig { journal, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, fault };
+        Cmd::Snapshot { journal, journal_tls: tls, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, once, show, fault } => {
+            let journal_tls = match load_journal_tls(tls) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let cfg = SnapshotterConfig { journal, journal_tls, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, fault };
             let s = match Snapshotter::new(cfg) {
                 Ok(s) => s,
                 Err(e) => {
@@ -235,18 +286,21 @@ fn main() -> ExitCode {
             }
             rt.block_on(s.run())
         }
-        Cmd::Decode { journal, stream } => match rt.block_on(decode(&journal, &stream)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("keel-sidecar: {e}");
-                ExitCode::from(1)
-            }
+        Cmd::Decode { journal, journal_tls: tls, stream } => match load_journal_tls(tls) {
+            Err(code) => code,
+            Ok(tls) => match rt.block_on(decode(&journal, &tls, &stream)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keel-sidecar: {e}");
+                    ExitCode::from(1)
+                }
+            },
         },
     }
 }
 
-async fn decode(journal: &str, stream: &str) -> anyhow::Result<()> {
-    let client = JournalClient::from_list(journal)?;
+async fn decode(journal: &str, tls: &JournalTls, stream: &str) -> anyhow::Result<()> {
+    let client = JournalClient::from_list(journal, tls)?;
     let mut reader = client.read(stream, 0, false);
     // Stream bytes not yet parsed into a command, and their offset.
     let mut carry: Vec<u8> = Vec::new();
