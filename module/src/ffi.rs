@@ -638,7 +638,11 @@ extern "C" fn keel_w(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         if argc < 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
-        run_and_hold(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize), true)
+        let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
+        }
+        run_and_hold(ctx, args, true)
     }
 }
 
@@ -648,7 +652,11 @@ extern "C" fn keel_b(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         if argc < 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
-        blocking::blocking_pop(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize))
+        let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
+        }
+        blocking::blocking_pop(ctx, args)
     }
 }
 
@@ -659,7 +667,11 @@ extern "C" fn keel_r(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         if argc < 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
-        run_and_hold(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize), false)
+        let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
+        }
+        run_and_hold(ctx, args, false)
     }
 }
 
@@ -686,6 +698,9 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
         let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
+        }
         let name = lower(string_bytes(args[0]));
         let flags = raw::RedisModule_GetContextFlags.unwrap()(ctx) as u32;
         // MULTI/DISCARD/WATCH/UNWATCH/SHUTDOWN come as KEEL.TB, which Redis
@@ -1180,8 +1195,7 @@ unsafe fn refuse_unless_control(ctx: *mut raw::RedisModuleCtx, command: &str) ->
 
 /// `KEEL.GUARD <command…>`: what the filter took from a client because
 /// `control::guard` names it. Runs it (unfiltered) where the guard allows
-/// the caller, answers the refusal otherwise; a refusal inside MULTI makes
-/// the EXEC abort, as Redis does with a command refused at queue time.
+/// the caller, answers the refusal otherwise (`refuse_guarded`).
 extern "C" fn keel_guard(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
         if argc < 2 {
@@ -1190,28 +1204,46 @@ extern "C" fn keel_guard(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Red
         let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
         let bytes: Vec<&[u8]> = args.iter().map(|a| string_bytes(*a)).collect();
         let user = state().cfg.control_user.clone();
-        let Some(g) = control::guard(&bytes, user.as_bytes()) else {
+        if control::guard(&bytes, user.as_bytes()).is_none() {
             return reply_error(ctx, "ERR KEEL.GUARD runs only the commands the Keel module hands it");
-        };
-        if g.allows(caller_is_control(ctx)) {
-            let cmd = CString::new(bytes[0]).unwrap_or_default();
-            let reply = call(ctx, &cmd, c"vE", &args[1..]);
-            if reply.is_null() {
-                return reply_error(ctx, "ERR command could not be run");
-            }
-            let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
-            raw::RedisModule_FreeCallReply.unwrap()(reply);
-            return r;
         }
-        let id = raw::RedisModule_GetClientId.unwrap()(ctx);
-        {
-            let mut st = state();
-            if st.txs.in_multi(id) {
-                st.txs.queue_error(id);
-            }
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
         }
-        reply_error(ctx, &control::refusal(g, bytes[0], &user))
+        let cmd = CString::new(bytes[0]).unwrap_or_default();
+        let reply = call(ctx, &cmd, c"vE", &args[1..]);
+        if reply.is_null() {
+            return reply_error(ctx, "ERR command could not be run");
+        }
+        let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
+        raw::RedisModule_FreeCallReply.unwrap()(reply);
+        r
     }
+}
+
+/// The refusal of a command `control::guard` names (`args`: name first),
+/// unless the guard allows the caller; `None` lets it run. Every module
+/// command that runs a command it is handed asks this first: the filter
+/// hands such commands to `KEEL.GUARD` only, but a client (or a script) can
+/// name the module's wrappers itself (`KEEL.W FAILOVER`, `KEEL.T REPLICAOF
+/// …`), and the wrappers run what they are given unfiltered. A refusal
+/// inside MULTI makes the EXEC abort, as Redis does with a command refused
+/// at queue time.
+pub(crate) unsafe fn refuse_guarded(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> Option<c_int> {
+    let bytes: Vec<&[u8]> = args.iter().map(|a| string_bytes(*a)).collect();
+    let user = state().cfg.control_user.clone();
+    let g = control::guard(&bytes, user.as_bytes())?;
+    if g.allows(caller_is_control(ctx)) {
+        return None;
+    }
+    let id = raw::RedisModule_GetClientId.unwrap()(ctx);
+    {
+        let mut st = state();
+        if st.txs.in_multi(id) {
+            st.txs.queue_error(id);
+        }
+    }
+    Some(reply_error(ctx, &control::refusal(g, bytes[0], &user)))
 }
 
 /// (Re)creates the control user with the secret: at load, and after
