@@ -582,6 +582,21 @@ mod tests {
         assert_eq!(parse_members(b"junk\n\xff\xfe\na r s\n").len(), 1);
     }
 
+    proptest::proptest! {
+        /// The `members` metadata of any bytes (another process may write
+        /// it): members of one word each, never a panic; what is rendered
+        /// parses back.
+        #[test]
+        fn members_of_any_bytes(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let ms = parse_members(&b);
+            for m in &ms {
+                proptest::prop_assert!(!m.uuid.is_empty() && !m.uuid.contains(char::is_whitespace));
+                proptest::prop_assert!(!m.redis.is_empty() && !m.redis.contains(char::is_whitespace));
+            }
+            proptest::prop_assert_eq!(parse_members(&render_members(&ms)), ms);
+        }
+    }
+
     #[test]
     fn discovery_names_the_leader_only_while_its_lease_is_live() {
         let m = |u: &str, r: &str, s: &str| Member { uuid: u.into(), redis: r.into(), sentinel: s.into(), seen_unix_ms: 1_000_000 };
