@@ -671,6 +671,17 @@ extern "C" fn keel_b(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         if let Some(refused) = refuse_guarded(ctx, args) {
             return refused;
         }
+        // Only what the filter hands it: another command would be run, and
+        // run again at every write of its keys, its client waiting for a
+        // reply that is not null, for ever when its last argument is no
+        // timeout (`KEEL.B GETSET k v`).
+        let name = lower(string_bytes(args[0]));
+        if !blocking::blocks(&name, args[1..].iter().map(|a| string_bytes(*a))) {
+            return reply_error(
+                ctx,
+                &format!("ERR KEEL.B runs only blocking commands (BLPOP, XREAD BLOCK…), not {}", String::from_utf8_lossy(&name).to_ascii_uppercase()),
+            );
+        }
         blocking::blocking_pop(ctx, args)
     }
 }
