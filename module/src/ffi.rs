@@ -864,6 +864,12 @@ unsafe fn in_multi(ctx: *mut raw::RedisModuleCtx, id: u64, name: &[u8], args: &[
             state().txs.discard(id);
             reply_ok(ctx)
         }
+        // Valkey flags them `no_multi`: refused, and the EXEC aborts, as
+        // there; Redis 7.0 answers an error and the transaction goes on.
+        b"multi" | b"watch" if state().no_multi.contains(name) => {
+            state().txs.queue_error(id);
+            reply_error(ctx, &format!("ERR Command '{}' not allowed inside a transaction", String::from_utf8_lossy(name)))
+        }
         b"multi" => reply_error(ctx, "ERR MULTI calls can not be nested"),
         b"watch" => reply_error(ctx, "ERR WATCH inside MULTI is not allowed"),
         _ => {
