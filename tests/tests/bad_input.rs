@@ -722,6 +722,23 @@ fn the_discovery_endpoint_survives_bad_input() {
     eprintln!("discovery: bad input answered for {:?}", started.elapsed());
 }
 
+/// The feed port a sidecar logged at start (`node starting … feed_port=N`).
+fn logged_feed_port(log: &Path) -> u16 {
+    let raw = String::from_utf8_lossy(&std::fs::read(log).unwrap()).into_owned();
+    // Without the terminal colour codes (ESC [ … m).
+    let mut text = String::new();
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            text.push(c);
+        }
+    }
+    let at = text.find("feed_port=").unwrap_or_else(|| panic!("no feed_port in {}", log.display()));
+    text[at + "feed_port=".len()..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().expect("a port")
+}
+
 /// Where node `i`'s Redis replicates from (the sidecar's feed).
 fn feed_addr(c: &KeelCluster, i: usize) -> String {
     let port = c.nodes[i].info_field("replication", "master_port").expect("the replica answers INFO");
@@ -775,6 +792,14 @@ fn the_replica_feed_survives_bad_input() {
             Ok(())
         })
         .unwrap();
+    // The primary's feed port (bound for the node's life, served only
+    // while it follows): answered and closed, not left waiting.
+    let primary_feed = format!("127.0.0.1:{}", logged_feed_port(&c.nodes[0].dir.join("sidecar.log")));
+    for input in [encode(&words(&["PSYNC", "?", "-1"])), b"garbage".to_vec(), Vec::new()] {
+        let out = send_and_close(&primary_feed, &input);
+        assert!(out.closed, "the primary's feed kept the connection open after {:?}", show(&input));
+        assert!(out.received.is_empty() || out.received.starts_with(b"-NOMASTERLINK "), "{:?}", show(&out.received));
+    }
     // A well-formed PSYNC while the replica is fed: told to retry later.
     let out = send_and_close(&feed, &encode(&words(&["PSYNC", "?", "-1"])));
     assert!(out.closed && out.received.starts_with(b"-NOMASTERLINK "), "{:?}", show(&out.received));
