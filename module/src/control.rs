@@ -202,6 +202,8 @@ pub fn refusal(g: Guard, name: &[u8], control_user: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::Strategy as _;
+
     use super::*;
 
     const U: &[u8] = b"keel-sidecar";
@@ -338,6 +340,50 @@ mod tests {
         assert!(valid_user("keel-sidecar") && valid_user("ops_1"));
         for bad in ["", "a b", "a\tb", "a\nb", ">pw", "+@all", "~k", "é", &"x".repeat(MAX_USER_BYTES + 1)] {
             assert!(!valid_user(bad), "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any arguments (a client's command as sent): a decision, never a
+        /// panic; a guarded command is always one of the listed names.
+        #[test]
+        fn guard_decides_on_any_arguments(
+            args in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(&["replicaof", "SLAVEOF", "failover", "cluster", "acl", "config", "module",
+                        "set", "setuser", "deluser", "keel-sidecar", "unload", "keel", "replica-read-only", "no", "yes"][..])
+                        .prop_map(|w| w.as_bytes().to_vec()),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+                ],
+                0..8,
+            ),
+        ) {
+            if let Some(g) = guard(&args, U) {
+                let name = args[0].to_ascii_lowercase();
+                proptest::prop_assert!(
+                    [&b"replicaof"[..], b"slaveof", b"failover", b"cluster", b"acl", b"config", b"module"].contains(&name.as_slice()),
+                    "{g:?} for {args:?}"
+                );
+                proptest::prop_assert!(!refusal(g, &args[0], "keel-sidecar").contains('\n'));
+            }
+        }
+
+        /// `KEEL.STALLED`'s reason of any bytes: one line of at most `max` bytes.
+        #[test]
+        fn info_line_is_one_bounded_line(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), max in 0usize..100) {
+            let l = info_line(&b, max);
+            proptest::prop_assert!(l.len() <= max);
+            proptest::prop_assert!(!l.chars().any(|c| c.is_control()));
+        }
+
+        /// A secret file of any contents and mode: a secret of the file's
+        /// one line, or an error that does not show the contents.
+        #[test]
+        fn check_secret_never_shows_the_contents(contents in "[a-zA-Z0-9]{0,40}\n?", mode in 0u32..0o1000) {
+            match check_secret("/s", contents.as_bytes(), mode) {
+                Ok(s) => proptest::prop_assert_eq!(s.bytes(), contents.trim_end().as_bytes()),
+                Err(e) => proptest::prop_assert!(contents.trim_end().len() < 4 || !e.contains(contents.trim_end()), "{e}"),
+            }
         }
     }
 

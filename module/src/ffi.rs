@@ -53,6 +53,8 @@ pub(crate) struct State {
     pub(crate) writes: HashSet<Vec<u8>>,
     /// Commands Redis refuses inside MULTI.
     pub(crate) no_multi: HashSet<Vec<u8>>,
+    /// Each command's (and `container|sub`'s) arity, as `COMMAND` gives it.
+    pub(crate) arity: HashMap<Vec<u8>, i64>,
     /// Commands Redis serves during a busy script (SCRIPT KILL…).
     pub(crate) allow_busy: HashSet<Vec<u8>>,
     /// Role, lease and fence: whether data commands are served at all.
@@ -107,8 +109,12 @@ pub(crate) enum Answer {
     CountedError(Vec<u8>),
 }
 
+/// `s` as a C string for Redis. A NUL in it (client bytes quoted in an
+/// error, such as an unknown command's name sent inside MULTI) is written
+/// `\0`: it must neither cut the text nor fail the conversion, which
+/// would abort the server.
 fn cstr(s: &str) -> CString {
-    CString::new(s).expect("no NUL in module strings")
+    CString::new(s.replace('\0', "\\0")).expect("every NUL was replaced")
 }
 
 pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [u8] {
@@ -127,6 +133,10 @@ const CONNECTION_COMMANDS: &[&str] = &[
     "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
     "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.stalled", "keel.countederror", "keel.guard",
 ];
+/// Commands that may block the calling client whatever their arguments,
+/// other than the blocking pops (`blocking.rs`): never run by `RM_Call` for
+/// a client (see `refuse_guarded`).
+const NOT_RUN_FOR_CLIENTS: &[&str] = &["wait", "waitaof"];
 /// Scripts that may not write (run through the module, see `filter`).
 const READ_ONLY_SCRIPTS: &[&str] = &["eval_ro", "evalsha_ro", "fcall_ro"];
 /// Routed commands served during a busy script (KEEL.TB, `deny-script`).
@@ -150,6 +160,8 @@ struct CommandTable {
     reads: HashSet<Vec<u8>>,
     /// Commands with subcommands.
     containers: HashSet<Vec<u8>>,
+    /// Arity (negative: at least that many arguments).
+    arity: HashMap<Vec<u8>, i64>,
 }
 
 fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
@@ -159,6 +171,7 @@ fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
         allow_busy: HashSet::new(),
         reads: HashSet::new(),
         containers: HashSet::new(),
+        arity: HashMap::new(),
     };
     unsafe {
         let reply = raw::RedisModule_Call.unwrap()(ctx, cstr("COMMAND").as_ptr(), cstr("").as_ptr());
@@ -192,6 +205,8 @@ unsafe fn collect_command(cmd: *mut raw::RedisModuleCallReply, parent: Option<&[
         return;
     }
     let name = reply_str(raw::RedisModule_CallReplyArrayElement.unwrap()(cmd, 0));
+    let arity = raw::RedisModule_CallReplyInteger.unwrap()(raw::RedisModule_CallReplyArrayElement.unwrap()(cmd, 1));
+    out.arity.insert(name.clone(), arity);
     let flags = raw::RedisModule_CallReplyArrayElement.unwrap()(cmd, 2);
     let mut is_write = false;
     for j in 0..raw::RedisModule_CallReplyLength.unwrap()(flags) {
@@ -638,7 +653,11 @@ extern "C" fn keel_w(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         if argc < 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
-        run_and_hold(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize), true)
+        let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
+        }
+        run_and_hold(ctx, args, true)
     }
 }
 
@@ -648,7 +667,22 @@ extern "C" fn keel_b(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         if argc < 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
-        blocking::blocking_pop(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize))
+        let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
+        }
+        // Only what the filter hands it: another command would be run, and
+        // run again at every write of its keys, its client waiting for a
+        // reply that is not null, for ever when its last argument is no
+        // timeout (`KEEL.B GETSET k v`).
+        let name = lower(string_bytes(args[0]));
+        if !blocking::blocks(&name, args[1..].iter().map(|a| string_bytes(*a))) {
+            return reply_error(
+                ctx,
+                &format!("ERR KEEL.B runs only blocking commands (BLPOP, XREAD BLOCK…), not {}", String::from_utf8_lossy(&name).to_ascii_uppercase()),
+            );
+        }
+        blocking::blocking_pop(ctx, args)
     }
 }
 
@@ -659,7 +693,11 @@ extern "C" fn keel_r(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         if argc < 2 {
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
-        run_and_hold(ctx, std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize), false)
+        let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
+        }
+        run_and_hold(ctx, args, false)
     }
 }
 
@@ -686,7 +724,25 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             return raw::RedisModule_WrongArity.unwrap()(ctx);
         }
         let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
+        }
         let name = lower(string_bytes(args[0]));
+        if TRANSACTION_COMMANDS.iter().any(|n| n.as_bytes() == name.as_slice()) {
+            // Answered here, not by Redis: its arity check too (a refusal
+            // inside MULTI makes the EXEC abort, as in Redis).
+            let arity = state().arity.get(&name).copied();
+            if arity.is_some_and(|a| !arity_allows(a, args.len())) {
+                let id = raw::RedisModule_GetClientId.unwrap()(ctx);
+                {
+                    let mut st = state();
+                    if st.txs.in_multi(id) {
+                        st.txs.queue_error(id);
+                    }
+                }
+                return reply_error(ctx, &format!("ERR wrong number of arguments for '{}' command", String::from_utf8_lossy(&name)));
+            }
+        }
         let flags = raw::RedisModule_GetContextFlags.unwrap()(ctx) as u32;
         // MULTI/DISCARD/WATCH/UNWATCH/SHUTDOWN come as KEEL.TB, which Redis
         // refuses in scripts and serves during a busy script (when the
@@ -808,6 +864,12 @@ unsafe fn in_multi(ctx: *mut raw::RedisModuleCtx, id: u64, name: &[u8], args: &[
             state().txs.discard(id);
             reply_ok(ctx)
         }
+        // Valkey flags them `no_multi`: refused, and the EXEC aborts, as
+        // there; Redis 7.0 answers an error and the transaction goes on.
+        b"multi" | b"watch" if state().no_multi.contains(name) => {
+            state().txs.queue_error(id);
+            reply_error(ctx, &format!("ERR Command '{}' not allowed inside a transaction", String::from_utf8_lossy(name)))
+        }
         b"multi" => reply_error(ctx, "ERR MULTI calls can not be nested"),
         b"watch" => reply_error(ctx, "ERR WATCH inside MULTI is not allowed"),
         _ => {
@@ -860,8 +922,27 @@ unsafe fn check_command(args: &[*mut raw::RedisModuleString]) -> Result<(), Stri
             Err(format!("ERR unknown command '{name}', with args beginning with: {rest}"))
         }
         Some(EINVAL) => Err(format!("ERR wrong number of arguments for '{}' command", name.to_ascii_lowercase())),
-        _ => Ok(()),
+        // No keys: Redis does not check the arity for this answer.
+        _ => {
+            let name = name.to_ascii_lowercase().into_bytes();
+            let sub = args.get(1).map(|a| [&name[..], b"|", &string_bytes(*a).to_ascii_lowercase()].concat());
+            let st = state();
+            let found = sub.and_then(|s| st.arity.get(&s).map(|a| (s, *a))).or_else(|| st.arity.get(&name).map(|a| (name.clone(), *a)));
+            match found {
+                Some((full, arity)) if !arity_allows(arity, args.len()) => {
+                    Err(format!("ERR wrong number of arguments for '{}' command", String::from_utf8_lossy(&full)))
+                }
+                _ => Ok(()),
+            }
+        }
     }
+}
+
+/// Whether `argc` arguments (the name included) fit a command's arity
+/// (negative: at least that many).
+fn arity_allows(arity: i64, argc: usize) -> bool {
+    let argc = argc as i64;
+    if arity >= 0 { argc == arity } else { argc >= -arity }
 }
 
 const ENOENT: i32 = 2;
@@ -1180,8 +1261,7 @@ unsafe fn refuse_unless_control(ctx: *mut raw::RedisModuleCtx, command: &str) ->
 
 /// `KEEL.GUARD <command…>`: what the filter took from a client because
 /// `control::guard` names it. Runs it (unfiltered) where the guard allows
-/// the caller, answers the refusal otherwise; a refusal inside MULTI makes
-/// the EXEC abort, as Redis does with a command refused at queue time.
+/// the caller, answers the refusal otherwise (`refuse_guarded`).
 extern "C" fn keel_guard(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisModuleString, argc: c_int) -> c_int {
     unsafe {
         if argc < 2 {
@@ -1190,28 +1270,64 @@ extern "C" fn keel_guard(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Red
         let args = std::slice::from_raw_parts(argv.add(1), (argc - 1) as usize);
         let bytes: Vec<&[u8]> = args.iter().map(|a| string_bytes(*a)).collect();
         let user = state().cfg.control_user.clone();
-        let Some(g) = control::guard(&bytes, user.as_bytes()) else {
+        if control::guard(&bytes, user.as_bytes()).is_none() {
             return reply_error(ctx, "ERR KEEL.GUARD runs only the commands the Keel module hands it");
-        };
-        if g.allows(caller_is_control(ctx)) {
-            let cmd = CString::new(bytes[0]).unwrap_or_default();
-            let reply = call(ctx, &cmd, c"vE", &args[1..]);
-            if reply.is_null() {
-                return reply_error(ctx, "ERR command could not be run");
-            }
-            let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
-            raw::RedisModule_FreeCallReply.unwrap()(reply);
-            return r;
         }
-        let id = raw::RedisModule_GetClientId.unwrap()(ctx);
-        {
-            let mut st = state();
-            if st.txs.in_multi(id) {
-                st.txs.queue_error(id);
-            }
+        if let Some(refused) = refuse_guarded(ctx, args) {
+            return refused;
         }
-        reply_error(ctx, &control::refusal(g, bytes[0], &user))
+        let cmd = CString::new(bytes[0]).unwrap_or_default();
+        let reply = call(ctx, &cmd, c"vE", &args[1..]);
+        if reply.is_null() {
+            return reply_error(ctx, "ERR command could not be run");
+        }
+        let r = raw::RedisModule_ReplyWithCallReply.unwrap()(ctx, reply);
+        raw::RedisModule_FreeCallReply.unwrap()(reply);
+        r
     }
+}
+
+/// The refusal of a command `control::guard` names (`args`: name first),
+/// unless the guard allows the caller; `None` lets it run. Every module
+/// command that runs a command it is handed asks this first: the filter
+/// hands such commands to `KEEL.GUARD` only, but a client (or a script) can
+/// name the module's wrappers itself (`KEEL.W FAILOVER`, `KEEL.T REPLICAOF
+/// …`), and the wrappers run what they are given unfiltered. A refusal
+/// inside MULTI makes the EXEC abort, as Redis does with a command refused
+/// at queue time.
+///
+/// Refused too, to everyone: the commands the filter never hands to a
+/// wrapper, which act on the connection (`CONNECTION_COMMANDS`, the
+/// module's own included), and `NOT_RUN_FOR_CLIENTS`. Run by `RM_Call`,
+/// they would act on the server's internal client of the call instead
+/// (subscribe it, make it a replica), or block it (`KEEL.B KEEL.T SET …`,
+/// `KEEL.R WAIT 1 100`), which Redis answers with an assertion failure: the
+/// server exits.
+pub(crate) unsafe fn refuse_guarded(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> Option<c_int> {
+    let bytes: Vec<&[u8]> = args.iter().map(|a| string_bytes(*a)).collect();
+    let user = state().cfg.control_user.clone();
+    let name = lower(bytes[0]);
+    let refusal = if CONNECTION_COMMANDS.iter().chain(NOT_RUN_FOR_CLIENTS).any(|n| n.as_bytes() == name.as_slice()) {
+        format!(
+            "ERR the Keel module does not run {} for a client: send it by itself, outside MULTI (on Redis 7.0, \
+             while no client has a transaction open)",
+            String::from_utf8_lossy(&name).to_ascii_uppercase()
+        )
+    } else {
+        let g = control::guard(&bytes, user.as_bytes())?;
+        if g.allows(caller_is_control(ctx)) {
+            return None;
+        }
+        control::refusal(g, bytes[0], &user)
+    };
+    let id = raw::RedisModule_GetClientId.unwrap()(ctx);
+    {
+        let mut st = state();
+        if st.txs.in_multi(id) {
+            st.txs.queue_error(id);
+        }
+    }
+    Some(reply_error(ctx, &refusal))
 }
 
 /// (Re)creates the control user with the secret: at load, and after
@@ -1723,7 +1839,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         }
     };
     let raw_ctx = ctx.ctx;
-    let CommandTable { writes, no_multi, allow_busy, reads, containers } = load_command_table(raw_ctx);
+    let CommandTable { writes, no_multi, allow_busy, reads, containers, arity } = load_command_table(raw_ctx);
     let replica = unsafe { raw::RedisModule_GetContextFlags.unwrap()(std::ptr::null_mut()) as u32 & raw::REDISMODULE_CTX_FLAGS_SLAVE != 0 };
     ctx.log_notice(&format!("keel: holding replies of {} write commands; {cfg:?}", writes.len()));
     let _ = STATE.set(Mutex::new(State {
@@ -1738,6 +1854,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         popped_by_bc: HashMap::new(),
         writes,
         no_multi,
+        arity,
         allow_busy,
         gate: Gate::new(replica),
         reads,

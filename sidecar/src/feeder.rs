@@ -4,6 +4,11 @@
 //!
 //! Life cycle of one Redis connection:
 //! 1. handshake: `PING`, `REPLCONF …`, then `PSYNC <replid> <offset>`;
+//!    every connection's handshake is answered at once and must reach its
+//!    `PSYNC` within `HANDSHAKE_TIMEOUT_MS`; malformed input gets `-ERR
+//!    Protocol error` and is closed; one connection is fed at a time, and a
+//!    `PSYNC` while one is fed gets `-NOMASTERLINK` (retry later), so no
+//!    stray connection holds up or displaces the local Redis's feed;
 //! 2. `History::psync` decides: a full resync (the base RDB, sent in the
 //!    EOF-marked format, then every stream record) or a continuation from
 //!    the Redis's own offset; until the journal has a base, Redis waits;
@@ -64,6 +69,11 @@ use sha2::Sha256;
 
 /// Largest handshake command accepted from Redis.
 const MAX_HANDSHAKE_BYTES: usize = 64 << 10;
+/// How long a connection may take from connecting to its `PSYNC` (Redis
+/// sends its handshake at once); past it, it is closed.
+const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Connections in their handshake at once; beyond, a new one is refused.
+const MAX_HANDSHAKES: usize = 64;
 /// Stream bytes kept while Redis loads the base RDB; beyond, the journal
 /// is not read until Redis is ready.
 const MAX_HELD_BYTES: usize = 64 << 20;
@@ -210,68 +220,63 @@ impl Feeder {
     }
 
     /// Serves the local Redis's replication connections until `stop` turns
-    /// true. Errors of one connection are logged; the next one starts over.
+    /// true. Every connection gets its handshake answered at once, in its
+    /// own future, within `HANDSHAKE_TIMEOUT_MS`; one at a time is fed
+    /// (there is one local Redis). A `PSYNC` while a feed runs is answered
+    /// `-NOMASTERLINK` (Redis retries it later) and closed, so a stray or
+    /// malformed connection neither waits unanswered nor displaces the
+    /// Redis being fed. Errors of one connection are logged; the next one
+    /// starts over.
     pub async fn serve(&self, listener: &TcpListener, mut stop: watch::Receiver<bool>) {
+        let mut handshakes = futures::stream::FuturesUnordered::new();
+        let mut feeding: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>> = None;
         loop {
             if *stop.borrow() {
                 return;
             }
-            let sock = tokio::select! {
+            tokio::select! {
                 a = listener.accept() => match a {
-                    Ok((s, _)) => s,
+                    Ok((sock, peer)) => {
+                        let _ = sock.set_nodelay(true);
+                        if handshakes.len() >= MAX_HANDSHAKES {
+                            tracing::debug!(%peer, "replica feed: too many handshakes at once; connection refused");
+                            let _ = sock.try_write(b"-ERR max number of clients reached\r\n");
+                            continue;
+                        }
+                        handshakes.push(async move {
+                            match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake(sock)).await {
+                                Ok(h) => h,
+                                Err(_) => Err(format!("no PSYNC within {HANDSHAKE_TIMEOUT_MS} ms (HANDSHAKE_TIMEOUT_MS)")),
+                            }
+                        });
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "feed listener");
                         tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
                     }
                 },
+                Some(h) = futures::StreamExt::next(&mut handshakes), if !handshakes.is_empty() => match h {
+                    Ok(h) if feeding.is_none() => feeding = Some(Box::pin(self.feed(h))),
+                    Ok(h) => {
+                        tracing::info!(replid = %h.replid, offset = h.offset, "replica feed: a PSYNC while another connection is fed; told to retry later");
+                        let _ = h.w.try_write(b"-NOMASTERLINK Keel: this feed already serves a replica connection; retry later\r\n");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "replica feed: handshake failed; connection closed"),
+                },
+                r = async { match feeding.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                    feeding = None;
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "replica feed connection ended");
+                    }
+                }
                 _ = stop.changed() => return,
-            };
-            let _ = sock.set_nodelay(true);
-            let r = tokio::select! {
-                r = self.serve_one(sock) => r,
-                _ = stop.changed() => Ok(()),
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "replica feed connection ended");
             }
         }
     }
 
-    async fn serve_one(&self, sock: TcpStream) -> Result<(), String> {
-        let (mut r, mut w) = sock.into_split();
-        let mut buf: Vec<u8> = Vec::new();
+    async fn feed(&self, h: Handshake) -> Result<(), String> {
+        let Handshake { mut r, mut w, replid, offset } = h;
         let mut chunk = vec![0u8; 16 << 10];
-        // Handshake, up to PSYNC.
-        let (replid, offset) = loop {
-            let parsed = parse_command(&buf).map_err(|e| format!("Redis sent malformed RESP: {e}"))?;
-            let Some((args, used)) = parsed else {
-                if buf.len() > MAX_HANDSHAKE_BYTES {
-                    return Err("handshake command too large".into());
-                }
-                let n = r.read(&mut chunk).await.map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err("Redis closed the link during the handshake".into());
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                continue;
-            };
-            buf.drain(..used);
-            let name = args.first().map(|a| a.to_ascii_lowercase()).unwrap_or_default();
-            match name.as_slice() {
-                b"ping" => w.write_all(b"+PONG\r\n").await.map_err(|e| e.to_string())?,
-                b"replconf" | b"auth" => w.write_all(b"+OK\r\n").await.map_err(|e| e.to_string())?,
-                b"psync" if args.len() == 3 => {
-                    let replid = String::from_utf8_lossy(&args[1]).into_owned();
-                    let offset: i64 = std::str::from_utf8(&args[2]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
-                    break (replid, offset);
-                }
-                _ => {
-                    let msg = format!("-ERR the Keel feeder serves only the replication handshake, not {:?}\r\n", String::from_utf8_lossy(&name));
-                    w.write_all(msg.as_bytes()).await.map_err(|e| e.to_string())?;
-                }
-            }
-        };
         let plan = loop {
             if let Err(e) = self.refresh().await {
                 if self.stalled().is_none() {
@@ -479,6 +484,63 @@ impl Feeder {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A connection that completed the replication handshake with `PSYNC
+/// replid offset` (offset -1 when it is not a number, as Redis sends for a
+/// full sync).
+struct Handshake {
+    r: tokio::net::tcp::OwnedReadHalf,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    replid: String,
+    offset: i64,
+}
+
+/// Answers a connection's handshake (`PING`, `REPLCONF`, `AUTH`; any other
+/// command gets an error and the connection stays) up to its `PSYNC`.
+/// Malformed RESP or a command over `MAX_HANDSHAKE_BYTES` is answered
+/// `-ERR Protocol error: …` and the connection is closed.
+async fn handshake(sock: TcpStream) -> Result<Handshake, String> {
+    let (mut r, mut w) = sock.into_split();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16 << 10];
+    loop {
+        let parsed = match parse_command(&buf) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = w.write_all(format!("-ERR Protocol error: {e}\r\n").as_bytes()).await;
+                return Err(format!("malformed RESP: {e}"));
+            }
+        };
+        let Some((args, used)) = parsed else {
+            if buf.len() > MAX_HANDSHAKE_BYTES {
+                let _ = w.write_all(format!("-ERR Protocol error: handshake command over {MAX_HANDSHAKE_BYTES} bytes (MAX_HANDSHAKE_BYTES)\r\n").as_bytes()).await;
+                return Err("handshake command too large".into());
+            }
+            let n = r.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("the connection closed during the handshake".into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            continue;
+        };
+        buf.drain(..used);
+        let name = args.first().map(|a| a.to_ascii_lowercase()).unwrap_or_default();
+        match name.as_slice() {
+            b"ping" => w.write_all(b"+PONG\r\n").await.map_err(|e| e.to_string())?,
+            b"replconf" | b"auth" => w.write_all(b"+OK\r\n").await.map_err(|e| e.to_string())?,
+            b"psync" if args.len() == 3 => {
+                let replid = String::from_utf8_lossy(&args[1]).into_owned();
+                let offset: i64 = std::str::from_utf8(&args[2]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
+                return Ok(Handshake { r, w, replid, offset });
+            }
+            _ => {
+                let shown: String = String::from_utf8_lossy(&name).chars().take(64).collect();
+                let msg = format!("-ERR the Keel feeder serves only the replication handshake, not {shown:?}\r\n");
+                w.write_all(msg.as_bytes()).await.map_err(|e| e.to_string())?;
             }
         }
     }

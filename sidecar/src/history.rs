@@ -510,4 +510,33 @@ mod tests {
         }
         assert!(h.checkpoints.len() as u64 <= 1000 / CHECKPOINT_EVERY + 1);
     }
+
+    proptest::proptest! {
+        /// `PSYNC <replid> <offset>` of any values (what a connection to
+        /// the feed port may send): a full resync from the base, or a
+        /// continuation exactly where that Redis stands, only for an id
+        /// the journal knows and an offset within what it holds.
+        #[test]
+        fn psync_of_any_id_and_offset(
+            replid in proptest::prop_oneof![
+                proptest::strategy::Just(A.to_string()),
+                proptest::strategy::Just(B.to_string()),
+                proptest::strategy::Just("?".to_string()),
+                "\\PC{0,50}",
+            ],
+            offset in proptest::prop_oneof![proptest::prelude::any::<i64>(), 0i64..700, proptest::strategy::Just(i64::MIN)],
+        ) {
+            let h = sample();
+            match h.psync(ME, &replid, offset) {
+                Psync::Full { offset: 100, first_seq: 1, snapshot: None } => {}
+                Psync::Continue { from_seq, from_offset } => {
+                    proptest::prop_assert!(replid == A || replid == B, "{replid:?}");
+                    proptest::prop_assert_eq!(from_offset as i64, offset - 1);
+                    proptest::prop_assert!((100..=500).contains(&from_offset), "{from_offset}");
+                    proptest::prop_assert!((3..=7).contains(&from_seq), "{from_seq}");
+                }
+                other => proptest::prop_assert!(false, "{other:?} for {replid:?} {offset}"),
+            }
+        }
+    }
 }

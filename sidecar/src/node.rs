@@ -186,7 +186,11 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         };
         let view = info.as_ref().map(|i| (i.leader_uuid.as_str(), i.last_seq));
         if leads_at_start(&me, view, feeder.stalled().is_some()) {
-            match primary::lead(&cfg.primary, &journal, &me).await {
+            let led = tokio::select! {
+                stop = primary::lead(&cfg.primary, &journal, &me) => stop,
+                never = refuse_feed_connections(&listener) => match never {},
+            };
+            match led {
                 Stop::Fatal(m) => return Stop::Fatal(m),
                 Stop::Retry(m) => {
                     quiet.warn("leading interrupted", &m);
@@ -215,6 +219,24 @@ pub async fn run(cfg: NodeConfig) -> Stop {
             Err(e) => {
                 quiet.warn("following interrupted", &e.to_string());
                 tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;
+            }
+        }
+    }
+}
+
+/// While this node leads, its feed listener (bound for the node's life)
+/// is not served: a connection to it is answered `-NOMASTERLINK` (a Redis
+/// retries later) and closed, rather than left unanswered in the listen
+/// backlog. Never returns.
+async fn refuse_feed_connections(listener: &TcpListener) -> std::convert::Infallible {
+    loop {
+        match listener.accept().await {
+            Ok((sock, _)) => {
+                let _ = sock.try_write(b"-NOMASTERLINK Keel: this node is the primary; its replica feed serves only while it follows\r\n");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "feed listener");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -580,6 +602,21 @@ mod tests {
         ];
         assert_eq!(parse_members(&render_members(&ms)), ms);
         assert_eq!(parse_members(b"junk\n\xff\xfe\na r s\n").len(), 1);
+    }
+
+    proptest::proptest! {
+        /// The `members` metadata of any bytes (another process may write
+        /// it): members of one word each, never a panic; what is rendered
+        /// parses back.
+        #[test]
+        fn members_of_any_bytes(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let ms = parse_members(&b);
+            for m in &ms {
+                proptest::prop_assert!(!m.uuid.is_empty() && !m.uuid.contains(char::is_whitespace));
+                proptest::prop_assert!(!m.redis.is_empty() && !m.redis.contains(char::is_whitespace));
+            }
+            proptest::prop_assert_eq!(parse_members(&render_members(&ms)), ms);
+        }
     }
 
     #[test]

@@ -140,5 +140,39 @@ mod tests {
         fn never_panics(junk in proptest::collection::vec(any::<u8>(), 0..100)) {
             let _ = parse_command(&junk);
         }
+
+        /// Replies of any bytes (a private server's, read by the
+        /// snapshotter): parsed, incomplete or refused; what is consumed
+        /// lies within the input.
+        #[test]
+        fn replies_never_panic(
+            head in proptest::sample::select(vec!["+", "-", ":", "$", "$-1", "*", "x"]),
+            junk in proptest::collection::vec(any::<u8>(), 0..60),
+        ) {
+            let b = [head.as_bytes(), &junk].concat();
+            if let Ok(Some((_, used))) = parse_reply(&b) {
+                prop_assert!(used <= b.len());
+            }
+            if let Ok(Some((_, used))) = parse_command(&b) {
+                prop_assert!(used <= b.len());
+            }
+        }
+
+        /// Lengths of any size or sign are refused or wait for more bytes,
+        /// never allocate or index past the input.
+        #[test]
+        fn absurd_lengths_are_refused_or_incomplete(n in any::<i64>(), count in any::<i64>()) {
+            let cmd = format!("*{count}\r\n${n}\r\nab\r\n");
+            match parse_command(cmd.as_bytes()) {
+                Ok(Some((args, _))) => prop_assert!(count == 1 && n == 2 && args == vec![b"ab".to_vec()]),
+                Ok(None) | Err(_) => {}
+            }
+            let reply = format!("${n}\r\nab\r\n");
+            match parse_reply(reply.as_bytes()) {
+                Ok(Some((Reply::Bulk(b), _))) => prop_assert!(n == -1 && b.is_none() || n == 2 && b == Some(b"ab".to_vec())),
+                Ok(Some(other)) => prop_assert!(false, "{other:?}"),
+                Ok(None) | Err(_) => {}
+            }
+        }
     }
 }
