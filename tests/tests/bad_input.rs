@@ -46,6 +46,7 @@ use std::time::Instant;
 use keel_tests::JournalCluster;
 use keel_tests::KeelCluster;
 use keel_tests::KeelPrimary;
+use keel_tests::control_secret_of;
 use keel_tests::Server;
 use keel_tests::free_port;
 use keel_tests::new_uuid;
@@ -800,9 +801,19 @@ fn the_replica_feed_survives_bad_input() {
         assert!(out.closed, "the primary's feed kept the connection open after {:?}", show(&input));
         assert!(out.received.is_empty() || out.received.starts_with(b"-NOMASTERLINK "), "{:?}", show(&out.received));
     }
-    // A well-formed PSYNC while the replica is fed: told to retry later.
+    // A well-formed PSYNC without the feed's password: refused.
     let out = send_and_close(&feed, &encode(&words(&["PSYNC", "?", "-1"])));
-    assert!(out.closed && out.received.starts_with(b"-NOMASTERLINK "), "{:?}", show(&out.received));
+    assert!(out.closed && out.received.starts_with(b"-NOAUTH "), "{:?}", show(&out.received));
+    // With it (the replica's masterauth, which only the control user may
+    // read or set), a PSYNC while the replica is fed: told to retry later.
+    let mut control = Conn::connect(&c.nodes[1].addr());
+    let secret = control_secret_of(&c.nodes[1].dir);
+    assert_eq!(control.call(&words(&["AUTH", "keel-sidecar", &secret])), Reply::Simple(b"OK".to_vec()));
+    let Reply::Array(Some(kv)) = control.call(&words(&["CONFIG", "GET", "masterauth"])) else { panic!("CONFIG GET masterauth") };
+    let Some(Reply::Bulk(Some(token))) = kv.get(1) else { panic!("no masterauth: {kv:?}") };
+    let token = String::from_utf8(token.clone()).unwrap();
+    let out = send_and_close(&feed, &[encode(&words(&["AUTH", &token])), encode(&words(&["PSYNC", "?", "-1"]))].concat());
+    assert!(out.closed && out.received.starts_with(b"+OK\r\n-NOMASTERLINK "), "{:?}", show(&out.received));
     cluster_alive(&mut c);
     // The real replica kept its link and still gets the primary's writes.
     assert_eq!(c.nodes[1].info_field("replication", "master_link_status").as_deref(), Some("up"));
