@@ -97,6 +97,8 @@ pub(crate) struct State {
     pub(crate) secret: Rotation,
     /// When the current control secret was read (Unix ms), for `INFO keel`.
     pub(crate) secret_loaded_unix_ms: u64,
+    /// How many times the secret file was read again (`INFO keel`).
+    pub(crate) secret_polls: u64,
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
@@ -1394,7 +1396,11 @@ extern "C" fn poll_secret(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
         let path = state().cfg.control_secret_file.clone();
         let read = control::read_secret(&path);
         let now = gate::monotonic_ms();
-        let seen = state().secret.seen(read, now);
+        let seen = {
+            let mut st = state();
+            st.secret_polls += 1;
+            st.secret.seen(read, now)
+        };
         let mut changes = Vec::new();
         match seen {
             secret::Seen::Unchanged | secret::Seen::RefusedAgain => {}
@@ -1891,6 +1897,8 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("control_secret_file", st.cfg.control_secret_file.clone())?
         .field("control_secret_loaded_unix_ms", st.secret_loaded_unix_ms.to_string())?
         .field("control_secret_retiring", st.secret.retiring().to_string())?
+        .field("control_secret_grace_ms", secret::SECRET_GRACE_MS.to_string())?
+        .field("control_secret_polls", st.secret_polls.to_string())?
         .field("control_secret_file_error", control::info_line(st.secret.refused().unwrap_or_default().as_bytes(), MAX_STALL_REASON_BYTES))?
         .field("write_timeout_ms", st.cfg.write_timeout_ms.to_string())?
         .field("snapshot_seq", snap_seq.to_string())?
@@ -1946,6 +1954,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         produced_offset: 0,
         secret,
         secret_loaded_unix_ms: unix_ms(),
+        secret_polls: 0,
     }));
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
