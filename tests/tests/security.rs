@@ -12,7 +12,10 @@
 //!   sidecars' own failover still works;
 //! - `CLIENT KILL` of the sidecar's links and `CLIENT PAUSE` heal;
 //! - the module refuses to load without a sound secret file, and the
-//!   sidecar refuses to start with one it should not trust.
+//!   sidecar refuses to start with one it should not trust;
+//! - the secret rotates without a restart or a failover (on Redis and
+//!   Valkey), an invalid new file changes nothing, and a journal node's
+//!   certificate rotates without a failover.
 //!
 //! The tests share the machine's two cores and time-sensitive leases, so
 //! they run one at a time.
