@@ -8,7 +8,8 @@
 //!   default `keel-sidecar`) whose password is read from a file
 //!   (`control_secret_file`, mode 0600, checked by `check_secret`); the module
 //!   (re)creates that user before the event loop sleeps, at load and after
-//!   `ACL LOAD`;
+//!   `ACL LOAD`, and reads the file again every second to rotate the secret
+//!   without a restart (`secret.rs`);
 //! - `KEEL.ACK`, `KEEL.FENCED`, `KEEL.LEADER`, `KEEL.LEASE`,
 //!   `KEEL.FOLLOWING`, `KEEL.SNAPSHOT`, `KEEL.STALLED` answer `NOPERM` to any other user;
 //! - the command filter rewrites what `guard` names into `KEEL.GUARD <the
@@ -201,7 +202,7 @@ pub fn refusal(g: Guard, name: &[u8], control_user: &str) -> String {
         ),
         Guard::ControlUser => format!(
             "NOPERM the ACL user '{control_user}' belongs to this node's Keel sidecar: the module sets it from \
-             control_secret_file; change that file and restart redis-server, then the sidecar"
+             control_secret_file; write the new secret into that file (the module applies it within a second; no restart)"
         ),
         Guard::ReadOnlyConfig => "ERR Keel keeps replica-read-only yes: a replica does not hold the lease, and a write \
              it took would never be journaled"

@@ -28,6 +28,8 @@ use crate::gate::Decision;
 use crate::gate::Gate;
 use crate::hazards::Hazards;
 use crate::holds::Holds;
+use crate::secret;
+use crate::secret::Rotation;
 use crate::transactions::Exec;
 use crate::transactions::Sender;
 use crate::transactions::Transactions;
@@ -91,6 +93,12 @@ pub(crate) struct State {
     /// The highest `master_repl_offset` seen since the last role change:
     /// a `KEEL.ACK` up to it needs no look at INFO.
     pub(crate) produced_offset: u64,
+    /// The control user's passwords over time (secret.rs).
+    pub(crate) secret: Rotation,
+    /// When the current control secret was read (Unix ms), for `INFO keel`.
+    pub(crate) secret_loaded_unix_ms: u64,
+    /// How many times the secret file was read again (`INFO keel`).
+    pub(crate) secret_polls: u64,
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
@@ -1330,15 +1338,19 @@ pub(crate) unsafe fn refuse_guarded(ctx: *mut raw::RedisModuleCtx, args: &[*mut 
     Some(reply_error(ctx, &refusal))
 }
 
-/// (Re)creates the control user with the secret: at load, and after
-/// `ACL LOAD` replaced the users. Its rules are the module's alone
-/// (`control::guard` refuses changes from clients).
+/// (Re)creates the control user with its secrets (the current one, and
+/// those still retiring: secret.rs): at load, and after `ACL LOAD`
+/// replaced the users. Its rules are the module's alone (`control::guard`
+/// refuses changes from clients).
 unsafe fn ensure_control_user(ctx: *mut raw::RedisModuleCtx) {
     let user = state().cfg.control_user.clone();
-    let mut password = b">".to_vec();
-    password.extend_from_slice(state().cfg.control_secret.bytes());
-    let r = call_bytes(ctx, c"ACL", &[b"SETUSER", user.as_bytes(), b"reset", b"on", &password, b"~*", b"&*", b"+@all"]);
-    password.fill(0);
+    let mut passwords: Vec<Vec<u8>> = state().secret.passwords().map(|s| [b">", s.bytes()].concat()).collect();
+    let mut args: Vec<&[u8]> = vec![b"SETUSER", user.as_bytes(), b"reset", b"on"];
+    args.extend(passwords.iter().map(|p| p.as_slice()));
+    args.extend([&b"~*"[..], b"&*", b"+@all"]);
+    let r = call_bytes(ctx, c"ACL", &args);
+    drop(args);
+    passwords.iter_mut().for_each(|p| p.fill(0));
     let failed = r.is_null() || raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_ERROR as c_int;
     let why = if r.is_null() { Vec::new() } else { reply_text(r).unwrap_or_default() };
     if !r.is_null() {
@@ -1350,6 +1362,71 @@ unsafe fn ensure_control_user(ctx: *mut raw::RedisModuleCtx) {
             String::from_utf8_lossy(&why)
         ));
     }
+}
+
+/// Applies `changes` to the control user's passwords (`ACL SETUSER
+/// <user> >new` / `<old`): the rules and the open connections stay.
+unsafe fn change_control_passwords(ctx: *mut raw::RedisModuleCtx, changes: Vec<secret::Change>) {
+    let user = state().cfg.control_user.clone();
+    for change in changes {
+        let (mut rule, what) = match &change {
+            secret::Change::Add(s) => ([b">", s.bytes()].concat(), "add the new secret to"),
+            secret::Change::Remove(s) => ([b"<", s.bytes()].concat(), "remove a replaced secret from"),
+        };
+        let r = call_bytes(ctx, c"ACL", &[b"SETUSER", user.as_bytes(), &rule]);
+        rule.fill(0);
+        let failed = r.is_null() || raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_ERROR as c_int;
+        let why = if r.is_null() { Vec::new() } else { reply_text(r).unwrap_or_default() };
+        if !r.is_null() {
+            raw::RedisModule_FreeCallReply.unwrap()(r);
+        }
+        if failed {
+            Context::new(ctx).log_warning(&format!(
+                "keel: could not {what} the control user '{user}' ({}); `ACL LOAD` or a restart sets it again",
+                String::from_utf8_lossy(&why)
+            ));
+        }
+    }
+}
+
+/// Every `SECRET_POLL_MS`: reads control_secret_file again and applies a
+/// new secret, or retires replaced ones whose grace ended (secret.rs).
+extern "C" fn poll_secret(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
+    unsafe {
+        let path = state().cfg.control_secret_file.clone();
+        let read = control::read_secret(&path);
+        let now = gate::monotonic_ms();
+        let seen = {
+            let mut st = state();
+            st.secret_polls += 1;
+            st.secret.seen(read, now)
+        };
+        let mut changes = Vec::new();
+        match seen {
+            secret::Seen::Unchanged | secret::Seen::RefusedAgain => {}
+            secret::Seen::Refused(why) => Context::new(ctx).log_warning(&format!(
+                "{why}; the control user keeps its current secret (checked again every {} ms)",
+                secret::SECRET_POLL_MS
+            )),
+            secret::Seen::Rotated(c) => {
+                state().secret_loaded_unix_ms = unix_ms();
+                Context::new(ctx).log_notice(&format!(
+                    "keel: control_secret_file {path:?} holds a new secret: the control user accepts it now, and the \
+                     one it replaces for {} ms more",
+                    secret::SECRET_GRACE_MS
+                ));
+                changes = c;
+            }
+        }
+        changes.extend(state().secret.expire(now));
+        change_control_passwords(ctx, changes);
+        raw::RedisModule_CreateTimer.unwrap()(ctx, secret::SECRET_POLL_MS as i64, Some(poll_secret), std::ptr::null_mut());
+    }
+}
+
+/// Wall-clock time in Unix ms (0 if the clock is before 1970).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A replica must refuse writes itself (it does not hold the lease): sets
@@ -1818,6 +1895,11 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("journal_endpoints", st.cfg.journal.clone())?
         .field("control_user", st.cfg.control_user.clone())?
         .field("control_secret_file", st.cfg.control_secret_file.clone())?
+        .field("control_secret_loaded_unix_ms", st.secret_loaded_unix_ms.to_string())?
+        .field("control_secret_retiring", st.secret.retiring().to_string())?
+        .field("control_secret_grace_ms", secret::SECRET_GRACE_MS.to_string())?
+        .field("control_secret_polls", st.secret_polls.to_string())?
+        .field("control_secret_file_error", control::info_line(st.secret.refused().unwrap_or_default().as_bytes(), MAX_STALL_REASON_BYTES))?
         .field("write_timeout_ms", st.cfg.write_timeout_ms.to_string())?
         .field("snapshot_seq", snap_seq.to_string())?
         .field("snapshot_age_seconds", snap_age_s.to_string())?
@@ -1842,6 +1924,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     let CommandTable { writes, no_multi, allow_busy, reads, containers, arity } = load_command_table(raw_ctx);
     let replica = unsafe { raw::RedisModule_GetContextFlags.unwrap()(std::ptr::null_mut()) as u32 & raw::REDISMODULE_CTX_FLAGS_SLAVE != 0 };
     ctx.log_notice(&format!("keel: holding replies of {} write commands; {cfg:?}", writes.len()));
+    let secret = Rotation::new(cfg.control_secret.clone());
     let _ = STATE.set(Mutex::new(State {
         cfg,
         holds: Holds::default(),
@@ -1869,6 +1952,9 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         acl_grant_pending: true,
         read_only_checked: false,
         produced_offset: 0,
+        secret,
+        secret_loaded_unix_ms: unix_ms(),
+        secret_polls: 0,
     }));
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
@@ -1906,6 +1992,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         // still reach the module. The module's own calls skip the filter
         // through `call`.
         raw::RedisModule_RegisterCommandFilter.unwrap()(raw_ctx, Some(filter), 0);
+        raw::RedisModule_CreateTimer.unwrap()(raw_ctx, secret::SECRET_POLL_MS as i64, Some(poll_secret), std::ptr::null_mut());
         type EventFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, raw::RedisModuleEvent, u64, *mut c_void);
         let events: [(u64, EventFn, &str); 5] = [
             (raw::REDISMODULE_EVENT_EVENTLOOP, on_event_loop, "the event loop"),

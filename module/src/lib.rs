@@ -29,6 +29,7 @@ pub mod gate;
 pub mod hazards;
 pub mod holds;
 pub mod resp;
+pub mod secret;
 pub mod transactions;
 pub mod waiters;
 // The layer over Redis; unit tests run without Redis, so they leave it out.

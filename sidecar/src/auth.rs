@@ -5,13 +5,29 @@
 //! and change Redis's role (`REPLICAOF`); it creates that user with the
 //! password in the file both are given (`control_secret_file=` on the
 //! `--loadmodule` line, `--control-secret-file` here). Every connection the
-//! sidecar opens to its Redis sends `AUTH <user> <secret>` first
-//! (`Credentials::auth_command`, checked by `check_auth_reply`). The secret
-//! is read once at start (same checks as the module's: owner-only mode, one
-//! line of at least `MIN_SECRET_BYTES`) and never printed: `Debug` shows
-//! its length, errors name the file and the user only.
+//! sidecar opens to its Redis authenticates first (`authenticate`).
+//!
+//! Rotation: the file is read again for every new connection (same checks
+//! as the module's: owner-only mode, one line of at least
+//! `MIN_SECRET_BYTES`), so a reconnect uses the newest secret; connections
+//! already open stay as they are. Which secrets to offer is `Secrets`'s
+//! decision: the file's newest valid one first, then the one Redis last
+//! accepted if it differs (the module reads the file once a second, so
+//! for up to a second it may not accept the new one yet). An invalid file
+//! is logged once and the last valid secret is used. A refusal of every
+//! secret is an error the caller retries as any failed connection. The
+//! secret is never printed: `Debug` shows its length, errors name the file
+//! and the user only.
 
 use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use tokio::io::AsyncBufRead;
+use tokio::io::AsyncBufReadExt;
+use tokio::io::AsyncWrite;
+use tokio::io::AsyncWriteExt;
 
 use crate::resp::encode_command;
 
@@ -20,46 +36,157 @@ pub const MIN_SECRET_BYTES: usize = 16;
 /// The control user when `--control-user` is not given.
 pub const DEFAULT_USER: &str = "keel-sidecar";
 
-/// The control user and its password.
+/// The secrets known to the sidecar, fed the file's reads and Redis's
+/// answers. Pure.
+#[derive(Default)]
+pub struct Secrets {
+    /// The file's newest valid secret.
+    newest: Vec<u8>,
+    /// The last secret Redis accepted (empty: none yet).
+    accepted: Vec<u8>,
+    /// The file's refusal logged last, while it stays invalid.
+    refused: Option<String>,
+}
+
+/// What a read of the file came to, to log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Read {
+    /// Nothing to say (the same secret, or a refusal already logged).
+    Quiet,
+    /// The file holds a new secret.
+    Changed,
+    /// The file cannot be used (log it once); the last valid secret stays.
+    Refused(String),
+}
+
+impl Secrets {
+    /// The file was read (`check_secret`'s answer).
+    pub fn read(&mut self, read: Result<Vec<u8>, String>) -> Read {
+        match read {
+            Ok(s) => {
+                self.refused = None;
+                if s == self.newest {
+                    return Read::Quiet;
+                }
+                self.newest = s;
+                Read::Changed
+            }
+            Err(why) if self.refused.as_ref() == Some(&why) => Read::Quiet,
+            Err(why) => {
+                self.refused = Some(why.clone());
+                Read::Refused(why)
+            }
+        }
+    }
+
+    /// The secrets to offer, in order: the newest, then the last accepted
+    /// if it differs.
+    pub fn to_offer(&self) -> Vec<Vec<u8>> {
+        let mut v = vec![self.newest.clone()];
+        if !self.accepted.is_empty() && self.accepted != self.newest {
+            v.push(self.accepted.clone());
+        }
+        v
+    }
+
+    /// Redis accepted `secret`.
+    pub fn accepted(&mut self, secret: &[u8]) {
+        self.accepted = secret.to_vec();
+    }
+}
+
+/// The control user and where its password is read from (shared by every
+/// clone: what one connection learns, the next uses).
 #[derive(Clone)]
 pub struct Credentials {
     pub user: String,
-    secret: Vec<u8>,
+    path: PathBuf,
+    secrets: Arc<Mutex<Secrets>>,
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials {{ user: {:?}, secret: <{} bytes, not shown> }}", self.user, self.secret.len())
+        let len = self.secrets.lock().unwrap().newest.len();
+        write!(f, "Credentials {{ user: {:?}, file: {:?}, secret: <{len} bytes, not shown> }}", self.user, self.path)
     }
 }
 
+/// Reads and checks the secret file at `path` (`check_secret`).
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| format!("--control-secret-file {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("--control-secret-file {shown} is not a regular file"));
+    }
+    let contents = std::fs::read(path).map_err(|e| format!("--control-secret-file {shown}: {e}"))?;
+    check_secret(&shown, &contents, meta.permissions().mode())
+}
+
 impl Credentials {
-    /// Reads the secret of `user` from the file at `path` (`check_secret`).
+    /// Reads the secret of `user` from the file at `path` (`check_secret`);
+    /// an invalid file at start is an error.
     pub fn from_file(user: &str, path: &Path) -> Result<Credentials, String> {
-        use std::os::unix::fs::PermissionsExt;
         if user.is_empty() || !user.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(format!("--control-user {user:?} must be an ACL user name (printable, no spaces)"));
         }
-        let shown = path.display().to_string();
-        let meta = std::fs::metadata(path).map_err(|e| format!("--control-secret-file {shown}: {e}"))?;
-        if !meta.is_file() {
-            return Err(format!("--control-secret-file {shown} is not a regular file"));
+        let mut secrets = Secrets::default();
+        secrets.read(Ok(read_secret(path)?));
+        Ok(Credentials { user: user.to_string(), path: path.to_path_buf(), secrets: Arc::new(Mutex::new(secrets)) })
+    }
+
+    /// The secrets to offer on a new connection, the file read again.
+    fn to_offer(&self) -> Vec<Vec<u8>> {
+        let read = read_secret(&self.path);
+        let mut secrets = self.secrets.lock().unwrap();
+        match secrets.read(read) {
+            Read::Quiet => {}
+            Read::Changed => tracing::info!(file = %self.path.display(), "the control secret file holds a new secret; new connections to Redis use it"),
+            Read::Refused(why) => tracing::warn!(%why, "the control secret file cannot be used; new connections to Redis keep the last valid secret"),
         }
-        let contents = std::fs::read(path).map_err(|e| format!("--control-secret-file {shown}: {e}"))?;
-        let secret = check_secret(&shown, &contents, meta.permissions().mode())?;
-        Ok(Credentials { user: user.to_string(), secret })
+        secrets.to_offer()
     }
 
     /// `AUTH <user> <secret>`, encoded.
-    pub fn auth_command(&self) -> Vec<u8> {
-        encode_command(&[b"AUTH", self.user.as_bytes(), &self.secret])
+    fn auth_command(&self, secret: &[u8]) -> Vec<u8> {
+        encode_command(&[b"AUTH", self.user.as_bytes(), secret])
     }
 
     /// Credentials for tests of the sidecar alone.
     #[cfg(test)]
     pub fn for_tests(user: &str, secret: &[u8]) -> Credentials {
-        Credentials { user: user.into(), secret: secret.to_vec() }
+        let mut secrets = Secrets::default();
+        secrets.read(Ok(secret.to_vec()));
+        Credentials { user: user.into(), path: PathBuf::from("/nonexistent"), secrets: Arc::new(Mutex::new(secrets)) }
     }
+}
+
+/// `AUTH` as the control user, first on a new connection to the Redis at
+/// `redis`: offers the newest secret, then the last accepted one
+/// (`Secrets::to_offer`). An error says what to check.
+pub async fn authenticate<R, W>(r: &mut R, w: &mut W, creds: &Credentials, redis: &str) -> Result<(), String>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut refused = Err(String::new());
+    for secret in creds.to_offer() {
+        w.write_all(&creds.auth_command(&secret)).await.map_err(|e| format!("Redis at {redis}: {e}"))?;
+        let mut line = String::new();
+        // Redis may send bare `\n` keep-alives; skip them.
+        while line.trim_end().is_empty() {
+            line.clear();
+            if r.read_line(&mut line).await.map_err(|e| format!("Redis at {redis}: {e}"))? == 0 {
+                return Err(format!("Redis at {redis} closed the connection during AUTH"));
+            }
+        }
+        refused = check_auth_reply(line.trim_end(), &creds.user, redis);
+        if refused.is_ok() {
+            creds.secrets.lock().unwrap().accepted(&secret);
+            break;
+        }
+    }
+    refused
 }
 
 /// The secret in a file's `contents` (one trailing newline is not part of
@@ -121,9 +248,64 @@ mod tests {
     #[test]
     fn the_secret_is_sent_in_auth_and_never_shown() {
         let c = Credentials::for_tests("keel-sidecar", b"super-secret-value-123");
-        assert_eq!(c.auth_command(), b"*3\r\n$4\r\nAUTH\r\n$12\r\nkeel-sidecar\r\n$22\r\nsuper-secret-value-123\r\n");
+        assert_eq!(c.auth_command(b"super-secret-value-123"), b"*3\r\n$4\r\nAUTH\r\n$12\r\nkeel-sidecar\r\n$22\r\nsuper-secret-value-123\r\n");
         let shown = format!("{c:?}");
-        assert!(!shown.contains("super-secret") && shown.contains("keel-sidecar"), "{shown}");
+        assert!(!shown.contains("super-secret") && shown.contains("keel-sidecar") && shown.contains("22 bytes"), "{shown}");
+    }
+
+    #[test]
+    fn the_newest_secret_is_offered_first_then_the_last_accepted() {
+        let (a, b, c) = (b"aaaaaaaaaaaaaaaa".to_vec(), b"bbbbbbbbbbbbbbbb".to_vec(), b"cccccccccccccccc".to_vec());
+        let mut s = Secrets::default();
+        assert_eq!(s.read(Ok(a.clone())), Read::Changed);
+        assert_eq!(s.to_offer(), [a.clone()], "nothing accepted yet");
+        s.accepted(&a);
+        assert_eq!(s.read(Ok(a.clone())), Read::Quiet);
+        assert_eq!(s.to_offer(), [a.clone()]);
+        // Rotated: the new one first; the old one while Redis may not know the new one.
+        assert_eq!(s.read(Ok(b.clone())), Read::Changed);
+        assert_eq!(s.to_offer(), [b.clone(), a.clone()]);
+        s.accepted(&b);
+        assert_eq!(s.to_offer(), [b.clone()]);
+        // An invalid file: logged once, the last valid secret stays.
+        assert_eq!(s.read(Err("mode 644".into())), Read::Refused("mode 644".into()));
+        assert_eq!(s.read(Err("mode 644".into())), Read::Quiet);
+        assert_eq!(s.to_offer(), [b.clone()]);
+        assert_eq!(s.read(Ok(c.clone())), Read::Changed);
+        assert_eq!(s.read(Err("mode 644".into())), Read::Refused("mode 644".into()), "again after a valid read");
+        assert_eq!(s.to_offer(), [c, b]);
+    }
+
+    #[tokio::test]
+    async fn authenticate_falls_back_to_the_accepted_secret_and_learns() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.secret");
+        let write = |s: &str| {
+            std::fs::write(&path, format!("{s}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write("old-secret-0123456789");
+        let creds = Credentials::from_file("keel-sidecar", &path).unwrap();
+        // A Redis that accepts only `ok` (the answers it would give, in order).
+        async fn auth(creds: &Credentials, answers: &str) -> (Result<(), String>, String) {
+            let mut r = tokio::io::BufReader::new(answers.as_bytes());
+            let mut sent = Vec::new();
+            let res = authenticate(&mut r, &mut sent, creds, "r").await;
+            (res, String::from_utf8_lossy(&sent).into_owned())
+        }
+        let (res, sent) = auth(&creds, "+OK\r\n").await;
+        assert!(res.is_ok() && sent.contains("old-secret") && !sent.contains("new-secret"), "{sent}");
+        write("new-secret-0123456789");
+        // The module has not read the file yet: the new one is refused, the old one works.
+        let (res, sent) = auth(&creds, "-WRONGPASS invalid\r\n+OK\r\n").await;
+        assert!(res.is_ok(), "{res:?}");
+        assert!(sent.find("new-secret").unwrap() < sent.find("old-secret").unwrap(), "{sent}");
+        // Once the new one is accepted, the old one is no longer offered.
+        let (res, _) = auth(&creds, "+OK\r\n").await;
+        assert!(res.is_ok());
+        let (res, sent) = auth(&creds, "-WRONGPASS invalid\r\n").await;
+        assert!(res.unwrap_err().contains("WRONGPASS") && !sent.contains("old-secret"), "{sent}");
     }
 
     #[test]
@@ -141,7 +323,7 @@ mod tests {
         std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = Credentials::from_file("keel-sidecar", &path).unwrap();
-        assert_eq!(c.secret, b"0123456789abcdef0123456789abcdef");
+        assert_eq!(c.to_offer(), [b"0123456789abcdef0123456789abcdef".to_vec()]);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(Credentials::from_file("keel-sidecar", &path).unwrap_err().contains("chmod 600"));
         assert!(Credentials::from_file("a b", &path).unwrap_err().contains("--control-user"));

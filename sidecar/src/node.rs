@@ -47,7 +47,7 @@ use crate::link::RedisAddr;
 use tokio::sync::watch;
 
 use crate::auth::Credentials;
-use crate::auth::check_auth_reply;
+use crate::auth::authenticate;
 use crate::feeder::Feeder;
 use crate::lease::Candidate;
 use crate::lease::Step;
@@ -295,16 +295,16 @@ enum Reply {
 }
 
 /// Sends one command to the local Redis on a fresh connection (after
-/// `AUTH` as the control user) and reads its reply, within `timeout_ms`.
+/// `AUTH` as the control user, `auth::authenticate`) and reads its reply,
+/// within `timeout_ms`.
 async fn redis_request(redis: &RedisAddr, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<Reply, Stop> {
     let fut = async {
-        let (mut r, mut w, _) = crate::link::connect(redis).await.map_err(|e| format!("connect {redis}: {e}"))?;
-        let mut first = creds.auth_command();
-        first.extend_from_slice(&encode_command(args));
-        w.write_all(&first).await.map_err(|e| e.to_string())?;
+        let (r, mut w, _) = crate::link::connect(redis).await.map_err(|e| format!("connect {redis}: {e}"))?;
+        let mut r = tokio::io::BufReader::new(r);
+        authenticate(&mut r, &mut w, creds, &redis.to_string()).await?;
+        w.write_all(&encode_command(args)).await.map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
-        let mut authenticated = false;
         loop {
             let n = r.read(&mut chunk).await.map_err(|e| e.to_string())?;
             if n == 0 {
@@ -313,21 +313,6 @@ async fn redis_request(redis: &RedisAddr, creds: &Credentials, args: &[&[u8]], t
             buf.extend_from_slice(&chunk[..n]);
             let Some(i) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
             let head = String::from_utf8_lossy(&buf[..i]).into_owned();
-            if !authenticated {
-                // AUTH's answer comes first (the command was pipelined).
-                check_auth_reply(&head, &creds.user, &redis.to_string())?;
-                authenticated = true;
-                buf.drain(..i + 2);
-                let Some(j) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
-                let head = String::from_utf8_lossy(&buf[..j]).into_owned();
-                let Some(len) = head.strip_prefix('$').and_then(|l| l.parse::<usize>().ok()) else {
-                    return Ok(Reply::Line(head));
-                };
-                if buf.len() >= j + 2 + len {
-                    return Ok(Reply::Bulk(String::from_utf8_lossy(&buf[j + 2..j + 2 + len]).into_owned()));
-                }
-                continue;
-            }
             let Some(len) = head.strip_prefix('$').and_then(|l| l.parse::<usize>().ok()) else {
                 return Ok(Reply::Line(head));
             };

@@ -58,7 +58,6 @@ use crate::record::MAX_PAYLOAD_BYTES;
 use crate::record::ReadOneError;
 use crate::record::Record;
 use crate::auth::Credentials;
-use crate::auth::check_auth_reply;
 use crate::resp::encode_command;
 
 /// Every bound of the primary sidecar.
@@ -264,9 +263,7 @@ async fn command(w: &mut OwnedWriteHalf, args: &[&[u8]]) -> Result<(), Stop> {
 
 /// `AUTH` as the control user, first on every connection to Redis.
 async fn authenticate(r: &mut BufReader<OwnedReadHalf>, w: &mut OwnedWriteHalf, creds: &Credentials, redis: &RedisAddr) -> Result<(), Stop> {
-    w.write_all(&creds.auth_command()).await.map_err(retry)?;
-    let answer = read_line(r).await?;
-    check_auth_reply(&answer, &creds.user, &redis.to_string()).map_err(Stop::Retry)
+    crate::auth::authenticate(r, w, creds, &redis.to_string()).await.map_err(Stop::Retry)
 }
 
 /// Leads the stream from the local Redis until fenced, the Redis lost its

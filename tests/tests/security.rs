@@ -12,14 +12,21 @@
 //!   sidecars' own failover still works;
 //! - `CLIENT KILL` of the sidecar's links and `CLIENT PAUSE` heal;
 //! - the module refuses to load without a sound secret file, and the
-//!   sidecar refuses to start with one it should not trust.
+//!   sidecar refuses to start with one it should not trust;
+//! - the secret rotates without a restart or a failover (on Redis and
+//!   Valkey), an invalid new file changes nothing, and a journal node's
+//!   certificate rotates without a failover.
 //!
 //! The tests share the machine's two cores and time-sensitive leases, so
 //! they run one at a time.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -298,6 +305,231 @@ fn replica_read_only_is_set_at_load() {
     let log = std::fs::read_to_string(dir.path().join("redis.log")).unwrap();
     assert!(log.contains("replica-read-only was \"no\"; set to yes"), "{log}");
     keel_tests::kill_child(&mut redis);
+}
+
+/// Writes `dir/control.secret` anew as an operator would: a fresh secret in
+/// a temporary file of mode 0600, renamed over the old one. Returns it.
+fn rotate_secret_file(dir: &std::path::Path) -> String {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let secret = keel_tests::new_uuid().replace('-', "") + &keel_tests::new_uuid().replace('-', "");
+    let tmp = dir.join("control.secret.new");
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).unwrap();
+    writeln!(f, "{secret}").unwrap();
+    drop(f);
+    std::fs::rename(&tmp, dir.join("control.secret")).unwrap();
+    secret
+}
+
+/// What `AUTH keel-sidecar <secret>` answers on a new connection.
+fn auth_answer(addr: &str, secret: &str) -> String {
+    Resp::connect(addr).cmd(&["AUTH", CONTROL_USER, secret])
+}
+
+/// Ids of the clients of `addr` authenticated as the control user that
+/// have been connected for at least a second (the sidecar's lasting links;
+/// its one-command connections come and go).
+fn lasting_control_clients(addr: &str) -> Vec<String> {
+    let list = Resp::connect(addr).cmd(&["CLIENT", "LIST"]);
+    list.lines()
+        .filter(|l| l.contains(&format!(" user={CONTROL_USER} ")))
+        .filter(|l| l.split(' ').find_map(|f| f.strip_prefix("age=")).and_then(|a| a.parse::<u64>().ok()).unwrap_or(0) >= 1)
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")).map(|s| s.to_string()))
+        .collect()
+}
+
+/// A steady stream of writes to a node, on one connection, until stopped.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    /// Writes acknowledged so far.
+    acked: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(addr: String) -> Writer {
+        let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (s, a) = (stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            let mut c = Resp::connect(&addr);
+            while !s.load(Ordering::Relaxed) {
+                let n = a.load(Ordering::Relaxed);
+                let reply = c.cmd(&["SET", &format!("w:{}", n % 1000), &n.to_string()]);
+                assert_eq!(reply, "+OK", "write {n} was not acknowledged");
+                a.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Writer { stop, acked, thread }
+    }
+
+    /// Waits until `more` writes past now are acknowledged.
+    fn wait_more(&self, more: u64) {
+        let target = self.acked.load(Ordering::Relaxed) + more;
+        wait_until(Duration::from_secs(10), "writes acknowledged", || self.acked.load(Ordering::Relaxed) >= target);
+    }
+
+    /// Stops; panics if a write was not acknowledged. Returns how many were.
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("every write was acknowledged");
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
+/// How soon a new secret must authenticate (the module reads the file once
+/// a second).
+const NEW_SECRET_WITHIN: Duration = Duration::from_secs(5);
+
+/// Rotating the control secret (docs/security.md, "Rotating it") needs no
+/// restart and no failover: a primary and a replica under a steady stream
+/// of writes get a new secret file (written aside, renamed over); the new
+/// secret authenticates within a poll, the old one stops after the grace,
+/// the sidecars' open links are never closed, every write is acknowledged
+/// and the stream's leader never changes. The sidecars' links then killed
+/// (`CLIENT KILL USER`, and a kill -9 of the replica's sidecar) come back
+/// with the new secret, and the node still leads. Returns the cluster.
+async fn rotate_the_control_secret(server: Server) -> KeelCluster {
+    let mut c = KeelCluster::start(server, 3, 2, 1000).await;
+    let journal = c.journal.client();
+    let leader = journal.stream_info("shard-1").await.unwrap().leader_uuid;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr()).collect();
+    // The primary's sidecar keeps links open (its control connection, the
+    // replication stream); a replica's opens one per command.
+    wait_until(Duration::from_secs(10), "the primary's sidecar links last a second", || !lasting_control_clients(&addrs[0]).is_empty());
+    let lasting: Vec<Vec<String>> = addrs.iter().map(|a| lasting_control_clients(a)).collect();
+    let olds: Vec<String> = c.nodes.iter().map(|n| control_secret_of(&n.dir)).collect();
+    let grace_ms: u64 = info_field(&mut Resp::connect(&addrs[0]), "keel", "keel_control_secret_grace_ms").parse().unwrap();
+    let writes = Writer::start(addrs[0].clone());
+    writes.wait_more(1);
+
+    let rotated = Instant::now();
+    let news: Vec<String> = c.nodes.iter().map(|n| rotate_secret_file(&n.dir)).collect();
+    for (i, a) in addrs.iter().enumerate() {
+        wait_until(NEW_SECRET_WITHIN, "the new secret authenticates", || auth_answer(a, &news[i]) == "+OK");
+    }
+    let new_after = rotated.elapsed();
+    for (i, a) in addrs.iter().enumerate() {
+        assert_eq!(auth_answer(a, &olds[i]), "+OK", "the old secret works during the grace");
+    }
+    for (i, a) in addrs.iter().enumerate() {
+        wait_until(Duration::from_millis(grace_ms) + NEW_SECRET_WITHIN, "the old secret is refused", || {
+            auth_answer(a, &olds[i]).starts_with("-WRONGPASS")
+        });
+    }
+    let old_until = rotated.elapsed();
+    eprintln!("{server:?}: new secret accepted after {new_after:?}, old one refused after {old_until:?}");
+    assert!(old_until >= Duration::from_millis(grace_ms), "the old secret was refused before the grace ended");
+    for (i, a) in addrs.iter().enumerate() {
+        let now = lasting_control_clients(a);
+        assert!(lasting[i].iter().all(|id| now.contains(id)), "a sidecar link was closed: {:?} then {now:?}", lasting[i]);
+        let mut r = Resp::connect(a);
+        let loaded = info_field(&mut r, "keel", "keel_control_secret_loaded_unix_ms");
+        assert!(!loaded.is_empty() && loaded != "0", "{loaded}");
+        assert_eq!(info_field(&mut r, "keel", "keel_control_secret_retiring"), "0");
+        let info = r.cmd(&["INFO", "keel"]);
+        assert!(!info.contains(&news[i]) && !info.contains(&olds[i]), "a secret in INFO: {info}");
+    }
+    writes.wait_more(1);
+    let acknowledged = writes.finish();
+    eprintln!("{server:?}: {acknowledged} writes acknowledged during the rotation");
+    assert_eq!(journal.stream_info("shard-1").await.unwrap().leader_uuid, leader, "no failover");
+    assert_eq!(c.primaries(), vec![0]);
+
+    // The sidecars' links killed: they come back with the new secret.
+    let killed = Resp::connect(&addrs[0]).cmd(&["CLIENT", "KILL", "USER", CONTROL_USER]);
+    assert!(killed.starts_with(':') && killed != ":0", "{killed}");
+    c.nodes[1].kill_sidecar();
+    c.nodes[1].start_sidecar();
+    c.wait_writable(0, Duration::from_secs(30));
+    c.wait_replica_synced(1, Duration::from_secs(30));
+    assert_eq!(journal.stream_info("shard-1").await.unwrap().leader_uuid, leader, "no failover");
+    assert_eq!(c.primaries(), vec![0]);
+    for (i, n) in c.nodes.iter().enumerate() {
+        let log = std::fs::read_to_string(n.dir.join("redis.log")).unwrap();
+        assert!(log.contains("holds a new secret") && !log.contains(&news[i]) && !log.contains(&olds[i]), "{}", n.dir.display());
+    }
+    c
+}
+
+/// An invalid secret file (open to others, too short) changes nothing and
+/// is reported once in the log and in `INFO keel`; the secret keeps
+/// working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_new_secret_file_changes_nothing() {
+    let _serial = serial();
+    let p = KeelPrimary::start(Server::Redis, 1, &[]).await;
+    let secret = control_secret_of(&p.dir);
+    let file = p.dir.join("control.secret");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut c = Resp::connect(&p.addr());
+    wait_until(Duration::from_secs(5), "the refusal in INFO keel", || {
+        info_field(&mut c, "keel", "keel_control_secret_file_error").contains("chmod 600")
+    });
+    // Three reads of the file later: logged once, the secret unchanged.
+    let polls = |c: &mut Resp| info_field(c, "keel", "keel_control_secret_polls").parse::<u64>().unwrap();
+    let seen = polls(&mut c);
+    wait_until(Duration::from_secs(10), "three more reads of the file", || polls(&mut c) >= seen + 3);
+    let log = std::fs::read_to_string(p.dir.join("redis.log")).unwrap();
+    assert_eq!(log.matches("chmod 600 it; the control user keeps its current secret").count(), 1, "{log}");
+    assert_eq!(auth_answer(&p.addr(), &secret), "+OK");
+    std::fs::write(&file, "short\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    wait_until(Duration::from_secs(5), "the new refusal in INFO keel", || {
+        info_field(&mut c, "keel", "keel_control_secret_file_error").contains("at least 16")
+    });
+    assert_eq!(auth_answer(&p.addr(), &secret), "+OK");
+    assert_eq!(auth_answer(&p.addr(), "short"), "-WRONGPASS invalid username-password pair or user is disabled.");
+    p.wait_writable();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_secret_rotates_without_a_failover_on_valkey() {
+    let _serial = serial();
+    rotate_the_control_secret(Server::Valkey).await;
+}
+
+/// On Redis 7.0, then a journal node's certificate is rotated too
+/// (docs/security.md, "Rotating a process's certificate"): its pair moved
+/// away, `keel-journal certs` issues a new one from the same CA, the node
+/// restarts with it; writes go on being acknowledged and the stream's
+/// leader stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_secret_and_a_journal_certificate_rotate_without_a_failover() {
+    let _serial = serial();
+    let mut c = rotate_the_control_secret(Server::Redis).await;
+    let journal = c.journal.client();
+    let leader = journal.stream_info("shard-1").await.unwrap().leader_uuid;
+    let raft_leader = c.journal.wait_leader().await;
+    let i = (raft_leader + 1) % c.journal.nodes.len();
+    let id = c.journal.nodes[i].id;
+    let tls = c.journal.tls_dir.clone().expect("a TLS journal");
+    let pem = tls.join(format!("journal-{id}.pem"));
+    let before = std::fs::read(&pem).unwrap();
+    let old = tls.join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    for ext in ["pem", "key"] {
+        std::fs::rename(tls.join(format!("journal-{id}.{ext}")), old.join(format!("journal-{id}.{ext}"))).unwrap();
+    }
+    let out = Command::new(bin("keel-journal"))
+        .args(["certs", "--dir"])
+        .arg(&tls)
+        .args(["--journal-nodes", &c.journal.nodes.len().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(std::fs::read(&pem).unwrap(), before, "a new certificate");
+    let writes = Writer::start(c.nodes[0].addr());
+    writes.wait_more(1);
+    c.journal.kill(i);
+    c.journal.restart(i);
+    // The restarted node serves with its new certificate and catches up.
+    let applied = journal.node_status(raft_leader).await.unwrap().last_applied_index;
+    c.journal.wait_applied(i, applied).await;
+    writes.wait_more(10);
+    writes.finish();
+    assert_eq!(journal.stream_info("shard-1").await.unwrap().leader_uuid, leader, "no failover");
+    assert_eq!(c.primaries(), vec![0]);
+    c.wait_writable(0, Duration::from_secs(10));
 }
 
 /// The replica feed serves only its own node's Redis: a stock
