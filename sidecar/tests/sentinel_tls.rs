@@ -180,7 +180,7 @@ async fn discovery_over_tls_with_a_password() {
     assert!(!text.contains("+OK") && !text.contains("PONG") && !text.contains("NOAUTH"), "{text:?}");
 
     // A client that trusts another CA refuses the endpoint.
-    let e = tls_client(at, &other_ca.join("ca.pem")).await.err().expect("another CA's client refuses the certificate");
+    let e = tls_client(at, &other_ca.join("ca.pem")).await.expect_err("another CA's client refuses the certificate");
     assert!(e.to_string().contains("UnknownIssuer"), "{e}");
 
     // The stalled clients are dropped once their handshake time is up.
