@@ -12,6 +12,11 @@
 //! - `journal-<id>.pem/.key`: journal node `<id>`: its server certificate
 //!   (name `keel-journal`, which every client checks, plus `localhost` and
 //!   127.0.0.1) and the client certificate it shows its peers.
+//! - `redis-<id>.pem/.key`: a node's Redis-facing servers (its redis-server's
+//!   `tls-port` and its sidecar's discovery endpoint): server and client use
+//!   for `localhost`, 127.0.0.1, ::1 and the `--san` extras, but not for
+//!   `keel-journal`, so it can neither serve the journal nor pass
+//!   `PeerCheck`.
 //! - any other name (`node-0`, `snapshotter`, `ctl`): a client-only
 //!   certificate (extended key usage clientAuth), so it cannot pose as a
 //!   journal node to other clients.
@@ -61,6 +66,9 @@ pub const CA_VALIDITY_DAYS: i64 = 3650;
 pub const CERT_VALIDITY_DAYS: i64 = 825;
 /// Prefix of the names whose certificates serve the journal.
 pub const JOURNAL_NODE_PREFIX: &str = "journal-";
+/// Prefix of the names whose certificates serve Redis clients (a node's
+/// redis-server `tls-port` and its discovery endpoint), not the journal.
+pub const REDIS_SERVER_PREFIX: &str = "redis-";
 
 /// The three files of one process's TLS identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,13 +385,33 @@ impl PeerCheck {
 pub enum Role {
     /// A journal node: serves (as `JOURNAL_SERVER_NAME`) and calls its peers.
     JournalNode,
+    /// A node's Redis-facing servers (redis-server's `tls-port`, the
+    /// discovery endpoint): serves as localhost and the `--san` extras,
+    /// never as `JOURNAL_SERVER_NAME`; client use too (Redis replication).
+    RedisServer,
     /// A client only.
     Client,
 }
 
 impl Role {
     pub fn of(name: &str) -> Role {
-        if name.starts_with(JOURNAL_NODE_PREFIX) { Role::JournalNode } else { Role::Client }
+        if name.starts_with(JOURNAL_NODE_PREFIX) {
+            Role::JournalNode
+        } else if name.starts_with(REDIS_SERVER_PREFIX) {
+            Role::RedisServer
+        } else {
+            Role::Client
+        }
+    }
+
+    /// The names (DNS or IP) its certificate is for; `extra` is `--san`.
+    pub fn sans(self, extra: &[String]) -> Vec<String> {
+        let local = ["localhost", "127.0.0.1", "::1"].map(String::from);
+        match self {
+            Role::JournalNode => [JOURNAL_SERVER_NAME.to_string()].into_iter().chain(local).chain(extra.iter().cloned()).collect(),
+            Role::RedisServer => local.into_iter().chain(extra.iter().cloned()).collect(),
+            Role::Client => Vec::new(),
+        }
     }
 }
 
@@ -442,7 +470,8 @@ fn validity(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
 /// is not there, then a certificate and key for every name that has none
 /// (`Role::of` the name decides its use). Journal nodes' certificates name
 /// `JOURNAL_SERVER_NAME`, localhost, 127.0.0.1, ::1 and `extra_sans`
-/// (DNS names or IP addresses). Every file is mode 0600, and the
+/// (DNS names or IP addresses); Redis servers' the same but
+/// `JOURNAL_SERVER_NAME`. Every file is mode 0600, and the
 /// directory 0700 when it makes it. Returns the names issued.
 pub fn issue(dir: &Path, names: &[String], extra_sans: &[String]) -> Result<Vec<String>, String> {
     use rcgen::BasicConstraints;
@@ -494,19 +523,17 @@ pub fn issue(dir: &Path, names: &[String], extra_sans: &[String]) -> Result<Vec<
     };
 
     for name in &todo {
-        let mut sans = Vec::new();
         let role = Role::of(name);
-        if role == Role::JournalNode {
-            sans.extend([JOURNAL_SERVER_NAME, "localhost", "127.0.0.1", "::1"].map(String::from));
-            sans.extend(extra_sans.iter().cloned());
-        }
+        let sans = role.sans(extra_sans);
         let mut params = CertificateParams::new(sans).map_err(|e| rcgen_err(&format!("names of {name}"), e))?;
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, name.as_str());
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match role {
-            Role::JournalNode => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            Role::JournalNode | Role::RedisServer => {
+                vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+            }
             Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         (params.not_before, params.not_after) = validity(CERT_VALIDITY_DAYS);
@@ -594,5 +621,38 @@ mod tests {
         assert_eq!(Role::of("journal-3"), Role::JournalNode);
         assert_eq!(Role::of("node-0"), Role::Client);
         assert_eq!(Role::of("ctl"), Role::Client);
+        assert_eq!(Role::of("redis-0"), Role::RedisServer);
+        let extra = ["redis.example".to_string()];
+        assert_eq!(Role::of("redis-0").sans(&extra), ["localhost", "127.0.0.1", "::1", "redis.example"]);
+        assert_eq!(Role::of("journal-1").sans(&extra), [JOURNAL_SERVER_NAME, "localhost", "127.0.0.1", "::1", "redis.example"]);
+        assert!(Role::of("node-0").sans(&extra).is_empty());
+        assert!(!Role::RedisServer.sans(&extra).iter().any(|n| n == JOURNAL_SERVER_NAME));
+    }
+
+    /// A Redis server's certificate serves Redis clients, never the journal:
+    /// a journal node refuses to start with it and refuses it as a peer.
+    #[test]
+    fn a_redis_server_certificate_cannot_serve_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        issue(dir.path(), &["journal-1".into(), "redis-0".into()], &[]).unwrap();
+        let load = |name: &str| JournalTls::load(&TlsChoice::Files(TlsPaths::in_dir(dir.path(), name))).unwrap();
+        let (journal, redis) = (load("journal-1"), load("redis-0"));
+        journal.check_serves().expect("a journal node's certificate serves the journal");
+        let e = redis.check_serves().unwrap_err();
+        assert!(e.contains("cannot serve the journal") && e.contains(JOURNAL_NODE_PREFIX), "{e}");
+
+        let chain = |name: &str| certs_of("cert", Path::new(name), &std::fs::read(dir.path().join(format!("{name}.pem"))).unwrap()).unwrap();
+        let check = journal.peer_check().unwrap().unwrap();
+        check.check(Some(&chain("journal-1"))).expect("a journal node is a peer");
+        let e = check.check(Some(&chain("redis-0"))).unwrap_err();
+        assert!(e.contains("not a journal node's"), "{e}");
+
+        // It does serve as localhost, with server use.
+        let verifier = server_verifier(&certs_of("ca", Path::new("ca"), &std::fs::read(dir.path().join("ca.pem")).unwrap()).unwrap()).unwrap();
+        let redis_chain = chain("redis-0");
+        for name in ["localhost", "127.0.0.1", "::1"] {
+            let name = ServerName::try_from(name).unwrap();
+            verifier.verify_server_cert(&redis_chain[0], &redis_chain[1..], &name, &[], UnixTime::now()).unwrap();
+        }
     }
 }

@@ -70,6 +70,8 @@ pub struct NodeConfig {
     pub feed_listen: String,
     /// The Sentinel-compatible discovery endpoint, if any.
     pub sentinel_listen: Option<String>,
+    /// How that endpoint serves: TLS or not, password or not.
+    pub sentinel_access: sentinel::Access,
     pub master_name: String,
     /// How often a follower looks at the lease and its Redis.
     pub poll_ms: u64,
@@ -162,7 +164,7 @@ pub async fn run(cfg: NodeConfig) -> Stop {
             Err(e) => return Stop::Fatal(format!("discovery endpoint {addr}: {e}")),
         };
         let (tx, rx) = watch::channel(View { master_name: cfg.master_name.clone(), ..View::default() });
-        tokio::spawn(sentinel::serve(listener, rx));
+        tokio::spawn(sentinel::serve_with(listener, rx, cfg.sentinel_access.clone()));
         tokio::spawn(keep_view(journal.clone(), cfg.primary.stream.clone(), me_member, cfg.master_name.clone(), cfg.poll_ms, tx));
     }
     let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone(), cfg.store.clone());

@@ -25,6 +25,21 @@
 //!   failover by asking again when they (re)connect, as redis-py does, not
 //!   through `+switch-master` messages.
 //!
+//! Who is served (`Access`, set at start from `keel-sidecar node`'s flags):
+//! - over TLS when the node has a certificate for it (a `redis-<id>` one from
+//!   `keel-journal certs`): the server shows it, clients show none and need
+//!   only the deployment's CA; the handshake runs in the connection's own
+//!   task and must end within [`TLS_HANDSHAKE_TIMEOUT_MS`], so a client that
+//!   stalls in it holds up nobody else; a plaintext client of a TLS endpoint
+//!   fails the handshake and is closed;
+//! - with a password (as Redis's `requirepass`): until a connection gives it
+//!   (`AUTH <password>`, `AUTH default <password>`, or `HELLO 2 AUTH
+//!   default <password>`), every command but `AUTH`, `HELLO` and `QUIT` is
+//!   answered `-NOAUTH Authentication required.`, and a wrong one
+//!   `-WRONGPASS ...`, as Redis answers. The password is the connection's
+//!   [`Session`] state, decided without I/O. Without a password every
+//!   command is answered, and `AUTH` as Redis answers it when none is set.
+//!
 //! Life cycle of a connection: bytes are appended to the connection's
 //! [`Session`]; every complete request at its front (RESP multibulk, or an
 //! inline line as redis-cli and telnet send) is answered in order, and the
@@ -35,14 +50,24 @@
 //! itself; dropping the [`serve`] future ends every connection it accepted.
 
 use std::fmt::Write as _;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject as _;
+use tokio::io::AsyncRead;
 use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+#[cfg(test)]
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use crate::resp::RespError;
 use crate::resp::parse_command;
@@ -63,6 +88,19 @@ const READ_CHUNK_BYTES: usize = 16 << 10;
 const CLOSE_LINGER_MS: u64 = 500;
 /// Pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_RETRY_PAUSE_MS: u64 = 100;
+/// How long a client of a TLS endpoint may take to complete its handshake
+/// before its connection is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// Redis's answer to a command from a client that has not authenticated.
+pub const NOAUTH: &str = "NOAUTH Authentication required.";
+/// Redis's answer to a wrong password (or a user other than `default`).
+pub const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+/// Redis's answer to `HELLO` without `AUTH` from a client that has not
+/// authenticated.
+const NOAUTH_HELLO: &str = "NOAUTH HELLO must be called with the client already authenticated, otherwise the \
+                            HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and \
+                            select the RESP protocol version at the same time";
 
 /// The Redis version whose Sentinel replies this endpoint reproduces.
 pub const REPORTED_REDIS_VERSION: &str = "7.0.15";
@@ -240,7 +278,10 @@ pub fn answer(view: &View, args: &[Vec<u8>]) -> Vec<u8> {
             bulk(&mut out, view.master_name.as_bytes());
         }
         "role" => wrong_arity(&mut out, "role"),
-        "hello" => hello(&mut out, args),
+        "hello" => match hello_request(args).and_then(|creds| creds.map_or(Ok(()), check_auth)) {
+            Ok(()) => hello_reply(&mut out),
+            Err(e) => error(&mut out, &e),
+        },
         "auth" => match check_auth(&args[1..]) {
             Ok(()) => simple(&mut out, "OK"),
             Err(e) => error(&mut out, &e),
@@ -280,9 +321,20 @@ fn check_auth(args: &[Vec<u8>]) -> Result<(), String> {
                             Are you sure your configuration is correct?"
             .into()),
         [user, _password] if user.as_slice() == b"default" => Ok(()),
-        [_, _] => Err("WRONGPASS invalid username-password pair or user is disabled.".into()),
+        [_, _] => Err(WRONGPASS.into()),
         _ => Err("ERR wrong number of arguments for 'auth' command".into()),
     }
+}
+
+/// `AUTH` when a password is set: `AUTH <password>` or `AUTH default
+/// <password>` (the only user).
+fn check_password(password: &Password, args: &[Vec<u8>]) -> Result<(), String> {
+    let right = match args {
+        [given] => password.matches(given),
+        [user, given] => user.as_slice() == b"default" && password.matches(given),
+        _ => return Err("ERR wrong number of arguments for 'auth' command".into()),
+    };
+    if right { Ok(()) } else { Err(WRONGPASS.into()) }
 }
 
 /// Redis's rule for client names and library names: printable, no spaces.
@@ -290,34 +342,40 @@ fn valid_client_name(name: &[u8]) -> bool {
     name.iter().all(|&c| (b'!'..=b'~').contains(&c))
 }
 
-/// `HELLO [2 [AUTH user pass] [SETNAME name]]`: RESP2 only.
-fn hello(out: &mut Vec<u8>, args: &[Vec<u8>]) {
+/// `HELLO [2 [AUTH user pass] [SETNAME name]]` (RESP2 only), checked as
+/// Redis checks it before authenticating: the `AUTH` credentials it carries
+/// (user and password), if any, or the error to answer.
+fn hello_request(args: &[Vec<u8>]) -> Result<Option<&[Vec<u8>]>, String> {
     if let Some(v) = args.get(1) {
         match text(v).parse::<i64>() {
             Ok(2) => {}
-            Ok(_) => return error(out, "NOPROTO unsupported protocol version"),
-            Err(_) => return error(out, "ERR Protocol version is not an integer or out of range"),
+            Ok(_) => return Err("NOPROTO unsupported protocol version".into()),
+            Err(_) => return Err("ERR Protocol version is not an integer or out of range".into()),
         }
     }
+    let mut creds = None;
     let mut j = 2;
     while j < args.len() {
         let more = args.len() - 1 - j;
         match lower(&args[j]).as_str() {
             "auth" if more >= 2 => {
-                if let Err(e) = check_auth(&args[j + 1..j + 3]) {
-                    return error(out, &e);
-                }
+                creds = Some(&args[j + 1..j + 3]);
                 j += 3;
             }
             "setname" if more >= 1 => {
                 if !valid_client_name(&args[j + 1]) {
-                    return error(out, "ERR Client names cannot contain spaces, newlines or special characters.");
+                    return Err("ERR Client names cannot contain spaces, newlines or special characters.".into());
                 }
                 j += 2;
             }
-            _ => return error(out, &format!("ERR Syntax error in HELLO option '{}'", clip(&text(&args[j]), 128))),
+            _ => return Err(format!("ERR Syntax error in HELLO option '{}'", clip(&text(&args[j]), 128))),
         }
     }
+    Ok(creds)
+}
+
+/// The answer to an accepted `HELLO`.
+fn hello_reply(out: &mut Vec<u8>) {
     // Sentinel's HELLO has no `role`; `id` is a client id, which this
     // endpoint does not assign.
     array(out, 12);
@@ -682,10 +740,73 @@ fn split_inline(line: &[u8]) -> Result<Vec<Vec<u8>>, RequestError> {
     }
 }
 
-/// The input of one connection not answered yet.
+/// The password clients must give before anything else is answered (as
+/// Redis's `requirepass`). Never shown: `Debug` prints its length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(Arc<[u8]>);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Password(<{} bytes, not shown>)", self.0.len())
+    }
+}
+
+impl Password {
+    /// The password in a file's `contents` (one trailing newline is not
+    /// part of it), if the file's `mode` lets only its owner read it;
+    /// `path` names the file in errors, which never show the password.
+    pub fn parse(path: &Path, contents: &[u8], mode: u32) -> Result<Password, String> {
+        let shown = path.display();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "--sentinel-password-file {shown} is open to group or others (mode {:o}): `chmod 600 {shown}`",
+                mode & 0o777
+            ));
+        }
+        let s = contents.strip_suffix(b"\n").unwrap_or(contents);
+        let s = s.strip_suffix(b"\r").unwrap_or(s);
+        if s.is_empty() {
+            return Err(format!("--sentinel-password-file {shown} is empty: write the password clients must give into it"));
+        }
+        if s.iter().any(|&b| b == b'\n' || b == b'\r' || b == 0) {
+            return Err(format!("the password in --sentinel-password-file {shown} must be one line"));
+        }
+        Ok(Password(s.into()))
+    }
+
+    /// Reads the password from the file at `path` (see [`Password::parse`]).
+    pub fn from_file(path: &Path) -> Result<Password, String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let shown = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| format!("--sentinel-password-file {shown}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("--sentinel-password-file {shown} is not a regular file"));
+        }
+        let contents = std::fs::read(path).map_err(|e| format!("--sentinel-password-file {shown}: {e}"))?;
+        Password::parse(path, &contents, meta.permissions().mode())
+    }
+
+    /// Whether `given` is the password; the time taken depends on the
+    /// length of `given` only, not on where it first differs.
+    fn matches(&self, given: &[u8]) -> bool {
+        let mut diff = self.0.len() ^ given.len();
+        for (i, &b) in given.iter().enumerate() {
+            diff |= usize::from(b ^ self.0.get(i).copied().unwrap_or(!b));
+        }
+        diff == 0
+    }
+}
+
+/// One connection: its input not answered yet, and whether it has given
+/// the password (when one is set).
 #[derive(Debug, Default)]
 struct Session {
     pending: Vec<u8>,
+    /// The password this connection must give first; `None`: none is asked.
+    password: Option<Password>,
+    /// It gave the password. Once true it stays so: a later wrong `AUTH` is
+    /// answered `WRONGPASS` and changes nothing, as in Redis.
+    authenticated: bool,
 }
 
 /// What a [`Session`] produced from the bytes received so far.
@@ -697,6 +818,45 @@ struct Answered {
 }
 
 impl Session {
+    fn new(password: Option<Password>) -> Session {
+        Session { password, ..Session::default() }
+    }
+
+    /// The reply to one command: [`answer`]'s, once the connection is
+    /// admitted.
+    fn answer(&mut self, view: &View, args: &[Vec<u8>]) -> Vec<u8> {
+        let Some(password) = &self.password else { return answer(view, args) };
+        let mut out = Vec::new();
+        match lower(&args[0]).as_str() {
+            "auth" => match check_password(password, &args[1..]) {
+                Ok(()) => {
+                    self.authenticated = true;
+                    simple(&mut out, "OK");
+                }
+                Err(e) => error(&mut out, &e),
+            },
+            "hello" => match hello_request(args) {
+                Err(e) => error(&mut out, &e),
+                Ok(creds) => {
+                    if let Some(creds) = creds {
+                        match check_password(password, creds) {
+                            Ok(()) => self.authenticated = true,
+                            Err(e) => {
+                                error(&mut out, &e);
+                                return out;
+                            }
+                        }
+                    }
+                    if self.authenticated { hello_reply(&mut out) } else { error(&mut out, NOAUTH_HELLO) }
+                }
+            },
+            "quit" => return answer(view, args),
+            _ if self.authenticated => return answer(view, args),
+            _ => error(&mut out, NOAUTH),
+        }
+        out
+    }
+
     /// Takes `bytes` just read and answers every request now complete.
     fn received(&mut self, view: &View, bytes: &[u8]) -> Answered {
         self.pending.extend_from_slice(bytes);
@@ -710,7 +870,8 @@ impl Session {
                     if args.is_empty() {
                         continue;
                     }
-                    done.replies.extend(answer(view, &args));
+                    let reply = self.answer(view, &args);
+                    done.replies.extend(reply);
                     if args[0].eq_ignore_ascii_case(b"quit") {
                         done.close = true;
                         break;
@@ -733,24 +894,152 @@ impl Session {
 // ---------------------------------------------------------------------------
 // I/O
 
-/// Serves RESP clients on `listener` until this future is dropped (which
-/// also ends the connections it accepted); each command is answered from the
-/// latest view in `view`.
+/// Who the endpoint serves and how: over TLS or plaintext, with or without
+/// a password. The default is plaintext without a password.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// Serve over TLS, showing this acceptor's certificate (clients show none).
+    pub tls: Option<TlsAcceptor>,
+    /// Clients must give this password first.
+    pub password: Option<Password>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+impl Access {
+    /// One phrase for logs.
+    pub fn describe(&self) -> &'static str {
+        match (self.tls.is_some(), self.password.is_some()) {
+            (false, false) => "plaintext, no password",
+            (false, true) => "plaintext, password required",
+            (true, false) => "TLS, no password",
+            (true, true) => "TLS, password required",
+        }
+    }
+}
+
+/// The endpoint's `keel-sidecar node` flags: `--sentinel-tls-cert`,
+/// `--sentinel-tls-key` and `--sentinel-password-file`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessFlags {
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl AccessFlags {
+    /// Checks the flags against each other, reading nothing: both TLS files
+    /// or neither, and none of them without an endpoint (`serving`: whether
+    /// `--sentinel` is given).
+    pub fn check(&self, serving: bool) -> Result<(), String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err("--sentinel-tls-cert needs --sentinel-tls-key (the certificate's private key, PEM, mode 0600)".into());
+            }
+            (None, Some(_)) => {
+                return Err("--sentinel-tls-key needs --sentinel-tls-cert (the certificate chain, PEM, e.g. redis-<id>.pem \
+                            from `keel-journal certs`)"
+                    .into());
+            }
+            _ => {}
+        }
+        if !serving && (self.tls_cert.is_some() || self.password_file.is_some()) {
+            return Err("--sentinel-tls-cert, --sentinel-tls-key and --sentinel-password-file configure the discovery \
+                        endpoint: give --sentinel ADDR too, or drop them"
+                .into());
+        }
+        Ok(())
+    }
+
+    /// [`AccessFlags::check`], then reads and checks the files
+    /// ([`tls_acceptor`], [`Password::from_file`]).
+    pub fn load(&self, serving: bool) -> Result<Access, String> {
+        self.check(serving)?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let password = self.password_file.as_deref().map(Password::from_file).transpose()?;
+        Ok(Access { tls, password })
+    }
+}
+
+/// A TLS acceptor that shows the certificate chain in `cert` with the
+/// private key in `key` (both PEM; the key readable by its owner only, as
+/// `keel-journal certs` writes it) and asks clients for no certificate.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read the discovery endpoint's {what} {}: {e}", path.display()))
+    };
+    let cert_pem = read("certificate", cert)?;
+    let meta = std::fs::metadata(key)
+        .map_err(|e| format!("cannot read the discovery endpoint's private key {}: {e}", key.display()))?;
+    keel_journal::tls::check_key_mode(key, meta.permissions().mode())?;
+    let key_pem = read("private key", key)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the certificate {} is not PEM: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("the certificate {} holds no CERTIFICATE", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| format!("the private key {} is not a PEM private key: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| {
+            format!(
+                "the private key {} does not fit the certificate {} ({e}): give the pair `keel-journal certs` made together",
+                key.display(),
+                cert.display()
+            )
+        })?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves RESP clients on `listener` in plaintext, without a password, until
+/// this future is dropped: [`serve_with`] and [`Access::default`].
 pub async fn serve(listener: TcpListener, view: watch::Receiver<View>) {
-    tracing::info!(addr = ?listener.local_addr().ok(), "sentinel endpoint: serving");
+    serve_with(listener, view, Access::default()).await
+}
+
+/// Serves RESP clients on `listener` as `access` says until this future is
+/// dropped (which also ends the connections it accepted); each command is
+/// answered from the latest view in `view`.
+pub async fn serve_with(listener: TcpListener, view: watch::Receiver<View>, access: Access) {
+    tracing::info!(addr = ?listener.local_addr().ok(), access = access.describe(), "sentinel endpoint: serving");
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     if conns.len() >= MAX_CONNECTIONS {
-                        let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
+                        // A TLS client could not read a plaintext error.
+                        if access.tls.is_none() {
+                            let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
+                        }
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
                     let view = view.clone();
+                    let access = access.clone();
                     conns.spawn(async move {
-                        if let Err(e) = connection(stream, view).await {
+                        let session = Session::new(access.password);
+                        let ended = match access.tls {
+                            None => connection(stream, view, session).await,
+                            Some(tls) => match handshake(&tls, stream).await {
+                                Ok(stream) => connection(stream, view, session).await,
+                                Err(e) => Err(e),
+                            },
+                        };
+                        if let Err(e) = ended {
                             tracing::debug!(%peer, error = %e, "sentinel endpoint: connection ended");
                         }
                     });
@@ -771,8 +1060,26 @@ pub async fn serve(listener: TcpListener, view: watch::Receiver<View>) {
     }
 }
 
-async fn connection(mut stream: TcpStream, view: watch::Receiver<View>) -> std::io::Result<()> {
-    let mut session = Session::default();
+/// The server side of a TLS handshake, within [`TLS_HANDSHAKE_TIMEOUT_MS`].
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    tls: &TlsAcceptor,
+    stream: S,
+) -> std::io::Result<tokio_rustls::server::TlsStream<S>> {
+    match tokio::time::timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS), tls.accept(stream)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(std::io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("TLS handshake not done within {TLS_HANDSHAKE_TIMEOUT_MS} ms (TLS_HANDSHAKE_TIMEOUT_MS)"),
+        )),
+    }
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    view: watch::Receiver<View>,
+    mut session: Session,
+) -> std::io::Result<()> {
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
         let n = stream.read(&mut chunk).await?;
@@ -1305,6 +1612,158 @@ mod tests {
         assert!(!close && matches!(&replies[..], [Frame::Bulk(Some(b))] if b.len() == MAX_REQUEST_BYTES - 32));
     }
 
+    const PW: &str = "s3cret pass";
+
+    fn password() -> Password {
+        Password::parse(Path::new("/run/keel/sentinel.pw"), format!("{PW}\n").as_bytes(), 0o100600).unwrap()
+    }
+
+    fn locked() -> Session {
+        Session::new(Some(password()))
+    }
+
+    fn ask_as(s: &mut Session, view: &View, words: &[&str]) -> Frame {
+        one(&s.answer(view, &cmd(words)))
+    }
+
+    #[test]
+    fn password_files_are_checked() {
+        let path = Path::new("/run/keel/sentinel.pw");
+        for (contents, want) in [(&b"pw\n"[..], &b"pw"[..]), (b"pw", b"pw"), (b"pw\r\n", b"pw"), (b"two words\n", b"two words")] {
+            assert_eq!(&*Password::parse(path, contents, 0o100600).unwrap().0, want, "{contents:?}");
+        }
+        assert!(Password::parse(path, b"pw", 0o100400).is_ok());
+        for (contents, mode, says) in [
+            (&b"hunter2\n"[..], 0o100644, "chmod 600 /run/keel/sentinel.pw"),
+            (b"hunter2", 0o100640, "group or others"),
+            (b"hunter2", 0o100604, "group or others"),
+            (b"\n", 0o100600, "empty"),
+            (b"", 0o100600, "empty"),
+            (b"hunter2\nhunter3", 0o100600, "one line"),
+            (b"hunter2\n\n", 0o100600, "one line"),
+            (b"hun\0ter2", 0o100600, "one line"),
+        ] {
+            let e = Password::parse(path, contents, mode).unwrap_err();
+            assert!(e.contains(says) && e.contains("--sentinel-password-file /run/keel/sentinel.pw"), "{e}");
+            assert!(!e.contains("hunter"), "the password leaked: {e}");
+        }
+        assert_eq!(format!("{:?}", password()), "Password(<11 bytes, not shown>)");
+        assert_eq!(format!("{:?}", Session::new(Some(password()))).matches(PW).count(), 0);
+    }
+
+    #[test]
+    fn password_matching() {
+        let p = password();
+        assert!(p.matches(PW.as_bytes()));
+        for wrong in ["", "s", "s3cret pas", "s3cret passs", "S3cret pass", "s3cret pasS", "s3cret pass\n"] {
+            assert!(!p.matches(wrong.as_bytes()), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_password_sessions_answer_as_answer_does() {
+        let v = view();
+        let mut s = Session::default();
+        for words in [&["PING"][..], &["AUTH", "pw"], &["AUTH", "default", "x"], &["HELLO", "2", "AUTH", "default", "x"]] {
+            assert_eq!(s.answer(&v, &cmd(words)), answer(&v, &cmd(words)), "{words:?}");
+        }
+    }
+
+    #[test]
+    fn with_a_password_nothing_is_answered_before_auth() {
+        let v = view();
+        let mut s = locked();
+        for words in [
+            &["PING"][..],
+            &["SENTINEL", "get-master-addr-by-name", "keel"],
+            &["SENTINEL", "masters"],
+            &["INFO"],
+            &["ROLE"],
+            &["CLIENT", "SETINFO", "LIB-NAME", "redis-py"],
+            &["NOSUCH", "x"],
+        ] {
+            assert_eq!(err(ask_as(&mut s, &v, words)), NOAUTH, "{words:?}");
+        }
+        assert!(err(ask_as(&mut s, &v, &["HELLO"])).starts_with("NOAUTH HELLO must be called"));
+        assert!(err(ask_as(&mut s, &v, &["HELLO", "2", "SETNAME", "app"])).starts_with("NOAUTH HELLO"));
+        assert!(err(ask_as(&mut s, &v, &["HELLO", "3", "AUTH", "default", PW])).starts_with("NOPROTO"));
+        assert_eq!(err(ask_as(&mut s, &v, &["HELLO", "2", "AUTH", "default", "nope"])), WRONGPASS);
+        assert_eq!(err(ask_as(&mut s, &v, &["AUTH", "nope"])), WRONGPASS);
+        assert_eq!(err(ask_as(&mut s, &v, &["AUTH", "default", "nope"])), WRONGPASS);
+        assert_eq!(err(ask_as(&mut s, &v, &["AUTH", "bob", PW])), WRONGPASS, "only the default user");
+        assert_eq!(err(ask_as(&mut s, &v, &["AUTH", "DEFAULT", PW])), WRONGPASS, "user names are case-sensitive");
+        assert!(err(ask_as(&mut s, &v, &["AUTH"])).starts_with("ERR wrong number of arguments for 'auth'"));
+        assert!(err(ask_as(&mut s, &v, &["AUTH", "a", "b", "c"])).starts_with("ERR wrong number of arguments"));
+        assert_eq!(err(ask_as(&mut s, &v, &["PING"])), NOAUTH, "failed attempts admit nobody");
+        assert!(!s.authenticated);
+        let (replies, close) = {
+            let done = locked().received(&v, b"QUIT\r\n");
+            (frames(&done.replies), done.close)
+        };
+        assert_eq!((replies, close), (vec![Frame::Simple("OK".into())], true), "QUIT needs no password");
+    }
+
+    #[test]
+    fn every_way_to_give_the_password_admits() {
+        let v = view();
+        for words in [&["AUTH", PW][..], &["auth", "default", PW], &["HELLO", "2", "AUTH", "default", PW], &[
+            "hello", "2", "SETNAME", "app", "auth", "default", PW,
+        ]] {
+            let mut s = locked();
+            let first = ask_as(&mut s, &v, words);
+            if words[0].eq_ignore_ascii_case("hello") {
+                assert_eq!(first, ask(&v, &["HELLO", "2"]), "{words:?}");
+            } else {
+                assert_eq!(first, Frame::Simple("OK".into()), "{words:?}");
+            }
+            assert!(s.authenticated);
+            assert_eq!(ask_as(&mut s, &v, &["PING"]), Frame::Simple("PONG".into()), "{words:?}");
+            assert_eq!(
+                ask_as(&mut s, &v, &["SENTINEL", "get-master-addr-by-name", "keel"]),
+                ask(&v, &["SENTINEL", "get-master-addr-by-name", "keel"])
+            );
+            assert_eq!(ask_as(&mut s, &v, &["HELLO"]), ask(&v, &["HELLO"]), "HELLO without AUTH once admitted");
+            assert_eq!(err(ask_as(&mut s, &v, &["AUTH", "nope"])), WRONGPASS);
+            assert_eq!(ask_as(&mut s, &v, &["PING"]), Frame::Simple("PONG".into()), "a later wrong AUTH changes nothing");
+        }
+    }
+
+    #[test]
+    fn a_pipeline_is_answered_in_order_around_auth() {
+        let v = view();
+        let mut input = b"PING\r\n".to_vec();
+        input.extend(encode_command(&[b"AUTH", PW.as_bytes()]));
+        input.extend_from_slice(b"PING\r\n");
+        let done = locked().received(&v, &input);
+        assert!(!done.close);
+        assert_eq!(
+            frames(&done.replies),
+            [Frame::Error(NOAUTH.into()), Frame::Simple("OK".into()), Frame::Simple("PONG".into())]
+        );
+    }
+
+    #[test]
+    fn access_flags() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        let f = |cert: bool, key: bool, pw: bool| AccessFlags {
+            tls_cert: if cert { p("/t/redis-0.pem") } else { None },
+            tls_key: if key { p("/t/redis-0.key") } else { None },
+            password_file: if pw { p("/t/pw") } else { None },
+        };
+        for bits in 0..8u32 {
+            let (cert, key, pw) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+            let flags = f(cert, key, pw);
+            assert_eq!(flags.check(true).is_ok(), cert == key, "{flags:?}");
+            assert_eq!(flags.check(false).is_ok(), !cert && !key && !pw, "{flags:?}");
+        }
+        assert!(f(true, false, false).check(true).unwrap_err().contains("needs --sentinel-tls-key"));
+        assert!(f(false, true, false).check(true).unwrap_err().contains("needs --sentinel-tls-cert"));
+        assert!(f(false, false, true).check(false).unwrap_err().contains("give --sentinel ADDR"));
+        assert_eq!(AccessFlags::default().load(false).unwrap().describe(), "plaintext, no password");
+        let e = f(true, true, false).load(true).unwrap_err();
+        assert!(e.contains("cannot read the discovery endpoint's certificate /t/redis-0.pem"), "{e}");
+    }
+
     /// Inline-safe words and arbitrary binary arguments for generated commands.
     fn command() -> impl Strategy<Value = (Vec<Vec<u8>>, bool)> {
         let name = prop_oneof![
@@ -1434,6 +1893,46 @@ mod tests {
             prop_assert!(s.pending.is_empty());
             prop_assert_eq!(frames(&replies).len(), commands.len());
             prop_assert_eq!(replies, expected);
+        }
+
+        /// With a password, a connection is answered exactly as without
+        /// one from the first right `AUTH` on, and `NOAUTH` before it.
+        #[test]
+        fn the_password_gate(
+            steps in prop::collection::vec(
+                prop_oneof![
+                    command().prop_map(|(args, _)| args),
+                    Just(cmd(&["AUTH", PW])),
+                    Just(cmd(&["AUTH", "default", PW])),
+                    Just(cmd(&["HELLO", "2", "AUTH", "default", PW])),
+                    Just(cmd(&["AUTH", "default", "wrong"])),
+                    Just(cmd(&["AUTH", "wrong"])),
+                    "[ -~]{0,12}".prop_map(|w| vec![b"AUTH".to_vec(), w.into_bytes()]),
+                ],
+                1..16,
+            ),
+            v in arbitrary_view(),
+        ) {
+            let mut s = locked();
+            let mut admitted = false;
+            for args in &steps {
+                let name = lower(&args[0]);
+                let reply = s.answer(&v, args);
+                let right = match (name.as_str(), &args[1..]) {
+                    ("auth", [pw]) | ("auth", [_, pw]) => pw.as_slice() == PW.as_bytes() && (args.len() == 2 || args[1] == b"default"),
+                    ("hello", [_, _, user, pw]) => user == b"default" && pw.as_slice() == PW.as_bytes(),
+                    _ => false,
+                };
+                admitted |= right;
+                prop_assert_eq!(s.authenticated, admitted);
+                match name.as_str() {
+                    "auth" if right => prop_assert_eq!(one(&reply), Frame::Simple("OK".into())),
+                    "auth" => prop_assert!(err(one(&reply)).starts_with("WRONGPASS") || err(one(&reply)).starts_with("ERR wrong number")),
+                    "hello" => {}
+                    _ if admitted => prop_assert_eq!(&reply, &answer(&v, args)),
+                    _ => prop_assert_eq!(one(&reply), Frame::Error(NOAUTH.into())),
+                }
+            }
         }
 
         #[test]

@@ -4,7 +4,10 @@
 //! through them, gets no primary while the view has none (an election), and
 //! after a failover (primary killed, replica promoted, view swapped, one
 //! sentinel endpoint gone) finds the new primary and writes to it with the
-//! client objects it already had.
+//! client objects it already had. And with the endpoint served over TLS
+//! with a password: redis-py's `Sentinel(..., sentinel_kwargs={"ssl": True,
+//! "ssl_ca_certs": ca, "password": ...})` finds the primary, and is refused
+//! without the password or with a wrong one.
 //!
 //! Needs `redis-server` (`KEEL_REDIS_SERVER`, else /usr/bin/redis-server) and
 //! `python3` with redis-py 5 (installed with pip when missing); fails, with
@@ -21,10 +24,12 @@ use std::time::Duration;
 use std::time::Instant;
 
 use keel_sidecar::resp::encode_command;
+use keel_sidecar::sentinel::AccessFlags;
 use keel_sidecar::sentinel::Addr;
 use keel_sidecar::sentinel::SentinelPeer;
 use keel_sidecar::sentinel::View;
 use keel_sidecar::sentinel::serve;
+use keel_sidecar::sentinel::serve_with;
 use tokio::io::AsyncBufReadExt;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
@@ -112,6 +117,54 @@ say("set", retry(lambda: master.set("b", "2")))
 say("master_get", f"{master.get('a').decode()},{master.get('b').decode()}")
 say("discover_slaves", ",".join(addr(a) for a in sentinel.discover_slaves("keel")))
 say("replica_get", retry(lambda: replica.get("b")).decode())
+say("step", "done")
+"#;
+
+/// Against one TLS endpoint with a password: argv is its port, the CA file
+/// and the password file.
+const TLS_SCRIPT: &str = r#"
+import sys
+import redis
+from redis.sentinel import Sentinel, MasterNotFoundError
+
+port, ca, password_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+password = open(password_file).read().rstrip("\n")
+
+def say(key, value):
+    print(f"{key}={value}", flush=True)
+
+def addr(a):
+    host, port = a
+    return f"{host.decode() if isinstance(host, bytes) else host}:{port}"
+
+def sentinel(**auth):
+    kwargs = {"ssl": True, "ssl_ca_certs": ca, "ssl_check_hostname": True, **auth}
+    return Sentinel([("localhost", port)], socket_timeout=2, sentinel_kwargs=kwargs)
+
+def refusal(s):
+    try:
+        s.sentinels[0].ping()
+        return "answered"
+    except redis.exceptions.AuthenticationError as e:
+        return f"AuthenticationError:{e}"
+
+s = sentinel(password=password)
+say("discover_master", addr(s.discover_master("keel")))
+say("set", s.master_for("keel", socket_timeout=2).set("tls", "1"))
+say("myid", s.sentinels[0].execute_command("SENTINEL MYID").decode())
+say("no_password", refusal(sentinel()))
+say("wrong_password", refusal(sentinel(password="wrong")))
+try:
+    sentinel().discover_master("keel")
+    say("discover_without_password", "found")
+except MasterNotFoundError:
+    say("discover_without_password", "MasterNotFoundError")
+plain = Sentinel([("localhost", port)], socket_timeout=2, sentinel_kwargs={"password": password})
+try:
+    plain.sentinels[0].ping()
+    say("plaintext", "answered")
+except (redis.ConnectionError, redis.TimeoutError) as e:
+    say("plaintext", type(e).__name__)
 say("step", "done")
 "#;
 
@@ -236,10 +289,14 @@ struct Script {
 
 impl Script {
     fn start(sentinel_ports: &[u16]) -> Script {
+        Script::run(SCRIPT, &sentinel_ports.iter().map(|p| p.to_string()).collect::<Vec<_>>())
+    }
+
+    fn run(code: &str, args: &[String]) -> Script {
         let mut child = tokio::process::Command::new("python3")
             .arg("-c")
-            .arg(SCRIPT)
-            .args(sentinel_ports.iter().map(|p| p.to_string()))
+            .arg(code)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -386,4 +443,53 @@ async fn redis_py_finds_the_primary_and_follows_a_failover() {
     for e in endpoints {
         e.abort();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_over_tls_with_a_password() {
+    ensure_redis_py();
+    let primary = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("tls");
+    keel_journal::tls::issue(&certs, &["redis-0".into()], &[]).unwrap();
+    let password_file = dir.path().join("sentinel.pw");
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&password_file).unwrap();
+        f.write_all(b"redis-py over TLS\n").unwrap();
+    }
+    let access = AccessFlags {
+        tls_cert: Some(certs.join("redis-0.pem")),
+        tls_key: Some(certs.join("redis-0.key")),
+        password_file: Some(password_file.clone()),
+    }
+    .load(true)
+    .unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let me = SentinelPeer { addr: Addr { host: "127.0.0.1".into(), port }, run_id: format!("{:040x}", 0x7150) };
+    let view = View { master: Some(primary.addr()), sentinels: vec![me.clone()], me: Some(me.clone()), epoch: 1, ..View::default() };
+    let (_tx, rx) = watch::channel(view);
+    let endpoint = tokio::spawn(serve_with(listener, rx, access));
+
+    let args = [port.to_string(), certs.join("ca.pem").display().to_string(), password_file.display().to_string()];
+    let mut py = Script::run(TLS_SCRIPT, &args);
+    assert_eq!(py.expect("discover_master").await, format!("127.0.0.1:{}", primary.port));
+    assert_eq!(py.expect("set").await, "True");
+    assert_eq!(py.expect("myid").await, me.run_id);
+    let refused = py.expect("no_password").await;
+    assert!(refused.starts_with("AuthenticationError:") && refused.contains("Authentication required"), "{refused}");
+    let refused = py.expect("wrong_password").await;
+    assert!(refused.starts_with("AuthenticationError:") && refused.contains("invalid username-password pair"), "{refused}");
+    assert_eq!(py.expect("discover_without_password").await, "MasterNotFoundError");
+    let plaintext = py.expect("plaintext").await;
+    assert!(plaintext == "ConnectionError" || plaintext == "TimeoutError", "a plaintext client is refused: {plaintext}");
+    assert_eq!(py.expect("step").await, "done");
+    let status = tokio::time::timeout(Duration::from_secs(10), py.child.wait()).await.expect("script exits").unwrap();
+    if !status.success() {
+        py.fail(format!("redis-py script exited with {status}")).await;
+    }
+    assert_eq!(primary.command(&[b"GET", b"tls"]), "$1", "the write reached the primary redis-py found");
+    endpoint.abort();
 }

@@ -81,18 +81,22 @@ names the directory and the cause; free space and restart it (a supervisor shoul
     /// ones: existing pairs are kept, new ones are signed by DIR's CA).
     #[command(after_help = "Writes DIR/ca.pem and ca.key (the CA), and NAME.pem and NAME.key for \
 journal-1..journal-N (journal nodes: server and client use, for the name keel-journal, localhost, \
-127.0.0.1, ::1 and every --san) and every --clients name (client use only). Every file is mode 0600. \
-Give each process its own pair and ca.pem; ca.key only signs.")]
+127.0.0.1, ::1 and every --san) and every --clients name: redis-* names serve a node's Redis \
+clients (its redis-server tls-port and discovery endpoint; server and client use, for localhost, \
+127.0.0.1, ::1 and every --san, not keel-journal), any other name has client use only. Every file \
+is mode 0600. Give each process its own pair and ca.pem; ca.key only signs.")]
     Certs {
         #[arg(long)]
         dir: PathBuf,
         /// Journal nodes: certificates journal-1..journal-N.
         #[arg(long, default_value_t = 0)]
         journal_nodes: u64,
-        /// Comma-separated client names (e.g. node-0,node-1,snapshotter,ctl).
+        /// Comma-separated names (e.g. node-0,node-1,snapshotter,ctl,redis-0):
+        /// redis-* serve Redis clients, the others are clients.
         #[arg(long, value_delimiter = ',')]
         clients: Vec<String>,
-        /// More names or IP addresses for the journal nodes' certificates.
+        /// More names or IP addresses for the journal nodes' and redis-*
+        /// certificates.
         #[arg(long)]
         san: Vec<String>,
     },

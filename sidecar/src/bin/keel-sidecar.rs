@@ -15,6 +15,7 @@ use keel_sidecar::node::NodeConfig;
 use keel_sidecar::record::Kind;
 use keel_sidecar::record::Record;
 use keel_sidecar::resp::parse_command;
+use keel_sidecar::sentinel::AccessFlags;
 use keel_sidecar::snapshotter::Cycle;
 use keel_sidecar::snapshotter::Snapshotter;
 use keel_sidecar::snapshotter::SnapshotterConfig;
@@ -77,6 +78,18 @@ enum Cmd {
         /// Serve a Sentinel-compatible discovery endpoint here.
         #[arg(long)]
         sentinel: Option<String>,
+        /// Serve the discovery endpoint over TLS with this certificate chain
+        /// (PEM; e.g. redis-<id>.pem from `keel-journal certs`). Clients
+        /// need only the CA. Give --sentinel-tls-key with it.
+        #[arg(long)]
+        sentinel_tls_cert: Option<PathBuf>,
+        /// The private key of --sentinel-tls-cert (PEM, mode 0600).
+        #[arg(long)]
+        sentinel_tls_key: Option<PathBuf>,
+        /// A file holding the password discovery clients must give (AUTH)
+        /// first: one line, mode 0600. Never give it on a command line.
+        #[arg(long)]
+        sentinel_password_file: Option<PathBuf>,
         /// The master name discovery answers for.
         #[arg(long, default_value = "keel")]
         master_name: String,
@@ -198,11 +211,22 @@ fn main() -> ExitCode {
             retry_pause_ms,
             feed_listen,
             sentinel,
+            sentinel_tls_cert,
+            sentinel_tls_key,
+            sentinel_password_file,
             master_name,
             store,
             control_user,
             control_secret_file,
         } => {
+            let access = AccessFlags { tls_cert: sentinel_tls_cert, tls_key: sentinel_tls_key, password_file: sentinel_password_file };
+            let sentinel_access = match access.load(sentinel.is_some()) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("keel-sidecar: bad discovery endpoint configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let control = match keel_sidecar::auth::Credentials::from_file(&control_user, &control_secret_file) {
                 Ok(c) => c,
                 Err(e) => {
@@ -245,7 +269,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, master_name, poll_ms, store };
+            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, sentinel_access, master_name, poll_ms, store };
             if let Err(e) = cfg.validate() {
                 eprintln!("keel-sidecar: bad configuration: {e}");
                 return ExitCode::from(2);
