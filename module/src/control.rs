@@ -18,8 +18,11 @@
 //!   (`REPLICAOF`, `SLAVEOF`, `FAILOVER`, `CLUSTER FAILOVER`…), changes of
 //!   the control user itself (`ACL SETUSER`/`DELUSER` naming it), and
 //!   `CONFIG SET replica-read-only no` (a replica must refuse writes: it
-//!   does not hold the lease, so nothing it took would be journaled), and
-//!   `MODULE UNLOAD keel` (writes would be answered before durable).
+//!   does not hold the lease, so nothing it took would be journaled),
+//!   `CONFIG SET masterauth`/`masteruser` (and Valkey's `primaryauth`/
+//!   `primaryuser`: the password a replica shows its sidecar's feed, which
+//!   the sidecar sets; anyone else's would cut the replica off its feed),
+//!   and `MODULE UNLOAD keel` (writes would be answered before durable).
 //! The filter runs before MULTI queues a command and for a script's calls
 //! too, so neither bypasses it (`KEEL.GUARD` is `deny-script`).
 
@@ -129,13 +132,15 @@ pub enum Guard {
     ReadOnlyConfig,
     /// `MODULE UNLOAD keel`: writes would be answered before durable.
     Unload,
+    /// Sets the password a replica shows its sidecar's feed.
+    FeedLink,
 }
 
 impl Guard {
     /// Whether the command runs for this caller.
     pub fn allows(self, caller_is_control: bool) -> bool {
         match self {
-            Guard::Role | Guard::ControlUser => caller_is_control,
+            Guard::Role | Guard::ControlUser | Guard::FeedLink => caller_is_control,
             Guard::ReadOnlyConfig | Guard::Unload => false,
         }
     }
@@ -175,10 +180,17 @@ pub fn guard<A: AsRef<[u8]>>(args: &[A], control_user: &[u8]) -> Option<Guard> {
             if read_only && !value.as_ref().eq_ignore_ascii_case(b"yes") {
                 return Some(Guard::ReadOnlyConfig);
             }
+            if FEED_LINK_CONFIGS.iter().any(|c| param.eq_ignore_ascii_case(c.as_bytes())) {
+                return Some(Guard::FeedLink);
+            }
         }
     }
     None
 }
+
+/// The settings with which a replica authenticates to its master: here,
+/// its sidecar's feed.
+pub const FEED_LINK_CONFIGS: &[&str] = &["masterauth", "masteruser", "primaryauth", "primaryuser"];
 
 /// The error a refused guarded command gets (`name`: its name as sent).
 pub fn refusal(g: Guard, name: &[u8], control_user: &str) -> String {
@@ -194,6 +206,9 @@ pub fn refusal(g: Guard, name: &[u8], control_user: &str) -> String {
         ),
         Guard::ReadOnlyConfig => "ERR Keel keeps replica-read-only yes: a replica does not hold the lease, and a write \
              it took would never be journaled"
+            .into(),
+        Guard::FeedLink => "ERR Keel sets masterauth/masteruser itself: the node's sidecar gives its Redis the password \
+             of its replica feed"
             .into(),
         Guard::Unload => "ERR Keel cannot be unloaded from a running node: its writes would be answered before they \
              are durable; restart redis-server without the module instead"
@@ -266,6 +281,21 @@ mod tests {
             assert_eq!(g(args), None, "{args:?}");
         }
         assert_eq!(guard(&[&b"acl"[..], b"setuser", b"ops"], b"ops"), Some(Guard::ControlUser));
+    }
+
+    #[test]
+    fn the_feed_s_password_is_the_sidecar_s_to_set() {
+        for args in [
+            &["CONFIG", "SET", "masterauth", "x"][..],
+            &["config", "set", "maxmemory", "0", "MasterUser", "bob"],
+            &["config", "set", "primaryauth", "x"],
+            &["config", "set", "primaryuser", "x"],
+        ] {
+            assert_eq!(g(args), Some(Guard::FeedLink), "{args:?}");
+        }
+        assert_eq!(g(&["config", "get", "masterauth"]), None);
+        assert!(Guard::FeedLink.allows(true) && !Guard::FeedLink.allows(false));
+        assert!(refusal(Guard::FeedLink, b"config", "keel-sidecar").contains("masterauth"));
     }
 
     #[test]

@@ -257,8 +257,79 @@ thread_local! {
     static CALL_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
+/// Whether the server is Valkey (set at load): see `wrong_type_get`.
+static VALKEY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The commands Valkey (9.x) mishandles inside `RM_Call` on a key of
+/// another type: they defer their reply, and on that error path return
+/// before committing it, so the call's reply is cut short and the calling
+/// client itself is sent `WRONGTYPE` besides the module's answer (two
+/// replies to one command: the client's replies go out of step).
+const VALKEY_DEFERRED_GETS: &[&[u8]] = &[b"getdel", b"getset"];
+
+/// For `VALKEY_DEFERRED_GETS` on Valkey, when the key exists and is not a
+/// string (and the user may run the command: else the server refuses it
+/// before it runs, as usual): `GET` of the key is called instead, which
+/// answers the same `WRONGTYPE` error and changes nothing. None: call the
+/// command itself.
+unsafe fn wrong_type_get(
+    ctx: *mut raw::RedisModuleCtx,
+    cmd: &std::ffi::CStr,
+    fmt: &std::ffi::CStr,
+    args: &[*mut raw::RedisModuleString],
+) -> Option<*mut raw::RedisModuleCallReply> {
+    if !VALKEY.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let name = cmd.to_bytes();
+    let arity = if name.eq_ignore_ascii_case(b"getdel") { 1 } else if name.eq_ignore_ascii_case(b"getset") { 2 } else { return None };
+    debug_assert!(VALKEY_DEFERRED_GETS.iter().any(|n| name.eq_ignore_ascii_case(n)));
+    if args.len() != arity {
+        return None;
+    }
+    let mode = (raw::REDISMODULE_READ
+        | raw::REDISMODULE_OPEN_KEY_NOTOUCH
+        | raw::REDISMODULE_OPEN_KEY_NOEXPIRE
+        | raw::REDISMODULE_OPEN_KEY_NOSTATS
+        | raw::REDISMODULE_OPEN_KEY_NONOTIFY) as c_int;
+    let key = raw::RedisModule_OpenKey.unwrap()(ctx, args[0], mode);
+    if key.is_null() {
+        return None;
+    }
+    let ty = raw::RedisModule_KeyType.unwrap()(key) as isize;
+    raw::RedisModule_CloseKey.unwrap()(key);
+    if ty == raw::REDISMODULE_KEYTYPE_EMPTY || ty == raw::REDISMODULE_KEYTYPE_STRING {
+        return None;
+    }
+    let checked = fmt.to_bytes().contains(&b'C');
+    if checked {
+        let name_str = raw::RedisModule_CreateString.unwrap()(ctx, name.as_ptr() as *const _, name.len());
+        let mut argv = vec![name_str];
+        argv.extend_from_slice(args);
+        let allowed = acl_allows(ctx, &argv);
+        raw::RedisModule_FreeString.unwrap()(ctx, name_str);
+        if !allowed {
+            return None;
+        }
+    }
+    let get_fmt = CString::new(fmt.to_bytes().iter().copied().filter(|&b| b != b'C').collect::<Vec<u8>>()).unwrap_or_default();
+    Some(call_unchecked(ctx, c"GET", &get_fmt, &args[..1]))
+}
+
 /// `RM_Call` with an argument vector (`fmt` starts with `v`), unfiltered.
 pub(crate) unsafe fn call(
+    ctx: *mut raw::RedisModuleCtx,
+    cmd: &std::ffi::CStr,
+    fmt: &std::ffi::CStr,
+    args: &[*mut raw::RedisModuleString],
+) -> *mut raw::RedisModuleCallReply {
+    if let Some(r) = wrong_type_get(ctx, cmd, fmt, args) {
+        return r;
+    }
+    call_unchecked(ctx, cmd, fmt, args)
+}
+
+unsafe fn call_unchecked(
     ctx: *mut raw::RedisModuleCtx,
     cmd: &std::ffi::CStr,
     fmt: &std::ffi::CStr,
@@ -360,20 +431,7 @@ pub(crate) unsafe fn acl_refusal(
 /// Whether the client's user may run `args`, checked as Redis checks a
 /// command queued inside MULTI; the refusal's text otherwise.
 pub(crate) unsafe fn acl_check_queued(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> Result<(), String> {
-    let name = raw::RedisModule_GetCurrentUserName.unwrap()(ctx);
-    if name.is_null() {
-        return Ok(());
-    }
-    let user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(name);
-    raw::RedisModule_FreeString.unwrap()(ctx, name);
-    if user.is_null() {
-        return Ok(());
-    }
-    let mut argv = args.to_vec();
-    let allowed =
-        raw::RedisModule_ACLCheckCommandPermissions.unwrap()(user, argv.as_mut_ptr(), argv.len() as c_int) == raw::REDISMODULE_OK as c_int;
-    raw::RedisModule_FreeModuleUser.unwrap()(user);
-    if allowed {
+    if acl_allows(ctx, args) {
         return Ok(());
     }
     // The server's own text for this refusal: the same check as the user,
@@ -386,6 +444,25 @@ pub(crate) unsafe fn acl_check_queued(ctx: *mut raw::RedisModuleCtx, args: &[*mu
         raw::RedisModule_FreeCallReply.unwrap()(reply);
     }
     Err(text.unwrap_or_else(|| "NOPERM this user has no permissions to run this command".into()))
+}
+
+/// Whether the client's user may run `args` (name first); true when the
+/// context has no user.
+unsafe fn acl_allows(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleString]) -> bool {
+    let name = raw::RedisModule_GetCurrentUserName.unwrap()(ctx);
+    if name.is_null() {
+        return true;
+    }
+    let user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(name);
+    raw::RedisModule_FreeString.unwrap()(ctx, name);
+    if user.is_null() {
+        return true;
+    }
+    let mut argv = args.to_vec();
+    let allowed =
+        raw::RedisModule_ACLCheckCommandPermissions.unwrap()(user, argv.as_mut_ptr(), argv.len() as c_int) == raw::REDISMODULE_OK as c_int;
+    raw::RedisModule_FreeModuleUser.unwrap()(user);
+    allowed
 }
 
 /// Command filter: prefixes write commands with `KEEL.W`.
@@ -1925,6 +2002,14 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     let replica = unsafe { raw::RedisModule_GetContextFlags.unwrap()(std::ptr::null_mut()) as u32 & raw::REDISMODULE_CTX_FLAGS_SLAVE != 0 };
     ctx.log_notice(&format!("keel: holding replies of {} write commands; {cfg:?}", writes.len()));
     let secret = Rotation::new(cfg.control_secret.clone());
+    unsafe {
+        let info = raw::RedisModule_GetServerInfo.unwrap()(raw_ctx, c"server".as_ptr());
+        if !info.is_null() {
+            let v = raw::RedisModule_ServerInfoGetFieldC.unwrap()(info, c"valkey_version".as_ptr());
+            VALKEY.store(!v.is_null(), std::sync::atomic::Ordering::Relaxed);
+            raw::RedisModule_FreeServerInfo.unwrap()(raw_ctx, info);
+        }
+    }
     let _ = STATE.set(Mutex::new(State {
         cfg,
         holds: Holds::default(),

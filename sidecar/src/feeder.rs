@@ -3,8 +3,14 @@
 //! port>`), with the journal as the only source of bytes.
 //!
 //! Life cycle of one Redis connection:
-//! 1. handshake: `PING`, `REPLCONF …`, then `PSYNC <replid> <offset>`;
-//!    every connection's handshake is answered at once and must reach its
+//! 1. handshake: `PING`, `AUTH`, `REPLCONF …`, then `PSYNC <replid>
+//!    <offset>` (`handshake_step` decides each answer). The feed is
+//!    authenticated: each feeder makes a random token at start, the node
+//!    gives it to its Redis as `masterauth` (`CONFIG SET`, as the control
+//!    user, before `REPLICAOF`), and a connection must `AUTH` with it
+//!    before `REPLCONF` or `PSYNC` (any user name; `masteruser` may be
+//!    set), else it is answered `-NOAUTH`/`-WRONGPASS` and closed: only
+//!    the node's own Redis is fed the dataset. Every connection's handshake is answered at once and must reach its
 //!    `PSYNC` within `HANDSHAKE_TIMEOUT_MS`; malformed input gets `-ERR
 //!    Protocol error` and is closed; one connection is fed at a time, and a
 //!    `PSYNC` while one is fed gets `-NOMASTERLINK` (retry later), so no
@@ -105,6 +111,8 @@ pub struct Feeder {
     pub tap: Option<Mutex<StreamSum>>,
     /// A record this feeder cannot feed (stall.rs).
     stall: Mutex<Stall>,
+    /// The password a connection must `AUTH` with (random per feeder).
+    token: String,
 }
 
 impl Feeder {
@@ -119,7 +127,13 @@ impl Feeder {
             until_seq: None,
             tap: None,
             stall: Mutex::new(Stall::default()),
+            token: format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()),
         }
+    }
+
+    /// The password the fed Redis must `AUTH` with (its `masterauth`).
+    pub fn token(&self) -> &str {
+        &self.token
     }
 
     /// Where the feed stopped on a record it cannot feed, if it did.
@@ -243,8 +257,9 @@ impl Feeder {
                             let _ = sock.try_write(b"-ERR max number of clients reached\r\n");
                             continue;
                         }
+                        let token = self.token.as_bytes();
                         handshakes.push(async move {
-                            match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake(sock)).await {
+                            match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake(sock, token)).await {
                                 Ok(h) => h,
                                 Err(_) => Err(format!("no PSYNC within {HANDSHAKE_TIMEOUT_MS} ms (HANDSHAKE_TIMEOUT_MS)")),
                             }
@@ -499,14 +514,65 @@ struct Handshake {
     offset: i64,
 }
 
-/// Answers a connection's handshake (`PING`, `REPLCONF`, `AUTH`; any other
-/// command gets an error and the connection stays) up to its `PSYNC`.
+/// What to do with one command of a replication handshake.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandshakeStep {
+    /// Answer this and read on.
+    Reply(Vec<u8>),
+    /// Answer this and close the connection.
+    Close(Vec<u8>),
+    /// The handshake is done: feed from `PSYNC replid offset` (offset -1
+    /// when it is not a number, as Redis sends for a full sync).
+    Psync { replid: String, offset: i64 },
+}
+
+/// The answer to one handshake command `args`, given whether the
+/// connection has authenticated (`authed`, set here) and the feeder's
+/// `token`. `PING` is answered before `AUTH` (Redis sends it first);
+/// `REPLCONF` and `PSYNC` need it; a wrong password closes the connection.
+pub fn handshake_step(args: &[Vec<u8>], authed: &mut bool, token: &[u8]) -> HandshakeStep {
+    let name = args.first().map(|a| a.to_ascii_lowercase()).unwrap_or_default();
+    match (name.as_slice(), args.len()) {
+        (b"ping", _) => HandshakeStep::Reply(b"+PONG\r\n".to_vec()),
+        (b"auth", 2 | 3) => {
+            if same_secret(args[args.len() - 1].as_slice(), token) {
+                *authed = true;
+                HandshakeStep::Reply(b"+OK\r\n".to_vec())
+            } else {
+                *authed = false;
+                HandshakeStep::Close(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n".to_vec())
+            }
+        }
+        (b"auth", _) => HandshakeStep::Reply(b"-ERR wrong number of arguments for 'auth' command\r\n".to_vec()),
+        (b"replconf" | b"psync", _) if !*authed => HandshakeStep::Close(
+            b"-NOAUTH Authentication required: the Keel feeder feeds only its node's Redis (masterauth, set by the sidecar)\r\n".to_vec(),
+        ),
+        (b"replconf", _) => HandshakeStep::Reply(b"+OK\r\n".to_vec()),
+        (b"psync", 3) => HandshakeStep::Psync {
+            replid: String::from_utf8_lossy(&args[1]).into_owned(),
+            offset: std::str::from_utf8(&args[2]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1),
+        },
+        _ => {
+            let shown: String = String::from_utf8_lossy(&name).chars().take(64).collect();
+            HandshakeStep::Reply(format!("-ERR the Keel feeder serves only the replication handshake, not {shown:?}\r\n").into_bytes())
+        }
+    }
+}
+
+/// Compares a password with the token without stopping at the first
+/// difference.
+fn same_secret(given: &[u8], token: &[u8]) -> bool {
+    given.len() == token.len() && given.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Answers a connection's handshake (`handshake_step`) up to its `PSYNC`.
 /// Malformed RESP or a command over `MAX_HANDSHAKE_BYTES` is answered
 /// `-ERR Protocol error: …` and the connection is closed.
-async fn handshake(sock: TcpStream) -> Result<Handshake, String> {
+async fn handshake(sock: TcpStream, token: &[u8]) -> Result<Handshake, String> {
     let (mut r, mut w) = sock.into_split();
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 16 << 10];
+    let mut authed = false;
     loop {
         let parsed = match parse_command(&buf) {
             Ok(p) => p,
@@ -528,19 +594,77 @@ async fn handshake(sock: TcpStream) -> Result<Handshake, String> {
             continue;
         };
         buf.drain(..used);
-        let name = args.first().map(|a| a.to_ascii_lowercase()).unwrap_or_default();
-        match name.as_slice() {
-            b"ping" => w.write_all(b"+PONG\r\n").await.map_err(|e| e.to_string())?,
-            b"replconf" | b"auth" => w.write_all(b"+OK\r\n").await.map_err(|e| e.to_string())?,
-            b"psync" if args.len() == 3 => {
-                let replid = String::from_utf8_lossy(&args[1]).into_owned();
-                let offset: i64 = std::str::from_utf8(&args[2]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1);
-                return Ok(Handshake { r, w, replid, offset });
+        match handshake_step(&args, &mut authed, token) {
+            HandshakeStep::Reply(a) => w.write_all(&a).await.map_err(|e| e.to_string())?,
+            HandshakeStep::Close(a) => {
+                let _ = w.write_all(&a).await;
+                return Err(String::from_utf8_lossy(a.trim_ascii_end()).into_owned());
             }
-            _ => {
-                let shown: String = String::from_utf8_lossy(&name).chars().take(64).collect();
-                let msg = format!("-ERR the Keel feeder serves only the replication handshake, not {shown:?}\r\n");
-                w.write_all(msg.as_bytes()).await.map_err(|e| e.to_string())?;
+            HandshakeStep::Psync { replid, offset } => return Ok(Handshake { r, w, replid, offset }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(ws: &[&str]) -> Vec<Vec<u8>> {
+        ws.iter().map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn redis_s_own_handshake_is_fed_after_auth() {
+        let mut authed = false;
+        let t = b"secret-token";
+        let mut step = |ws: &[&str]| handshake_step(&words(ws), &mut authed, t);
+        assert_eq!(step(&["PING"]), HandshakeStep::Reply(b"+PONG\r\n".to_vec()));
+        assert_eq!(step(&["AUTH", "secret-token"]), HandshakeStep::Reply(b"+OK\r\n".to_vec()));
+        assert_eq!(step(&["REPLCONF", "listening-port", "6380"]), HandshakeStep::Reply(b"+OK\r\n".to_vec()));
+        assert_eq!(step(&["psync", "abc", "42"]), HandshakeStep::Psync { replid: "abc".into(), offset: 42 });
+        let mut authed = false;
+        assert_eq!(handshake_step(&words(&["AUTH", "some-user", "secret-token"]), &mut authed, t), HandshakeStep::Reply(b"+OK\r\n".to_vec()));
+        assert!(authed, "masteruser + masterauth");
+    }
+
+    #[test]
+    fn no_token_no_feed() {
+        let t = b"secret-token";
+        for first in [&["REPLCONF", "capa", "psync2"][..], &["PSYNC", "?", "-1"]] {
+            let mut authed = false;
+            let HandshakeStep::Close(a) = handshake_step(&words(first), &mut authed, t) else { panic!("{first:?} without AUTH") };
+            assert!(a.starts_with(b"-NOAUTH"));
+        }
+        for wrong in [&["AUTH", "secret-tokeN"][..], &["AUTH", "u", "x"], &["AUTH", ""], &["AUTH", "secret-token-longer"]] {
+            let mut authed = false;
+            let HandshakeStep::Close(a) = handshake_step(&words(wrong), &mut authed, t) else { panic!("{wrong:?}") };
+            assert!(a.starts_with(b"-WRONGPASS") && !authed);
+        }
+        let mut authed = false;
+        assert!(matches!(handshake_step(&words(&["AUTH"]), &mut authed, t), HandshakeStep::Reply(a) if a.starts_with(b"-ERR wrong number")));
+        assert!(matches!(handshake_step(&words(&["GET", "k"]), &mut authed, t), HandshakeStep::Reply(a) if a.starts_with(b"-ERR the Keel feeder")));
+    }
+
+    proptest::proptest! {
+        /// Whatever a connection sends, it reaches a PSYNC only after an
+        /// AUTH with the token, and every answer is one RESP error or status.
+        #[test]
+        fn only_the_token_opens_the_feed(cmds in proptest::collection::vec(
+            proptest::collection::vec(proptest::prop_oneof![
+                proptest::strategy::Just(b"AUTH".to_vec()), proptest::strategy::Just(b"PSYNC".to_vec()),
+                proptest::strategy::Just(b"REPLCONF".to_vec()), proptest::strategy::Just(b"tok".to_vec()),
+                proptest::collection::vec(proptest::num::u8::ANY, 0..8)], 0..4), 0..12)) {
+            let mut authed = false;
+            let mut ever_token = false;
+            for c in &cmds {
+                if c.first().is_some_and(|n| n.eq_ignore_ascii_case(b"auth")) && c.last().is_some_and(|l| l == b"tok") && (c.len() == 2 || c.len() == 3) {
+                    ever_token = true;
+                }
+                match handshake_step(c, &mut authed, b"tok") {
+                    HandshakeStep::Psync { .. } => { proptest::prop_assert!(authed && ever_token); break; }
+                    HandshakeStep::Close(a) => { proptest::prop_assert!(a.starts_with(b"-")); break; }
+                    HandshakeStep::Reply(a) => proptest::prop_assert!(a.ends_with(b"\r\n") && (a[0] == b'+' || a[0] == b'-')),
+                }
             }
         }
     }

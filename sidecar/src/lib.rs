@@ -8,6 +8,7 @@ pub mod cuts;
 pub mod feeder;
 pub mod history;
 pub mod lease;
+pub mod link;
 pub mod node;
 pub mod primary;
 pub mod record;

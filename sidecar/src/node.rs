@@ -43,7 +43,7 @@ use keel_journal::client::JournalError;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::net::TcpStream;
+use crate::link::RedisAddr;
 use tokio::sync::watch;
 
 use crate::auth::Credentials;
@@ -153,7 +153,7 @@ pub async fn run(cfg: NodeConfig) -> Stop {
     tracing::info!(uuid = %me, stream = %cfg.primary.stream, feed_port, "node starting");
     let me_member = Member {
         uuid: me.clone(),
-        redis: cfg.primary.redis.clone(),
+        redis: cfg.primary.announce.clone(),
         sentinel: cfg.sentinel_listen.clone().unwrap_or_default(),
         seen_unix_ms: 0,
     };
@@ -299,12 +299,11 @@ enum Reply {
 /// Sends one command to the local Redis on a fresh connection (after
 /// `AUTH` as the control user, `auth::authenticate`) and reads its reply,
 /// within `timeout_ms`.
-async fn redis_request(redis: &str, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<Reply, Stop> {
+async fn redis_request(redis: &RedisAddr, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<Reply, Stop> {
     let fut = async {
-        let s = TcpStream::connect(redis).await.map_err(|e| format!("connect {redis}: {e}"))?;
-        let (r, mut w) = s.into_split();
+        let (r, mut w, _) = crate::link::connect(redis).await.map_err(|e| format!("connect {redis}: {e}"))?;
         let mut r = tokio::io::BufReader::new(r);
-        authenticate(&mut r, &mut w, creds, redis).await?;
+        authenticate(&mut r, &mut w, creds, &redis.to_string()).await?;
         w.write_all(&encode_command(args)).await.map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -331,12 +330,12 @@ async fn redis_request(redis: &str, creds: &Credentials, args: &[&[u8]], timeout
 }
 
 /// `INFO replication` of the local Redis, within `timeout_ms`.
-pub async fn redis_info(redis: &str, creds: &Credentials, timeout_ms: u64) -> Result<String, Stop> {
+pub async fn redis_info(redis: &RedisAddr, creds: &Credentials, timeout_ms: u64) -> Result<String, Stop> {
     redis_info_section(redis, creds, "replication", timeout_ms).await
 }
 
 /// `INFO <section>` of the local Redis, within `timeout_ms`.
-pub async fn redis_info_section(redis: &str, creds: &Credentials, section: &str, timeout_ms: u64) -> Result<String, Stop> {
+pub async fn redis_info_section(redis: &RedisAddr, creds: &Credentials, section: &str, timeout_ms: u64) -> Result<String, Stop> {
     match redis_request(redis, creds, &[b"INFO", section.as_bytes()], timeout_ms).await? {
         Reply::Bulk(info) => Ok(info),
         Reply::Line(l) => Err(Stop::Retry(format!("INFO {section} answered {l:?}"))),
@@ -344,7 +343,7 @@ pub async fn redis_info_section(redis: &str, creds: &Credentials, section: &str,
 }
 
 /// Sends one command to the local Redis and returns its reply's first line.
-async fn redis_command(redis: &str, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<String, Stop> {
+async fn redis_command(redis: &RedisAddr, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<String, Stop> {
     match redis_request(redis, creds, args, timeout_ms).await? {
         Reply::Bulk(b) => Ok(b),
         Reply::Line(l) => Ok(l),
@@ -374,12 +373,23 @@ async fn follow(
         let mut logged = "";
         // Whether the module may show a stall (told at the first poll).
         let mut told_stall = true;
+        // Whether this Redis was given the feed's password (at every
+        // follow: a Redis restarted meanwhile has lost it).
+        let mut told_token = false;
         loop {
             // Keep Redis a replica of the feeder.
             let info = redis_info(&p.redis, &p.control, p.lease_ms).await?;
             let feeding = info_field(&info, "role") == Some("slave")
                 && info_field(&info, "master_host") == Some("127.0.0.1")
                 && info_field(&info, "master_port") == Some(port.as_str());
+            if !feeding || !told_token {
+                // The feed's password first (feeder.rs), then the link.
+                let r = redis_command(&p.redis, &p.control, &[b"CONFIG", b"SET", b"masterauth", feeder.token().as_bytes()], p.lease_ms).await?;
+                if r.starts_with('-') {
+                    return Err(Stop::Retry(format!("Redis refused CONFIG SET masterauth: {r}")));
+                }
+                told_token = true;
+            }
             if !feeding {
                 let r = redis_command(&p.redis, &p.control, &[b"REPLICAOF", b"127.0.0.1", port.as_bytes()], p.lease_ms).await?;
                 tracing::info!(reply = %r, feed_port, "the local Redis now replicates from the journal");
@@ -466,7 +476,7 @@ async fn follow(
 const SNAPSHOT_REPORT_MS: u64 = 1_000;
 
 /// Tells the local Redis the stream's published snapshot (`INFO keel`).
-async fn report_snapshots(journal: Arc<JournalClient>, stream: String, redis: String, creds: Credentials, timeout_ms: u64) {
+async fn report_snapshots(journal: Arc<JournalClient>, stream: String, redis: RedisAddr, creds: Credentials, timeout_ms: u64) {
     loop {
         if let Ok(Some(b)) = journal.get_meta(&stream, crate::snapshot::SNAPSHOT_META_KEY).await {
             match crate::snapshot::SnapshotMeta::decode(&b) {

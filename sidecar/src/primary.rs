@@ -47,9 +47,9 @@ use tokio::io::AsyncBufReadExt;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::io::BufReader;
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::tcp::OwnedWriteHalf;
+use crate::link::Reader as OwnedReadHalf;
+use crate::link::Writer as OwnedWriteHalf;
+use crate::link::RedisAddr;
 
 use crate::cuts::Cuts;
 use crate::lease::Renewal;
@@ -63,7 +63,11 @@ use crate::resp::encode_command;
 /// Every bound of the primary sidecar.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
-    pub redis: String,
+    /// Where the local Redis listens (TCP or unix socket: link.rs).
+    pub redis: RedisAddr,
+    /// The address clients reach this node's Redis at (discovery hands it
+    /// out): `--announce`, else a TCP `--redis`.
+    pub announce: String,
     /// The ACL user and secret every connection to Redis authenticates
     /// with (auth.rs).
     pub control: Credentials,
@@ -87,9 +91,7 @@ pub struct PrimaryConfig {
 
 impl PrimaryConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !self.redis.contains(':') {
-            return Err(format!("--redis {:?} must be host:port", self.redis));
-        }
+        crate::link::client_address(&self.redis, Some(&self.announce))?;
         if self.stream.is_empty() {
             return Err("--stream must not be empty".into());
         }
@@ -260,8 +262,8 @@ async fn command(w: &mut OwnedWriteHalf, args: &[&[u8]]) -> Result<(), Stop> {
 }
 
 /// `AUTH` as the control user, first on every connection to Redis.
-async fn authenticate(r: &mut BufReader<OwnedReadHalf>, w: &mut OwnedWriteHalf, creds: &Credentials, redis: &str) -> Result<(), Stop> {
-    crate::auth::authenticate(r, w, creds, redis).await.map_err(Stop::Retry)
+async fn authenticate(r: &mut BufReader<OwnedReadHalf>, w: &mut OwnedWriteHalf, creds: &Credentials, redis: &RedisAddr) -> Result<(), Stop> {
+    crate::auth::authenticate(r, w, creds, &redis.to_string()).await.map_err(Stop::Retry)
 }
 
 /// Leads the stream from the local Redis until fenced, the Redis lost its
@@ -340,10 +342,8 @@ impl ControlReplies {
 }
 
 impl Control {
-    pub async fn connect(redis: &str, creds: &Credentials) -> Result<(Control, String), Stop> {
-        let ctl = TcpStream::connect(redis).await.map_err(|e| retry(format!("connect {redis}: {e}")))?;
-        ctl.set_nodelay(true).map_err(retry)?;
-        let (ctl_r, mut w) = ctl.into_split();
+    pub async fn connect(redis: &RedisAddr, creds: &Credentials) -> Result<(Control, String), Stop> {
+        let (ctl_r, mut w, _) = crate::link::connect(redis).await.map_err(|e| retry(format!("connect {redis}: {e}")))?;
         let mut r = BufReader::new(ctl_r);
         authenticate(&mut r, &mut w, creds, redis).await?;
         // INFO replication first, read whole, before replies are only counted.
@@ -526,12 +526,9 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         }
         tracing::warn!("a new history whose base is the local Redis's data: Redis forks once to give it");
     }
-    let repl = TcpStream::connect(&cfg.redis).await.map_err(|e| retry(format!("connect {}: {e}", cfg.redis)))?;
-    repl.set_nodelay(true).map_err(retry)?;
-    // Redis names its replica by this address instead of asking the kernel
+    // Redis names its replica by `local_ip` instead of asking the kernel
     // on every ROLE/INFO (the module reads ROLE once per turn with writes).
-    let local_ip = repl.local_addr().map_err(retry)?.ip().to_string();
-    let (r, mut w) = repl.into_split();
+    let (r, mut w, local_ip) = crate::link::connect(&cfg.redis).await.map_err(|e| retry(format!("connect {}: {e}", cfg.redis)))?;
     let mut r = BufReader::with_capacity(1 << 20, r);
     authenticate(&mut r, &mut w, &cfg.control, &cfg.redis).await?;
     command(&mut w, &[b"PING"]).await?;

@@ -414,7 +414,7 @@ impl Snapshotter {
             tokio::spawn(async move { f.serve(&listener, stop_rx).await })
         };
         let result = async {
-            let redis = PrivateRedis::start(&self.cfg.redis_server, dir, Some(feed_port)).await?;
+            let redis = PrivateRedis::start(&self.cfg.redis_server, dir, Some((feed_port, feeder.token()))).await?;
             // Wait until the private server applied every byte fed, and
             // the feed stopped at its cut.
             let mut progress = feeder.progress.subscribe();
@@ -510,7 +510,7 @@ impl Snapshotter {
         // build server did) and expires nothing while we look.
         let nowhere = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let port = nowhere.local_addr().map_err(|e| e.to_string())?.port();
-        let redis = PrivateRedis::start(&self.cfg.redis_server, dir, Some(port)).await?;
+        let redis = PrivateRedis::start(&self.cfg.redis_server, dir, Some((port, "nobody-feeds-this-server"))).await?;
         let digest = redis.digest().await?;
         drop(redis);
         drop(nowhere);
@@ -559,16 +559,32 @@ struct PrivateRedis {
 }
 
 impl PrivateRedis {
-    async fn start(bin: &Path, dir: &Path, replica_of_port: Option<u16>) -> Result<PrivateRedis, String> {
+    /// `replica_of`: the feed's port and password (feeder.rs), given in a
+    /// config file of the server's own (mode 0600), never on its command line.
+    async fn start(bin: &Path, dir: &Path, replica_of: Option<(u16, &str)>) -> Result<PrivateRedis, String> {
         let sock = dir.join("redis.sock");
         let mut cmd = tokio::process::Command::new(bin);
+        if let Some((_, token)) = replica_of {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let conf = dir.join("private.conf");
+            let _ = std::fs::remove_file(&conf);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&conf)
+                .map_err(|e| format!("{}: {e}", conf.display()))?;
+            f.write_all(format!("masterauth {token}\n").as_bytes()).map_err(|e| format!("{}: {e}", conf.display()))?;
+            cmd.arg(&conf);
+        }
         cmd.arg("--port").arg("0");
         cmd.arg("--unixsocket").arg(&sock).arg("--unixsocketperm").arg("700");
         cmd.arg("--dir").arg(dir).arg("--dbfilename").arg("dump.rdb");
         cmd.arg("--save").arg("").arg("--appendonly").arg("no");
         cmd.arg("--enable-debug-command").arg("yes");
         cmd.arg("--logfile").arg(dir.join("redis.log"));
-        if let Some(p) = replica_of_port {
+        if let Some((p, _)) = replica_of {
             cmd.arg("--replicaof").arg("127.0.0.1").arg(p.to_string());
         }
         cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());

@@ -612,14 +612,26 @@ pub fn control_secret_of(dir: &Path) -> String {
 /// connections. Unless `module_args` name one, the module gets
 /// `control_secret_file=dir/control.secret` (`control_secret`).
 pub fn spawn_redis(server: Server, port: u16, dir: &Path, module_args: &[String]) -> Child {
+    spawn_redis_conf(server, None, port, dir, module_args)
+}
+
+/// `spawn_redis` with a config file of the server's first (whose `port`,
+/// e.g. 0 with a `tls-port`, wins over the command line's).
+pub fn spawn_redis_conf(server: Server, conf: Option<&Path>, port: u16, dir: &Path, module_args: &[String]) -> Child {
     let log = dir.join("redis.log");
     let mut module_args = module_args.to_vec();
     if !module_args.iter().any(|a| a.starts_with("control_secret_file=")) {
         // First: arguments after the module's are the server's own.
         module_args.insert(0, format!("control_secret_file={}", control_secret(dir).display()));
     }
-    let child = Command::new(server.binary())
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    let mut cmd = Command::new(server.binary());
+    if let Some(c) = conf {
+        cmd.arg(c);
+    } else {
+        cmd.args(["--port", &port.to_string()]);
+    }
+    let child = cmd
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         // DEBUG DIGEST from loopback: tests compare datasets with it.
         .args(["--enable-debug-command", "local"])
         .arg("--dir")
@@ -681,6 +693,32 @@ pub struct KeelNode {
     pub store: String,
     /// The sidecar's arguments for TLS to the journal.
     pub journal_tls: Vec<String>,
+    /// Clients over TLS with a password (`secure_clients`), else plaintext
+    /// and no password.
+    pub clients: Option<ClientSecurity>,
+}
+
+/// A node that serves clients as `scripts/cluster start --tls` does: its
+/// Redis on a TLS port only (`port 0`), with `requirepass`; its sidecar
+/// over the Redis's unix socket; its discovery endpoint over TLS with the
+/// same password. Certificates: `redis-<node>` of the deployment's CA.
+#[derive(Debug, Clone)]
+pub struct ClientSecurity {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub password: String,
+    /// A file holding `password` (mode 0600), for the discovery endpoint.
+    pub password_file: PathBuf,
+}
+
+/// Writes `contents` to a new file at `path`, mode 0600 (replacing one).
+pub fn write_private(path: &Path, contents: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
+    f.write_all(contents.as_bytes()).unwrap();
 }
 
 impl KeelNode {
@@ -703,7 +741,65 @@ impl KeelNode {
             sidecar: None,
             store: root.join("snapshots").display().to_string(),
             journal_tls,
+            clients: None,
         }
+    }
+
+    /// Serves clients over TLS only, with `password` (`ClientSecurity`);
+    /// before the node starts. The certificates are made in the
+    /// journal's directory (`root`/tls).
+    pub fn secure_clients(&mut self, root: &Path, password: &str) {
+        let p = ensure_cert(&tls_dir(root), &format!("redis-{}", self.name));
+        let password_file = self.dir.join("clients.password");
+        write_private(&password_file, &format!("{password}\n"));
+        self.clients = Some(ClientSecurity { ca: p.ca, cert: p.cert, key: p.key, password: password.into(), password_file });
+    }
+
+    /// The Redis's unix socket (what the sidecar and the harness use when
+    /// clients get TLS).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
+    /// One command over the unix socket, as the default user (with the
+    /// clients' password if any); the reply's first line or bulk body.
+    pub fn local_cmd(&self, args: &[&str]) -> Option<String> {
+        use std::io::BufRead;
+        use std::io::Read;
+        use std::io::Write;
+        let s = std::os::unix::net::UnixStream::connect(self.socket()).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut r = std::io::BufReader::new(s.try_clone().ok()?);
+        let mut w = s;
+        let mut send = |args: &[&str]| {
+            let mut out = format!("*{}\r\n", args.len());
+            for a in args {
+                out.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+            }
+            w.write_all(out.as_bytes())
+        };
+        let read = |r: &mut std::io::BufReader<std::os::unix::net::UnixStream>| -> Option<String> {
+            let mut line = String::new();
+            r.read_line(&mut line).ok()?;
+            let line = line.trim_end().to_string();
+            let Some(n) = line.strip_prefix('$') else { return Some(line) };
+            let n: i64 = n.parse().ok()?;
+            if n < 0 {
+                return Some("(nil)".into());
+            }
+            let mut buf = vec![0u8; n as usize + 2];
+            r.read_exact(&mut buf).ok()?;
+            buf.truncate(n as usize);
+            Some(String::from_utf8_lossy(&buf).into_owned())
+        };
+        if let Some(c) = &self.clients {
+            send(&["AUTH", &c.password]).ok()?;
+            if read(&mut r)? != "+OK" {
+                return None;
+            }
+        }
+        send(args).ok()?;
+        read(&mut r)
     }
 
     pub fn addr(&self) -> String {
@@ -715,16 +811,40 @@ impl KeelNode {
     }
 
     pub fn start_redis(&mut self) {
-        self.redis = Some(spawn_redis(self.server, self.port, &self.dir, &["write_timeout_ms=3000".to_string()]));
+        let Some(c) = &self.clients else {
+            self.redis = Some(spawn_redis(self.server, self.port, &self.dir, &["write_timeout_ms=3000".to_string()]));
+            return;
+        };
+        // The server's own settings, in a file only its owner reads.
+        let conf = self.dir.join("clients.conf");
+        let socket = self.socket();
+        let _ = std::fs::remove_file(&socket);
+        write_private(
+            &conf,
+            &format!(
+                "port 0\ntls-port {}\nunixsocket {}\nunixsocketperm 700\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\nrequirepass {}\n",
+                self.port,
+                socket.display(),
+                c.cert.display(),
+                c.key.display(),
+                c.ca.display(),
+                c.password
+            ),
+        );
+        self.redis = Some(spawn_redis_conf(self.server, Some(&conf), self.port, &self.dir, &["write_timeout_ms=3000".to_string()]));
     }
 
     pub fn start_sidecar(&mut self) {
         let lease_ms = self.lease_ms.to_string();
         let (addr, sentinel) = (self.addr(), self.sentinel_addr());
+        let local = match &self.clients {
+            Some(_) => format!("unix:{}", self.socket().display()),
+            None => addr.clone(),
+        };
         let mut args = vec![
             "node",
             "--redis",
-            &addr,
+            &local,
             "--journal",
             &self.journal,
             "--lease-ms",
@@ -735,6 +855,20 @@ impl KeelNode {
             &self.store,
         ];
         args.extend(self.journal_tls.iter().map(|a| a.as_str()));
+        let secure: Vec<String> = match &self.clients {
+            None => Vec::new(),
+            Some(c) => vec![
+                "--announce".into(),
+                addr.clone(),
+                "--sentinel-tls-cert".into(),
+                c.cert.display().to_string(),
+                "--sentinel-tls-key".into(),
+                c.key.display().to_string(),
+                "--sentinel-password-file".into(),
+                c.password_file.display().to_string(),
+            ],
+        };
+        args.extend(secure.iter().map(|a| a.as_str()));
         self.sidecar = Some(spawn_sidecar(&self.dir, &args));
     }
 
@@ -752,6 +886,10 @@ impl KeelNode {
 
     /// A field of `INFO <section>`, or None when Redis does not answer.
     pub fn info_field(&self, section: &str, field: &str) -> Option<String> {
+        if self.clients.is_some() {
+            let info = self.local_cmd(&["INFO", section])?;
+            return info.lines().find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()));
+        }
         let s = std::net::TcpStream::connect(self.addr()).ok()?;
         s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
         let mut c = Resp { stream: std::io::BufReader::new(s) };
@@ -792,11 +930,24 @@ impl KeelCluster {
 
     /// Nodes on a journal that is already running (and may hold a stream).
     pub fn start_on(journal: JournalCluster, server: Server, nodes: usize, lease_ms: u64) -> KeelCluster {
+        KeelCluster::start_on_with(journal, server, nodes, lease_ms, |_, _| {})
+    }
+
+    /// Nodes whose clients get TLS only and `password` (`ClientSecurity`).
+    pub async fn start_secure(server: Server, journal_nodes: usize, nodes: usize, lease_ms: u64, password: &str) -> KeelCluster {
+        let journal = JournalCluster::start(journal_nodes).await;
+        KeelCluster::start_on_with(journal, server, nodes, lease_ms, |n, root| n.secure_clients(root, password))
+    }
+
+    /// `start_on`, with `setup` applied to each node (and the journal's
+    /// directory) before it starts.
+    pub fn start_on_with(journal: JournalCluster, server: Server, nodes: usize, lease_ms: u64, setup: impl Fn(&mut KeelNode, &Path)) -> KeelCluster {
         let root = journal.dir.path().to_path_buf();
         let endpoints = journal.endpoints();
         let mut c = KeelCluster { journal, nodes: Vec::new() };
         for i in 0..nodes {
             let mut n = KeelNode::new(&format!("node-{i}"), server, &root, &endpoints, lease_ms);
+            setup(&mut n, &root);
             n.start_redis();
             n.start_sidecar();
             c.nodes.push(n);
@@ -814,7 +965,11 @@ impl KeelCluster {
     pub fn wait_writable(&self, i: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            if let Ok(s) = std::net::TcpStream::connect(self.nodes[i].addr()) {
+            if self.nodes[i].clients.is_some() {
+                if self.nodes[i].local_cmd(&["SET", "keel:probe", "1"]).as_deref() == Some("+OK") {
+                    return;
+                }
+            } else if let Ok(s) = std::net::TcpStream::connect(self.nodes[i].addr()) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 let mut c = Resp { stream: std::io::BufReader::new(s) };
                 if c.try_cmd(&["SET", "keel:probe", "1"]).ok().as_deref() == Some("+OK") {

@@ -531,3 +531,63 @@ async fn the_control_secret_and_a_journal_certificate_rotate_without_a_failover(
     assert_eq!(c.primaries(), vec![0]);
     c.wait_writable(0, Duration::from_secs(10));
 }
+
+/// The replica feed serves only its own node's Redis: a stock
+/// redis-server told to replicate from a replica's feed, without the feed's
+/// password or with a wrong one, never links up nor gets a key; no client
+/// but the control user sets a Keel node's `masterauth`; a replica whose
+/// sidecar restarted (a new feed password) links up again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_takes_only_its_own_redis() {
+    let _serial = serial();
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, 1000).await;
+    let mut primary = Resp::connect(&c.nodes[0].addr());
+    assert_eq!(primary.cmd(&["SET", "secret-key", "v1"]), "+OK");
+    let mut replica = Resp::connect(&c.nodes[1].addr());
+    wait_until(Duration::from_secs(30), "the replica has the write", || replica.cmd(&["GET", "secret-key"]) == "v1");
+    let feed_port = c.nodes[1].info_field("replication", "master_port").expect("the replica's master port");
+
+    let strays = tempfile::tempdir().unwrap();
+    let mut spawned = Vec::new();
+    for (name, auth) in [("none", None), ("wrong", Some("not-the-feed-password"))] {
+        let dir = strays.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = keel_tests::free_port();
+        let mut cmd = Command::new(Server::Redis.binary());
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        cmd.arg("--dir").arg(&dir).arg("--logfile").arg(dir.join("redis.log"));
+        cmd.args(["--replicaof", "127.0.0.1", &feed_port]);
+        if let Some(a) = auth {
+            cmd.args(["--masterauth", a]);
+        }
+        spawned.push((Some(cmd.spawn().expect("redis-server")), port, dir));
+    }
+    for (_, port, dir) in &spawned {
+        // Its second attempt: the first one ended.
+        wait_until(Duration::from_secs(30), "the stray server tried the feed twice", || {
+            std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default().matches("Connecting to MASTER").count() >= 2
+        });
+        let mut s = Resp::connect(&format!("127.0.0.1:{port}"));
+        assert_eq!(info_field(&mut s, "replication", "master_link_status"), "down");
+        assert_eq!(s.cmd(&["DBSIZE"]), ":0", "the stray server got the dataset");
+    }
+    for (child, _, _) in &mut spawned {
+        keel_tests::kill_child(child);
+    }
+
+    // Nobody else sets the feed's password (or user) on a Keel node.
+    for param in ["masterauth", "masteruser"] {
+        let e = replica.cmd(&["CONFIG", "SET", param, "x"]);
+        assert!(e.starts_with("-ERR Keel sets masterauth"), "{param}: {e}");
+    }
+    assert_eq!(info_field(&mut replica, "replication", "master_link_status"), "up");
+
+    // A restarted sidecar has a new password; its Redis is told it.
+    c.nodes[1].kill_sidecar();
+    c.nodes[1].start_sidecar();
+    assert_eq!(primary.cmd(&["SET", "secret-key", "v2"]), "+OK");
+    wait_until(Duration::from_secs(30), "the replica has the write made after its sidecar restarted", || {
+        replica.cmd(&["GET", "secret-key"]) == "v2"
+    });
+    c.wait_replica_synced(1, Duration::from_secs(30));
+}

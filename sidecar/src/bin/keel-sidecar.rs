@@ -33,10 +33,15 @@ enum Cmd {
     /// replica, take the lease when the primary's lapses, then lead.
     #[command(alias = "primary")]
     Node {
-        /// The local redis-server (with the keel module loaded); also the
-        /// address registered for discovery.
+        /// The local redis-server (with the keel module loaded): host:port,
+        /// or unix:/path of its unix socket (e.g. when it serves clients
+        /// over TLS only).
         #[arg(long, default_value = "127.0.0.1:6379")]
         redis: String,
+        /// The address clients reach this node's Redis at, handed out by
+        /// discovery (default: --redis; required with a unix socket).
+        #[arg(long)]
+        announce: Option<String>,
         /// Comma-separated journal endpoints.
         #[arg(long, env = "KEEL_JOURNAL")]
         journal: String,
@@ -192,6 +197,7 @@ fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Node {
             redis,
+            announce,
             journal,
             journal_tls,
             stream,
@@ -232,8 +238,18 @@ fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(code) => return code,
             };
+            let addr = keel_sidecar::link::RedisAddr::parse(&redis);
+            let announce = addr.as_ref().map_err(|e| e.clone()).and_then(|a| keel_sidecar::link::client_address(a, announce.as_deref()));
+            let (redis, announce) = match (addr, announce) {
+                (Ok(r), Ok(a)) => (r, a),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("keel-sidecar: bad configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let primary = PrimaryConfig {
                 redis,
+                announce,
                 control,
                 journal,
                 journal_tls,
