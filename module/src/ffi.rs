@@ -265,7 +265,8 @@ static VALKEY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::ne
 /// before committing it, so the call's reply is cut short and the calling
 /// client itself is sent `WRONGTYPE` besides the module's answer (two
 /// replies to one command: the client's replies go out of step).
-const VALKEY_DEFERRED_GETS: &[&[u8]] = &[b"getdel", b"getset"];
+/// Each with its number of arguments (name excluded).
+const VALKEY_DEFERRED_GETS: &[(&[u8], usize)] = &[(b"getdel", 1), (b"getset", 2)];
 
 /// For `VALKEY_DEFERRED_GETS` on Valkey, when the key exists and is not a
 /// string (and the user may run the command: else the server refuses it
@@ -282,9 +283,7 @@ unsafe fn wrong_type_get(
         return None;
     }
     let name = cmd.to_bytes();
-    let arity = if name.eq_ignore_ascii_case(b"getdel") { 1 } else if name.eq_ignore_ascii_case(b"getset") { 2 } else { return None };
-    debug_assert!(VALKEY_DEFERRED_GETS.iter().any(|n| name.eq_ignore_ascii_case(n)));
-    if args.len() != arity {
+    if !VALKEY_DEFERRED_GETS.iter().any(|&(n, arity)| name.eq_ignore_ascii_case(n) && args.len() == arity) {
         return None;
     }
     let mode = (raw::REDISMODULE_READ
@@ -398,10 +397,8 @@ unsafe fn grant_wrappers(ctx: *mut raw::RedisModuleCtx) {
         }
         let mut args: Vec<&[u8]> = vec![b"SETUSER", &user];
         args.extend(missing.iter().map(|m| m.as_bytes()));
-        let r = call_bytes(ctx, c"ACL", &args);
-        if !r.is_null() {
-            raw::RedisModule_FreeCallReply.unwrap()(r);
-        }
+        // Best effort, as before: the error is not acted on.
+        let _ = acl(ctx, &args);
     }
 }
 
@@ -1425,20 +1422,24 @@ unsafe fn ensure_control_user(ctx: *mut raw::RedisModuleCtx) {
     let mut args: Vec<&[u8]> = vec![b"SETUSER", user.as_bytes(), b"reset", b"on"];
     args.extend(passwords.iter().map(|p| p.as_slice()));
     args.extend([&b"~*"[..], b"&*", b"+@all"]);
-    let r = call_bytes(ctx, c"ACL", &args);
+    let r = acl(ctx, &args);
     drop(args);
     passwords.iter_mut().for_each(|p| p.fill(0));
-    let failed = r.is_null() || raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_ERROR as c_int;
-    let why = if r.is_null() { Vec::new() } else { reply_text(r).unwrap_or_default() };
-    if !r.is_null() {
-        raw::RedisModule_FreeCallReply.unwrap()(r);
+    if let Err(why) = r {
+        Context::new(ctx).log_warning(&format!("keel: could not create the control user '{user}' ({why}); the sidecar cannot authenticate"));
     }
-    if failed {
-        Context::new(ctx).log_warning(&format!(
-            "keel: could not create the control user '{user}' ({}); the sidecar cannot authenticate",
-            String::from_utf8_lossy(&why)
-        ));
+}
+
+/// `ACL <args>`, unfiltered; the error's text if it failed.
+unsafe fn acl(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
+    let r = call_bytes(ctx, c"ACL", args);
+    if r.is_null() {
+        return Err(String::new());
     }
+    let failed = raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_ERROR as c_int;
+    let why = if failed { reply_text(r).unwrap_or_default() } else { Vec::new() };
+    raw::RedisModule_FreeCallReply.unwrap()(r);
+    if failed { Err(String::from_utf8_lossy(&why).into_owned()) } else { Ok(()) }
 }
 
 /// Applies `changes` to the control user's passwords (`ACL SETUSER
@@ -1450,17 +1451,11 @@ unsafe fn change_control_passwords(ctx: *mut raw::RedisModuleCtx, changes: Vec<s
             secret::Change::Add(s) => ([b">", s.bytes()].concat(), "add the new secret to"),
             secret::Change::Remove(s) => ([b"<", s.bytes()].concat(), "remove a replaced secret from"),
         };
-        let r = call_bytes(ctx, c"ACL", &[b"SETUSER", user.as_bytes(), &rule]);
+        let r = acl(ctx, &[b"SETUSER", user.as_bytes(), &rule]);
         rule.fill(0);
-        let failed = r.is_null() || raw::RedisModule_CallReplyType.unwrap()(r) == raw::REDISMODULE_REPLY_ERROR as c_int;
-        let why = if r.is_null() { Vec::new() } else { reply_text(r).unwrap_or_default() };
-        if !r.is_null() {
-            raw::RedisModule_FreeCallReply.unwrap()(r);
-        }
-        if failed {
+        if let Err(why) = r {
             Context::new(ctx).log_warning(&format!(
-                "keel: could not {what} the control user '{user}' ({}); `ACL LOAD` or a restart sets it again",
-                String::from_utf8_lossy(&why)
+                "keel: could not {what} the control user '{user}' ({why}); `ACL LOAD` or a restart sets it again"
             ));
         }
     }

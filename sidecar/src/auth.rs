@@ -113,14 +113,7 @@ impl std::fmt::Debug for Credentials {
 
 /// Reads and checks the secret file at `path` (`check_secret`).
 pub fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| format!("--control-secret-file {shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("--control-secret-file {shown} is not a regular file"));
-    }
-    let contents = std::fs::read(path).map_err(|e| format!("--control-secret-file {shown}: {e}"))?;
-    check_secret(&shown, &contents, meta.permissions().mode())
+    CONTROL_SECRET_FILE.read(path)
 }
 
 impl Credentials {
@@ -189,27 +182,62 @@ where
     refused
 }
 
-/// The secret in a file's `contents` (one trailing newline is not part of
-/// it), if the file's `mode` lets only its owner read it.
+/// A one-line secret kept in a file only its owner may read (the control
+/// secret here, the discovery endpoint's password in sentinel.rs): how
+/// such a file is read and checked, and how its errors name it (never
+/// showing the secret).
+pub struct SecretFile {
+    /// The flag that names the file.
+    pub flag: &'static str,
+    /// What the file holds ("secret", "password").
+    pub what: &'static str,
+    /// Shortest secret accepted.
+    pub min_bytes: usize,
+}
+
+/// The control secret file (`--control-secret-file`).
+pub const CONTROL_SECRET_FILE: SecretFile = SecretFile { flag: "--control-secret-file", what: "secret", min_bytes: MIN_SECRET_BYTES };
+
+impl SecretFile {
+    /// The secret in a file's `contents` (one trailing newline is not
+    /// part of it), if the file's `mode` lets only its owner read it;
+    /// `path` names the file in errors.
+    pub fn check<'c>(&self, path: &str, contents: &'c [u8], mode: u32) -> Result<&'c [u8], String> {
+        let (flag, what, min) = (self.flag, self.what, self.min_bytes);
+        if mode & 0o077 != 0 {
+            return Err(format!("{flag} {path} is readable or writable by group or others (mode {:o}): `chmod 600 {path}`", mode & 0o777));
+        }
+        let s = contents.strip_suffix(b"\n").unwrap_or(contents);
+        let s = s.strip_suffix(b"\r").unwrap_or(s);
+        if s.is_empty() {
+            let hint = if min > 1 { format!("a {what} of at least {min} bytes") } else { format!("the {what}") };
+            return Err(format!("{flag} {path} is empty: write {hint} into it"));
+        }
+        if s.len() < min {
+            return Err(format!("the {what} in {flag} {path} is {} bytes; it must be at least {min}", s.len()));
+        }
+        if s.iter().any(|&b| b == b'\n' || b == b'\r' || b == 0) {
+            return Err(format!("the {what} in {flag} {path} must be one line"));
+        }
+        Ok(s)
+    }
+
+    /// Reads and checks the file at `path` (a regular file; `check`).
+    pub fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let (flag, shown) = (self.flag, path.display().to_string());
+        let meta = std::fs::metadata(path).map_err(|e| format!("{flag} {shown}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("{flag} {shown} is not a regular file"));
+        }
+        let contents = std::fs::read(path).map_err(|e| format!("{flag} {shown}: {e}"))?;
+        self.check(&shown, &contents, meta.permissions().mode()).map(<[u8]>::to_vec)
+    }
+}
+
+/// The secret in a control secret file's `contents` (`SecretFile::check`).
 pub fn check_secret(path: &str, contents: &[u8], mode: u32) -> Result<Vec<u8>, String> {
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "--control-secret-file {path} is readable or writable by group or others (mode {:o}); chmod 600 it",
-            mode & 0o777
-        ));
-    }
-    let s = contents.strip_suffix(b"\n").unwrap_or(contents);
-    let s = s.strip_suffix(b"\r").unwrap_or(s);
-    if s.is_empty() {
-        return Err(format!("--control-secret-file {path} is empty; write a secret of at least {MIN_SECRET_BYTES} bytes into it"));
-    }
-    if s.len() < MIN_SECRET_BYTES {
-        return Err(format!("the secret in --control-secret-file {path} is {} bytes; it must be at least {MIN_SECRET_BYTES}", s.len()));
-    }
-    if s.iter().any(|&b| b == b'\n' || b == b'\r' || b == 0) {
-        return Err(format!("the secret in --control-secret-file {path} must be one line"));
-    }
-    Ok(s.to_vec())
+    CONTROL_SECRET_FILE.check(path, contents, mode).map(<[u8]>::to_vec)
 }
 
 /// What Redis answered to the sidecar's `AUTH` (its first line): `Ok`, or

@@ -751,39 +751,20 @@ impl std::fmt::Debug for Password {
     }
 }
 
+/// The discovery endpoint's password file.
+const PASSWORD_FILE: crate::auth::SecretFile = crate::auth::SecretFile { flag: "--sentinel-password-file", what: "password", min_bytes: 1 };
+
 impl Password {
     /// The password in a file's `contents` (one trailing newline is not
     /// part of it), if the file's `mode` lets only its owner read it;
     /// `path` names the file in errors, which never show the password.
     pub fn parse(path: &Path, contents: &[u8], mode: u32) -> Result<Password, String> {
-        let shown = path.display();
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "--sentinel-password-file {shown} is open to group or others (mode {:o}): `chmod 600 {shown}`",
-                mode & 0o777
-            ));
-        }
-        let s = contents.strip_suffix(b"\n").unwrap_or(contents);
-        let s = s.strip_suffix(b"\r").unwrap_or(s);
-        if s.is_empty() {
-            return Err(format!("--sentinel-password-file {shown} is empty: write the password clients must give into it"));
-        }
-        if s.iter().any(|&b| b == b'\n' || b == b'\r' || b == 0) {
-            return Err(format!("the password in --sentinel-password-file {shown} must be one line"));
-        }
-        Ok(Password(s.into()))
+        PASSWORD_FILE.check(&path.display().to_string(), contents, mode).map(|s| Password(s.into()))
     }
 
     /// Reads the password from the file at `path` (see [`Password::parse`]).
     pub fn from_file(path: &Path) -> Result<Password, String> {
-        use std::os::unix::fs::PermissionsExt as _;
-        let shown = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| format!("--sentinel-password-file {shown}: {e}"))?;
-        if !meta.is_file() {
-            return Err(format!("--sentinel-password-file {shown} is not a regular file"));
-        }
-        let contents = std::fs::read(path).map_err(|e| format!("--sentinel-password-file {shown}: {e}"))?;
-        Password::parse(path, &contents, meta.permissions().mode())
+        PASSWORD_FILE.read(path).map(|s| Password(s.into()))
     }
 
     /// Whether `given` is the password; the time taken depends on the
