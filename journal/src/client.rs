@@ -72,17 +72,48 @@ fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 pub struct JournalClient {
-    endpoints: Vec<String>,
     cfg: ClientConfig,
-    /// Index into `endpoints` of the node to try first (the last leader seen).
+    /// Slot (book.rs) of the node to try first (the last leader seen).
     preferred: Mutex<usize>,
-    channels: Mutex<Vec<Option<Channel>>>,
-    /// Per endpoint: a call was answered over its channel. Until then a
-    /// write is preceded by a `Status` call (see `run`).
-    answered: Arc<Vec<AtomicBool>>,
+    shared: Arc<Shared>,
     /// Whether `warm` has run.
     warmed: AtomicBool,
+    /// When the membership was last asked for (`refresh`).
+    asked_members: Mutex<Instant>,
 }
+
+/// What background calls update too.
+struct Shared {
+    /// The journal's nodes as this client knows them.
+    book: Mutex<crate::book::Book>,
+    /// Per slot of the book.
+    channels: Mutex<Vec<Option<Channel>>>,
+    /// Per slot: a call was answered over its channel. Until then a write
+    /// is preceded by a `Status` call (see `run`).
+    answered: Vec<AtomicBool>,
+}
+
+impl Shared {
+    /// Learns the membership in a node's `Status` answer.
+    fn learn(&self, s: &pb::StatusResponse) {
+        let members: Vec<String> = s.members.iter().map(|m| m.addr.clone()).collect();
+        let changed = self.book.lock().unwrap().learn(s.membership_index, &members);
+        self.forget(&changed);
+    }
+
+    /// Drops the connections of slots whose address changed.
+    fn forget(&self, slots: &[usize]) {
+        let mut chans = self.channels.lock().unwrap();
+        for s in slots {
+            chans[*s] = None;
+            self.answered[*s].store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How often a client asks a node for the journal's membership (so a client
+/// follows nodes being replaced without a restart).
+pub const MEMBERSHIP_REFRESH: Duration = Duration::from_secs(5);
 
 /// Whether a failed call can be retried without risk of applying it twice.
 enum Failure {
@@ -163,14 +194,17 @@ impl JournalClient {
                 endpoint.tls_config(tls).map_err(|err| bad(format!("TLS settings for {e:?}: {err}")))?;
             }
         }
-        let n = endpoints.len();
+        let n = crate::book::MAX_ENDPOINTS;
         Ok(JournalClient {
-            endpoints,
             cfg,
             preferred: Mutex::new(0),
-            channels: Mutex::new(vec![None; n]),
-            answered: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
+            shared: Arc::new(Shared {
+                book: Mutex::new(crate::book::Book::new(&endpoints)),
+                channels: Mutex::new(vec![None; n]),
+                answered: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            }),
             warmed: AtomicBool::new(false),
+            asked_members: Mutex::new(Instant::now()),
         })
     }
 
@@ -180,15 +214,26 @@ impl JournalClient {
         JournalClient::new(endpoints, ClientConfig { tls: tls.clone(), ..ClientConfig::default() })
     }
 
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
+    /// The journal nodes this client tries (the newest membership it has
+    /// seen, else the endpoints it was given).
+    pub fn endpoints(&self) -> Vec<String> {
+        let book = self.shared.book.lock().unwrap();
+        book.live().into_iter().map(|i| book.addr(i).to_string()).collect()
+    }
+
+    /// Address of slot `i`.
+    fn endpoint(&self, i: usize) -> String {
+        self.shared.book.lock().unwrap().addr(i).to_string()
     }
 
     fn raw(&self, i: usize) -> RawClient<Channel> {
-        let mut chans = self.channels.lock().unwrap();
+        let addr = self.endpoint(i);
+        let mut chans = self.shared.channels.lock().unwrap();
         let ch = chans[i].get_or_insert_with(|| {
-            let mut endpoint = Channel::from_shared(format!("{}://{}", self.cfg.tls.scheme(), self.endpoints[i]))
-                .expect("validated in new")
+            // Addresses learned from the journal were not checked in `new`:
+            // one that is not a URI gets a channel that never connects.
+            let mut endpoint = Channel::from_shared(format!("{}://{}", self.cfg.tls.scheme(), addr))
+                .unwrap_or_else(|_| Channel::from_static("http://invalid.invalid:1"))
                 .connect_timeout(self.cfg.connect_timeout)
                 .tcp_nodelay(true);
             if let Some(tls) = self.cfg.tls.client_config() {
@@ -207,15 +252,44 @@ impl JournalClient {
     /// stall after losing the journal's leader, past a Keel lease).
     fn warm(&self) {
         if self.warmed.swap(true, Ordering::Relaxed) {
+            self.refresh(false);
             return;
         }
-        for i in 0..self.endpoints.len() {
-            let (mut raw, answered, timeout) = (self.raw(i), self.answered.clone(), self.cfg.request_timeout);
-            tokio::spawn(async move {
-                if raw.status(timed(pb::StatusRequest {}, timeout)).await.is_ok() {
-                    answered[i].store(true, Ordering::Relaxed);
-                }
-            });
+        let live = self.shared.book.lock().unwrap().live();
+        for i in live {
+            self.ask(i);
+        }
+    }
+
+    /// A `Status` call to slot `i` in the background: marks the slot
+    /// answered and learns the membership.
+    fn ask(&self, i: usize) {
+        let (mut raw, shared, timeout) = (self.raw(i), self.shared.clone(), self.cfg.request_timeout);
+        tokio::spawn(async move {
+            if let Ok(s) = raw.status(timed(pb::StatusRequest {}, timeout)).await {
+                shared.answered[i].store(true, Ordering::Relaxed);
+                shared.learn(&s.into_inner());
+            }
+        });
+    }
+
+    /// Asks the preferred node for the membership, at most every
+    /// `MEMBERSHIP_REFRESH` (`now`: at once, and every live node).
+    fn refresh(&self, now: bool) {
+        {
+            let mut asked = self.asked_members.lock().unwrap();
+            if !now && asked.elapsed() < MEMBERSHIP_REFRESH {
+                return;
+            }
+            *asked = Instant::now();
+        }
+        if now {
+            let live = self.shared.book.lock().unwrap().live();
+            for i in live {
+                self.ask(i);
+            }
+        } else {
+            self.ask(*self.preferred.lock().unwrap());
         }
     }
 
@@ -235,9 +309,12 @@ impl JournalClient {
             // the connection: a write sent first would come back "outcome
             // unknown". So the first call over a channel that never
             // answered is a `Status`, whose failure leaves the write unsent.
-            if !idempotent && !self.answered[i].load(Ordering::Relaxed) {
+            if !idempotent && !self.shared.answered[i].load(Ordering::Relaxed) {
                 match self.raw(i).status(timed(pb::StatusRequest {}, self.cfg.request_timeout)).await {
-                    Ok(_) => self.answered[i].store(true, Ordering::Relaxed),
+                    Ok(s) => {
+                        self.shared.answered[i].store(true, Ordering::Relaxed);
+                        self.shared.learn(&s.into_inner());
+                    }
                     Err(status) => {
                         let failure = match classify(&status) {
                             Failure::Transport { message, .. } => {
@@ -254,14 +331,14 @@ impl JournalClient {
             match call(self.raw(i), self.cfg.request_timeout).await {
                 Ok(v) => {
                     *self.preferred.lock().unwrap() = i;
-                    self.answered[i].store(true, Ordering::Relaxed);
+                    self.shared.answered[i].store(true, Ordering::Relaxed);
                     return Ok(v);
                 }
                 Err(status) => match classify(&status) {
                     Failure::Transport { sent: true, message } if !idempotent => {
                         return Err(JournalError::OutcomeUnknown(format!(
                             "OUTCOME_UNKNOWN: {what} sent to {} got no answer ({message}); it may or may not be applied",
-                            self.endpoints[i]
+                            self.endpoint(i)
                         )));
                     }
                     failure => at.not_applied(self, failure, &status)?,
@@ -407,13 +484,82 @@ impl JournalClient {
         .await
     }
 
-    /// Status of one node, by its index in `endpoints`.
+    /// Status of the node at `addr` (one of `endpoints()`).
+    pub async fn status_of(&self, addr: &str) -> Result<pb::StatusResponse, JournalError> {
+        let i = self.shared.book.lock().unwrap().hint(addr).map(|(i, changed)| {
+            if changed {
+                self.shared.forget(&[i]);
+            }
+            i
+        });
+        let Some(i) = i else { return Err(JournalError::Unavailable(format!("{addr}: this client knows too many journal nodes"))) };
+        self.node_status(i).await
+    }
+
+    /// Status of one node, by its slot: the endpoints given to `new` are
+    /// slots 0, 1, … in order (duplicates dropped).
     pub async fn node_status(&self, i: usize) -> Result<pb::StatusResponse, JournalError> {
+        let addr = self.endpoint(i);
         let r = timed(pb::StatusRequest {}, self.cfg.request_timeout);
-        self.raw(i).status(r).await.map(|r| r.into_inner()).map_err(|s| match classify(&s) {
-            Failure::Final(e) => e,
-            _ => JournalError::Unavailable(format!("{}: {}", self.endpoints[i], s.message())),
-        })
+        match self.raw(i).status(r).await {
+            Ok(s) => {
+                let s = s.into_inner();
+                self.shared.learn(&s);
+                Ok(s)
+            }
+            Err(s) => Err(match classify(&s) {
+                Failure::Final(e) => e,
+                _ => JournalError::Unavailable(format!("{addr}: {}", s.message())),
+            }),
+        }
+    }
+
+    /// Learns the journal's current membership from every node it knows
+    /// (waits for their answers).
+    pub async fn learn_members(&self) {
+        let live = self.shared.book.lock().unwrap().live();
+        let asks = live.into_iter().map(|i| {
+            let mut raw = self.raw(i);
+            let r = timed(pb::StatusRequest {}, self.cfg.request_timeout);
+            async move { raw.status(r).await.ok().map(|s| s.into_inner()) }
+        });
+        for s in futures::future::join_all(asks).await.into_iter().flatten() {
+            self.shared.learn(&s);
+        }
+    }
+
+    /// The members as the Raft leader sees them.
+    pub async fn members(&self) -> Result<pb::MembersResponse, JournalError> {
+        self.run("members", true, |mut c, t| async move { c.members(timed(pb::MembersRequest {}, t)).await.map(|r| r.into_inner()) })
+            .await
+    }
+
+    /// Adds node `id` at `addr`: a learner until caught up, then a voter.
+    /// Waits up to `server::CATCH_UP_TIMEOUT` (and a little more) for it.
+    pub async fn add_node(&self, id: u64, addr: &str) -> Result<pb::MembersResponse, JournalError> {
+        let req = pb::AddNodeRequest { node_id: id, addr: addr.into() };
+        let wait = crate::server::CATCH_UP_TIMEOUT + Duration::from_secs(30);
+        let out = self
+            .run("add-node", true, |mut c, _t| {
+                let r = timed(req.clone(), wait);
+                async move { c.add_node(r).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        self.refresh(true);
+        out
+    }
+
+    /// Removes node `id` (refused if that would leave no quorum).
+    pub async fn remove_node(&self, id: u64) -> Result<pb::MembersResponse, JournalError> {
+        let req = pb::RemoveNodeRequest { node_id: id };
+        let out = self
+            .run("remove-node", true, |mut c, t| {
+                let r = timed(req.clone(), t);
+                async move { c.remove_node(r).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        self.refresh(true);
+        out
     }
 
     /// Reads `stream` from `from_seq` (0 = the first retained record); with
@@ -560,7 +706,7 @@ impl AppendSession {
             if open.tx.send(req.clone()).await.is_err() {
                 // The stream's sender is gone: the request was not sent;
                 // after a pause a new stream to the same node takes it.
-                at.last = format!("{}: the append stream closed", client.endpoints[i]);
+                at.last = format!("{}: the append stream closed", client.endpoint(i));
                 at.pause_or_give_up(&client, "append").await?;
                 tokio::time::sleep(client.cfg.retry_pause).await;
                 continue;
@@ -568,7 +714,7 @@ impl AppendSession {
             let unknown = |why: String| {
                 JournalError::OutcomeUnknown(format!(
                     "OUTCOME_UNKNOWN: append sent to {} got no answer ({why}); it may or may not be applied",
-                    client.endpoints[i]
+                    client.endpoint(i)
                 ))
             };
             let reply = match tokio::time::timeout(client.cfg.request_timeout, open.replies.message()).await {
@@ -633,7 +779,11 @@ struct Attempts {
 impl Attempts {
     fn new(client: &JournalClient) -> Attempts {
         Attempts {
-            i: *client.preferred.lock().unwrap(),
+            i: {
+                let p = *client.preferred.lock().unwrap();
+                let book = client.shared.book.lock().unwrap();
+                if book.live().contains(&p) { p } else { book.next(p) }
+            },
             tried_in_round: 0,
             deadline: Instant::now() + client.cfg.retry_for,
             last: String::new(),
@@ -642,11 +792,18 @@ impl Attempts {
 
     /// The call at `i` was not applied (`why`); `hint`: the leader's address.
     fn moved(&mut self, client: &JournalClient, hint: Option<String>, why: &str) {
-        self.last = format!("{}: {why}", client.endpoints[self.i]);
-        match hint.and_then(|h| client.endpoints.iter().position(|e| *e == h)) {
-            Some(j) if j != self.i => self.i = j,
+        self.last = format!("{}: {why}", client.endpoint(self.i));
+        let mut book = client.shared.book.lock().unwrap();
+        match hint.and_then(|h| book.hint(&h)) {
+            Some((j, changed)) if j != self.i => {
+                drop(book);
+                if changed {
+                    client.shared.forget(&[j]);
+                }
+                self.i = j;
+            }
             _ => {
-                self.i = (self.i + 1) % client.endpoints.len();
+                self.i = book.next(self.i);
                 self.tried_in_round += 1;
             }
         }
@@ -672,8 +829,11 @@ impl Attempts {
                 self.last
             )));
         }
-        if self.tried_in_round >= client.endpoints.len() {
+        let live = client.shared.book.lock().unwrap().live().len();
+        if self.tried_in_round >= live {
             self.tried_in_round = 0;
+            // No node took it: perhaps the nodes were replaced.
+            client.refresh(true);
             tokio::time::sleep(client.cfg.retry_pause).await;
         }
         Ok(())

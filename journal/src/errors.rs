@@ -87,6 +87,16 @@ pub fn stream_full(stream: &str, held_bytes: u64, quota_bytes: u64) -> Status {
     )
 }
 
+/// A membership change refused (nothing changed): `why` says what to do.
+pub fn membership_refused(why: impl Into<String>) -> Status {
+    tagged(Status::failed_precondition(format!("MEMBERSHIP: {}", why.into())), "membership")
+}
+
+/// The caller's certificate may not make this call.
+pub fn not_allowed(why: impl Into<String>) -> Status {
+    tagged(Status::permission_denied(format!("NOT_ALLOWED: {}", why.into())), "not-allowed")
+}
+
 pub fn outcome_unknown(msg: impl Into<String>) -> Status {
     tagged(Status::unavailable(format!("OUTCOME_UNKNOWN: {}", msg.into())), "outcome-unknown")
 }

@@ -2,10 +2,12 @@
 //! streams with fencing and leases, served over gRPC. Consensus is openraft,
 //! the on-disk log is raft-log; the client library hides leader redirects.
 
+pub mod book;
 pub mod client;
 pub mod errors;
 pub mod raft_log_store;
 pub mod records;
+pub mod membership;
 pub mod network;
 pub mod server;
 pub mod state_machine;

@@ -144,6 +144,7 @@ impl Peer {
         let reply = match which {
             "vote" => self.client.vote(request).await,
             "append" => self.client.append_entries(request).await,
+            "transfer-leader" => self.client.transfer_leader(request).await,
             _ => self.client.install_snapshot(request).await,
         }
         .map_err(|status| unreachable(self.target, format!("{which}: {}", status.message())))?;
@@ -390,6 +391,14 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call("vote", &rpc, option.soft_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: openraft::raft::TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<openraft::raft::TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("transfer-leader", &req, option.soft_ttl()).await
     }
 
     async fn full_snapshot(

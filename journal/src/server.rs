@@ -49,6 +49,7 @@ use keel_proto::journal::raft_server::RaftServer;
 use openraft::errors::ClientWriteError;
 use openraft::impls::BasicNode;
 use openraft::async_runtime::WatchReceiver;
+use openraft::Instant as _;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::watch;
@@ -105,6 +106,9 @@ pub struct ServeConfig {
     pub stream_quota_bytes: u64,
     /// Mutual TLS for clients and peers (tls.rs), or explicitly none.
     pub tls: JournalTls,
+    /// `--join`: endpoints of a running journal this (empty) node asks to
+    /// be added to, instead of forming a journal with `peers`.
+    pub join: Option<Vec<String>>,
 }
 
 /// Exit code of `keel-journal serve` when the node stopped because its
@@ -290,7 +294,13 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     let (recovered_tx, recovered) = watch::channel(false);
     tokio::spawn(recover(raft.clone(), recovered_tx));
-    let node = Arc::new(Node { cfg: cfg.clone(), raft: raft.clone(), sm, proposals, recovered });
+    let changers = match (cfg.tls.peer_check(), cfg.tls.admin_check()) {
+        (Ok(Some(p)), Ok(Some(a))) => Some([Arc::new(p), Arc::new(a)]),
+        (Ok(None), Ok(None)) => None,
+        (Err(e), _) | (_, Err(e)) => return Err(anyhow::anyhow!(e)),
+        _ => unreachable!("both checks come from the same TLS settings"),
+    };
+    let node = Arc::new(Node { cfg: cfg.clone(), raft: raft.clone(), sm, proposals, recovered, changers });
     let journal = JournalServer::from_arc(node.clone())
         .max_decoding_message_size(MAX_APPEND_BYTES * 2)
         .max_encoding_message_size(MAX_APPEND_BYTES * 2);
@@ -310,7 +320,19 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     }
 
     tokio::spawn(log_state_changes(raft.clone()));
-    tokio::spawn(initialize_when_pristine(raft.clone(), cfg.peers.clone()));
+    if cfg.join.is_none() {
+        tokio::spawn(initialize_when_pristine(raft.clone(), cfg.peers.clone()));
+    }
+    // Resolves only if the journal refused to add this `--join` node.
+    let refused = {
+        let cfg = cfg.clone();
+        async move {
+            match &cfg.join {
+                Some(endpoints) => join(endpoints.clone(), &cfg).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
 
     let server = builder
         .add_service(journal)
@@ -323,6 +345,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             served?;
             raft.shutdown().await.ok();
             Ok(())
+        }
+        why = refused => {
+            raft.shutdown().await.ok();
+            Err(anyhow::anyhow!(why))
         }
         // Not a graceful stop: open streams would hold it up, and nothing
         // here is left to save.
@@ -425,6 +451,9 @@ struct Node {
     /// Becomes true once the state machine holds everything this node's
     /// durable log may have acknowledged before a restart (see `recover`).
     recovered: watch::Receiver<bool>,
+    /// Who may change the membership (None: no TLS, anyone): journal nodes
+    /// (a node started with `--join` adds itself) and the administrator.
+    changers: Option<[Arc<crate::tls::PeerCheck>; 2]>,
 }
 
 /// Commands waiting to be proposed; past this, writes are refused at once.
@@ -663,8 +692,7 @@ impl Node {
         if leader == Some(self.cfg.node_id) {
             return Ok(());
         }
-        let addr = leader.and_then(|l| self.cfg.peers.get(&l).cloned());
-        Err(errors::not_leader(leader, addr))
+        Err(errors::not_leader(leader, leader.and_then(|l| self.addr_of(l))))
     }
 
     async fn propose(&self, cmd: Command) -> Result<Outcome, Status> {
@@ -881,7 +909,7 @@ impl Journal for Node {
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let m = self.raft.metrics().borrow_watched().clone();
-        let leader_addr = m.current_leader.and_then(|l| self.cfg.peers.get(&l).cloned()).unwrap_or_default();
+        let leader_addr = m.current_leader.and_then(|l| self.addr_of(l)).unwrap_or_default();
         let members = m
             .membership_config
             .membership()
@@ -899,9 +927,275 @@ impl Journal for Node {
             members,
             streams: self.sm.with_streams(|s| s.streams.keys().cloned().collect()),
             data_free_bytes: free_bytes(&self.cfg.data_dir),
+            membership_index: m.membership_config.log_id().as_ref().map(|l| l.index).unwrap_or(0),
         }))
     }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::MembersResponse>, Status> {
+        self.admit_changer(&req)?;
+        let r = req.into_inner();
+        self.add_node(r.node_id, r.addr).await?;
+        self.members_now().map(Response::new)
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::MembersResponse>, Status> {
+        self.admit_changer(&req)?;
+        self.remove_node(req.into_inner().node_id).await?;
+        self.members_now().map(Response::new)
+    }
+
+    async fn members(&self, _req: Request<pb::MembersRequest>) -> Result<Response<pb::MembersResponse>, Status> {
+        self.members_now().map(Response::new)
+    }
 }
+
+/// How long `AddNode` waits for a new node to catch up as a learner (it may
+/// install a snapshot of every stream) before answering that it is still a
+/// learner.
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a leader that is removed waits for its chosen successor to take
+/// over.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Membership changes (the decisions are membership.rs's).
+impl Node {
+    /// Address of member `id`, from the membership (a member added after
+    /// this node started is not in `--peers`), else `--peers`.
+    fn addr_of(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics().borrow_watched().membership_config.clone();
+        let found = m.membership().nodes().find(|(n, _)| **n == id).map(|(_, n)| n.addr.clone());
+        found.or_else(|| self.cfg.peers.get(&id).cloned())
+    }
+
+    fn admit_changer<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(checks) = &self.changers else { return Ok(()) };
+        let chain = req.peer_certs();
+        let chain = chain.as_deref().map(|c| c.as_slice());
+        let mut why = Vec::new();
+        for c in checks {
+            match c.check(chain) {
+                Ok(()) => return Ok(()),
+                Err(e) => why.push(e),
+            }
+        }
+        Err(errors::not_allowed(format!(
+            "only the journal's administrator (the `{}` certificate, keel-journal ctl) or a journal node may change the membership: {}",
+            crate::tls::ADMIN_CERT_NAME,
+            why.join("; ")
+        )))
+    }
+
+    /// Voters, and whether the leader heard from each within
+    /// `ANSWERED_WITHIN`. A leader elected a moment ago has not heard from
+    /// everyone yet: it waits up to `ANSWERED_WITHIN` for a first answer
+    /// from each before counting a voter as silent.
+    async fn answering(&self) -> BTreeMap<NodeId, bool> {
+        let deadline = tokio::time::Instant::now() + crate::membership::ANSWERED_WITHIN;
+        let mut rx = self.raft.metrics();
+        loop {
+            let m = rx.borrow_watched().clone();
+            let heard = m.heartbeat.clone().unwrap_or_default();
+            let mut unknown = false;
+            let out: BTreeMap<NodeId, bool> = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .map(|id| {
+                    if id == self.cfg.node_id {
+                        return (id, true);
+                    }
+                    match heard.get(&id).and_then(|t| t.as_ref()) {
+                        Some(t) => (id, t.elapsed() < crate::membership::ANSWERED_WITHIN),
+                        None => {
+                            unknown = true;
+                            (id, false)
+                        }
+                    }
+                })
+                .collect();
+            if !unknown || tokio::time::Instant::now() >= deadline {
+                return out;
+            }
+            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+        }
+    }
+
+    async fn add_node(&self, id: NodeId, addr: String) -> Result<(), Status> {
+        use crate::membership::Change;
+        use crate::membership::Plan;
+        self.require_leader()?;
+        if id == 0 {
+            return Err(errors::invalid("node id 0 is not a node id"));
+        }
+        if !addr.contains(':') || addr.len() > 255 {
+            return Err(errors::invalid(format!("node address {addr:?} is not host:port")));
+        }
+        let known = self.raft.metrics().borrow_watched().membership_config.clone();
+        if let Some((_, n)) = known.membership().nodes().find(|(n, _)| **n == id) {
+            if n.addr != addr {
+                return Err(errors::membership_refused(format!(
+                    "node {id} is a member at {}; remove it first (remove-node {id}) or give the new node another id",
+                    n.addr
+                )));
+            }
+        }
+        if let Some((other, _)) = known.membership().nodes().find(|(n, b)| **n != id && b.addr == addr) {
+            return Err(errors::membership_refused(format!("node {other} is a member at {addr}; one address, one node")));
+        }
+        match crate::membership::check(&self.answering().await, self.cfg.node_id, Change::Add(id)).map_err(errors::membership_refused)? {
+            Plan::Nothing => return Ok(()),
+            Plan::Voters(_) | Plan::HandOver { .. } => {}
+        }
+        tracing::info!(node_id = id, %addr, "adding a journal node: first as a learner, until it has caught up");
+        let t0 = std::time::Instant::now();
+        match tokio::time::timeout(CATCH_UP_TIMEOUT, self.raft.add_learner(id, BasicNode { addr: addr.clone() }, true)).await {
+            Err(_) => {
+                return Err(errors::membership_refused(format!(
+                    "node {id} at {addr} is a learner and has not caught up within {} s; run add-node again to keep waiting, or remove-node {id}",
+                    CATCH_UP_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(r) => r.map_err(|e| self.change_failed(e))?,
+        };
+        tracing::info!(node_id = id, caught_up_ms = t0.elapsed().as_millis() as u64, "the new journal node caught up; making it a voter");
+        self.raft
+            .change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
+            .await
+            .map_err(|e| self.change_failed(e))?;
+        tracing::info!(node_id = id, "the journal node is a voter");
+        Ok(())
+    }
+
+    async fn remove_node(&self, id: NodeId) -> Result<(), Status> {
+        use crate::membership::Change;
+        use crate::membership::Plan;
+        self.require_leader()?;
+        let known = self.raft.metrics().borrow_watched().membership_config.clone();
+        let is_learner = known.membership().learner_ids().any(|l| l == id);
+        if is_learner {
+            tracing::info!(node_id = id, "removing a learner from the journal");
+            self.raft
+                .change_membership(openraft::ChangeMembers::RemoveNodes([id].into()), false)
+                .await
+                .map_err(|e| self.change_failed(e))?;
+            return Ok(());
+        }
+        match crate::membership::check(&self.answering().await, self.cfg.node_id, Change::Remove(id)).map_err(errors::membership_refused)? {
+            Plan::Nothing => Ok(()),
+            Plan::HandOver { to } => {
+                tracing::info!(node_id = id, to, "this Raft leader is to be removed: handing leadership over first");
+                self.raft.trigger().transfer_leader(to).await.map_err(|e| errors::not_leader_because(e.to_string()))?;
+                let mut rx = self.raft.metrics();
+                let moved = tokio::time::timeout(HAND_OVER_TIMEOUT, async {
+                    loop {
+                        let leader = rx.borrow_watched().current_leader;
+                        if leader.is_some() && leader != Some(self.cfg.node_id) {
+                            return leader;
+                        }
+                        if rx.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+                // The client retries at the new leader, which removes this node.
+                Err(errors::not_leader(moved, moved.and_then(|l| self.addr_of(l))))
+            }
+            Plan::Voters(_) => {
+                tracing::info!(node_id = id, "removing a journal node");
+                self.raft
+                    .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
+                    .await
+                    .map_err(|e| self.change_failed(e))?;
+                tracing::info!(node_id = id, "the journal node is removed; stop its process");
+                Ok(())
+            }
+        }
+    }
+
+    fn change_failed(&self, e: openraft::errors::RaftError<crate::types::TypeConfig, ClientWriteError<crate::types::TypeConfig>>) -> Status {
+        match e {
+            openraft::errors::RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => redirect(&f),
+            openraft::errors::RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+                errors::membership_refused(format!("{c}; retry when the change in progress has committed"))
+            }
+            other => errors::outcome_unknown(format!("membership change: {other}; check `keel-journal ctl members`")),
+        }
+    }
+
+    /// The members as this node (which must be the Raft leader) sees them.
+    fn members_now(&self) -> Result<pb::MembersResponse, Status> {
+        self.require_leader()?;
+        let m = self.raft.metrics().borrow_watched().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m.replication.clone().unwrap_or_default();
+        let heard = m.heartbeat.clone().unwrap_or_default();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| {
+                let (behind, since) = if *id == self.cfg.node_id {
+                    (0, Some(0))
+                } else {
+                    let held = matched.get(id).and_then(|l| l.as_ref()).map(|l| l.index).unwrap_or(0);
+                    (last.saturating_sub(held), heard.get(id).and_then(|t| t.as_ref()).map(|t| t.elapsed().as_millis() as u64))
+                };
+                pb::MemberState {
+                    node_id: *id,
+                    addr: n.addr.clone(),
+                    role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                    behind,
+                    millis_since_heard: since,
+                }
+            })
+            .collect();
+        Ok(pb::MembersResponse { leader_id: self.cfg.node_id, members, last_log_index: last })
+    }
+}
+
+/// A node started with `--join`: asks the journal at `endpoints` to add it
+/// (as a learner until caught up, then a voter), retrying while no leader
+/// answers. Never resolves once joined; resolves with the reason if the
+/// journal refuses (the node then exits).
+async fn join(endpoints: Vec<String>, cfg: &ServeConfig) -> String {
+    let addr = cfg.peers.get(&cfg.node_id).cloned().unwrap_or_else(|| cfg.listen.to_string());
+    let client = match crate::client::JournalClient::new(
+        endpoints.clone(),
+        crate::client::ClientConfig {
+            tls: cfg.tls.clone(),
+            request_timeout: CATCH_UP_TIMEOUT,
+            retry_for: JOIN_RETRY_FOR,
+            ..Default::default()
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => return format!("cannot join the journal at {endpoints:?}: {e}"),
+    };
+    tracing::info!(node_id = cfg.node_id, %addr, ?endpoints, "joining the journal");
+    loop {
+        match client.add_node(cfg.node_id, &addr).await {
+            Ok(members) => {
+                tracing::info!(node_id = cfg.node_id, members = members.members.len(), "joined the journal as a voter");
+                return std::future::pending().await;
+            }
+            Err(e @ crate::client::JournalError::Rejected { .. }) => {
+                return format!("the journal at {endpoints:?} refused to add node {} at {addr}: {e}", cfg.node_id);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "joining the journal: retrying");
+                tokio::time::sleep(JOIN_RETRY_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// A `--join` node retries while the journal is unreachable for this long
+/// per attempt, pausing `JOIN_RETRY_PAUSE` between attempts.
+const JOIN_RETRY_FOR: Duration = Duration::from_secs(60);
+const JOIN_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// Read responses buffered per reader before the reader must consume.
 const READ_CHANNEL_BATCHES: usize = 4;
@@ -946,6 +1240,13 @@ impl keel_proto::journal::raft_server::Raft for RaftTransport {
         self.admit(&req)?;
         let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
         let res = self.raft.vote(rpc).await.map_err(|e| e.to_string());
+        raft_reply(&res)
+    }
+
+    async fn transfer_leader(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.admit(&req)?;
+        let rpc = decode(&req.into_inner().data).map_err(Status::invalid_argument)?;
+        let res = self.raft.handle_transfer_leader(rpc).await.map_err(|e| e.to_string());
         raft_reply(&res)
     }
 

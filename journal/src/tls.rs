@@ -69,6 +69,12 @@ pub const JOURNAL_NODE_PREFIX: &str = "journal-";
 /// Prefix of the names whose certificates serve Redis clients (a node's
 /// redis-server `tls-port` and its discovery endpoint), not the journal.
 pub const REDIS_SERVER_PREFIX: &str = "redis-";
+/// The certificate name of the journal's administrator (`keel-journal
+/// ctl`): it alone, besides journal nodes, may change the membership.
+pub const ADMIN_CERT_NAME: &str = "ctl";
+/// The name an administrator's certificate carries (and is verified for);
+/// no server of Keel's is verified under it.
+pub const JOURNAL_ADMIN_NAME: &str = "keel-journal-admin";
 
 /// The three files of one process's TLS identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,7 +326,14 @@ impl JournalTls {
     /// The Raft service's check of its callers; None without TLS.
     pub fn peer_check(&self) -> Result<Option<PeerCheck>, String> {
         let JournalTls::On(l) = self else { return Ok(None) };
-        Ok(Some(PeerCheck { verifier: server_verifier(&l.roots)?, accepted: Default::default() }))
+        Ok(Some(PeerCheck { verifier: server_verifier(&l.roots)?, accepted: Default::default(), name: JOURNAL_SERVER_NAME, what: "a journal node's" }))
+    }
+
+    /// Admits callers whose certificate is the administrator's
+    /// (`ADMIN_CERT_NAME`, issued by `issue` for `JOURNAL_ADMIN_NAME`).
+    pub fn admin_check(&self) -> Result<Option<PeerCheck>, String> {
+        let JournalTls::On(l) = self else { return Ok(None) };
+        Ok(Some(PeerCheck { verifier: server_verifier(&l.roots)?, accepted: Default::default(), name: JOURNAL_ADMIN_NAME, what: "the journal administrator's" }))
     }
 
     /// One phrase for logs.
@@ -350,13 +363,16 @@ fn server_verifier(roots: &[CertificateDer<'static>]) -> Result<Arc<rustls::clie
 /// again.
 pub const MAX_ACCEPTED_PEER_CERTS: usize = 64;
 
-/// Admits a caller of the Raft service only if the certificate it showed
-/// in the handshake is a journal node's: of the CA, for
-/// `JOURNAL_SERVER_NAME`, with server use. Certificates once accepted are
-/// remembered (by their bytes), so a heartbeat costs no signature check.
+/// Admits a caller only if the certificate it showed in the handshake is
+/// of the CA, for `name` (`JOURNAL_SERVER_NAME`: a journal node, the only
+/// callers of the Raft service; `JOURNAL_ADMIN_NAME`: the administrator),
+/// with server use. Certificates once accepted are remembered (by their
+/// bytes), so a heartbeat costs no signature check.
 pub struct PeerCheck {
     verifier: Arc<rustls::client::WebPkiServerVerifier>,
     accepted: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    name: &'static str,
+    what: &'static str,
 }
 
 impl PeerCheck {
@@ -367,10 +383,10 @@ impl PeerCheck {
         if self.accepted.lock().unwrap().contains(leaf.as_ref()) {
             return Ok(());
         }
-        let name = ServerName::try_from(JOURNAL_SERVER_NAME).expect("a valid DNS name");
+        let name = ServerName::try_from(self.name).expect("a valid DNS name");
         self.verifier
             .verify_server_cert(leaf, rest, &name, &[], UnixTime::now())
-            .map_err(|e| format!("the caller's certificate is not a journal node's ({e})"))?;
+            .map_err(|e| format!("the caller's certificate is not {} ({e})", self.what))?;
         let mut accepted = self.accepted.lock().unwrap();
         if accepted.len() >= MAX_ACCEPTED_PEER_CERTS {
             accepted.clear();
@@ -389,6 +405,9 @@ pub enum Role {
     /// discovery endpoint): serves as localhost and the `--san` extras,
     /// never as `JOURNAL_SERVER_NAME`; client use too (Redis replication).
     RedisServer,
+    /// The administrator (`ADMIN_CERT_NAME`): a client that may also
+    /// change the journal's membership.
+    Admin,
     /// A client only.
     Client,
 }
@@ -399,6 +418,8 @@ impl Role {
             Role::JournalNode
         } else if name.starts_with(REDIS_SERVER_PREFIX) {
             Role::RedisServer
+        } else if name == ADMIN_CERT_NAME {
+            Role::Admin
         } else {
             Role::Client
         }
@@ -410,6 +431,7 @@ impl Role {
         match self {
             Role::JournalNode => [JOURNAL_SERVER_NAME.to_string()].into_iter().chain(local).chain(extra.iter().cloned()).collect(),
             Role::RedisServer => local.into_iter().chain(extra.iter().cloned()).collect(),
+            Role::Admin => vec![JOURNAL_ADMIN_NAME.to_string()],
             Role::Client => Vec::new(),
         }
     }
@@ -531,7 +553,9 @@ pub fn issue(dir: &Path, names: &[String], extra_sans: &[String]) -> Result<Vec<
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match role {
-            Role::JournalNode | Role::RedisServer => {
+            // The administrator's "server use" only lets `admin_check`
+            // verify it by name; nothing verifies a server under its name.
+            Role::JournalNode | Role::RedisServer | Role::Admin => {
                 vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
             }
             Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
@@ -620,13 +644,15 @@ mod tests {
     fn roles_by_name() {
         assert_eq!(Role::of("journal-3"), Role::JournalNode);
         assert_eq!(Role::of("node-0"), Role::Client);
-        assert_eq!(Role::of("ctl"), Role::Client);
+        assert_eq!(Role::of("ctl"), Role::Admin);
+        assert_eq!(Role::of("snapshotter"), Role::Client);
         assert_eq!(Role::of("redis-0"), Role::RedisServer);
         let extra = ["redis.example".to_string()];
         assert_eq!(Role::of("redis-0").sans(&extra), ["localhost", "127.0.0.1", "::1", "redis.example"]);
         assert_eq!(Role::of("journal-1").sans(&extra), [JOURNAL_SERVER_NAME, "localhost", "127.0.0.1", "::1", "redis.example"]);
         assert!(Role::of("node-0").sans(&extra).is_empty());
         assert!(!Role::RedisServer.sans(&extra).iter().any(|n| n == JOURNAL_SERVER_NAME));
+        assert_eq!(Role::Admin.sans(&extra), [JOURNAL_ADMIN_NAME]);
     }
 
     /// A Redis server's certificate serves Redis clients, never the journal:
@@ -654,5 +680,26 @@ mod tests {
             let name = ServerName::try_from(name).unwrap();
             verifier.verify_server_cert(&redis_chain[0], &redis_chain[1..], &name, &[], UnixTime::now()).unwrap();
         }
+    }
+
+    /// Only the administrator's certificate passes the admin check, and it
+    /// is neither a journal node's nor a server a client would accept.
+    #[test]
+    fn only_the_admin_certificate_may_change_membership() {
+        let dir = tempfile::tempdir().unwrap();
+        issue(dir.path(), &["journal-1".into(), "ctl".into(), "node-0".into(), "redis-node-0".into()], &[]).unwrap();
+        let load = |name: &str| JournalTls::load(&TlsChoice::Files(TlsPaths::in_dir(dir.path(), name))).unwrap();
+        let journal = load("journal-1");
+        let chain = |name: &str| certs_of("cert", Path::new(name), &std::fs::read(dir.path().join(format!("{name}.pem"))).unwrap()).unwrap();
+        let admin = journal.admin_check().unwrap().unwrap();
+        admin.check(Some(&chain("ctl"))).expect("ctl is the administrator");
+        for other in ["journal-1", "node-0", "redis-node-0"] {
+            let e = admin.check(Some(&chain(other))).unwrap_err();
+            assert!(e.contains("not the journal administrator's"), "{other}: {e}");
+        }
+        assert!(admin.check(None).is_err());
+        let peers = journal.peer_check().unwrap().unwrap();
+        assert!(peers.check(Some(&chain("ctl"))).unwrap_err().contains("not a journal node's"));
+        assert!(load("ctl").check_serves().is_err(), "the administrator cannot serve the journal");
     }
 }

@@ -86,6 +86,9 @@ pub struct JournalNode {
     pub data: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
+    /// Started with `--join` these endpoints (added to a running journal),
+    /// else with the cluster's `--peers`.
+    pub join: Option<String>,
 }
 
 /// Where a test deployment keeps its certificates: `<root>/tls`.
@@ -144,6 +147,7 @@ impl JournalCluster {
                 data: dir.path().join(format!("node{id}")),
                 log: dir.path().join(format!("node{id}.log")),
                 child: None,
+                join: None,
             })
             .collect();
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
@@ -174,7 +178,10 @@ impl JournalCluster {
             .args(["serve", "--node-id", &node.id.to_string(), "--listen", &node.addr])
             .arg("--data")
             .arg(&node.data)
-            .args(["--peers", &self.peers])
+            .args(match &node.join {
+                Some(j) => ["--join", j.as_str()],
+                None => ["--peers", self.peers.as_str()],
+            })
             .args(self.tls_dir.iter().flat_map(|d| [std::ffi::OsString::from("--tls-dir"), d.clone().into_os_string()]))
             .args(&self.extra_args)
             .stdin(Stdio::null())
@@ -189,12 +196,77 @@ impl JournalCluster {
         self.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")
     }
 
+    /// Starts a new, empty node with `--join` (the running nodes' endpoints)
+    /// under the next unused id (its certificate made first); returns its
+    /// index. It becomes a voter on its own; see `wait_voter`.
+    pub fn join_new_node(&mut self) -> usize {
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        self.join_as(id)
+    }
+
+    /// Like `join_new_node`, under id `id` (its data directory is new).
+    pub fn join_as(&mut self, id: u64) -> usize {
+        if let Some(d) = &self.tls_dir {
+            ensure_cert(d, &format!("journal-{id}"));
+        }
+        let join = self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
+        self.nodes.push(JournalNode {
+            id,
+            addr: format!("127.0.0.1:{}", free_port()),
+            data: self.dir.path().join(format!("node{id}")),
+            log: self.dir.path().join(format!("node{id}.log")),
+            child: None,
+            join: Some(join),
+        });
+        let i = self.nodes.len() - 1;
+        self.spawn(i);
+        i
+    }
+
+    /// Waits until the Raft leader lists node id `id` as a voter.
+    pub async fn wait_voter(&self, id: u64, limit: Duration) {
+        let client = self.client();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(m) = client.members().await {
+                if m.members.iter().any(|n| n.node_id == id && n.role == "voter") {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "node {id} is not a voter within {limit:?}; logs in {}", self.dir.path().display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client with the administrator's certificate (`ctl`), which may
+    /// change the membership.
+    pub fn admin_client(&self) -> JournalClient {
+        let tls = match &self.tls_dir {
+            Some(d) => JournalTls::load(&TlsChoice::Files(TlsPaths::in_dir(d, "ctl"))).expect("the ctl certificate"),
+            None => JournalTls::Off,
+        };
+        let cfg = ClientConfig { retry_for: Duration::from_secs(20), tls, ..Default::default() };
+        JournalClient::new(self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.addr.clone()).collect(), cfg).unwrap()
+    }
+
+    /// Removes node at index `i` from the journal (as the administrator),
+    /// then stops its process and forgets it; returns its id.
+    pub async fn remove_node(&mut self, i: usize) -> u64 {
+        let id = self.nodes[i].id;
+        self.admin_client().remove_node(id).await.unwrap_or_else(|e| panic!("remove-node {id}: {e}"));
+        if self.nodes[i].child.is_some() {
+            self.kill(i);
+        }
+        self.nodes.remove(i);
+        id
+    }
+
     pub fn client(&self) -> JournalClient {
         let cfg = ClientConfig { retry_for: Duration::from_secs(20), tls: self.tls.clone(), ..Default::default() };
         JournalClient::new(self.nodes.iter().map(|n| n.addr.clone()).collect(), cfg).unwrap()
     }
 
-    /// A client that talks to node `i` only.
+    /// A client that talks to node `i` only (until it learns the others).
     pub fn client_of(&self, i: usize) -> JournalClient {
         JournalClient::new(vec![self.nodes[i].addr.clone()], self.client_config()).unwrap()
     }
@@ -1010,5 +1082,123 @@ impl KeelCluster {
             assert!(Instant::now() < deadline, "no new primary within {limit:?} (primaries now: {p:?}); logs in {}", self.journal.dir.path().display());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A client writing to one Redis, one write at a time: key `w:N` (N
+/// modulo `keys` if given, else every key new) with a value of
+/// `value_bytes`; records when each write was acknowledged.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acks: std::sync::Arc<std::sync::Mutex<Vec<(u64, Instant)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a stopped `Writer` saw.
+pub struct Written {
+    /// Keys of the acknowledged writes, in order.
+    pub acked: Vec<String>,
+    /// The longest time without an acknowledgement, from the first one to
+    /// the stop.
+    pub longest_gap: Duration,
+}
+
+impl Writer {
+    pub fn start(addr: String, value_bytes: usize, keys: Option<u64>) -> Writer {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), acks.clone());
+        let thread = std::thread::spawn(move || {
+            let value = "v".repeat(value_bytes);
+            let mut conn: Option<Resp> = None;
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    conn = Resp::try_connect(&addr, Duration::from_secs(10)).ok();
+                }
+                let Some(c) = conn.as_mut() else { continue };
+                n += 1;
+                let k = keys.map(|m| n % m).unwrap_or(n);
+                match c.try_cmd(&["SET", &format!("w:{k}"), &value]) {
+                    Ok(r) if r == "+OK" => a.lock().unwrap().push((k, Instant::now())),
+                    Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => conn = None,
+                }
+            }
+        });
+        Writer { stop, acks, thread: Some(thread) }
+    }
+
+    pub fn count(&self) -> usize {
+        self.acks.lock().unwrap().len()
+    }
+
+    /// Waits until `n` writes are acknowledged in all.
+    pub fn wait_count(&self, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.count() < n {
+            assert!(Instant::now() < deadline, "only {} of {n} writes acknowledged within {limit:?}", self.count());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stop(mut self) -> Written {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        let acks = self.acks.lock().unwrap();
+        let mut longest = Duration::ZERO;
+        for w in acks.windows(2) {
+            longest = longest.max(w[1].1 - w[0].1);
+        }
+        let longest_gap = longest.max(acks.last().map(|l| l.1.elapsed()).unwrap_or_default());
+        Written { acked: acks.iter().map(|(k, _)| format!("w:{k}")).collect(), longest_gap }
+    }
+}
+
+/// `keel_role` of the Redis at `addr`, or "down" if it does not answer.
+pub fn role_of(addr: &str) -> String {
+    Resp::try_connect(addr, Duration::from_millis(500))
+        .and_then(|mut c| c.try_cmd(&["INFO", "keel"]))
+        .ok()
+        .and_then(|info| info.lines().find_map(|l| l.strip_prefix("keel_role:").map(|r| r.trim().to_string())))
+        .unwrap_or_else(|| "down".into())
+}
+
+/// Samples the Keel nodes' roles every few ms: every role that is not what
+/// a node held at the start (node 0 stays primary, the others replicas),
+/// with the node.
+pub struct Roles {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(usize, String)>>,
+}
+
+impl Roles {
+    pub fn watch(c: &KeelCluster) -> Roles {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr()).collect();
+        let thread = std::thread::spawn(move || {
+            let mut odd = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                for (i, addr) in addrs.iter().enumerate() {
+                    let role = role_of(addr);
+                    let expected = if i == 0 { "primary" } else { "replica" };
+                    // "down": INFO timed out under load; not a role change.
+                    if role != expected && role != "down" {
+                        odd.push((i, role));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            odd
+        });
+        Roles { stop, thread }
+    }
+
+    pub fn stop(self) -> Vec<(usize, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
     }
 }

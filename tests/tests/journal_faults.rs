@@ -17,10 +17,7 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::process::Command;
 use std::process::ExitStatus;
-use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -29,7 +26,8 @@ use keel_journal::client::JournalError;
 use keel_journal::server::EXIT_STORAGE_FAILED;
 use keel_tests::JournalCluster;
 use keel_tests::KeelCluster;
-use keel_tests::Resp;
+use keel_tests::Roles;
+use keel_tests::Writer;
 use keel_tests::Server;
 use keel_tests::new_uuid;
 
@@ -195,112 +193,6 @@ enum Fault {
 /// A Keel primary's lease (the sidecar default), in the tests' deployment.
 const LEASE_MS: u64 = 1000;
 
-/// A client writing 100 KB values to one Redis, one at a time: when each
-/// write was acknowledged.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acks: Arc<Mutex<Vec<Instant>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(addr: String) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acks = Arc::new(Mutex::new(Vec::new()));
-        let (s, a) = (stop.clone(), acks.clone());
-        let thread = std::thread::spawn(move || {
-            let value = "v".repeat(WRITE_BYTES);
-            let mut conn: Option<Resp> = None;
-            let mut n = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                if conn.is_none() {
-                    conn = Resp::try_connect(&addr, Duration::from_secs(10)).ok();
-                }
-                let Some(c) = conn.as_mut() else { continue };
-                n += 1;
-                match c.try_cmd(&["SET", &format!("big:{}", n % 64), &value]) {
-                    Ok(r) if r == "+OK" => a.lock().unwrap().push(Instant::now()),
-                    Ok(_) => std::thread::sleep(Duration::from_millis(5)),
-                    Err(_) => conn = None,
-                }
-            }
-        });
-        Writer { stop, acks, thread: Some(thread) }
-    }
-
-    fn count(&self) -> usize {
-        self.acks.lock().unwrap().len()
-    }
-
-    /// Waits until `n` writes are acknowledged in all.
-    fn wait_count(&self, n: usize, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.count() < n {
-            assert!(Instant::now() < deadline, "only {} of {n} writes acknowledged within {limit:?}", self.count());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Stops; returns the longest time without an acknowledgement between
-    /// the first acknowledgement and now.
-    fn stop(mut self) -> Duration {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap();
-        let acks = self.acks.lock().unwrap();
-        let mut longest = Duration::ZERO;
-        for w in acks.windows(2) {
-            longest = longest.max(w[1] - w[0]);
-        }
-        longest.max(acks.last().map(|l| l.elapsed()).unwrap_or_default())
-    }
-}
-
-/// `keel_role` of the Redis at `addr`, or "down" if it does not answer.
-fn role_of(addr: &str) -> String {
-    Resp::try_connect(addr, Duration::from_millis(500))
-        .and_then(|mut c| c.try_cmd(&["INFO", "keel"]))
-        .ok()
-        .and_then(|info| info.lines().find_map(|l| l.strip_prefix("keel_role:").map(|r| r.trim().to_string())))
-        .unwrap_or_else(|| "down".into())
-}
-
-/// Samples the Keel nodes' roles every few ms: every role that is not what
-/// a node held at the start (the primary stays primary, the replica stays
-/// replica), with when it was seen.
-struct Roles {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(usize, String)>>,
-}
-
-impl Roles {
-    fn watch(c: &KeelCluster) -> Roles {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr()).collect();
-        let thread = std::thread::spawn(move || {
-            let mut odd = Vec::new();
-            while !s.load(Ordering::Relaxed) {
-                for (i, addr) in addrs.iter().enumerate() {
-                    let role = role_of(addr);
-                    let expected = if i == 0 { "primary" } else { "replica" };
-                    // "down": INFO timed out under load; not a role change.
-                    if role != expected && role != "down" {
-                        odd.push((i, role));
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            odd
-        });
-        Roles { stop, thread }
-    }
-
-    fn stop(self) -> Vec<(usize, String)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
-}
-
 /// A Keel primary (with a replica that would take over if its lease
 /// lapsed) writes 100 KB values through a 3-node journal while the
 /// journal loses its Raft leader to `fault`. The journal elects a new
@@ -329,7 +221,7 @@ async fn lose_the_journal_leader_under_a_keel_primary(fault: Fault) {
     }
 
     let roles = Roles::watch(&c);
-    let writer = Writer::start(c.nodes[0].addr());
+    let writer = Writer::start(c.nodes[0].addr(), WRITE_BYTES, Some(64));
     writer.wait_count(20, Duration::from_secs(30));
     let lost_at = match fault {
         Fault::Kill => {
@@ -353,7 +245,7 @@ async fn lose_the_journal_leader_under_a_keel_primary(fault: Fault) {
     // Writes resume through the new leader.
     let before = writer.count();
     writer.wait_count(before + 20, Duration::from_secs(30));
-    let stall = writer.stop();
+    let stall = writer.stop().longest_gap;
     let odd = roles.stop();
     println!(
         "{fault:?}: journal node {} lost; node {} Raft leader after {} ms; longest write stall {} ms (lease {LEASE_MS} ms)",

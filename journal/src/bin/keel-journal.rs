@@ -148,9 +148,19 @@ struct ServeArgs {
     /// Directory for the Raft log and snapshots.
     #[arg(long)]
     data: PathBuf,
-    /// All members: 1=HOST:PORT,2=HOST:PORT,… (one entry = single-node journal).
+    /// All members of a new journal: 1=HOST:PORT,2=HOST:PORT,… (one entry =
+    /// single-node journal). Read at the first start only; afterwards the
+    /// membership is the journal's own (ctl add-node / remove-node).
+    #[arg(long, required_unless_present = "join")]
+    peers: Option<String>,
+    /// Join a running journal instead (HOST:PORT,… of any of its nodes):
+    /// this empty node asks to be added, catches up as a learner, then
+    /// becomes a voter. Its address is --announce, else --listen.
+    #[arg(long, conflicts_with = "peers")]
+    join: Option<String>,
+    /// The address peers and clients reach this node at (default: --listen).
     #[arg(long)]
-    peers: String,
+    announce: Option<String>,
     /// How often the Raft leader tells followers it is alive.
     #[arg(long, default_value_t = keel_journal::server::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
@@ -192,6 +202,16 @@ struct ServeArgs {
 enum CtlOp {
     /// Show every node's Raft state.
     Status,
+    /// The members as the Raft leader sees them: id, address, role, how
+    /// many log entries behind the leader, when last heard.
+    Members,
+    /// Add a node (started empty with `serve --join`, or with --peers of
+    /// itself only): it catches up as a learner, then becomes a voter.
+    /// Returns once it is a voter.
+    AddNode { node_id: u64, addr: String },
+    /// Remove a node (the Raft leader hands over first). Refused when it
+    /// would leave the journal without a quorum. Stop its process after.
+    RemoveNode { node_id: u64 },
     /// Compare-and-set the stream leader (creates the stream).
     SetLeader {
         stream: String,
@@ -293,13 +313,22 @@ fn main() -> ExitCode {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let peers = match parse_peers(&a.peers) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("keel-journal: bad --peers: {e}");
-                    return ExitCode::from(2);
-                }
+            let me = a.announce.clone().unwrap_or_else(|| a.listen.to_string());
+            let peers = match &a.peers {
+                Some(list) => match parse_peers(list) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("keel-journal: bad --peers: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => [(a.node_id, me)].into(),
             };
+            let join = a.join.as_ref().map(|j| j.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect::<Vec<_>>());
+            if join.as_ref().is_some_and(|j| j.is_empty()) {
+                eprintln!("keel-journal: --join names no endpoint");
+                return ExitCode::from(2);
+            }
             let mut cfg = ServeConfig {
                 tls: JournalTls::Off,
                 node_id: a.node_id,
@@ -316,6 +345,7 @@ fn main() -> ExitCode {
                 read_batch_records: a.read_batch_records,
                 read_batch_bytes: a.read_batch_bytes,
                 stream_quota_bytes: a.stream_quota_bytes,
+                join,
             };
             if let Err(e) = cfg.validate() {
                 eprintln!("keel-journal: bad configuration: {e}");
@@ -405,12 +435,28 @@ fn main() -> ExitCode {
     }
 }
 
+fn print_members(m: &keel_proto::journal::MembersResponse) {
+    println!("id\taddress\trole\tbehind\theard_ms_ago\tleader");
+    for n in &m.members {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            n.node_id,
+            n.addr,
+            n.role,
+            n.behind,
+            n.millis_since_heard.map(|t| t.to_string()).unwrap_or_else(|| "never".into()),
+            if n.node_id == m.leader_id { "leader" } else { "" }
+        );
+    }
+}
+
 async fn ctl(client: &JournalClient, op: CtlOp) -> Result<(), JournalError> {
     match op {
         CtlOp::Status => {
             let mut any = false;
-            for (i, ep) in client.endpoints().iter().enumerate() {
-                match client.node_status(i).await {
+            client.learn_members().await;
+            for ep in client.endpoints() {
+                match client.status_of(&ep).await {
                     Ok(s) => {
                         any = true;
                         println!(
@@ -432,6 +478,9 @@ async fn ctl(client: &JournalClient, op: CtlOp) -> Result<(), JournalError> {
                 return Err(JournalError::Unavailable("UNAVAILABLE: no journal node answered".into()));
             }
         }
+        CtlOp::Members => print_members(&client.members().await?),
+        CtlOp::AddNode { node_id, addr } => print_members(&client.add_node(node_id, &addr).await?),
+        CtlOp::RemoveNode { node_id } => print_members(&client.remove_node(node_id).await?),
         CtlOp::SetLeader { stream, new, expect } => {
             let old = client.set_leader(&stream, &new, &expect).await?;
             println!("{old}");
