@@ -93,6 +93,10 @@ pub struct ServeConfig {
     pub flush_wait_us: u64,
     /// Build a Raft snapshot after this many entries.
     pub snapshot_every_entries: u64,
+    /// … or after this many record bytes were applied, whichever comes
+    /// first: the Raft log and trimmed record segments are dropped only at
+    /// a snapshot, so this bounds a node's disk when entries are large.
+    pub snapshot_every_bytes: u64,
     /// Log entries kept behind the latest snapshot (for lagging followers).
     pub keep_log_entries: u64,
     /// How long a write may wait for commit before it is `outcome-unknown`.
@@ -175,6 +179,11 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
 pub const DEFAULT_ELECTION_MIN_MS: u64 = 100;
 pub const DEFAULT_ELECTION_MAX_MS: u64 = 200;
 
+/// `--snapshot-every-bytes` unless given.
+pub const DEFAULT_SNAPSHOT_EVERY_BYTES: u64 = 256 << 20;
+/// How often a node checks whether a snapshot is due by bytes.
+const SNAPSHOT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
 /// `--stream-quota-bytes` unless given.
 pub const DEFAULT_STREAM_QUOTA_BYTES: u64 = 1 << 30;
 
@@ -202,6 +211,9 @@ impl ServeConfig {
         }
         if self.snapshot_every_entries == 0 {
             return Err("snapshot_every_entries must be positive".into());
+        }
+        if self.snapshot_every_bytes < MAX_APPEND_BYTES as u64 {
+            return Err(format!("--snapshot-every-bytes must be at least one largest append ({MAX_APPEND_BYTES})"));
         }
         if self.flush_wait_us > MAX_FLUSH_WAIT_US {
             return Err(format!("flush_wait_us {} is above {MAX_FLUSH_WAIT_US}", self.flush_wait_us));
@@ -320,6 +332,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     }
 
     tokio::spawn(log_state_changes(raft.clone()));
+    tokio::spawn(snapshot_by_bytes(raft.clone(), node.sm.clone(), cfg.snapshot_every_bytes));
     if cfg.join.is_none() {
         tokio::spawn(initialize_when_pristine(raft.clone(), cfg.peers.clone()));
     }
@@ -400,6 +413,27 @@ async fn recover(raft: Raft, done: watch::Sender<bool>) {
                 tracing::warn!(error = %e, "stopped waiting for recovery");
                 return;
             }
+        }
+    }
+}
+
+/// Builds a Raft snapshot whenever `every_bytes` of records were applied
+/// since the last one (openraft's own policy counts entries only).
+async fn snapshot_by_bytes(raft: Raft, sm: StateMachineStore, every_bytes: u64) {
+    let mut tick = tokio::time::interval(SNAPSHOT_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        if sm.bytes_since_snapshot() < every_bytes {
+            continue;
+        }
+        tracing::info!(bytes = sm.bytes_since_snapshot(), every_bytes, "building a snapshot: enough record bytes since the last");
+        if raft.trigger().snapshot().await.is_err() {
+            return; // the core stopped
+        }
+        // The build resets the count when it starts; until then, do not ask again.
+        let waited = tokio::time::Instant::now();
+        while sm.bytes_since_snapshot() >= every_bytes && waited.elapsed() < Duration::from_secs(60) {
+            tick.tick().await;
         }
     }
 }

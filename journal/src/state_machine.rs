@@ -121,6 +121,10 @@ struct Inner {
     staging: std::sync::Mutex<Option<(Meta, u64)>>,
     /// Names each completely received snapshot file apart.
     received: std::sync::atomic::AtomicU64,
+    /// Record bytes applied since the state the latest snapshot build
+    /// took: what a new snapshot would let the Raft log and the record
+    /// store drop (server.rs triggers one past `--snapshot-every-bytes`).
+    bytes_since_snapshot: std::sync::atomic::AtomicU64,
     /// Bumped after every applied batch; readers wait on it.
     applied_tx: watch::Sender<u64>,
 }
@@ -210,6 +214,7 @@ impl StateMachineStore {
                 snapshot_io: tokio::sync::Mutex::new(()),
                 staging: std::sync::Mutex::new(None),
                 received: std::sync::atomic::AtomicU64::new(0),
+                bytes_since_snapshot: std::sync::atomic::AtomicU64::new(0),
                 applied_tx,
             }),
         })
@@ -232,6 +237,11 @@ impl StateMachineStore {
     }
 
     /// Index of the last applied log entry.
+    /// Record bytes applied since the last snapshot build began.
+    pub fn bytes_since_snapshot(&self) -> u64 {
+        self.inner.bytes_since_snapshot.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn last_applied_index(&self) -> Option<u64> {
         self.inner.state.read().unwrap().last_applied.as_ref().map(|l| l.index)
     }
@@ -303,6 +313,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let _one_at_a_time = self.inner.snapshot_io.lock().await;
         let (file, files, dirs) = {
             let mut st = self.inner.state.write().unwrap();
+            // Under the state lock: bytes applied from here on count
+            // towards the next snapshot.
+            self.inner.bytes_since_snapshot.store(0, std::sync::atomic::Ordering::Relaxed);
             let (files, dirs, ends) = st.records.to_sync();
             let meta = Meta { last_log_id: st.last_applied.clone(), last_membership: st.membership.clone() };
             (SnapshotFile { meta, streams: st.streams.clone(), records_dir: st.records_dir.clone(), ends }, files, dirs)
@@ -361,6 +374,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         let outcome = st.streams.apply_with(cmd, &mut effects);
                         for effect in effects {
                             if let Effect::Append { id, first_seq, cum_before, records } = effect {
+                                let bytes: usize = records.iter().map(|r| r.len()).sum();
+                                self.inner.bytes_since_snapshot.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
                                 st.records.append(id, first_seq, cum_before, records).map_err(|e| {
                                     let e = failed_in("writing records to the record store", &self.inner.dir.join(&st.records_dir), e);
                                     tracing::error!(error = %e, log_id = %entry.log_id, "cannot write records to the record store");

@@ -85,9 +85,13 @@ pub enum Fault {
     PartitionPrimaryFromJournal,
     IsolateJournalNode,
     RestartAll,
+    /// A journal node's machine is lost for good: the node is removed from
+    /// the journal (`ctl remove-node`), its data wiped, and a new node (a
+    /// new id, on the same host) joins with `serve --join`.
+    ReplaceJournalNode,
 }
 
-pub const ALL_FAULTS: [Fault; 8] = [
+pub const ALL_FAULTS: [Fault; 9] = [
     Fault::KillPrimaryRedis,
     Fault::KillPrimarySidecar,
     Fault::KillReplicaRedis,
@@ -96,6 +100,7 @@ pub const ALL_FAULTS: [Fault; 8] = [
     Fault::PartitionPrimaryFromJournal,
     Fault::IsolateJournalNode,
     Fault::RestartAll,
+    Fault::ReplaceJournalNode,
 ];
 
 #[derive(Debug, Clone)]
@@ -189,6 +194,11 @@ pub struct Deployment {
     dir: PathBuf,
     lease_ms: u64,
     journal: Vec<Option<Child>>,
+    /// The journal node id on each journal host (a replaced node's host
+    /// runs a new id).
+    journal_ids: Vec<u64>,
+    /// The next unused journal node id.
+    next_journal_id: u64,
     nodes: Vec<NodeProcs>,
     snapshotter: Option<Child>,
 }
@@ -203,6 +213,8 @@ impl Deployment {
             dir: dir.to_path_buf(),
             lease_ms,
             journal: JOURNAL_HOSTS.iter().map(|_| None).collect(),
+            journal_ids: (1..=JOURNAL_HOSTS.len() as u64).collect(),
+            next_journal_id: JOURNAL_HOSTS.len() as u64 + 1,
             nodes: NODE_HOSTS.iter().map(|_| NodeProcs { redis: None, sidecar: None }).collect(),
             snapshotter: None,
         };
@@ -210,7 +222,7 @@ impl Deployment {
         let names: Vec<String> = (1..=JOURNAL_HOSTS.len())
             .map(|i| format!("journal-{i}"))
             .chain(NODE_HOSTS.iter().map(|h| h.to_string()))
-            .chain(["snapshotter".to_string()])
+            .chain(["snapshotter".to_string(), keel_journal::tls::ADMIN_CERT_NAME.to_string()])
             .collect();
         keel_journal::tls::issue(&crate::tls_dir(dir), &names, &[])?;
         for i in 0..JOURNAL_HOSTS.len() {
@@ -274,17 +286,25 @@ impl Deployment {
         format!("{}:{REDIS_PORT}", self.lab.ip(NODE_HOSTS[k]))
     }
 
+    /// Starts the journal node of host `i`: one of the first three with
+    /// `--peers`, a replacement with `--join` (a no-op once it is a voter).
     pub fn start_journal(&mut self, i: usize) -> Result<(), String> {
         let peers: Vec<String> =
             JOURNAL_HOSTS.iter().enumerate().map(|(j, h)| format!("{}={}:{JOURNAL_PORT}", j + 1, self.lab.ip(h))).collect();
         let host = JOURNAL_HOSTS[i];
+        let id = self.journal_ids[i];
         let log = self.log(&format!("journal-{host}.log"))?;
         let mut cmd = self.lab.command(host, bin("keel-journal"));
         cmd
-            .args(["serve", "--node-id", &(i + 1).to_string(), "--listen", &format!("{}:{JOURNAL_PORT}", self.lab.ip(host))])
+            .args(["serve", "--node-id", &id.to_string(), "--listen", &format!("{}:{JOURNAL_PORT}", self.lab.ip(host))])
             .arg("--data")
-            .arg(self.dir.join(format!("data-{host}")))
-            .args(["--peers", &peers.join(",")])
+            .arg(self.dir.join(format!("data-{host}")));
+        if id <= JOURNAL_HOSTS.len() as u64 {
+            cmd.args(["--peers", &peers.join(",")]);
+        } else {
+            cmd.args(["--join", &self.journal_endpoints()]);
+        }
+        cmd
             .arg("--tls-dir")
             .arg(crate::tls_dir(&self.dir))
             .stdin(Stdio::null())
@@ -295,6 +315,57 @@ impl Deployment {
             .map_err(|e| format!("spawn keel-journal in {host}: {e}"))?;
         self.journal[i] = Some(child);
         Ok(())
+    }
+
+    /// `keel-journal ctl ARGS` as the administrator, from the snapshotter's
+    /// host; its output, or why it failed.
+    fn journal_ctl(&self, args: &[&str]) -> Result<String, String> {
+        let mut cmd = self.lab.command(SNAPSHOTTER_HOST, "timeout");
+        cmd.args(["30", &bin("keel-journal").display().to_string(), "ctl", "--endpoints", &self.journal_endpoints(), "--tls-dir"])
+            .arg(crate::tls_dir(&self.dir))
+            .args(args);
+        let out = cmd.output().map_err(|e| format!("keel-journal ctl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// Removes host `i`'s journal node from the journal, kills it and wipes
+    /// its data; the host gets a new node id (started by `heal`). Refused
+    /// (and nothing changed) when the journal would be left without a
+    /// quorum, e.g. with another journal node down.
+    fn replace_journal(&mut self, i: usize) -> Result<(), String> {
+        let old = self.journal_ids[i];
+        self.journal_ctl(&["remove-node", &old.to_string()])?;
+        self.kill_journal(i);
+        let data = self.dir.join(format!("data-{}", JOURNAL_HOSTS[i]));
+        std::fs::remove_dir_all(&data).map_err(|e| format!("wiping {}: {e}", data.display()))?;
+        let id = self.next_journal_id;
+        self.next_journal_id += 1;
+        keel_journal::tls::issue(&crate::tls_dir(&self.dir), &[format!("journal-{id}")], &[])?;
+        self.journal_ids[i] = id;
+        Ok(())
+    }
+
+    /// Waits until host `i`'s journal node is a voter.
+    fn wait_voter(&self, i: usize, limit: Duration) -> Result<(), String> {
+        let id = self.journal_ids[i].to_string();
+        let deadline = Instant::now() + limit;
+        loop {
+            let listed = self.journal_ctl(&["members"]).unwrap_or_default();
+            if listed.lines().any(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                f.len() > 2 && f[0] == id && f[2] == "voter"
+            }) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("journal node {id} on {} is not a voter within {limit:?}", JOURNAL_HOSTS[i]));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     pub fn kill_journal(&mut self, i: usize) {
@@ -461,6 +532,8 @@ fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Comman
 #[derive(Debug, Default)]
 struct Damage {
     journal_killed: Vec<usize>,
+    /// Journal hosts whose node was replaced (start the new one).
+    journal_replaced: Vec<usize>,
     redis_killed: Vec<usize>,
     sidecar_killed: Vec<usize>,
     paused: Vec<usize>,
@@ -523,6 +596,21 @@ impl Deployment {
                 d.restart_all = true;
                 "kill -9 every process".to_string()
             }
+            Fault::ReplaceJournalNode => {
+                let i = rng.below(JOURNAL_HOSTS.len());
+                let old = self.journal_ids[i];
+                if d.journal_killed.contains(&i) || self.journal[i].is_none() {
+                    format!("replace journal {}: its node is down already, left as is", JOURNAL_HOSTS[i])
+                } else {
+                    match self.replace_journal(i) {
+                        Ok(()) => {
+                            d.journal_replaced.push(i);
+                            format!("replace journal {} (node {old} removed and wiped, node {} joins)", JOURNAL_HOSTS[i], self.journal_ids[i])
+                        }
+                        Err(why) => format!("replace journal {}: refused ({why})", JOURNAL_HOSTS[i]),
+                    }
+                }
+            }
         })
     }
 
@@ -544,8 +632,12 @@ impl Deployment {
             self.start_snapshotter()?;
             return Ok(());
         }
-        for i in d.journal_killed {
+        for i in d.journal_killed.iter().copied().filter(|i| !d.journal_replaced.contains(i)) {
             self.start_journal(i)?;
+        }
+        for i in d.journal_replaced {
+            self.start_journal(i)?;
+            self.wait_voter(i, Duration::from_secs(60))?;
         }
         for k in d.redis_killed {
             self.start_redis(k)?;

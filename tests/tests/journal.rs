@@ -10,6 +10,8 @@ use keel_journal::client::JournalError;
 use keel_tests::JournalCluster;
 use keel_tests::bin;
 use keel_tests::new_uuid;
+use keel_tests::rss_bytes;
+use keel_tests::dir_bytes;
 use keel_tests::read_all;
 
 const S: &str = "shard-1";
@@ -594,13 +596,6 @@ async fn stream_quota_refuses_appends_until_a_trim() {
 const MAX_JOURNAL_RSS_BYTES: u64 = 256 << 20;
 
 /// A journal node's resident memory, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/<pid>/status");
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib << 10
-}
-
 /// Samples every running node's RSS, keeping the largest per node.
 fn sample_rss(c: &JournalCluster, max: &mut [u64]) {
     for (i, n) in c.nodes.iter().enumerate() {
@@ -743,4 +738,45 @@ async fn records_live_on_disk_and_memory_stays_bounded() {
     }
     assert_eq!(next, last_seq + 1, "the rebuilt node serves every retained record");
     eprintln!("max RSS per node (MiB) after catch-up and reads: {:?}", max_rss.iter().map(|r| r >> 20).collect::<Vec<_>>());
+}
+
+/// Large entries (1 MiB appends) reach `--snapshot-every-bytes` long before
+/// the entry count of openraft's own policy: Raft snapshots are built by
+/// bytes, so the Raft log is purged and trimmed record segments deleted, and
+/// each node's data directory stays bounded while many times its size is
+/// written (and trimmed as a snapshotter would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_by_bytes_keep_the_disk_bounded() {
+    const RECORD_BYTES: usize = 1 << 20;
+    const RECORDS: u64 = 400;
+    const EVERY_BYTES: u64 = 32 << 20;
+    // The Raft log since a snapshot (EVERY_BYTES) plus the entries kept
+    // behind it (20), the untrimmed tail (< 16 records) and two whole record
+    // segments (they are deleted whole, 64 MiB each), with room to spare.
+    const DISK_BOUND: u64 = EVERY_BYTES + (20 + 16) * RECORD_BYTES as u64 + 2 * keel_journal::records::SEGMENT_BYTES + (48 << 20);
+    let c = JournalCluster::start_with(3, &["--snapshot-every-bytes", &EVERY_BYTES.to_string(), "--keep-log-entries", "20"]).await;
+    let client = c.client();
+    let a = new_uuid();
+    client.set_leader(S, &a, "").await.unwrap();
+    let mut session = AppendSession::new(std::sync::Arc::new(c.client()));
+    let mut max_disk = 0u64;
+    for seq in 1..=RECORDS {
+        assert_eq!(session.append(S, &a, vec![big_record(seq, RECORD_BYTES)], Some(seq - 1)).await.unwrap(), seq);
+        if seq % 8 == 0 {
+            client.trim(S, seq - 8).await.unwrap();
+            for n in &c.nodes {
+                max_disk = max_disk.max(dir_bytes(&n.data));
+            }
+        }
+    }
+    eprintln!("wrote {} MiB; largest journal data directory {} MiB (bound {} MiB)", RECORDS, max_disk >> 20, DISK_BOUND >> 20);
+    assert!(max_disk <= DISK_BOUND, "a journal data directory reached {} MiB, over {} MiB", max_disk >> 20, DISK_BOUND >> 20);
+    for n in &c.nodes {
+        let log = std::fs::read_to_string(&n.log).unwrap();
+        assert!(log.contains("enough record bytes since the last"), "node {} never built a snapshot by bytes", n.id);
+    }
+    // The records kept are all there.
+    let kept = read_all(&client, S).await;
+    assert_eq!(kept.first().map(|r| r.0), Some(RECORDS - 7));
+    assert_eq!(kept.last().map(|r| r.0), Some(RECORDS));
 }

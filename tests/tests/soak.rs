@@ -10,7 +10,6 @@
 //! `scripts/test --long` (KEEL_LONG=1) the long one (256 MiB, 4.5×).
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Child;
 use std::process::Command;
 use std::process::Stdio;
@@ -22,6 +21,8 @@ use keel_tests::KeelCluster;
 use keel_tests::Resp;
 use keel_tests::Server;
 use keel_tests::bin;
+use keel_tests::dir_bytes;
+use keel_tests::rss_bytes;
 
 const LEASE_MS: u64 = 1000;
 const VALUE_BYTES: usize = 100_000;
@@ -55,26 +56,6 @@ impl Plan {
     fn disk_bound_bytes(&self) -> u64 {
         4 * self.quota_bytes + (64 << 20)
     }
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
-fn dir_bytes(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
-    rd.filter_map(|e| e.ok())
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn spawn_snapshotter(c: &KeelCluster, store: &str, every: u64) -> Child {
@@ -136,7 +117,10 @@ async fn writing_several_quotas_with_snapshots_and_a_kill_never_fills_the_journa
     let quota = plan.quota_bytes.to_string();
     let journal = JournalCluster::start_with(
         3,
-        &["--stream-quota-bytes", &quota, "--snapshot-every-entries", "200", "--keep-log-entries", "100"],
+        // Raft snapshots by bytes (the default entry count is never
+        // reached here): they alone bound the Raft log and the trimmed
+        // records on each node's disk.
+        &["--stream-quota-bytes", &quota, "--snapshot-every-bytes", &(plan.quota_bytes / 2).to_string(), "--keep-log-entries", "100"],
     )
     .await;
     let mut c = KeelCluster::start_on(journal, Server::Redis, 2, LEASE_MS);

@@ -181,6 +181,10 @@ struct ServeArgs {
     flush_wait_us: u64,
     #[arg(long, default_value_t = 50_000)]
     snapshot_every_entries: u64,
+    /// … or after this many record bytes, whichever comes first (bounds
+    /// the disk a node's Raft log and trimmed records take).
+    #[arg(long, default_value_t = keel_journal::server::DEFAULT_SNAPSHOT_EVERY_BYTES)]
+    snapshot_every_bytes: u64,
     /// Log entries kept behind the latest snapshot.
     #[arg(long, default_value_t = 1_000)]
     keep_log_entries: u64,
@@ -340,6 +344,7 @@ fn main() -> ExitCode {
                 election_max_ms: a.election_max_ms,
                 flush_wait_us: a.flush_wait_us,
                 snapshot_every_entries: a.snapshot_every_entries,
+                snapshot_every_bytes: a.snapshot_every_bytes,
                 keep_log_entries: a.keep_log_entries,
                 write_timeout_ms: a.write_timeout_ms,
                 read_batch_records: a.read_batch_records,
