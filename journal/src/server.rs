@@ -113,6 +113,8 @@ pub struct ServeConfig {
     /// `--join`: endpoints of a running journal this (empty) node asks to
     /// be added to, instead of forming a journal with `peers`.
     pub join: Option<Vec<String>>,
+    /// `--metrics`: where to serve Prometheus metrics (`GET /metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Exit code of `keel-journal serve` when the node stopped because its
@@ -267,7 +269,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let storage = |e: std::io::Error| StorageFailure::new(&cfg.data_dir, e);
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| storage(std::io::Error::new(e.kind(), format!("creating {}: {e}", cfg.data_dir.display()))))?;
-    let log_store = LogStore::open(&cfg.data_dir.join("raft-log"), Duration::from_micros(cfg.flush_wait_us)).map_err(storage)?;
+    let metrics = Arc::new(crate::metrics::JournalMetrics::new());
+    let log_store = LogStore::open(&cfg.data_dir.join("raft-log"), Duration::from_micros(cfg.flush_wait_us))
+        .map_err(storage)?
+        .with_sync_histogram(metrics.log_sync_seconds.clone());
     let sm = StateMachineStore::open(&cfg.data_dir.join("state")).map_err(storage)?;
 
     let raft_config = openraft::Config {
@@ -294,7 +299,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     };
 
     let (proposals, queue) = mpsc::channel(MAX_QUEUED_PROPOSALS);
-    tokio::spawn(run_proposer(raft.clone(), queue));
+    tokio::spawn(run_proposer(raft.clone(), queue, metrics.clone()));
     let proposals = Submitter {
         proposals,
         write_timeout_ms: cfg.write_timeout_ms,
@@ -331,7 +336,13 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         tracing::warn!(listen = %cfg.listen, "INSECURE: this journal node runs without TLS (--insecure): anyone who can reach its port can append, take leases and read every stream");
     }
 
-    tokio::spawn(log_state_changes(raft.clone()));
+    tokio::spawn(log_state_changes(raft.clone(), metrics.clone()));
+    if let Some(addr) = cfg.metrics {
+        let bound = crate::metrics::serve(addr, render_metrics(raft.clone(), node.sm.clone(), cfg.clone(), metrics.clone()))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+        tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+    }
     tokio::spawn(snapshot_by_bytes(raft.clone(), node.sm.clone(), cfg.snapshot_every_bytes));
     if cfg.join.is_none() {
         tokio::spawn(initialize_when_pristine(raft.clone(), cfg.peers.clone()));
@@ -459,9 +470,10 @@ async fn initialize_when_pristine(raft: Raft, peers: BTreeMap<NodeId, String>) {
 }
 
 /// One log line per change of role or Raft leader.
-async fn log_state_changes(raft: Raft) {
+async fn log_state_changes(raft: Raft, metrics: Arc<crate::metrics::JournalMetrics>) {
     let mut rx = raft.metrics();
     let mut last = None;
+    let mut last_leader = None;
     loop {
         let now = {
             let m = rx.borrow_watched();
@@ -470,6 +482,12 @@ async fn log_state_changes(raft: Raft) {
         if last != Some(now) {
             tracing::info!(state = ?now.0, leader = ?now.1, term = now.2, "raft state");
             last = Some(now);
+        }
+        if now.1.is_some() && now.1 != last_leader {
+            if last_leader.is_some() {
+                metrics.leader_changes.inc();
+            }
+            last_leader = now.1;
         }
         if rx.changed().await.is_err() {
             return;
@@ -655,7 +673,29 @@ async fn serve_append_stream(
 /// arrival order (submission is sequential, so a client's pipelined commands
 /// keep their order), with at most `MAX_BATCHES_IN_FLIGHT` entries awaiting
 /// commit. Each command gets its own outcome.
-async fn run_proposer(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
+/// What `/metrics` shows, read from openraft and the state machine at each
+/// scrape.
+fn render_metrics(raft: Raft, sm: StateMachineStore, cfg: ServeConfig, metrics: Arc<crate::metrics::JournalMetrics>) -> crate::metrics::Render {
+    Arc::new(move || {
+        let m = raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        metrics.refresh(&crate::metrics::JournalView {
+            term: m.current_term,
+            is_leader: m.current_leader == Some(cfg.node_id),
+            has_leader: m.current_leader.is_some(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
+            voters: membership.voter_ids().count(),
+            learners: membership.learner_ids().count(),
+            streams: sm.with_streams(|s| s.streams.iter().map(|(name, st)| (name.clone(), st.retained_bytes)).collect()),
+            stream_quota_bytes: cfg.stream_quota_bytes,
+            data_free_bytes: free_bytes(&cfg.data_dir),
+        });
+        metrics.encode()
+    })
+}
+
+async fn run_proposer(raft: Raft, mut queue: mpsc::Receiver<Proposal>, metrics: Arc<crate::metrics::JournalMetrics>) {
     let window = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     while let Some(first) = queue.recv().await {
         let Ok(permit) = window.clone().acquire_owned().await else { return };
@@ -679,9 +719,13 @@ async fn run_proposer(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
             }
             continue;
         }
+        let (t0, commit_seconds) = (std::time::Instant::now(), metrics.commit_seconds.clone());
         tokio::spawn(async move {
             let result = done.await;
             drop(permit);
+            if matches!(result, Ok(Ok(_))) {
+                commit_seconds.observe(t0.elapsed().as_secs_f64());
+            }
             deliver(result, replies);
         });
     }

@@ -281,6 +281,7 @@ impl Feeder {
                 r = async { match feeding.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
                     feeding = None;
                     if let Err(e) = r {
+                        crate::metrics::get().feed_errors.inc();
                         tracing::warn!(error = %e, "replica feed connection ended");
                     }
                 }

@@ -9,6 +9,7 @@ pub mod feeder;
 pub mod history;
 pub mod lease;
 pub mod link;
+pub mod metrics;
 pub mod node;
 pub mod primary;
 pub mod record;

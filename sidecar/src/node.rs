@@ -77,6 +77,8 @@ pub struct NodeConfig {
     pub poll_ms: u64,
     /// Where published snapshots are read from (full resyncs after a trim).
     pub store: Option<crate::snapshot::SnapshotStore>,
+    /// Where to serve Prometheus metrics (metrics.rs), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl NodeConfig {
@@ -167,6 +169,13 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         tokio::spawn(sentinel::serve_with(listener, rx, cfg.sentinel_access.clone()));
         tokio::spawn(keep_view(journal.clone(), cfg.primary.stream.clone(), me_member, cfg.master_name.clone(), cfg.poll_ms, tx));
     }
+    if let Some(addr) = cfg.metrics {
+        match keel_journal::metrics::serve(addr, crate::metrics::render()).await {
+            Ok(bound) => tracing::info!(%bound, "serving Prometheus metrics at /metrics"),
+            Err(e) => return Stop::Fatal(format!("metrics listener {addr}: {e}")),
+        }
+        tokio::spawn(crate::metrics::refresh_from_redis(cfg.primary.redis.clone(), cfg.primary.control.clone(), cfg.primary.lease_ms));
+    }
     let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone(), cfg.store.clone());
     tokio::spawn(report_snapshots(
         journal.clone(),
@@ -215,6 +224,7 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         match follow(&cfg, &journal, &feeder, &listener, feed_port, &me).await {
             Ok(()) => {
                 quiet.clear();
+                crate::metrics::get().became_primary.inc();
                 tracing::info!("took the lease; leading")
             }
             Err(Stop::Fatal(m)) => return Stop::Fatal(m),

@@ -899,7 +899,11 @@ async fn append_exactly_once(
     after_seq: u64,
     retry_pause_ms: u64,
 ) -> (AppendSession, Result<(u64, u64), Stop>) {
+    let t0 = Instant::now();
     let result = append_records(&mut session, &stream, &me, &recs, after_seq, retry_pause_ms).await;
+    if result.is_ok() {
+        crate::metrics::get().append_seconds.observe(t0.elapsed().as_secs_f64());
+    }
     (session, result)
 }
 

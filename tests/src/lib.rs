@@ -89,6 +89,8 @@ pub struct JournalNode {
     /// Started with `--join` these endpoints (added to a running journal),
     /// else with the cluster's `--peers`.
     pub join: Option<String>,
+    /// Where it serves Prometheus metrics (`--metrics`).
+    pub metrics: String,
 }
 
 /// Where a test deployment keeps its certificates: `<root>/tls`.
@@ -148,6 +150,7 @@ impl JournalCluster {
                 log: dir.path().join(format!("node{id}.log")),
                 child: None,
                 join: None,
+                metrics: format!("127.0.0.1:{}", free_port()),
             })
             .collect();
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
@@ -175,7 +178,7 @@ impl JournalCluster {
         assert!(node.child.is_none(), "node {} already running", node.id);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
         let child = Command::new(bin("keel-journal"))
-            .args(["serve", "--node-id", &node.id.to_string(), "--listen", &node.addr])
+            .args(["serve", "--node-id", &node.id.to_string(), "--listen", &node.addr, "--metrics", &node.metrics])
             .arg("--data")
             .arg(&node.data)
             .args(match &node.join {
@@ -217,6 +220,7 @@ impl JournalCluster {
             log: self.dir.path().join(format!("node{id}.log")),
             child: None,
             join: Some(join),
+            metrics: format!("127.0.0.1:{}", free_port()),
         });
         let i = self.nodes.len() - 1;
         self.spawn(i);
@@ -756,6 +760,8 @@ pub struct KeelNode {
     pub server: Server,
     pub port: u16,
     pub sentinel_port: u16,
+    /// The sidecar's Prometheus metrics (`--metrics`).
+    pub metrics_port: u16,
     pub dir: PathBuf,
     pub journal: String,
     pub lease_ms: u64,
@@ -806,6 +812,7 @@ impl KeelNode {
             server,
             port: free_port(),
             sentinel_port: free_port(),
+            metrics_port: free_port(),
             dir,
             journal: journal.into(),
             lease_ms,
@@ -909,6 +916,7 @@ impl KeelNode {
     pub fn start_sidecar(&mut self) {
         let lease_ms = self.lease_ms.to_string();
         let (addr, sentinel) = (self.addr(), self.sentinel_addr());
+        let metrics = format!("127.0.0.1:{}", self.metrics_port);
         let local = match &self.clients {
             Some(_) => format!("unix:{}", self.socket().display()),
             None => addr.clone(),
@@ -925,6 +933,8 @@ impl KeelNode {
             &sentinel,
             "--store",
             &self.store,
+            "--metrics",
+            &metrics,
         ];
         args.extend(self.journal_tls.iter().map(|a| a.as_str()));
         let secure: Vec<String> = match &self.clients {

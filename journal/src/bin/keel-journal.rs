@@ -161,6 +161,9 @@ struct ServeArgs {
     /// The address peers and clients reach this node at (default: --listen).
     #[arg(long)]
     announce: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     /// How often the Raft leader tells followers it is alive.
     #[arg(long, default_value_t = keel_journal::server::DEFAULT_HEARTBEAT_MS)]
     heartbeat_ms: u64,
@@ -351,6 +354,7 @@ fn main() -> ExitCode {
                 read_batch_bytes: a.read_batch_bytes,
                 stream_quota_bytes: a.stream_quota_bytes,
                 join,
+                metrics: a.metrics,
             };
             if let Err(e) = cfg.validate() {
                 eprintln!("keel-journal: bad configuration: {e}");

@@ -93,6 +93,11 @@ enum Cmd {
         /// The master name discovery answers for.
         #[arg(long, default_value = "keel")]
         master_name: String,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9102): role, lease, held replies, offsets and lag,
+        /// append latency, the latest snapshot (docs/operations.md).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
         /// The snapshot store (a directory, or s3://bucket/prefix): full
         /// resyncs after the journal was trimmed start from its snapshots.
         #[arg(long, env = "KEEL_STORE")]
@@ -215,6 +220,7 @@ fn main() -> ExitCode {
             sentinel_tls_key,
             sentinel_password_file,
             master_name,
+            metrics,
             store,
             control_user,
             control_secret_file,
@@ -269,7 +275,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, sentinel_access, master_name, poll_ms, store };
+            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, sentinel_access, master_name, poll_ms, store, metrics };
             if let Err(e) = cfg.validate() {
                 eprintln!("keel-sidecar: bad configuration: {e}");
                 return ExitCode::from(2);
