@@ -333,10 +333,14 @@ impl Feeder {
                 let mut sum = Sha256::new();
                 let mut sent = 0u64;
                 let mut last: Option<bytes::Bytes> = None;
+                let mut progress = crate::progress::Progress::new(Some(size), std::time::Instant::now());
                 while let Some(c) = futures::StreamExt::next(&mut chunks).await {
                     let c = c?;
                     sum.update(&c);
                     sent += c.len() as u64;
+                    if let Some(line) = progress.advance(c.len() as u64, std::time::Instant::now()) {
+                        tracing::info!(key = %snap.key, progress = %line, "full resync of the local Redis from the snapshot");
+                    }
                     if let Some(prev) = last.replace(c) {
                         w.write_all(&prev).await.map_err(|e| format!("writing to Redis: {e}"))?;
                     }

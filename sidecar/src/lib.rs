@@ -12,6 +12,7 @@ pub mod link;
 pub mod metrics;
 pub mod node;
 pub mod primary;
+pub mod progress;
 pub mod record;
 pub mod resp;
 pub mod sentinel;

@@ -259,6 +259,8 @@ impl SnapshotStore {
         let mut f = tokio::fs::File::open(file).await.map_err(|e| format!("open {}: {e}", file.display()))?;
         let mut buf = vec![0u8; UPLOAD_PART_BYTES];
         let mut total = 0u64;
+        let size = tokio::fs::metadata(file).await.ok().map(|m| m.len());
+        let mut progress = crate::progress::Progress::new(size, std::time::Instant::now());
         loop {
             let n = match f.read(&mut buf).await {
                 Ok(n) => n,
@@ -276,6 +278,9 @@ impl SnapshotStore {
             }
             w.write(&buf[..n]);
             total += n as u64;
+            if let Some(line) = progress.advance(n as u64, std::time::Instant::now()) {
+                tracing::info!(%key, progress = %line, "uploading a snapshot");
+            }
         }
         w.finish().await.map_err(|e| store_err("finish upload of", key, e))?;
         Ok(total)
@@ -303,14 +308,18 @@ impl SnapshotStore {
 
     /// Downloads an object into `dest`; returns its SHA-256 (hex) and length.
     pub async fn download(&self, key: &str, dest: &Path) -> Result<(String, u64), String> {
-        let (_, mut chunks) = self.stream(key).await?;
+        let (size, mut chunks) = self.stream(key).await?;
         let mut f = tokio::fs::File::create(dest).await.map_err(|e| format!("create {}: {e}", dest.display()))?;
         let mut h = Sha256::new();
         let mut n = 0u64;
+        let mut progress = crate::progress::Progress::new(Some(size), std::time::Instant::now());
         while let Some(c) = chunks.next().await {
             let c = c?;
             h.update(&c);
             n += c.len() as u64;
+            if let Some(line) = progress.advance(c.len() as u64, std::time::Instant::now()) {
+                tracing::info!(%key, progress = %line, "downloading a snapshot");
+            }
             f.write_all(&c).await.map_err(|e| format!("write {}: {e}", dest.display()))?;
         }
         f.sync_all().await.map_err(|e| format!("sync {}: {e}", dest.display()))?;
