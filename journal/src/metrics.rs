@@ -41,11 +41,12 @@ pub fn encode(registry: &Registry) -> String {
     out
 }
 
-/// Serves `render()` at `GET /metrics` on `addr` until the process ends;
-/// returns once listening (the bound address: port 0 picks one), or why it
-/// cannot listen. Any other path is 404. At most `MAX_CONCURRENT_SCRAPES`
-/// at once, each within `SCRAPE_TIMEOUT`.
-pub async fn serve(addr: SocketAddr, render: Render) -> std::io::Result<SocketAddr> {
+/// Serves `render()` at `GET /metrics` on `addr` until the process ends,
+/// over TLS with `tls` (else plain HTTP); returns once listening (the bound
+/// address: port 0 picks one), or why it cannot listen. Any other path is
+/// 404. At most `MAX_CONCURRENT_SCRAPES` at once, each within
+/// `SCRAPE_TIMEOUT`; a TLS handshake gets `crate::tls::HANDSHAKE_TIMEOUT`.
+pub async fn serve(addr: SocketAddr, render: Render, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<SocketAddr> {
     use axum::http::StatusCode;
     use axum::http::header;
     use axum::response::IntoResponse;
@@ -70,12 +71,83 @@ pub async fn serve(addr: SocketAddr, render: Render) -> std::io::Result<SocketAd
             }
         }),
     );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the metrics listener stopped");
+    match tls {
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "the metrics listener stopped");
+                }
+            });
         }
-    });
+        Some(acceptor) => {
+            let tls = TlsListener::start(listener, acceptor);
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(tls, app).await {
+                    tracing::error!(error = %e, "the metrics listener stopped");
+                }
+            });
+        }
+    }
     Ok(bound)
+}
+
+/// Connections whose TLS handshake completed. Each handshake runs in its
+/// own task (a client that stalls in it holds up no one) under
+/// `HANDSHAKE_TIMEOUT`; at most `MAX_CONCURRENT_SCRAPES` completed ones wait
+/// to be served.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn start(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> TlsListener {
+        let local = listener.local_addr().expect("a bound listener has an address");
+        let (tx, ready) = tokio::sync::mpsc::channel(MAX_CONCURRENT_SCRAPES);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "metrics listener accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, ready) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            let _ = ready.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics: TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "metrics: TLS handshake timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        TlsListener { ready, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accepting task is gone: serve nothing more.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -232,7 +304,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_listener_serves_metrics_and_nothing_else() {
-        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(|| "x 1\n# EOF\n".to_string())).await.unwrap();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(|| "x 1\n# EOF\n".to_string()), None).await.unwrap();
         let get = |path: &'static str| async move {
             use tokio::io::AsyncReadExt;
             use tokio::io::AsyncWriteExt;
@@ -256,5 +328,44 @@ mod tests {
             assert!(out.is_empty() || out.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&out));
         }
         assert!(get("/metrics").await.starts_with("HTTP/1.1 200"));
+    }
+
+    /// Over TLS: a client that trusts the deployment's CA gets the metrics;
+    /// a plaintext request gets nothing; a client stalled in its handshake
+    /// holds up no one.
+    #[tokio::test]
+    async fn the_listener_serves_over_tls() {
+        use tokio::io::AsyncReadExt;
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::issue(dir.path(), &["journal-1".into()], &[]).unwrap();
+        let acceptor = crate::tls::server_acceptor("the metrics listener", &dir.path().join("journal-1.pem"), &dir.path().join("journal-1.key")).unwrap();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(|| "x 1\n# EOF\n".to_string()), Some(acceptor)).await.unwrap();
+        let _stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        use rustls::pki_types::pem::PemObject as _;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut s = connector.connect(name, tcp).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("x 1\n# EOF\n"), "{out}");
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        plain.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), plain.read_to_end(&mut got)).await;
+        assert!(!String::from_utf8_lossy(&got).contains("x 1"), "plaintext got the metrics");
     }
 }

@@ -338,10 +338,13 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 
     tokio::spawn(log_state_changes(raft.clone(), metrics.clone()));
     if let Some(addr) = cfg.metrics {
-        let bound = crate::metrics::serve(addr, render_metrics(raft.clone(), node.sm.clone(), cfg.clone(), metrics.clone()))
+        // Over TLS with the node's own certificate, unless it runs without.
+        let tls = cfg.tls.own_acceptor("the metrics listener").transpose().map_err(anyhow::Error::msg)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let bound = crate::metrics::serve(addr, render_metrics(raft.clone(), node.sm.clone(), cfg.clone(), metrics.clone()), tls)
             .await
             .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
-        tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+        tracing::info!(url = %format!("{scheme}://{bound}/metrics"), "serving Prometheus metrics");
     }
     tokio::spawn(snapshot_by_bytes(raft.clone(), node.sm.clone(), cfg.snapshot_every_bytes));
     if cfg.join.is_none() {

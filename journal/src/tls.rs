@@ -336,6 +336,14 @@ impl JournalTls {
         Ok(Some(PeerCheck { verifier: server_verifier(&l.roots)?, accepted: Default::default(), name: JOURNAL_ADMIN_NAME, what: "the journal administrator's" }))
     }
 
+    /// A TLS acceptor showing this process's own certificate (None: no
+    /// TLS, or no certificate of its own), for its other endpoints.
+    pub fn own_acceptor(&self, what: &str) -> Option<Result<tokio_rustls::TlsAcceptor, String>> {
+        let JournalTls::On(l) = self else { return None };
+        let p = l.paths.as_ref()?;
+        Some(server_acceptor(what, &p.cert, &p.key))
+    }
+
     /// One phrase for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -362,6 +370,42 @@ fn server_verifier(roots: &[CertificateDer<'static>]) -> Result<Arc<rustls::clie
 /// handful of journal nodes); past this it forgets them all and checks
 /// again.
 pub const MAX_ACCEPTED_PEER_CERTS: usize = 64;
+
+/// A TLS acceptor for an endpoint other than the journal's gRPC port (a
+/// metrics listener, a discovery endpoint): shows the certificate chain in
+/// `cert` with the private key in `key` (both PEM; the key readable by its
+/// owner only, as `issue` writes it) and asks clients for no certificate.
+/// `what` names the endpoint in errors ("the discovery endpoint").
+pub fn server_acceptor(what: &str, cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let read = |part: &str, path: &Path| std::fs::read(path).map_err(|e| format!("cannot read {what}'s {part} {}: {e}", path.display()));
+    let cert_pem = read("certificate", cert)?;
+    let meta = std::fs::metadata(key).map_err(|e| format!("cannot read {what}'s private key {}: {e}", key.display()))?;
+    check_key_mode(key, meta.permissions().mode())?;
+    let key_pem = read("private key", key)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the certificate {} is not PEM: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("the certificate {} holds no CERTIFICATE", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("the private key {} is not a PEM private key: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| {
+            format!(
+                "the private key {} does not fit the certificate {} ({e}): give the pair `keel-journal certs` made together",
+                key.display(),
+                cert.display()
+            )
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
 
 /// Admits a caller only if the certificate it showed in the handshake is
 /// of the CA, for `name` (`JOURNAL_SERVER_NAME`: a journal node, the only

@@ -206,6 +206,16 @@ pub async fn refresh_from_redis(redis: RedisAddr, creds: Credentials, timeout_ms
     }
 }
 
+/// TLS for the metrics listener (a newtype: the acceptor has no `Debug`).
+#[derive(Clone)]
+pub struct MetricsTls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for MetricsTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsTls(..)")
+    }
+}
+
 /// The render function for the listener.
 pub fn render() -> keel_journal::metrics::Render {
     Arc::new(|| get().encode())

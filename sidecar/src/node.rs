@@ -79,6 +79,8 @@ pub struct NodeConfig {
     pub store: Option<crate::snapshot::SnapshotStore>,
     /// Where to serve Prometheus metrics (metrics.rs), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Serve them over TLS with this (else plain HTTP).
+    pub metrics_tls: Option<crate::metrics::MetricsTls>,
 }
 
 impl NodeConfig {
@@ -170,8 +172,9 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         tokio::spawn(keep_view(journal.clone(), cfg.primary.stream.clone(), me_member, cfg.master_name.clone(), cfg.poll_ms, tx));
     }
     if let Some(addr) = cfg.metrics {
-        match keel_journal::metrics::serve(addr, crate::metrics::render()).await {
-            Ok(bound) => tracing::info!(%bound, "serving Prometheus metrics at /metrics"),
+        let scheme = if cfg.metrics_tls.is_some() { "https" } else { "http" };
+        match keel_journal::metrics::serve(addr, crate::metrics::render(), cfg.metrics_tls.clone().map(|t| t.0)).await {
+            Ok(bound) => tracing::info!(url = %format!("{scheme}://{bound}/metrics"), "serving Prometheus metrics"),
             Err(e) => return Stop::Fatal(format!("metrics listener {addr}: {e}")),
         }
         tokio::spawn(crate::metrics::refresh_from_redis(cfg.primary.redis.clone(), cfg.primary.control.clone(), cfg.primary.lease_ms));

@@ -55,9 +55,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::PrivateKeyDer;
-use rustls::pki_types::pem::PemObject as _;
 use tokio::io::AsyncRead;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWrite;
@@ -953,36 +950,7 @@ impl AccessFlags {
 /// private key in `key` (both PEM; the key readable by its owner only, as
 /// `keel-journal certs` writes it) and asks clients for no certificate.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let read = |what: &str, path: &Path| {
-        std::fs::read(path).map_err(|e| format!("cannot read the discovery endpoint's {what} {}: {e}", path.display()))
-    };
-    let cert_pem = read("certificate", cert)?;
-    let meta = std::fs::metadata(key)
-        .map_err(|e| format!("cannot read the discovery endpoint's private key {}: {e}", key.display()))?;
-    keel_journal::tls::check_key_mode(key, meta.permissions().mode())?;
-    let key_pem = read("private key", key)?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the certificate {} is not PEM: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("the certificate {} holds no CERTIFICATE", cert.display()));
-    }
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| format!("the private key {} is not a PEM private key: {e}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS versions: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .map_err(|e| {
-            format!(
-                "the private key {} does not fit the certificate {} ({e}): give the pair `keel-journal certs` made together",
-                key.display(),
-                cert.display()
-            )
-        })?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    keel_journal::tls::server_acceptor("the discovery endpoint", cert, key)
 }
 
 /// Serves RESP clients on `listener` in plaintext, without a password, until

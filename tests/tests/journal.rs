@@ -96,14 +96,24 @@ async fn three_nodes_replicate_and_any_node_answers() {
     for i in 0..3 {
         c.wait_applied(i, last).await;
     }
-    // A client that knows only a follower is told where the leader is, and
-    // nothing is applied.
+    // A client that knows only a follower is told where the leader is (the
+    // not-leader answer names it), follows, and appends there once.
     let follower = (leader + 1) % 3;
-    match c.client_of(follower).append(S, &a, vec![b"via-follower".to_vec()], None).await {
-        Err(JournalError::Unavailable(msg)) => assert!(msg.contains("NOT_LEADER"), "{msg}"),
-        other => panic!("expected a not-leader redirect, got {other:?}"),
+    let only_follower = c.client_of(follower);
+    assert_eq!(only_follower.append(S, &a, vec![b"via-follower".to_vec()], None).await.unwrap(), 54);
+    assert_eq!(client.stream_info(S).await.unwrap().last_seq, 54);
+    // And it knows the whole journal now (any reachable member is enough).
+    let mut known = only_follower.endpoints();
+    known.sort();
+    let mut all: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
+    all.sort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while known != all {
+        assert!(std::time::Instant::now() < deadline, "the client learned {known:?}, not {all:?}");
+        only_follower.learn_members().await;
+        known = only_follower.endpoints();
+        known.sort();
     }
-    assert_eq!(client.stream_info(S).await.unwrap().last_seq, 53);
 }
 
 /// Appends over one `AppendStream` answer exactly as unary appends do: in

@@ -1,6 +1,8 @@
 //! Metrics, end to end: a real Prometheus (Debian's `prometheus`) scrapes
-//! every sidecar and journal node of a deployment; the primary is killed;
-//! Prometheus's HTTP API then shows the leader change and the new primary.
+//! every sidecar (HTTP) and journal node (HTTPS with the node's own
+//! certificate, checked against the deployment's CA) of a deployment; the
+//! primary is killed; Prometheus's HTTP API then shows the leader change
+//! and the new primary.
 
 use std::io::Read;
 use std::io::Write;
@@ -32,13 +34,15 @@ impl Drop for Prometheus {
     }
 }
 
-/// A Prometheus scraping `keel` (sidecars) and `keel-journal` targets every
-/// second, its data in `dir`.
-fn start_prometheus(dir: &Path, sidecars: &[String], journal: &[String]) -> Prometheus {
+/// A Prometheus scraping `keel` (sidecars, plain HTTP) and `keel-journal`
+/// targets (HTTPS, checked against the CA `journal_ca`) every second, its
+/// data in `dir`.
+fn start_prometheus(dir: &Path, sidecars: &[String], journal: &[String], journal_ca: &Path) -> Prometheus {
     let list = |v: &[String]| v.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ");
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: keel\n    static_configs:\n      - targets: [{}]\n  - job_name: keel-journal\n    static_configs:\n      - targets: [{}]\n",
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: keel\n    static_configs:\n      - targets: [{}]\n  - job_name: keel-journal\n    scheme: https\n    tls_config:\n      ca_file: {}\n    static_configs:\n      - targets: [{}]\n",
         list(sidecars),
+        journal_ca.display(),
         list(journal)
     );
     let path = dir.join("prometheus.yml");
@@ -123,7 +127,8 @@ async fn prometheus_sees_a_failover() {
     let sidecars: Vec<String> = c.nodes.iter().map(|n| format!("127.0.0.1:{}", n.metrics_port)).collect();
     let journal_metrics: Vec<String> = c.journal.nodes.iter().map(|n| n.metrics.clone()).collect();
     let dir = tempfile::tempdir().unwrap();
-    let p = start_prometheus(dir.path(), &sidecars, &journal_metrics);
+    let ca = c.journal.tls_dir.as_ref().expect("the test journal runs TLS").join("ca.pem");
+    let p = start_prometheus(dir.path(), &sidecars, &journal_metrics, &ca);
 
     // Some writes, so appends and commits are measured.
     let mut r = Resp::connect(&c.nodes[0].addr());

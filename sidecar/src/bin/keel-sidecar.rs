@@ -98,6 +98,14 @@ enum Cmd {
         /// append latency, the latest snapshot (docs/operations.md).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// Serve the metrics over TLS with this certificate chain (PEM; e.g.
+        /// redis-<id>.pem from `keel-journal certs`); give
+        /// --metrics-tls-key with it. Prometheus then needs the CA.
+        #[arg(long)]
+        metrics_tls_cert: Option<PathBuf>,
+        /// The private key of --metrics-tls-cert (PEM, mode 0600).
+        #[arg(long)]
+        metrics_tls_key: Option<PathBuf>,
         /// The snapshot store (a directory, or s3://bucket/prefix): full
         /// resyncs after the journal was trimmed start from its snapshots.
         #[arg(long, env = "KEEL_STORE")]
@@ -221,6 +229,8 @@ fn main() -> ExitCode {
             sentinel_password_file,
             master_name,
             metrics,
+            metrics_tls_cert,
+            metrics_tls_key,
             store,
             control_user,
             control_secret_file,
@@ -275,7 +285,25 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, sentinel_access, master_name, poll_ms, store, metrics };
+            let metrics_tls = match (&metrics_tls_cert, &metrics_tls_key) {
+                (None, None) => None,
+                (Some(c), Some(k)) => match keel_journal::tls::server_acceptor("the metrics listener", c, k) {
+                    Ok(a) => Some(keel_sidecar::metrics::MetricsTls(a)),
+                    Err(e) => {
+                        eprintln!("keel-sidecar: bad metrics TLS configuration: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                _ => {
+                    eprintln!("keel-sidecar: give --metrics-tls-cert and --metrics-tls-key together");
+                    return ExitCode::from(2);
+                }
+            };
+            if metrics.is_none() && metrics_tls.is_some() {
+                eprintln!("keel-sidecar: --metrics-tls-cert needs --metrics");
+                return ExitCode::from(2);
+            }
+            let cfg = NodeConfig { primary, feed_listen, sentinel_listen: sentinel, sentinel_access, master_name, poll_ms, store, metrics, metrics_tls };
             if let Err(e) = cfg.validate() {
                 eprintln!("keel-sidecar: bad configuration: {e}");
                 return ExitCode::from(2);
