@@ -213,11 +213,13 @@ impl JournalCluster {
             ensure_cert(d, &format!("journal-{id}"));
         }
         let join = self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
+        // A directory of its own, even under an id another node had.
+        let name = (0..).map(|k| if k == 0 { format!("node{id}") } else { format!("node{id}-{k}") }).find(|n| !self.dir.path().join(n).exists()).unwrap();
         self.nodes.push(JournalNode {
             id,
             addr: format!("127.0.0.1:{}", free_port()),
-            data: self.dir.path().join(format!("node{id}")),
-            log: self.dir.path().join(format!("node{id}.log")),
+            data: self.dir.path().join(&name),
+            log: self.dir.path().join(format!("{name}.log")),
             child: None,
             join: Some(join),
             metrics: format!("127.0.0.1:{}", free_port()),

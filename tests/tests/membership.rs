@@ -183,3 +183,50 @@ async fn growing_shrinking_and_a_wiped_node_under_writes() {
     assert_eq!(c.primaries(), vec![0]);
     assert_all_there(&c, &written.acked);
 }
+
+/// Bad membership requests get a clear error and change nothing: node id 0,
+/// an address that is not host:port, an id that is a member at another
+/// address, another member's address; and a `--join` node the journal
+/// refuses exits with the reason instead of lingering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_membership_requests_are_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = JournalCluster::start(3).await;
+    let admin = c.admin_client();
+    let taken = c.nodes[1].addr.clone();
+    for (id, addr, kind, words) in [
+        (0, "127.0.0.1:1", "invalid", "node id 0"),
+        (9, "nonsense", "invalid", "not host:port"),
+        (2, "127.0.0.1:1", "membership", "is a member at"),
+        (9, taken.as_str(), "membership", "one address, one node"),
+    ] {
+        match admin.add_node(id, addr).await {
+            Err(JournalError::Rejected { kind: k, message }) => {
+                assert_eq!(k, kind, "add-node {id} {addr}: {message}");
+                assert!(message.contains(words), "add-node {id} {addr}: {message}");
+            }
+            other => panic!("add-node {id} {addr} was not refused: {other:?}"),
+        }
+    }
+    let m = admin.members().await.unwrap();
+    assert_eq!(m.members.iter().map(|n| n.node_id).collect::<Vec<_>>(), [1, 2, 3], "a refused change changed the members");
+    // Removing a node that is not a member changes nothing.
+    assert_eq!(admin.remove_node(42).await.unwrap().members.len(), 3);
+
+    // A node that asks to join under a member's id (at another address)
+    // is refused and exits, saying why.
+    let i = c.join_as(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = c.nodes[i].child.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the refused --join node did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    c.nodes[i].child = None;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&c.nodes[i].log).unwrap();
+    assert!(log.contains("refused to add node 2") && log.contains("is a member at"), "{log}");
+    assert_eq!(admin.members().await.unwrap().members.len(), 3);
+}
