@@ -10,9 +10,14 @@ use tonic::metadata::MetadataValue;
 
 use crate::types::Outcome;
 
-pub const ERROR_KEY: &str = "keel-error";
-pub const STREAM_LEADER_KEY: &str = "keel-stream-leader";
-pub const RAFT_LEADER_KEY: &str = "keel-raft-leader";
+pub use keel_journal_client::errors::ERROR_KEY;
+pub use keel_journal_client::errors::JournalError;
+pub use keel_journal_client::errors::RAFT_LEADER_KEY;
+pub use keel_journal_client::errors::STREAM_LEADER_KEY;
+pub use keel_journal_client::errors::from_rpc_error;
+pub use keel_journal_client::errors::to_rpc_error;
+#[cfg(test)]
+use keel_journal_client::errors::KEEL_KEYS;
 
 fn tagged(mut status: Status, word: &'static str) -> Status {
     status.metadata_mut().insert(ERROR_KEY, MetadataValue::from_static(word));
@@ -101,31 +106,6 @@ pub fn outcome_unknown(msg: impl Into<String>) -> Status {
     tagged(Status::unavailable(format!("OUTCOME_UNKNOWN: {}", msg.into())), "outcome-unknown")
 }
 
-/// The keel-* metadata keys a status may carry.
-const KEEL_KEYS: [&str; 3] = [ERROR_KEY, STREAM_LEADER_KEY, RAFT_LEADER_KEY];
-
-/// A status as it travels inside a stream message (`AppendStream`): its
-/// code, message and keel-* metadata.
-pub fn to_rpc_error(status: &Status) -> keel_proto::journal::RpcError {
-    let metadata = KEEL_KEYS
-        .iter()
-        .filter_map(|k| status.metadata().get(*k).and_then(|v| v.to_str().ok()).map(|v| (k.to_string(), v.to_string())))
-        .collect();
-    keel_proto::journal::RpcError { code: status.code() as i32, message: status.message().to_string(), metadata }
-}
-
-/// The inverse of `to_rpc_error`: the status the unary call would have
-/// returned. Unknown codes and metadata keys other than keel-* are dropped.
-pub fn from_rpc_error(e: &keel_proto::journal::RpcError) -> Status {
-    let mut status = Status::new(tonic::Code::from_i32(e.code), e.message.clone());
-    for k in KEEL_KEYS {
-        if let Some(v) = e.metadata.get(k).and_then(|v| v.parse().ok()) {
-            status.metadata_mut().insert(k, v);
-        }
-    }
-    status
-}
-
 /// The status for a rejection decided by the state machine.
 pub fn from_outcome(outcome: Outcome) -> Status {
     match outcome {
@@ -174,58 +154,6 @@ pub fn from_outcome(outcome: Outcome) -> Status {
         ),
         Outcome::Invalid { reason } => invalid(reason),
         other => Status::internal(format!("unexpected outcome {other:?}")),
-    }
-}
-
-/// A journal call's failure, as the client library reports it.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum JournalError {
-    /// The writer is not the stream's leader: stop writing.
-    #[error("{message}")]
-    Fenced { leader: String, message: String },
-    /// The request may or may not have been applied.
-    #[error("{0}")]
-    OutcomeUnknown(String),
-    /// No node could be reached or none is leader (nothing was applied).
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{message}")]
-    Rejected { kind: String, message: String },
-}
-
-impl JournalError {
-    pub fn from_status(status: &Status) -> JournalError {
-        let word = status.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let message = status.message().to_string();
-        match word {
-            "fenced" => JournalError::Fenced {
-                leader: status
-                    .metadata()
-                    .get(STREAM_LEADER_KEY)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string(),
-                message,
-            },
-            "outcome-unknown" => JournalError::OutcomeUnknown(message),
-            "not-leader" => JournalError::Unavailable(message),
-            "" => JournalError::Rejected { kind: format!("{:?}", status.code()), message },
-            w => JournalError::Rejected { kind: w.to_string(), message },
-        }
-    }
-
-    /// The `keel-error` word (or gRPC code) of a rejection.
-    pub fn kind(&self) -> &str {
-        match self {
-            JournalError::Fenced { .. } => "fenced",
-            JournalError::OutcomeUnknown(_) => "outcome-unknown",
-            JournalError::Unavailable(_) => "unavailable",
-            JournalError::Rejected { kind, .. } => kind,
-        }
-    }
-
-    pub fn is_fenced(&self) -> bool {
-        matches!(self, JournalError::Fenced { .. })
     }
 }
 

@@ -1,17 +1,18 @@
 //! The Keel journal: a multi-node, quorum-replicated, fsync'd, ordered log of
 //! streams with fencing and leases, served over gRPC. Consensus is openraft,
-//! the on-disk log is raft-log; the client library hides leader redirects.
+//! the on-disk log is raft-log. The client library, TLS identities and the
+//! metrics listener are keel-journal-client's (re-exported here).
 
-pub mod book;
-pub mod client;
+pub use keel_journal_client::book;
+pub use keel_journal_client::client;
 pub mod errors;
 pub mod raft_log_store;
 pub mod records;
 pub mod membership;
-pub mod metrics;
+pub use keel_journal_client::metrics;
 pub mod network;
 pub mod server;
 pub mod state_machine;
 pub mod streams;
-pub mod tls;
+pub use keel_journal_client::tls;
 pub mod types;

@@ -1030,10 +1030,7 @@ impl Journal for Node {
     }
 }
 
-/// How long `AddNode` waits for a new node to catch up as a learner (it may
-/// install a snapshot of every stream) before answering that it is still a
-/// learner.
-pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+pub use keel_journal_client::limits::CATCH_UP_TIMEOUT;
 /// How long a leader that is removed waits for its chosen successor to take
 /// over.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);

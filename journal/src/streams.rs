@@ -30,8 +30,8 @@ use crate::types::Payload;
 
 /// Largest single record.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
-/// Largest total payload of one append.
-pub const MAX_APPEND_BYTES: usize = 8 << 20;
+/// Largest total payload of one append (shared with the clients).
+pub use keel_journal_client::limits::MAX_APPEND_BYTES;
 /// Most records in one append.
 pub const MAX_APPEND_RECORDS: usize = 65_536;
 /// Longest stream name or meta key.

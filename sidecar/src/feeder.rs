@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use keel_journal::client::JournalClient;
+use keel_journal_client::client::JournalClient;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -176,7 +176,7 @@ impl Feeder {
         match self.journal.get_meta(&self.stream, SNAPSHOT_META_KEY).await {
             Ok(Some(b)) => SnapshotMeta::decode(&b).map(Some),
             Ok(None) => Ok(None),
-            Err(e) if e.kind() == "unknown-stream" => Ok(None),
+            Err(e) if e.rejection() == Some(&keel_journal_client::errors::Rejection::UnknownStream) => Ok(None),
             Err(e) => Err(format!("reading the published snapshot: {e}")),
         }
     }
@@ -209,8 +209,8 @@ impl Feeder {
                         }
                     }
                     Ok(None) => break 'read,
-                    Err(e) if e.kind() == "unknown-stream" => return Ok(()),
-                    Err(e) if e.kind() == "trimmed" && !restarted => {
+                    Err(e) if e.rejection() == Some(&keel_journal_client::errors::Rejection::UnknownStream) => return Ok(()),
+                    Err(e) if e.rejection() == Some(&keel_journal_client::errors::Rejection::Trimmed) && !restarted => {
                         // Trimmed past what this history read: a newer
                         // snapshot covers it.
                         let Some(s) = self.published_snapshot().await? else {

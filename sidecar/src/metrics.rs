@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use std::time::Instant;
 
-use keel_journal::metrics::latency_buckets;
+use keel_journal_client::metrics::latency_buckets;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -176,7 +176,7 @@ impl NodeMetrics {
     }
 
     pub fn encode(&self) -> String {
-        keel_journal::metrics::encode(&self.registry.lock().unwrap())
+        keel_journal_client::metrics::encode(&self.registry.lock().unwrap())
     }
 }
 
@@ -217,7 +217,7 @@ impl std::fmt::Debug for MetricsTls {
 }
 
 /// The render function for the listener.
-pub fn render() -> keel_journal::metrics::Render {
+pub fn render() -> keel_journal_client::metrics::Render {
     Arc::new(|| get().encode())
 }
 

@@ -38,8 +38,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::SystemTime;
 
-use keel_journal::client::JournalClient;
-use keel_journal::client::JournalError;
+use keel_journal_client::client::JournalClient;
+use keel_journal_client::client::JournalError;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -173,7 +173,7 @@ pub async fn run(cfg: NodeConfig) -> Stop {
     }
     if let Some(addr) = cfg.metrics {
         let scheme = if cfg.metrics_tls.is_some() { "https" } else { "http" };
-        match keel_journal::metrics::serve(addr, crate::metrics::render(), cfg.metrics_tls.clone().map(|t| t.0)).await {
+        match keel_journal_client::metrics::serve(addr, crate::metrics::render(), cfg.metrics_tls.clone().map(|t| t.0)).await {
             Ok(bound) => tracing::info!(url = %format!("{scheme}://{bound}/metrics"), "serving Prometheus metrics"),
             Err(e) => return Stop::Fatal(format!("metrics listener {addr}: {e}")),
         }
@@ -191,7 +191,7 @@ pub async fn run(cfg: NodeConfig) -> Stop {
     loop {
         let info = match journal.stream_info(&cfg.primary.stream).await {
             Ok(i) => Some(i),
-            Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => None,
+            Err(JournalError::Rejected { kind: keel_journal_client::errors::Rejection::UnknownStream, .. }) => None,
             Err(e) => {
                 quiet.warn("journal unavailable", &e.to_string());
                 tokio::time::sleep(Duration::from_millis(cfg.primary.retry_pause_ms)).await;

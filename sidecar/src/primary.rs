@@ -40,9 +40,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
-use keel_journal::client::AppendSession;
-use keel_journal::client::JournalClient;
-use keel_journal::client::JournalError;
+use keel_journal_client::client::AppendSession;
+use keel_journal_client::client::JournalClient;
+use keel_journal_client::client::JournalError;
 use tokio::io::AsyncBufReadExt;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
@@ -73,7 +73,7 @@ pub struct PrimaryConfig {
     pub control: Credentials,
     pub journal: String,
     /// TLS to the journal (or explicitly none).
-    pub journal_tls: keel_journal::tls::JournalTls,
+    pub journal_tls: keel_journal_client::tls::JournalTls,
     pub stream: String,
     pub state_dir: PathBuf,
     pub lease_ms: u64,
@@ -763,7 +763,7 @@ const MAX_RECORDS_PER_APPEND: usize = 14;
 const MAX_APPEND_PAYLOAD_BYTES: usize = MAX_RECORDS_PER_APPEND * MAX_PAYLOAD_BYTES;
 // With each record's header (well under 1 KiB), it fits the journal's
 // limit for one append.
-const _: () = assert!(MAX_APPEND_PAYLOAD_BYTES + MAX_RECORDS_PER_APPEND * 1024 <= keel_journal::streams::MAX_APPEND_BYTES);
+const _: () = assert!(MAX_APPEND_PAYLOAD_BYTES + MAX_RECORDS_PER_APPEND * 1024 <= keel_journal_client::limits::MAX_APPEND_BYTES);
 
 /// How long an append may be in flight before the replication link is
 /// read again meanwhile.
@@ -847,7 +847,7 @@ async fn control(cfg: &PrimaryConfig) -> Result<(Control, String), Stop> {
 async fn last_seq_of(journal: &JournalClient, stream: &str) -> Result<u64, Stop> {
     match journal.stream_info(stream).await {
         Ok(i) => Ok(i.last_seq),
-        Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => Ok(0),
+        Err(JournalError::Rejected { kind: keel_journal_client::errors::Rejection::UnknownStream, .. }) => Ok(0),
         Err(e) => Err(retry(e)),
     }
 }
@@ -943,7 +943,7 @@ async fn append_records(
                 return Ok((seq, last.end));
             }
             Err(JournalError::Fenced { message, .. }) => return Err(Stop::Fenced(message)),
-            Err(e @ JournalError::Rejected { .. }) if e.kind() == "seq-mismatch" => {
+            Err(e @ JournalError::Rejected { .. }) if e.rejection() == Some(&keel_journal_client::errors::Rejection::SeqMismatch) => {
                 // An earlier attempt whose outcome was unknown may have landed.
                 let mut reader = session.client().read(stream, after_seq + 1, false);
                 let landed = match reader.next_batch().await {
@@ -961,7 +961,7 @@ async fn append_records(
                 tracing::warn!(error = %e, "append not confirmed; retrying");
                 tokio::time::sleep(Duration::from_millis(retry_pause_ms)).await;
             }
-            Err(e @ JournalError::Rejected { .. }) if e.kind() == "stream-full" => {
+            Err(e @ JournalError::Rejected { .. }) if e.rejection() == Some(&keel_journal_client::errors::Rejection::StreamFull) => {
                 // Back-pressure, not a failure: nothing was appended, and the
                 // snapshotter's next trim makes room. Writes stay held (the
                 // module answers those past its write timeout as unconfirmed);

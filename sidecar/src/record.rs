@@ -18,8 +18,8 @@
 //! from `start` were an unfinished command or transaction of a writer that
 //! died; the stream continues at `start`; no payload).
 
-use keel_journal::client::JournalClient;
-use keel_journal::client::JournalError;
+use keel_journal_client::client::JournalClient;
+use keel_journal_client::client::JournalError;
 
 pub const VERSION: u8 = 1;
 const HEADER_BYTES: usize = 1 + 1 + 40 + 8 + 8 + 4;

@@ -950,7 +950,7 @@ impl AccessFlags {
 /// private key in `key` (both PEM; the key readable by its owner only, as
 /// `keel-journal certs` writes it) and asks clients for no certificate.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    keel_journal::tls::server_acceptor("the discovery endpoint", cert, key)
+    keel_journal_client::tls::server_acceptor("the discovery endpoint", cert, key)
 }
 
 /// Serves RESP clients on `listener` in plaintext, without a password, until

@@ -31,8 +31,8 @@ use std::time::Duration;
 use std::time::Instant;
 use std::time::SystemTime;
 
-use keel_journal::client::JournalClient;
-use keel_journal::client::JournalError;
+use keel_journal_client::client::JournalClient;
+use keel_journal_client::client::JournalError;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -71,7 +71,7 @@ const MAX_REPLY_BYTES: usize = 1 << 20;
 pub struct SnapshotterConfig {
     pub journal: String,
     /// TLS to the journal (or explicitly none).
-    pub journal_tls: keel_journal::tls::JournalTls,
+    pub journal_tls: keel_journal_client::tls::JournalTls,
     pub stream: String,
     pub store: String,
     /// The redis-server (or valkey-server) binary the private servers run.
@@ -227,7 +227,7 @@ impl Snapshotter {
     async fn due_now(&self) -> Result<bool, String> {
         let info = match self.journal.stream_info(&self.cfg.stream).await {
             Ok(i) => i,
-            Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => return Ok(false),
+            Err(JournalError::Rejected { kind: keel_journal_client::errors::Rejection::UnknownStream, .. }) => return Ok(false),
             Err(e) => return Err(e.to_string()),
         };
         let published = self.published().await?.1;

@@ -451,7 +451,7 @@ async fn redis_py_over_tls_with_a_password() {
     let primary = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("tls");
-    keel_journal::tls::issue(&certs, &["redis-0".into()], &[]).unwrap();
+    keel_journal_client::tls::issue(&certs, &["redis-0".into()], &[]).unwrap();
     let password_file = dir.path().join("sentinel.pw");
     {
         use std::os::unix::fs::OpenOptionsExt as _;

@@ -117,9 +117,9 @@ async fn until_closed<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> Vec<
 async fn discovery_over_tls_with_a_password() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("tls");
-    keel_journal::tls::issue(&certs, &["redis-0".into()], &[]).unwrap();
+    keel_journal_client::tls::issue(&certs, &["redis-0".into()], &[]).unwrap();
     let other_ca = dir.path().join("other");
-    keel_journal::tls::issue(&other_ca, &[], &[]).unwrap();
+    keel_journal_client::tls::issue(&other_ca, &[], &[]).unwrap();
     let flags = AccessFlags {
         tls_cert: Some(certs.join("redis-0.pem")),
         tls_key: Some(certs.join("redis-0.key")),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use keel_journal::client::AppendSession;
 use keel_journal::client::JournalClient;
 use keel_journal::client::JournalError;
+use keel_journal::client::Rejection;
 use keel_tests::JournalCluster;
 use keel_tests::bin;
 use keel_tests::new_uuid;
@@ -28,7 +29,7 @@ async fn append_acked(client: &JournalClient, leader: &str, payload: &[u8], last
                 *last_seq = seq;
                 return seq;
             }
-            Err(JournalError::Rejected { kind, .. }) if kind == "seq-mismatch" => {
+            Err(JournalError::Rejected { kind: Rejection::SeqMismatch, .. }) => {
                 // The earlier unknown attempt was applied: check it is ours.
                 let info = client.stream_info(S).await.expect("stream info");
                 assert_eq!(info.last_seq, *last_seq + 1, "someone else appended");
@@ -167,7 +168,7 @@ async fn streamed_appends_answer_like_unary_ones() {
                     last = seq;
                     break;
                 }
-                Err(e) if e.kind() == "seq-mismatch" => {
+                Err(e) if e.rejection() == Some(&Rejection::SeqMismatch) => {
                     // An attempt whose outcome was unknown landed.
                     last += 1;
                     break;
@@ -203,7 +204,7 @@ async fn fencing_and_compare_and_set() {
     // CAS with the wrong expectation fails and reports the actual leader.
     match client.set_leader(S, &b, &b).await {
         Err(JournalError::Rejected { kind, message }) => {
-            assert_eq!(kind, "cas-failed");
+            assert_eq!(kind, Rejection::CasFailed);
             assert!(message.contains(&a), "{message}");
         }
         other => panic!("expected CAS failure, got {other:?}"),

@@ -15,6 +15,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use keel_journal::client::JournalError;
+use keel_journal::client::Rejection;
 use keel_tests::JournalCluster;
 use keel_tests::KeelCluster;
 use keel_tests::Resp;
@@ -121,7 +122,7 @@ async fn growing_shrinking_and_a_wiped_node_under_writes() {
     // A caller without the administrator's certificate changes nothing.
     match c.journal.client().remove_node(1).await {
         Err(JournalError::Rejected { kind, message }) => {
-            assert_eq!(kind, "not-allowed", "{message}");
+            assert_eq!(kind, Rejection::NotAllowed, "{message}");
             assert!(message.contains("administrator"), "{message}");
         }
         other => panic!("a sidecar-grade certificate removed a node: {other:?}"),
@@ -162,7 +163,7 @@ async fn growing_shrinking_and_a_wiped_node_under_writes() {
     }
     match admin.remove_node(live_id).await {
         Err(JournalError::Rejected { kind, message }) => {
-            assert_eq!(kind, "membership", "{message}");
+            assert_eq!(kind, Rejection::Membership, "{message}");
             assert!(message.contains("quorum"), "{message}");
         }
         other => panic!("removing node {live_id} while node {old_id} is dead would leave no quorum, yet: {other:?}"),
@@ -195,10 +196,10 @@ async fn bad_membership_requests_are_refused() {
     let admin = c.admin_client();
     let taken = c.nodes[1].addr.clone();
     for (id, addr, kind, words) in [
-        (0, "127.0.0.1:1", "invalid", "node id 0"),
-        (9, "nonsense", "invalid", "not host:port"),
-        (2, "127.0.0.1:1", "membership", "is a member at"),
-        (9, taken.as_str(), "membership", "one address, one node"),
+        (0, "127.0.0.1:1", Rejection::Invalid, "node id 0"),
+        (9, "nonsense", Rejection::Invalid, "not host:port"),
+        (2, "127.0.0.1:1", Rejection::Membership, "is a member at"),
+        (9, taken.as_str(), Rejection::Membership, "one address, one node"),
     ] {
         match admin.add_node(id, addr).await {
             Err(JournalError::Rejected { kind: k, message }) => {

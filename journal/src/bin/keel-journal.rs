@@ -498,7 +498,7 @@ async fn ctl(client: &JournalClient, op: CtlOp) -> Result<(), JournalError> {
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
-                .map_err(|e| JournalError::Rejected { kind: "io".into(), message: format!("reading stdin: {e}") })?;
+                .map_err(|e| JournalError::Rejected { kind: keel_journal::client::Rejection::Other("io".into()), message: format!("reading stdin: {e}") })?;
             let seq = client.append(&stream, &leader, vec![buf], expect_last_seq).await?;
             println!("{seq}");
         }
@@ -539,7 +539,7 @@ async fn ctl(client: &JournalClient, op: CtlOp) -> Result<(), JournalError> {
             Some(v) => println!("{}", String::from_utf8_lossy(&v)),
             None => {
                 return Err(JournalError::Rejected {
-                    kind: "not-found".into(),
+                    kind: keel_journal::client::Rejection::Other("not-found".into()),
                     message: format!("meta key {key:?} is not set on stream {stream:?}"),
                 })
             }
@@ -564,7 +564,7 @@ async fn bench(
     let me = uuid::Uuid::new_v4().to_string();
     let current = match client.stream_info(stream).await {
         Ok(info) => info.leader_uuid,
-        Err(JournalError::Rejected { kind, .. }) if kind == "unknown-stream" => String::new(),
+        Err(JournalError::Rejected { kind: keel_journal::client::Rejection::UnknownStream, .. }) => String::new(),
         Err(e) => return Err(e),
     };
     client.set_leader(stream, &me, &current).await?;

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::Subcommand;
-use keel_journal::client::JournalClient;
-use keel_journal::tls::JournalTls;
-use keel_journal::tls::TlsFlags;
+use keel_journal_client::client::JournalClient;
+use keel_journal_client::tls::JournalTls;
+use keel_journal_client::tls::TlsFlags;
 use keel_sidecar::primary::PrimaryConfig;
 use keel_sidecar::node::NodeConfig;
 use keel_sidecar::record::Kind;
@@ -287,7 +287,7 @@ fn main() -> ExitCode {
             };
             let metrics_tls = match (&metrics_tls_cert, &metrics_tls_key) {
                 (None, None) => None,
-                (Some(c), Some(k)) => match keel_journal::tls::server_acceptor("the metrics listener", c, k) {
+                (Some(c), Some(k)) => match keel_journal_client::tls::server_acceptor("the metrics listener", c, k) {
                     Ok(a) => Some(keel_sidecar::metrics::MetricsTls(a)),
                     Err(e) => {
                         eprintln!("keel-sidecar: bad metrics TLS configuration: {e}");

@@ -29,6 +29,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 pub use crate::errors::JournalError;
+pub use crate::errors::Rejection;
 use crate::errors::ERROR_KEY;
 use crate::errors::RAFT_LEADER_KEY;
 pub use crate::tls::JournalTls;
@@ -187,7 +188,7 @@ impl JournalClient {
         if endpoints.is_empty() {
             return Err(JournalError::Unavailable("no journal endpoints given".into()));
         }
-        let bad = |message: String| JournalError::Rejected { kind: "invalid".into(), message };
+        let bad = |message: String| JournalError::Rejected { kind: crate::errors::Rejection::Invalid, message };
         for e in &endpoints {
             let endpoint = Channel::from_shared(format!("{}://{e}", cfg.tls.scheme())).map_err(|err| bad(format!("bad endpoint {e:?}: {err}")))?;
             if let Some(tls) = cfg.tls.client_config() {
@@ -538,7 +539,7 @@ impl JournalClient {
     /// Waits up to `server::CATCH_UP_TIMEOUT` (and a little more) for it.
     pub async fn add_node(&self, id: u64, addr: &str) -> Result<pb::MembersResponse, JournalError> {
         let req = pb::AddNodeRequest { node_id: id, addr: addr.into() };
-        let wait = crate::server::CATCH_UP_TIMEOUT + Duration::from_secs(30);
+        let wait = crate::limits::CATCH_UP_TIMEOUT + Duration::from_secs(30);
         let out = self
             .run("add-node", true, |mut c, _t| {
                 let r = timed(req.clone(), wait);
