@@ -20,6 +20,12 @@ KEEL_APT_PACKAGES=(
 
 keel_log() { printf '[keel] %s\n' "$*" >&2; }
 
+# Whether standard input has a line matching the grep arguments, reading it
+# all. Not `grep -q`: under pipefail a grep that exits at its first match
+# makes the writer's next line fail (SIGPIPE) and the whole pipeline false
+# (restarts once polled for a journal leader they already had, up to 20 s).
+keel_output_has() { grep -c "$@" >/dev/null; }
+
 keel_install_deps() {
   local missing=() entry cmd pkg
   for entry in "${KEEL_APT_PACKAGES[@]}"; do

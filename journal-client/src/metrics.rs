@@ -194,7 +194,8 @@ pub struct JournalView {
     pub data_free_bytes: Option<u64>,
 }
 
-fn gauge(v: u64) -> i64 {
+/// A count as a gauge's value (saturating: gauges are i64).
+pub fn gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

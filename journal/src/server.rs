@@ -1136,10 +1136,7 @@ impl Node {
             Ok(r) => r.map_err(|e| self.change_failed(e))?,
         };
         tracing::info!(node_id = id, caught_up_ms = t0.elapsed().as_millis() as u64, "the new journal node caught up; making it a voter");
-        self.raft
-            .change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
-            .await
-            .map_err(|e| self.change_failed(e))?;
+        self.change(openraft::ChangeMembers::AddVoterIds([id].into())).await?;
         tracing::info!(node_id = id, "the journal node is a voter");
         Ok(())
     }
@@ -1152,11 +1149,7 @@ impl Node {
         let is_learner = known.membership().learner_ids().any(|l| l == id);
         if is_learner {
             tracing::info!(node_id = id, "removing a learner from the journal");
-            self.raft
-                .change_membership(openraft::ChangeMembers::RemoveNodes([id].into()), false)
-                .await
-                .map_err(|e| self.change_failed(e))?;
-            return Ok(());
+            return self.change(openraft::ChangeMembers::RemoveNodes([id].into())).await;
         }
         match crate::membership::check(&self.answering().await, self.cfg.node_id, Change::Remove(id)).map_err(errors::membership_refused)? {
             Plan::Nothing => Ok(()),
@@ -1183,14 +1176,17 @@ impl Node {
             }
             Plan::Voters(_) => {
                 tracing::info!(node_id = id, "removing a journal node");
-                self.raft
-                    .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
-                    .await
-                    .map_err(|e| self.change_failed(e))?;
+                self.change(openraft::ChangeMembers::RemoveVoters([id].into())).await?;
                 tracing::info!(node_id = id, "the journal node is removed; stop its process");
                 Ok(())
             }
         }
+    }
+
+    /// Proposes `what` (removed nodes leave the cluster, not kept as
+    /// learners) and waits until it is committed.
+    async fn change(&self, what: openraft::ChangeMembers<NodeId, BasicNode>) -> Result<(), Status> {
+        self.raft.change_membership(what, false).await.map(|_| ()).map_err(|e| self.change_failed(e))
     }
 
     fn change_failed(&self, e: openraft::errors::RaftError<crate::types::TypeConfig, ClientWriteError<crate::types::TypeConfig>>) -> Status {

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use std::time::Instant;
 
+use keel_journal_client::metrics::gauge;
 use keel_journal_client::metrics::latency_buckets;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -97,10 +98,6 @@ impl NodeView {
             feed_stalled: num("keel_feed_stalled_seq") > 0,
         }
     }
-}
-
-fn gauge(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl NodeMetrics {
