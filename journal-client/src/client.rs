@@ -92,9 +92,50 @@ struct Shared {
     /// Per slot: a call was answered over its channel. Until then a write
     /// is preceded by a `Status` call (see `run`).
     answered: Vec<AtomicBool>,
+    /// How channels are made (TLS, connect timeout).
+    cfg: ClientConfig,
 }
 
 impl Shared {
+    /// The gRPC client of slot `i` (its channel made at first use).
+    fn raw(&self, i: usize) -> RawClient<Channel> {
+        let addr = self.book.lock().unwrap().addr(i).to_string();
+        let mut chans = self.channels.lock().unwrap();
+        let ch = chans[i].get_or_insert_with(|| {
+            // Addresses learned from the journal were not checked in `new`:
+            // one that is not a URI gets a channel that never connects.
+            let mut endpoint = Channel::from_shared(format!("{}://{}", self.cfg.tls.scheme(), addr))
+                .unwrap_or_else(|_| Channel::from_static("http://invalid.invalid:1"))
+                .connect_timeout(self.cfg.connect_timeout)
+                .tcp_nodelay(true);
+            if let Some(tls) = self.cfg.tls.client_config() {
+                endpoint = endpoint.tls_config(tls).expect("validated in new");
+            }
+            endpoint.connect_lazy()
+        });
+        RawClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Every `MEMBERSHIP_REFRESH` while the client exists, asks the nodes it
+    /// knows (one after another until one answers) for the membership: a
+    /// client whose only call is a long-lived read (a replica's feed) makes
+    /// no calls that would, and must know the new nodes before the old
+    /// ones are gone.
+    async fn keep_learning(shared: std::sync::Weak<Shared>) {
+        loop {
+            tokio::time::sleep(MEMBERSHIP_REFRESH).await;
+            let Some(s) = shared.upgrade() else { return };
+            let live = s.book.lock().unwrap().live();
+            for i in live {
+                let mut raw = s.raw(i);
+                if let Ok(st) = raw.status(timed(pb::StatusRequest {}, s.cfg.request_timeout)).await {
+                    s.learn(&st.into_inner());
+                    break;
+                }
+            }
+        }
+    }
+
     /// Learns the membership in a node's `Status` answer.
     fn learn(&self, s: &pb::StatusResponse) {
         let members: Vec<String> = s.members.iter().map(|m| m.addr.clone()).collect();
@@ -197,12 +238,13 @@ impl JournalClient {
         }
         let n = crate::book::MAX_ENDPOINTS;
         Ok(JournalClient {
-            cfg,
+            cfg: cfg.clone(),
             preferred: Mutex::new(0),
             shared: Arc::new(Shared {
                 book: Mutex::new(crate::book::Book::new(&endpoints)),
                 channels: Mutex::new(vec![None; n]),
                 answered: (0..n).map(|_| AtomicBool::new(false)).collect(),
+                cfg: cfg.clone(),
             }),
             warmed: AtomicBool::new(false),
             asked_members: Mutex::new(Instant::now()),
@@ -228,21 +270,7 @@ impl JournalClient {
     }
 
     fn raw(&self, i: usize) -> RawClient<Channel> {
-        let addr = self.endpoint(i);
-        let mut chans = self.shared.channels.lock().unwrap();
-        let ch = chans[i].get_or_insert_with(|| {
-            // Addresses learned from the journal were not checked in `new`:
-            // one that is not a URI gets a channel that never connects.
-            let mut endpoint = Channel::from_shared(format!("{}://{}", self.cfg.tls.scheme(), addr))
-                .unwrap_or_else(|_| Channel::from_static("http://invalid.invalid:1"))
-                .connect_timeout(self.cfg.connect_timeout)
-                .tcp_nodelay(true);
-            if let Some(tls) = self.cfg.tls.client_config() {
-                endpoint = endpoint.tls_config(tls).expect("validated in new");
-            }
-            endpoint.connect_lazy()
-        });
-        RawClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+        self.shared.raw(i)
     }
 
     /// At the first call: connects to every endpoint in the background (a
@@ -260,6 +288,7 @@ impl JournalClient {
         for i in live {
             self.ask(i);
         }
+        tokio::spawn(Shared::keep_learning(Arc::downgrade(&self.shared)));
     }
 
     /// A `Status` call to slot `i` in the background: marks the slot
