@@ -47,6 +47,10 @@ async fn add(c: &mut KeelCluster, w: &Writer) -> usize {
     let id = c.journal.nodes[i].id;
     c.journal.wait_voter(id, JOIN_LIMIT).await;
     println!("node {id} joined as a voter in {} ms", t0.elapsed().as_millis());
+    // Every client learns a new member within MEMBERSHIP_REFRESH (a
+    // replica's only call may be its feed read): operators leave that long
+    // between adding a node and removing an old one (docs/operations.md).
+    tokio::time::sleep(2 * keel_journal::client::MEMBERSHIP_REFRESH).await;
     let n = w.count();
     w.wait_count(n + 10, Duration::from_secs(30));
     i
