@@ -167,10 +167,27 @@ enum Failure {
     Final(JournalError),
 }
 
+/// Whether a transport failure came before any connection was made (so
+/// nothing was sent): refused, unreachable, or the connect timed out. Read
+/// from the typed I/O errors among the status's sources, not its text.
+fn never_connected(status: &Status) -> bool {
+    use std::io::ErrorKind as K;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = src {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), K::ConnectionRefused | K::AddrNotAvailable | K::NetworkUnreachable | K::HostUnreachable | K::TimedOut) {
+                return true;
+            }
+        }
+        src = e.source();
+    }
+    false
+}
+
 fn classify(status: &Status) -> Failure {
-    let word = status.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok());
-    match word {
-        Some("not-leader") => Failure::Redirect(
+    let kind = status.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok()).map(crate::errors::kind_of);
+    match kind {
+        Some(Some(crate::errors::ErrorKind::NotLeader)) => Failure::Redirect(
             status.metadata().get(RAFT_LEADER_KEY).and_then(|v| v.to_str().ok()).map(str::to_string),
         ),
         Some(_) => Failure::Final(JournalError::from_status(status)),
@@ -181,9 +198,7 @@ fn classify(status: &Status) -> Failure {
                 chain.push_str(&format!(": {e}"));
                 src = e.source();
             }
-            let refused = chain.contains("onnection refused")
-                || chain.contains("tcp connect error")
-                || chain.contains("error trying to connect");
+            let refused = never_connected(status);
             // A failed TLS handshake: the node reads no request before the
             // handshake completes, so nothing was applied. Under TLS 1.3 a
             // client learns its certificate was refused only from the
@@ -873,6 +888,26 @@ impl Attempts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call to a port with a bound socket that does not listen is refused
+    /// by the kernel: classified as never sent (safe to retry anywhere),
+    /// from the typed I/O error, whatever the message says.
+    #[tokio::test]
+    async fn a_refused_connection_is_known_unsent() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy();
+        let status = RawClient::new(channel).status(pb::StatusRequest {}).await.expect_err("nothing listens there");
+        assert!(never_connected(&status), "{status:?}");
+        match classify(&status) {
+            Failure::Transport { sent, message } => assert!(!sent, "{message}"),
+            _ => panic!("not a transport failure: {status:?}"),
+        }
+        // A status without a transport source (a server's own error) is not.
+        assert!(!never_connected(&Status::unavailable("Connection refused")));
+        drop(socket);
+    }
 
     #[test]
     fn tls_refusals_are_recognised() {

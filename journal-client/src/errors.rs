@@ -51,8 +51,29 @@ pub enum JournalError {
     Rejected { kind: Rejection, message: String },
 }
 
-/// Why the journal refused a request (nothing was applied), by the
-/// `keel-error` word the server sends (proto/journal.proto lists them).
+pub use keel_proto::journal::ErrorKind;
+
+/// The prefix prost keeps in `ErrorKind::as_str_name`.
+const KIND_PREFIX: &str = "ERROR_KIND_";
+
+/// The `keel-error` word of a kind (proto/journal.proto says how it is
+/// derived): `UnknownStream` is "unknown-stream".
+pub fn word(kind: ErrorKind) -> String {
+    let name = kind.as_str_name();
+    name.strip_prefix(KIND_PREFIX).unwrap_or(name).to_ascii_lowercase().replace('_', "-")
+}
+
+/// The kind a `keel-error` word names, if this client knows it.
+pub fn kind_of(word: &str) -> Option<ErrorKind> {
+    if word.is_empty() || !word.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
+        return None;
+    }
+    ErrorKind::from_str_name(&format!("{KIND_PREFIX}{}", word.to_ascii_uppercase().replace('-', "_")))
+        .filter(|k| *k != ErrorKind::Unspecified)
+}
+
+/// Why the journal refused a request (nothing was applied): the kinds of
+/// proto/journal.proto that are refusals.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     Invalid,
@@ -72,40 +93,66 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// Every word with a variant, and the variant.
-    const WORDS: [(&'static str, Rejection); 11] = [
-        ("invalid", Rejection::Invalid),
-        ("unknown-stream", Rejection::UnknownStream),
-        ("trimmed", Rejection::Trimmed),
-        ("overloaded", Rejection::Overloaded),
-        ("stream-full", Rejection::StreamFull),
-        ("cas-failed", Rejection::CasFailed),
-        ("lease-held", Rejection::LeaseHeld),
-        ("not-caught-up", Rejection::NotCaughtUp),
-        ("seq-mismatch", Rejection::SeqMismatch),
-        ("membership", Rejection::Membership),
-        ("not-allowed", Rejection::NotAllowed),
-    ];
+    /// The rejection of a kind; `None` for the kinds that are not refusals
+    /// (fenced, outcome unknown, not leader). Exhaustive: a kind added to
+    /// the proto does not compile until it is placed here.
+    pub fn of_kind(kind: ErrorKind) -> Option<Rejection> {
+        Some(match kind {
+            ErrorKind::Unspecified | ErrorKind::Fenced | ErrorKind::OutcomeUnknown | ErrorKind::NotLeader => return None,
+            ErrorKind::Invalid => Rejection::Invalid,
+            ErrorKind::UnknownStream => Rejection::UnknownStream,
+            ErrorKind::Trimmed => Rejection::Trimmed,
+            ErrorKind::Overloaded => Rejection::Overloaded,
+            ErrorKind::StreamFull => Rejection::StreamFull,
+            ErrorKind::CasFailed => Rejection::CasFailed,
+            ErrorKind::LeaseHeld => Rejection::LeaseHeld,
+            ErrorKind::NotCaughtUp => Rejection::NotCaughtUp,
+            ErrorKind::SeqMismatch => Rejection::SeqMismatch,
+            ErrorKind::Membership => Rejection::Membership,
+            ErrorKind::NotAllowed => Rejection::NotAllowed,
+        })
+    }
 
-    pub fn from_word(word: &str) -> Rejection {
-        Rejection::WORDS.iter().find(|(w, _)| *w == word).map(|(_, r)| r.clone()).unwrap_or_else(|| Rejection::Other(word.to_string()))
+    /// The proto kind, for every variant but `Other`.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        Some(match self {
+            Rejection::Invalid => ErrorKind::Invalid,
+            Rejection::UnknownStream => ErrorKind::UnknownStream,
+            Rejection::Trimmed => ErrorKind::Trimmed,
+            Rejection::Overloaded => ErrorKind::Overloaded,
+            Rejection::StreamFull => ErrorKind::StreamFull,
+            Rejection::CasFailed => ErrorKind::CasFailed,
+            Rejection::LeaseHeld => ErrorKind::LeaseHeld,
+            Rejection::NotCaughtUp => ErrorKind::NotCaughtUp,
+            Rejection::SeqMismatch => ErrorKind::SeqMismatch,
+            Rejection::Membership => ErrorKind::Membership,
+            Rejection::NotAllowed => ErrorKind::NotAllowed,
+            Rejection::Other(_) => return None,
+        })
+    }
+
+    /// The rejection a wire word names (`Other` for words this client does
+    /// not know).
+    pub fn from_word(w: &str) -> Rejection {
+        kind_of(w).and_then(Rejection::of_kind).unwrap_or_else(|| Rejection::Other(w.to_string()))
     }
 
     /// The wire word.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Rejection::Other(w) => w,
-            known => Rejection::WORDS.iter().find(|(_, r)| r == known).map(|(w, _)| *w).expect("every variant has a word"),
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        match (self, self.kind()) {
+            (_, Some(k)) => word(k).into(),
+            (Rejection::Other(w), None) => w.as_str().into(),
+            (_, None) => unreachable!("only Other has no kind"),
         }
     }
 }
 
 impl JournalError {
     pub fn from_status(status: &Status) -> JournalError {
-        let word = status.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let w = status.metadata().get(ERROR_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
         let message = status.message().to_string();
-        match word {
-            "fenced" => JournalError::Fenced {
+        match kind_of(w) {
+            Some(ErrorKind::Fenced) => JournalError::Fenced {
                 leader: status
                     .metadata()
                     .get(STREAM_LEADER_KEY)
@@ -114,19 +161,23 @@ impl JournalError {
                     .to_string(),
                 message,
             },
-            "outcome-unknown" => JournalError::OutcomeUnknown(message),
-            "not-leader" => JournalError::Unavailable(message),
-            "" => JournalError::Rejected { kind: Rejection::Other(format!("{:?}", status.code())), message },
-            w => JournalError::Rejected { kind: Rejection::from_word(w), message },
+            Some(ErrorKind::OutcomeUnknown) => JournalError::OutcomeUnknown(message),
+            Some(ErrorKind::NotLeader) => JournalError::Unavailable(message),
+            Some(k) => match Rejection::of_kind(k) {
+                Some(kind) => JournalError::Rejected { kind, message },
+                None => JournalError::Rejected { kind: Rejection::Other(w.to_string()), message },
+            },
+            None if w.is_empty() => JournalError::Rejected { kind: Rejection::Other(format!("{:?}", status.code())), message },
+            None => JournalError::Rejected { kind: Rejection::Other(w.to_string()), message },
         }
     }
 
-    /// The `keel-error` word (or gRPC code) of a rejection.
-    pub fn kind(&self) -> &str {
+    /// The `keel-error` word (or gRPC code) of a failure.
+    pub fn kind(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            JournalError::Fenced { .. } => "fenced",
-            JournalError::OutcomeUnknown(_) => "outcome-unknown",
-            JournalError::Unavailable(_) => "unavailable",
+            JournalError::Fenced { .. } => word(ErrorKind::Fenced).into(),
+            JournalError::OutcomeUnknown(_) => word(ErrorKind::OutcomeUnknown).into(),
+            JournalError::Unavailable(_) => "unavailable".into(),
             JournalError::Rejected { kind, .. } => kind.as_str(),
         }
     }
@@ -148,13 +199,51 @@ impl JournalError {
 mod tests {
     use super::*;
 
+    /// Every kind of the proto, by its number.
+    fn all_kinds() -> Vec<ErrorKind> {
+        (0..64).filter_map(|n| ErrorKind::try_from(n).ok()).collect()
+    }
+
     #[test]
-    fn every_word_round_trips() {
-        for (w, r) in Rejection::WORDS {
-            assert_eq!(Rejection::from_word(w), r);
-            assert_eq!(r.as_str(), w);
+    fn every_kind_has_one_word_and_back() {
+        let kinds = all_kinds();
+        assert!(kinds.len() >= 15, "the proto's kinds: {kinds:?}");
+        let mut words = std::collections::HashSet::new();
+        for k in kinds {
+            let w = word(k);
+            assert!(words.insert(w.clone()), "two kinds share {w}");
+            if k == ErrorKind::Unspecified {
+                assert_eq!(kind_of(&w), None);
+                continue;
+            }
+            assert_eq!(kind_of(&w), Some(k), "{w}");
+            if let Some(r) = Rejection::of_kind(k) {
+                assert_eq!(r.kind(), Some(k));
+                assert_eq!(Rejection::from_word(&w), r);
+                assert_eq!(r.as_str(), w);
+            }
+        }
+    }
+
+    #[test]
+    fn the_words_on_the_wire_are_the_documented_ones() {
+        // Servers and clients of other versions send and read these words.
+        assert_eq!(word(ErrorKind::UnknownStream), "unknown-stream");
+        assert_eq!(word(ErrorKind::OutcomeUnknown), "outcome-unknown");
+        assert_eq!(word(ErrorKind::NotLeader), "not-leader");
+        assert_eq!(word(ErrorKind::NotAllowed), "not-allowed");
+        assert_eq!(word(ErrorKind::SeqMismatch), "seq-mismatch");
+    }
+
+    #[test]
+    fn unknown_words_are_kept_not_guessed() {
+        for w in ["from-the-future", "", "UNKNOWN-STREAM", "unknown_stream", "error-kind-invalid", "unspecified"] {
+            assert_eq!(kind_of(w), None, "{w}");
         }
         assert_eq!(Rejection::from_word("from-the-future"), Rejection::Other("from-the-future".into()));
         assert_eq!(Rejection::Other("io".into()).as_str(), "io");
+        let mut status = Status::unavailable("x");
+        status.metadata_mut().insert(ERROR_KEY, "from-the-future".parse().unwrap());
+        assert_eq!(JournalError::from_status(&status).rejection(), Some(&Rejection::Other("from-the-future".into())));
     }
 }

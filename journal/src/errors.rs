@@ -19,8 +19,12 @@ pub use keel_journal_client::errors::to_rpc_error;
 #[cfg(test)]
 use keel_journal_client::errors::KEEL_KEYS;
 
-fn tagged(mut status: Status, word: &'static str) -> Status {
-    status.metadata_mut().insert(ERROR_KEY, MetadataValue::from_static(word));
+pub use keel_journal_client::errors::ErrorKind;
+
+fn tagged(mut status: Status, kind: ErrorKind) -> Status {
+    let word = keel_journal_client::errors::word(kind);
+    let value = MetadataValue::try_from(word.as_str()).expect("a kind's word is lower-case ASCII and '-'");
+    status.metadata_mut().insert(ERROR_KEY, value);
     status
 }
 
@@ -32,7 +36,7 @@ fn with_meta(mut status: Status, key: &'static str, value: &str) -> Status {
 }
 
 pub fn invalid(reason: impl Into<String>) -> Status {
-    tagged(Status::invalid_argument(format!("INVALID: {}", reason.into())), "invalid")
+    tagged(Status::invalid_argument(format!("INVALID: {}", reason.into())), ErrorKind::Invalid)
 }
 
 pub fn unknown_stream(stream: &str) -> Status {
@@ -40,7 +44,7 @@ pub fn unknown_stream(stream: &str) -> Status {
         Status::not_found(format!(
             "UNKNOWN_STREAM: stream {stream:?} does not exist; create it with set-leader or take-lease"
         )),
-        "unknown-stream",
+        ErrorKind::UnknownStream,
     )
 }
 
@@ -50,7 +54,7 @@ pub fn trimmed(stream: &str, from: u64, first: u64) -> Status {
             "TRIMMED: stream {stream:?} no longer holds seq {from}; its first retained seq is {first}; \
              restore from a snapshot first"
         )),
-        "trimmed",
+        ErrorKind::Trimmed,
     )
 }
 
@@ -59,7 +63,7 @@ pub fn not_leader(leader: Option<u64>, addr: Option<String>) -> Status {
         (Some(id), Some(a)) => format!("NOT_LEADER: this journal node is not the Raft leader; node {id} at {a} is"),
         _ => "NOT_LEADER: this journal node is not the Raft leader and knows no leader yet; retry shortly".into(),
     };
-    let status = tagged(Status::unavailable(msg), "not-leader");
+    let status = tagged(Status::unavailable(msg), ErrorKind::NotLeader);
     match addr {
         Some(a) => with_meta(status, RAFT_LEADER_KEY, &a),
         None => status,
@@ -71,13 +75,13 @@ pub fn overloaded(limit: usize) -> Status {
         Status::resource_exhausted(format!(
             "OVERLOADED: {limit} writes are already queued on this journal node; nothing was applied, retry later"
         )),
-        "overloaded",
+        ErrorKind::Overloaded,
     )
 }
 
 /// This node cannot serve a leader-only request right now (nothing applied).
 pub fn not_leader_because(why: String) -> Status {
-    tagged(Status::unavailable(format!("NOT_LEADER: {why}; retry shortly")), "not-leader")
+    tagged(Status::unavailable(format!("NOT_LEADER: {why}; retry shortly")), ErrorKind::NotLeader)
 }
 
 /// The Raft leader refused an append that would take `stream` over this
@@ -88,22 +92,22 @@ pub fn stream_full(stream: &str, held_bytes: u64, quota_bytes: u64) -> Status {
             "STREAM_FULL: stream {stream} holds {held_bytes} untrimmed bytes, its quota is {quota_bytes} \
              (--stream-quota-bytes); take a snapshot so the journal can trim (scripts/cluster snapshot), or raise the quota"
         )),
-        "stream-full",
+        ErrorKind::StreamFull,
     )
 }
 
 /// A membership change refused (nothing changed): `why` says what to do.
 pub fn membership_refused(why: impl Into<String>) -> Status {
-    tagged(Status::failed_precondition(format!("MEMBERSHIP: {}", why.into())), "membership")
+    tagged(Status::failed_precondition(format!("MEMBERSHIP: {}", why.into())), ErrorKind::Membership)
 }
 
 /// The caller's certificate may not make this call.
 pub fn not_allowed(why: impl Into<String>) -> Status {
-    tagged(Status::permission_denied(format!("NOT_ALLOWED: {}", why.into())), "not-allowed")
+    tagged(Status::permission_denied(format!("NOT_ALLOWED: {}", why.into())), ErrorKind::NotAllowed)
 }
 
 pub fn outcome_unknown(msg: impl Into<String>) -> Status {
-    tagged(Status::unavailable(format!("OUTCOME_UNKNOWN: {}", msg.into())), "outcome-unknown")
+    tagged(Status::unavailable(format!("OUTCOME_UNKNOWN: {}", msg.into())), ErrorKind::OutcomeUnknown)
 }
 
 /// The status for a rejection decided by the state machine.
@@ -115,21 +119,21 @@ pub fn from_outcome(outcome: Outcome) -> Status {
                     "FENCED: this writer is no longer leader of stream {stream} (leader is {})",
                     if leader.is_empty() { "nobody" } else { &leader }
                 )),
-                "fenced",
+                ErrorKind::Fenced,
             ),
             STREAM_LEADER_KEY,
             &leader,
         ),
         Outcome::CasFailed { actual } => tagged(
             Status::aborted(format!("CAS_FAILED: the current value is {}", if actual.is_empty() { "empty" } else { &actual })),
-            "cas-failed",
+            ErrorKind::CasFailed,
         ),
         Outcome::LeaseHeld { leader, deadline_unix_ms } => with_meta(
             tagged(
                 Status::failed_precondition(format!(
                     "LEASE_HELD: {leader} holds the lease until {deadline_unix_ms} (unix ms); retry after it expires"
                 )),
-                "lease-held",
+                ErrorKind::LeaseHeld,
             ),
             STREAM_LEADER_KEY,
             &leader,
@@ -138,11 +142,11 @@ pub fn from_outcome(outcome: Outcome) -> Status {
             Status::failed_precondition(format!(
                 "NOT_CAUGHT_UP: the stream's last seq is {last_seq}; read up to it before taking the lease"
             )),
-            "not-caught-up",
+            ErrorKind::NotCaughtUp,
         ),
         Outcome::SeqMismatch { last_seq } => tagged(
             Status::failed_precondition(format!("SEQ_MISMATCH: the stream's last seq is {last_seq}")),
-            "seq-mismatch",
+            ErrorKind::SeqMismatch,
         ),
         Outcome::UnknownStream { stream } => unknown_stream(&stream),
         Outcome::StreamFull { stream, retained_bytes, limit } => tagged(
@@ -150,7 +154,7 @@ pub fn from_outcome(outcome: Outcome) -> Status {
                 "STREAM_FULL: stream {stream} holds {retained_bytes} untrimmed bytes, the journal's hard cap is {limit}; \
                  take a snapshot so the journal can trim (scripts/cluster snapshot)"
             )),
-            "stream-full",
+            ErrorKind::StreamFull,
         ),
         Outcome::Invalid { reason } => invalid(reason),
         other => Status::internal(format!("unexpected outcome {other:?}")),
