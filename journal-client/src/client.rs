@@ -646,8 +646,20 @@ impl Reader<'_> {
                 Ok(Some(batch)) => {
                     // A resumed read may start from a lagging node; drop anything already seen.
                     let records: Vec<_> = batch.records.into_iter().filter(|r| r.seq >= self.next_seq).collect();
-                    if let Some(last) = records.last() {
-                        debug_assert!(records.windows(2).all(|w| w[1].seq == w[0].seq + 1), "gap in read");
+                    if let (Some(first), Some(last)) = (records.first(), records.last()) {
+                        // A gap would skip records a replica must apply: refuse
+                        // the batch (cheap, so checked in release builds too).
+                        // From seq 0 means from the first retained record.
+                        if (self.next_seq != 0 && first.seq != self.next_seq) || records.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
+                            self.current = None;
+                            return Err(JournalError::Unavailable(format!(
+                                "the journal sent stream {} records {}..={} with a gap after seq {}; nothing was taken from them",
+                                self.stream,
+                                first.seq,
+                                last.seq,
+                                self.next_seq.saturating_sub(1)
+                            )));
+                        }
                         self.next_seq = last.seq + 1;
                         return Ok(Some(records));
                     }

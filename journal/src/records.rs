@@ -230,7 +230,7 @@ impl Segment {
     }
 
     fn note_frame(&mut self, seq: u64, offset: u64, payload_len: u64) {
-        debug_assert_eq!(seq, self.next_seq);
+        assert_eq!(seq, self.next_seq, "frames of a segment are noted in seq order");
         let last = self.index.last().expect("a segment's index starts with its first frame");
         if offset - last.offset >= INDEX_EVERY_BYTES {
             self.index.push(IndexPoint { seq, offset, cum_before: self.cum_end });
