@@ -4,7 +4,8 @@
 KEEL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
 KEEL_PROFILE="${KEEL_PROFILE:-release}"
-export KEEL_BIN_DIR="$CARGO_TARGET_DIR/$KEEL_PROFILE"
+# KEEL_USE_BIN_DIR runs binaries built elsewhere (scripts/bench --before).
+export KEEL_BIN_DIR="${KEEL_USE_BIN_DIR:-$CARGO_TARGET_DIR/$KEEL_PROFILE}"
 
 # apt packages Keel needs, by the command that proves each is present.
 KEEL_APT_PACKAGES=(
