@@ -117,6 +117,9 @@ pub struct Config {
     pub seed: u64,
     /// Every `mix_every`-th episode injects two faults at once (0: never).
     pub mix_every: usize,
+    /// The server binary each node (and the snapshotter's private servers)
+    /// runs: redis-server, or e.g. Valkey's valkey-server.
+    pub server: PathBuf,
 }
 
 impl Config {
@@ -131,6 +134,7 @@ impl Config {
             clients_per_workload: 3,
             seed,
             mix_every: 9,
+            server: PathBuf::from("redis-server"),
         }
     }
 
@@ -201,10 +205,12 @@ pub struct Deployment {
     next_journal_id: u64,
     nodes: Vec<NodeProcs>,
     snapshotter: Option<Child>,
+    /// The server binary of every node (Config::server).
+    server: PathBuf,
 }
 
 impl Deployment {
-    pub fn start(dir: &std::path::Path, lease_ms: u64) -> Result<Deployment, String> {
+    pub fn start(dir: &std::path::Path, lease_ms: u64, server: &std::path::Path) -> Result<Deployment, String> {
         Lab::available()?;
         let hosts: Vec<&str> = JOURNAL_HOSTS.iter().chain(NODE_HOSTS.iter()).copied().collect();
         let lab = Lab::new(&hosts).map_err(|e| format!("network lab: {e}"))?;
@@ -217,6 +223,7 @@ impl Deployment {
             next_journal_id: JOURNAL_HOSTS.len() as u64 + 1,
             nodes: NODE_HOSTS.iter().map(|_| NodeProcs { redis: None, sidecar: None }).collect(),
             snapshotter: None,
+            server: server.to_path_buf(),
         };
         // The deployment's CA and one certificate per process (lib.rs).
         let names: Vec<String> = (1..=JOURNAL_HOSTS.len())
@@ -253,6 +260,8 @@ impl Deployment {
             .args(crate::journal_tls_args(Some(&crate::tls_dir(&self.dir)), "snapshotter"))
             .args(["--poll-ms", "200", "--store"])
             .arg(self.store())
+            .arg("--redis-server")
+            .arg(&self.server)
             .arg("--work-dir")
             .arg(self.dir.join("snapshotter"))
             .stdin(Stdio::null())
@@ -377,7 +386,7 @@ impl Deployment {
         let dir = self.dir.join(host);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let ip = self.lab.ip(host).to_string();
-        let mut cmd = self.lab.command(host, "redis-server");
+        let mut cmd = self.lab.command(host, &self.server);
         cmd
             .args(["--port", &REDIS_PORT.to_string(), "--bind", &ip, "127.0.0.1", "--protected-mode", "no", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -1089,7 +1098,7 @@ pub fn run(cfg: &Config) -> Result<Summary, String> {
     // Absolute: redis-server changes into its --dir before opening its log.
     let dir = std::fs::canonicalize(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
     let cfg = &Config { dir, ..cfg.clone() };
-    let mut d = Deployment::start(&cfg.dir, cfg.lease_ms)?;
+    let mut d = Deployment::start(&cfg.dir, cfg.lease_ms, &cfg.server)?;
     let la = Arc::new(HistoryWriter::create(cfg.dir.join("list-append.jsonl")).map_err(|e| e.to_string())?);
     let rg = Arc::new(HistoryWriter::create(cfg.dir.join("registers.jsonl")).map_err(|e| e.to_string())?);
     let shared = Arc::new(Shared {

@@ -8,13 +8,13 @@ use std::process::ExitCode;
 use keel_tests::chaos;
 
 fn usage() -> ! {
-    eprintln!("usage: keel-chaos --profile short|long [--dir DIR] [--seed N] [--episodes N]");
+    eprintln!("usage: keel-chaos --profile short|long [--dir DIR] [--seed N] [--episodes N] [--server BINARY]");
     std::process::exit(2)
 }
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
-    let (mut profile, mut dir, mut seed, mut episodes) = ("short".to_string(), None, None, None);
+    let (mut profile, mut dir, mut seed, mut episodes, mut server) = ("short".to_string(), None, None, None, None);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
             "--dir" => dir = Some(PathBuf::from(val())),
             "--seed" => seed = Some(val().parse::<u64>().unwrap_or_else(|_| usage())),
             "--episodes" => episodes = Some(val().parse::<usize>().unwrap_or_else(|_| usage())),
+            "--server" => server = Some(PathBuf::from(val())),
             _ => usage(),
         }
     }
@@ -35,7 +36,15 @@ fn main() -> ExitCode {
     if let Some(n) = episodes {
         cfg.episodes = n;
     }
-    eprintln!("[chaos] profile {profile}, seed {seed}, {} episodes; histories and logs in {}", cfg.episodes, dir.display());
+    if let Some(server) = server {
+        cfg.server = server;
+    }
+    eprintln!(
+        "[chaos] profile {profile}, seed {seed}, {} episodes, server {}; histories and logs in {}",
+        cfg.episodes,
+        cfg.server.display(),
+        dir.display()
+    );
     match chaos::run(&cfg) {
         Ok(summary) => {
             print!("{summary}");
