@@ -4,9 +4,11 @@
 //! replication stream and acknowledges durable offsets to the module.
 
 pub mod auth;
+pub mod clock;
 pub mod cuts;
 pub mod feeder;
 pub mod history;
+pub mod leader;
 pub mod lease;
 pub mod link;
 pub mod metrics;

@@ -51,8 +51,15 @@ use crate::link::Reader as OwnedReadHalf;
 use crate::link::Writer as OwnedWriteHalf;
 use crate::link::RedisAddr;
 
+use crate::clock::monotonic_ms;
+use crate::clock::monotonic_us;
 use crate::cuts::Cuts;
-use crate::lease::Renewal;
+use crate::leader::Action;
+use crate::leader::AfterAppend;
+use crate::leader::AppendOutcome;
+use crate::leader::Event;
+use crate::leader::Leader;
+use crate::leader::Limits;
 use crate::record::Kind;
 use crate::record::MAX_PAYLOAD_BYTES;
 use crate::record::ReadOneError;
@@ -159,10 +166,6 @@ pub fn node_uuid(state_dir: &std::path::Path) -> std::io::Result<String> {
         Err(e) => Err(e),
     }
 }
-
-/// How often an append refused for lack of room (`stream-full`) is tried
-/// again.
-const STREAM_FULL_RETRY_MS: u64 = 100;
 
 /// An RDB with no key: the base of a new history whose Redis is empty.
 /// Version 9 (every supported server reads it); a zero checksum means
@@ -403,7 +406,12 @@ impl Control {
     /// order). Under load some `KEEL.ACK` is always in flight, so liveness
     /// is judged by one command's reply, not by all of them.
     pub fn answered_through(&self, n: u64) -> bool {
-        self.replies.seen.lock().unwrap().answered >= n
+        self.answered() >= n
+    }
+
+    /// How many commands Redis answered so far.
+    pub fn answered(&self) -> u64 {
+        self.replies.seen.lock().unwrap().answered
     }
 
     /// How many commands were sent so far.
@@ -417,26 +425,7 @@ pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim())
 }
 
-/// The machine's monotonic clock in milliseconds (CLOCK_MONOTONIC: the
-/// module reads lease deadlines on the same clock).
-pub fn monotonic_ms() -> u64 {
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: i64,
-        tv_nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clk: i32, ts: *mut Timespec) -> i32;
-    }
-    let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid out-pointer; clock 1 is CLOCK_MONOTONIC on Linux.
-    let rc = unsafe { clock_gettime(1, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
-
 async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Result<Never, Stop> {
-    let mut renewal = Renewal::new(cfg.lease_ms, cfg.drift_margin_ms);
     // Redis must answer before the lease is taken: a dead or paused Redis
     // must let it lapse.
     let (mut ctl, mut info) = control(cfg).await?;
@@ -458,7 +447,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             if id == INCOMPLETE_BASE {
                 // Its writer died mid-way: void it; this node's Redis gives the base.
                 let void = Record { kind: Kind::RdbAbort, replid: "0".repeat(40), start: 0, end: 0, payload: Vec::new() };
-                last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?.0;
+                last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?;
                 tracing::warn!(record = last_seq, "voided an unfinished base RDB; journaling a new one");
             }
             tail = None;
@@ -503,7 +492,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             // of a writer that died: no client was answered for it, and no
             // Redis could apply it. Void it; this Redis continues from here.
             let void = Record { kind: Kind::StreamVoid, replid: redis_replid.clone(), start: redis_offset, end: *end, payload: Vec::new() };
-            last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?.0;
+            last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?;
             tracing::warn!(record = last_seq, from = redis_offset, to = *end, "voided the unfinished last command of the previous writer");
             (*seq, *end) = (last_seq, redis_offset);
         }
@@ -518,9 +507,9 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         let keyspace = crate::node::redis_info_section(&cfg.redis, &cfg.control, "keyspace", cfg.lease_ms).await?;
         if !keyspace.lines().any(|l| l.starts_with("db")) {
             let rdb = Record { kind: Kind::Rdb, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: EMPTY_RDB.to_vec() };
-            last_seq = append_record(&mut session, &cfg.stream, me, &rdb, last_seq, cfg.retry_pause_ms).await?.0;
+            last_seq = append_record(&mut session, &cfg.stream, me, &rdb, last_seq, cfg.retry_pause_ms).await?;
             let end = Record { kind: Kind::RdbEnd, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: Vec::new() };
-            last_seq = append_record(&mut session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?.0;
+            last_seq = append_record(&mut session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?;
             tracing::info!(record = last_seq, replid = %redis_replid, offset = redis_offset, "a new history from an empty base; the local Redis syncs it from the journal");
             return Err(Stop::LostHistory("the new history's base is in the journal; the local Redis loads it as a replica, then leads".into()));
         }
@@ -547,7 +536,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         None => command(&mut w, &[b"PSYNC", b"?", b"-1"]).await?,
     }
     let answer = read_line(&mut r).await?;
-    let (replid, mut offset) = if let Some(rest) = answer.strip_prefix("+CONTINUE") {
+    let (replid, offset) = if let Some(rest) = answer.strip_prefix("+CONTINUE") {
         let end = tail.as_ref().map(|t| t.2).expect("CONTINUE only after a PSYNC with history");
         let replid = rest.trim();
         let replid = if replid.is_empty() { redis_replid.clone() } else { replid.to_string() };
@@ -569,182 +558,133 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         return Err(Stop::Fatal(format!("unexpected PSYNC answer from Redis: {answer:?}")));
     };
 
+    run(cfg, journal, me, Attached { ctl, r, w, replid, offset, last_seq, session, lease_sent_at_ms: sent_at }).await
+}
+
+/// What the leading loop starts from: Redis attached as a replica at
+/// `offset` (stream id `replid`), the journal holding everything before it
+/// through record `last_seq`, and the lease taken at `lease_sent_at_ms`.
+struct Attached {
+    ctl: Control,
+    r: BufReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+    replid: String,
+    offset: u64,
+    last_seq: u64,
+    session: AppendSession,
+    lease_sent_at_ms: u64,
+}
+
+/// Stream bytes read from the replication link at once.
+const READ_CHUNK_BYTES: usize = 256 << 10;
+
+/// The leading loop's I/O (its decisions are leader.rs's): waits on the
+/// replication link, the append in flight, the renewal in flight, the
+/// leader's timer and the control connection's refusals; feeds what came
+/// to the `Leader` and performs what it answers.
+async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Attached) -> Result<Never, Stop> {
+    let Attached { mut ctl, mut r, mut w, replid, offset, last_seq, session, lease_sent_at_ms } = a;
     // This node leads the stream; everything journaled so far is durable.
     ctl.send(&[b"KEEL.LEADER", me.as_bytes(), cfg.stream.as_bytes()]).await?;
-    let mut lease_until = renewal.renewed(sent_at, monotonic_ms());
-    ctl.send(&[b"KEEL.LEASE", lease_until.to_string().as_bytes()]).await?;
-    let mut lease_notice = ctl.sent();
-    ctl.send(&[b"KEEL.ACK", offset.to_string().as_bytes()]).await?;
-
-    let mut pending: Vec<u8> = Vec::new();
-    let mut inflight: Option<tokio::task::JoinHandle<(AppendSession, Result<(u64, u64), Stop>)>> = None;
+    let limits = Limits {
+        lease_ms: cfg.lease_ms,
+        drift_margin_ms: cfg.drift_margin_ms,
+        max_buffered_bytes: cfg.max_buffered_bytes,
+        merge_wait_us: cfg.merge_wait_us,
+        replconf_ack_ms: cfg.replconf_ack_ms,
+        retry_pause_ms: cfg.retry_pause_ms,
+    };
+    let (mut leader, mut step) = Leader::start(limits, replid, offset, last_seq, lease_sent_at_ms, ctl.sent(), monotonic_us());
     // The session travels with the append in flight and comes back with it.
     let mut session = Some(session);
-    let mut renew = tokio::time::interval(Duration::from_millis(renewal.period_ms()));
-    let mut replconf = tokio::time::interval(Duration::from_millis(cfg.replconf_ack_ms));
-    let mut buf = vec![0u8; 256 << 10];
-    let mut durable = offset;
-    let mut merge = Merge::new(Duration::from_micros(cfg.merge_wait_us));
-    let mut inflight_since = Instant::now();
-    let mut sent_bytes = 0usize;
-    // A lease renewal out: (its send time, the call).
-    let mut renewing: Option<(u64, AbortOnDrop<Result<(), JournalError>>)> = None;
-    // Appends end only where a replica's offset can stand (cuts.rs).
-    let mut cuts = Cuts::new(offset);
-    let most_per_append = (MAX_APPEND_PAYLOAD_BYTES.min(cfg.max_buffered_bytes)) as u64;
+    let mut appending: Option<tokio::task::JoinHandle<(AppendSession, AppendOutcome)>> = None;
+    let mut append_started = Instant::now();
+    let mut renewing: Option<AbortOnDrop<Result<(), JournalError>>> = None;
+    let mut answered = 0u64;
+    let mut buf = vec![0u8; READ_CHUNK_BYTES];
     loop {
-        let sendable = if inflight.is_none() { cuts.sendable(MAX_PAYLOAD_BYTES as u64, most_per_append) as usize } else { 0 };
-        if sendable > 0 && merge.may_send(sendable, Instant::now()) {
-            sent_bytes = sendable;
-            let mut recs = Vec::with_capacity(sendable.div_ceil(MAX_PAYLOAD_BYTES));
-            let mut left = sendable;
-            while left > 0 {
-                let n = left.min(MAX_PAYLOAD_BYTES);
-                let payload: Vec<u8> = pending.drain(..n).collect();
-                recs.push(Record { kind: Kind::Stream, replid: replid.clone(), start: offset, end: offset + n as u64, payload });
-                offset += n as u64;
-                left -= n;
+        for action in std::mem::take(&mut step.actions) {
+            match action {
+                Action::Append { records, expect_last_seq, attempt } => {
+                    if attempt == 1 {
+                        append_started = Instant::now();
+                    }
+                    let s = session.take().expect("the session is back whenever no append is in flight");
+                    let (stream, me) = (cfg.stream.clone(), me.to_string());
+                    appending = Some(tokio::spawn(async move {
+                        let mut s = s;
+                        let outcome = append_once(&mut s, &stream, &me, &records, expect_last_seq).await;
+                        (s, outcome)
+                    }));
+                }
+                Action::StartRenewal => {
+                    // Renewed off the loop: a slow journal (the client
+                    // retries for seconds) must not hold up confirmations.
+                    let (journal, stream, me) = (journal.clone(), cfg.stream.clone(), me.to_string());
+                    renewing = Some(AbortOnDrop(tokio::spawn(async move { journal.renew_lease(&stream, &me).await.map(|_| ()) })));
+                }
+                Action::Ack(o) => ctl.send(&[b"KEEL.ACK", o.to_string().as_bytes()]).await?,
+                Action::Lease(until) => ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?,
+                Action::Fenced(why) => fence(&mut ctl, &why).await,
+                Action::ReplconfAck(o) => command(&mut w, &[b"REPLCONF", b"ACK", o.to_string().as_bytes()]).await?,
+                Action::Stop(stop) => return Err(stop),
             }
-            cuts.take(sendable as u64);
-            inflight_since = Instant::now();
-            inflight = Some(tokio::spawn(append_exactly_once(
-                session.take().expect("the session is back whenever no append is in flight"),
-                cfg.stream.clone(),
-                me.to_string(),
-                recs,
-                last_seq,
-                cfg.retry_pause_ms,
-            )));
         }
-        // While an append is in flight, Redis's bytes wait in the socket and
-        // are read in one go when it returns: one read per append instead of
-        // one wakeup per event-loop turn of Redis. An append that takes long
-        // (journal trouble) does not let Redis's replica buffer grow: reading
-        // resumes after `READ_DURING_APPEND_AFTER`.
-        let append_young = inflight.is_some() && inflight_since.elapsed() < READ_DURING_APPEND_AFTER;
-        let can_read = pending.len() < cfg.max_buffered_bytes && !append_young;
-        tokio::select! {
-            n = r.read(&mut buf), if can_read => {
-                let n = n.map_err(retry)?;
-                if n == 0 {
-                    return Err(retry("Redis closed the replication link"));
-                }
-                pending.extend_from_slice(&buf[..n]);
-                let was_broken = cuts.broken().is_some();
-                cuts.feed(&buf[..n]);
-                if let (false, Some(why)) = (was_broken, cuts.broken()) {
-                    tracing::error!(%why, "the replication stream is not RESP as expected; appends may now end mid-command");
-                }
-            }
-            done = async { inflight.as_mut().unwrap().await }, if inflight.is_some() => {
-                inflight = None;
-                let (back, done) = done.map_err(|e| Stop::Fatal(format!("append task failed: {e}")))?;
+        assert_eq!(ctl.sent(), leader.control_sent(), "the control connection carries what the leader decided, no more");
+        // The leader always asks for a wake-up while it leads.
+        let wake = step.wake_at_us.map(|t| tokio::time::Instant::now() + Duration::from_micros(t.saturating_sub(monotonic_us())));
+        let came = tokio::select! {
+            n = r.read(&mut buf), if step.read => Came::Read(n),
+            done = async { appending.as_mut().unwrap().await }, if appending.is_some() => Came::Appended(done),
+            done = async { (&mut renewing.as_mut().unwrap().0).await }, if renewing.is_some() => Came::Renewed(done),
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => Came::Timer,
+            why = ctl.refusal() => Came::Refused(why),
+        };
+        let event = match came {
+            Came::Read(Ok(0)) => Event::LinkClosed("Redis closed the replication link".into()),
+            Came::Read(Ok(n)) => Event::Bytes(&buf[..n]),
+            Came::Read(Err(e)) => Event::LinkClosed(e.to_string()),
+            Came::Appended(done) => {
+                appending = None;
+                let (back, outcome) = done.map_err(|e| Stop::Fatal(format!("append task failed: {e}")))?;
                 session = Some(back);
-                let (seq, end) = match done {
-                    Ok(v) => v,
-                    Err(Stop::Fenced(message)) => {
-                        fence(&mut ctl, &message).await;
-                        return Err(Stop::Fenced(message));
-                    }
-                    Err(Stop::Overtaken(message)) => {
-                        fence(&mut ctl, &message).await;
-                        return Err(Stop::Overtaken(message));
-                    }
-                    Err(e) => return Err(e),
-                };
-                last_seq = seq;
-                debug_assert!(end >= durable, "durable offset went back");
-                durable = end;
-                if monotonic_ms() >= lease_until {
-                    // The module's lease lapsed (this process was paused, or
-                    // renewals were slow): a confirmation now could only
-                    // answer KEEL_UNCONFIRMED. A renewal decides first.
-                    if ctl.answered_through(lease_notice) {
-                        renewal.redis_answered();
-                    }
-                    if renewing.is_none() && renewal.may_renew(monotonic_ms()) {
-                        renewing = Some(start_renewal(journal, &cfg.stream, me));
-                    }
-                    if let Some((sent_at, mut task)) = renewing.take() {
-                        let done = (&mut task.0).await;
-                        if let Some((until, notice)) = renewal_done(done, sent_at, &mut renewal, &mut ctl).await? {
-                            (lease_until, lease_notice) = (until, notice);
-                        }
-                    }
+                if let AppendOutcome::Confirmed { .. } = outcome {
+                    crate::metrics::get().append_seconds.observe(append_started.elapsed().as_secs_f64());
                 }
-                ctl.send(&[b"KEEL.ACK", durable.to_string().as_bytes()]).await?;
-                merge.confirmed(sent_bytes, pending.len(), Instant::now());
+                Event::Appended(outcome)
             }
-            _ = tokio::time::sleep_until(merge.deadline().into()), if sendable > 0 && merge.waiting() => {}
-            _ = tokio::time::sleep_until((inflight_since + READ_DURING_APPEND_AFTER).into()), if append_young => {}
-            _ = renew.tick() => {
-                if ctl.answered_through(lease_notice) {
-                    renewal.redis_answered();
-                }
-                if renewing.is_some() {
-                    continue; // the previous renewal is still out
-                }
-                if !renewal.may_renew(monotonic_ms()) {
-                    tracing::warn!("the local Redis does not answer; letting the lease lapse");
-                    continue;
-                }
-                // Renewed off the loop: a slow journal (the client retries
-                // for seconds) must not hold up confirmations meanwhile.
-                renewing = Some(start_renewal(journal, &cfg.stream, me));
-            }
-            done = async { (&mut renewing.as_mut().unwrap().1.0).await }, if renewing.is_some() => {
-                let (sent_at, _) = renewing.take().expect("selected only when renewing");
-                if let Some((until, notice)) = renewal_done(done, sent_at, &mut renewal, &mut ctl).await? {
-                    (lease_until, lease_notice) = (until, notice);
+            Came::Renewed(done) => {
+                renewing = None;
+                match done {
+                    Ok(Ok(())) => Event::RenewalDone,
+                    Ok(Err(JournalError::Fenced { message, .. })) => Event::RenewalFenced(message),
+                    Ok(Err(e)) => Event::RenewalFailed(e.to_string()),
+                    Err(e) => Event::RenewalFailed(format!("the renewal task failed: {e}")),
                 }
             }
-            _ = replconf.tick() => {
-                command(&mut w, &[b"REPLCONF", b"ACK", durable.to_string().as_bytes()]).await?;
-            }
-            // A refused KEEL.* (an ACL change, say): what it said is said
-            // again on a new connection by the next leading round.
-            why = ctl.refusal() => {
-                return Err(retry(format!("Redis refused a command on the control connection ({why})")));
-            }
+            Came::Timer => Event::Timer,
+            // A refused KEEL.* (an ACL change, say).
+            Came::Refused(why) => Event::ControlRefused(why),
+        };
+        let now = monotonic_us();
+        let mut actions = Vec::new();
+        if ctl.answered() != answered {
+            answered = ctl.answered();
+            actions = leader.handle(Event::ControlAnswered(answered), now).actions;
         }
+        step = leader.handle(event, now);
+        actions.append(&mut step.actions);
+        step.actions = actions;
     }
 }
 
-/// A lease renewal, sent now: (its send time, the call).
-fn start_renewal(journal: &Arc<JournalClient>, stream: &str, me: &str) -> (u64, AbortOnDrop<Result<(), JournalError>>) {
-    let (journal, stream, me) = (journal.clone(), stream.to_string(), me.to_string());
-    (monotonic_ms(), AbortOnDrop(tokio::spawn(async move { journal.renew_lease(&stream, &me).await.map(|_| ()) })))
-}
-
-/// A renewal sent at `sent_at` finished: on success its deadline goes to
-/// the module and (deadline, that notice's number) is returned; FENCED
-/// fences the module and stops; other failures are logged (the lease
-/// lapses if they go on).
-async fn renewal_done(
-    done: Result<Result<(), JournalError>, tokio::task::JoinError>,
-    sent_at: u64,
-    renewal: &mut Renewal,
-    ctl: &mut Control,
-) -> Result<Option<(u64, u64)>, Stop> {
-    match done {
-        Ok(Ok(())) => {
-            let until = renewal.renewed(sent_at, monotonic_ms());
-            ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?;
-            Ok(Some((until, ctl.sent())))
-        }
-        Ok(Err(JournalError::Fenced { message, .. })) => {
-            fence(ctl, &message).await;
-            Err(Stop::Fenced(message))
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "lease renewal failed");
-            Ok(None)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "lease renewal task failed");
-            Ok(None)
-        }
-    }
+/// What woke the leading loop up.
+enum Came {
+    Read(std::io::Result<usize>),
+    Appended(Result<(AppendSession, AppendOutcome), tokio::task::JoinError>),
+    Renewed(Result<Result<(), JournalError>, tokio::task::JoinError>),
+    Timer,
+    Refused(String),
 }
 
 /// A task that does not outlive its handle.
@@ -753,86 +693,6 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Most records (of at most `MAX_PAYLOAD_BYTES`) in one append.
-const MAX_RECORDS_PER_APPEND: usize = 14;
-/// Most stream bytes one append carries: a command up to this size is
-/// journaled whole.
-const MAX_APPEND_PAYLOAD_BYTES: usize = MAX_RECORDS_PER_APPEND * MAX_PAYLOAD_BYTES;
-// With each record's header (well under 1 KiB), it fits the journal's
-// limit for one append.
-const _: () = assert!(MAX_APPEND_PAYLOAD_BYTES + MAX_RECORDS_PER_APPEND * 1024 <= keel_journal_client::limits::MAX_APPEND_BYTES);
-
-/// How long an append may be in flight before the replication link is
-/// read again meanwhile.
-const READ_DURING_APPEND_AFTER: Duration = Duration::from_millis(20);
-
-/// Most confirmations sent on without waiting after waits that ran out.
-const MERGE_MAX_BACKOFF: u32 = 64;
-
-/// When the next append may leave after a confirmation (see the module
-/// doc). Pure: fed sizes and times, it answers whether to send.
-///
-/// A wait that runs out (the answered clients did not write again in time:
-/// the load is not a closed loop) makes the next confirmations skip waiting,
-/// 1, 2, 4… up to `MERGE_MAX_BACKOFF` of them; a wait that fills resets
-/// that. So a load that never comes back pays the wait about once per 64
-/// appends, and a closed loop pays it only until its groups have merged.
-#[derive(Debug)]
-struct Merge {
-    max_wait: Duration,
-    /// Until when, and for how many pending bytes, the next append waits.
-    wait: Option<(Instant, usize)>,
-    /// Confirmations left to send on without waiting.
-    skip: u32,
-    /// What `skip` becomes after the next wait that runs out (0: 1).
-    backoff: u32,
-}
-
-impl Merge {
-    fn new(max_wait: Duration) -> Merge {
-        Merge { max_wait, wait: None, skip: 0, backoff: 0 }
-    }
-
-    /// An append of `confirmed_bytes` was confirmed while `pending_bytes`
-    /// were waiting.
-    fn confirmed(&mut self, confirmed_bytes: usize, pending_bytes: usize, now: Instant) {
-        if self.max_wait.is_zero() {
-            return;
-        }
-        if self.skip > 0 {
-            self.skip -= 1;
-            return;
-        }
-        // Writes rarely come back byte for byte: 90% of last time is enough.
-        let target = ((confirmed_bytes + pending_bytes) * 9 / 10).min(MAX_PAYLOAD_BYTES);
-        self.wait = Some((now + self.max_wait, target));
-    }
-
-    /// Whether an append of the `pending_bytes` may leave now.
-    fn may_send(&mut self, pending_bytes: usize, now: Instant) -> bool {
-        let Some((until, target)) = self.wait else { return true };
-        if pending_bytes >= target {
-            self.backoff = 0;
-        } else if now >= until {
-            self.backoff = (self.backoff * 2).clamp(1, MERGE_MAX_BACKOFF);
-            self.skip = self.backoff;
-        } else {
-            return false;
-        }
-        self.wait = None;
-        true
-    }
-
-    fn waiting(&self) -> bool {
-        self.wait.is_some()
-    }
-
-    /// When the current wait ends (now if none).
-    fn deadline(&self) -> Instant {
-        self.wait.map(|(until, _)| until).unwrap_or_else(Instant::now)
     }
 }
 
@@ -881,99 +741,76 @@ async fn journal_base_rdb(
         r.read_exact(&mut chunk).await.map_err(retry)?;
         left -= n;
         let rec = Record { kind: Kind::Rdb, replid: replid.into(), start: offset, end: offset, payload: chunk };
-        last_seq = append_record(session, &cfg.stream, me, &rec, last_seq, cfg.retry_pause_ms).await?.0;
+        last_seq = append_record(session, &cfg.stream, me, &rec, last_seq, cfg.retry_pause_ms).await?;
     }
     let end = Record { kind: Kind::RdbEnd, replid: replid.into(), start: offset, end: offset, payload: Vec::new() };
-    let (seq, _) = append_record(session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?;
+    let seq = append_record(session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?;
     tracing::info!(%replid, offset, rdb_bytes = len, "journaled the base RDB of a new history");
     Ok(seq)
 }
 
-/// `append_record` as a task of its own: it takes the session and gives it
-/// back with the result.
-async fn append_exactly_once(
-    mut session: AppendSession,
-    stream: String,
-    me: String,
-    recs: Vec<Record>,
-    after_seq: u64,
-    retry_pause_ms: u64,
-) -> (AppendSession, Result<(u64, u64), Stop>) {
-    let t0 = Instant::now();
-    let result = append_records(&mut session, &stream, &me, &recs, after_seq, retry_pause_ms).await;
-    if result.is_ok() {
-        crate::metrics::get().append_seconds.observe(t0.elapsed().as_secs_f64());
-    }
-    (session, result)
-}
-
 /// Appends `rec` as record `after_seq + 1`; see `append_records`.
-async fn append_record(
-    session: &mut AppendSession,
-    stream: &str,
-    me: &str,
-    rec: &Record,
-    after_seq: u64,
-    retry_pause_ms: u64,
-) -> Result<(u64, u64), Stop> {
+async fn append_record(session: &mut AppendSession, stream: &str, me: &str, rec: &Record, after_seq: u64, retry_pause_ms: u64) -> Result<u64, Stop> {
     append_records(session, stream, me, std::slice::from_ref(rec), after_seq, retry_pause_ms).await
 }
 
 /// Appends `recs` (contiguous, at least one) in one append, as records
-/// `after_seq + 1..`, retrying through unknown outcomes; returns (last seq,
-/// end offset).
-async fn append_records(
-    session: &mut AppendSession,
-    stream: &str,
-    me: &str,
-    recs: &[Record],
-    after_seq: u64,
-    retry_pause_ms: u64,
-) -> Result<(u64, u64), Stop> {
-    let last = recs.last().expect("an append carries a record");
+/// `after_seq + 1..`, sending it again through unknown outcomes and a full
+/// stream (`AppendOutcome::next` decides, as in the leading loop); returns
+/// the last seq. For the appends before the leading loop (bases, voids).
+async fn append_records(session: &mut AppendSession, stream: &str, me: &str, recs: &[Record], after_seq: u64, retry_pause_ms: u64) -> Result<u64, Stop> {
+    assert!(!recs.is_empty(), "an append carries a record");
     let all: Vec<Vec<u8>> = recs.iter().map(Record::encode).collect();
-    let bytes = &all[0];
     let mut full_since: Option<Instant> = None;
     loop {
-        match session.append(stream, me, all.clone(), Some(after_seq)).await {
-            Ok(seq) => {
-                if let Some(t) = full_since {
-                    tracing::info!(waited_ms = t.elapsed().as_millis() as u64, "the journal stream has room again");
-                }
-                return Ok((seq, last.end));
-            }
-            Err(JournalError::Fenced { message, .. }) => return Err(Stop::Fenced(message)),
-            Err(e @ JournalError::Rejected { .. }) if e.rejection() == Some(&keel_journal_client::errors::Rejection::SeqMismatch) => {
-                // An earlier attempt whose outcome was unknown may have landed.
-                let mut reader = session.client().read(stream, after_seq + 1, false);
-                let landed = match reader.next_batch().await {
-                    Ok(Some(batch)) => batch.first().map(|r| r.payload.as_ref() == bytes.as_slice()).unwrap_or(false),
-                    _ => false,
-                };
-                // One append lands whole or not at all: its first record
-                // (replid, offsets and bytes) tells.
-                if landed {
-                    return Ok((after_seq + recs.len() as u64, last.end));
-                }
-                return Err(Stop::Overtaken(format!("stream {stream} moved past seq {after_seq} without this node: {e}")));
-            }
-            Err(e @ (JournalError::OutcomeUnknown(_) | JournalError::Unavailable(_))) => {
-                tracing::warn!(error = %e, "append not confirmed; retrying");
-                tokio::time::sleep(Duration::from_millis(retry_pause_ms)).await;
-            }
-            Err(e @ JournalError::Rejected { .. }) if e.rejection() == Some(&keel_journal_client::errors::Rejection::StreamFull) => {
-                // Back-pressure, not a failure: nothing was appended, and the
-                // snapshotter's next trim makes room. Writes stay held (the
-                // module answers those past its write timeout as unconfirmed);
-                // the lease is renewed meanwhile.
+        let outcome = append_once(session, stream, me, &all, after_seq).await;
+        match &outcome {
+            AppendOutcome::Unknown(e) => tracing::warn!(error = %e, "append not confirmed; retrying"),
+            AppendOutcome::StreamFull(e) => {
                 full_since.get_or_insert_with(|| {
                     tracing::warn!(error = %e, "the journal stream is full: appends wait for a snapshot to trim it");
                     Instant::now()
                 });
-                tokio::time::sleep(Duration::from_millis(STREAM_FULL_RETRY_MS)).await;
             }
-            Err(e) => return Err(Stop::Fatal(format!("append refused: {e}"))),
+            _ => {}
         }
+        match outcome.next(retry_pause_ms) {
+            AfterAppend::Done { last_seq } => {
+                if let Some(t) = full_since {
+                    tracing::info!(waited_ms = t.elapsed().as_millis() as u64, "the journal stream has room again");
+                }
+                return Ok(last_seq);
+            }
+            AfterAppend::RetryAfterMs(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            AfterAppend::Stop(stop) => return Err(stop),
+        }
+    }
+}
+
+/// One attempt to append `records` (encoded, at least one) as the records
+/// after `after_seq`. A `SeqMismatch` is resolved here: an earlier attempt
+/// whose outcome was unknown may have landed, and one append lands whole or
+/// not at all, so its first record (replid, offsets and bytes) tells.
+async fn append_once(session: &mut AppendSession, stream: &str, me: &str, records: &[Vec<u8>], after_seq: u64) -> AppendOutcome {
+    use keel_journal_client::errors::Rejection;
+    match session.append(stream, me, records.to_vec(), Some(after_seq)).await {
+        Ok(seq) => AppendOutcome::Confirmed { last_seq: seq },
+        Err(JournalError::Fenced { message, .. }) => AppendOutcome::Fenced(message),
+        Err(e @ JournalError::Rejected { .. }) if e.rejection() == Some(&Rejection::SeqMismatch) => {
+            let mut reader = session.client().read(stream, after_seq + 1, false);
+            let landed = match reader.next_batch().await {
+                Ok(Some(batch)) => batch.first().is_some_and(|r| r.payload.as_ref() == records[0].as_slice()),
+                _ => false,
+            };
+            if landed {
+                AppendOutcome::Confirmed { last_seq: after_seq + records.len() as u64 }
+            } else {
+                AppendOutcome::Overtaken(format!("stream {stream} moved past seq {after_seq} without this node: {e}"))
+            }
+        }
+        Err(e @ (JournalError::OutcomeUnknown(_) | JournalError::Unavailable(_))) => AppendOutcome::Unknown(e.to_string()),
+        Err(e @ JournalError::Rejected { .. }) if e.rejection() == Some(&Rejection::StreamFull) => AppendOutcome::StreamFull(e.to_string()),
+        Err(e) => AppendOutcome::Refused(e.to_string()),
     }
 }
 
@@ -1037,85 +874,5 @@ mod tests {
                 prop_assert!(why.len() <= MAX_REFUSAL_BYTES + 16);
             }
         }
-    }
-
-    #[test]
-    fn a_lone_client_is_never_held_back() {
-        let t0 = Instant::now();
-        let mut m = Merge::new(Duration::from_micros(500));
-        assert!(m.may_send(50, t0));
-        m.confirmed(50, 0, t0);
-        // Its next write is as large as the last one: it leaves at once.
-        assert!(m.may_send(50, t0 + Duration::from_micros(30)));
-    }
-
-    #[test]
-    fn answered_clients_join_the_waiting_ones() {
-        let t0 = Instant::now();
-        let mut m = Merge::new(Duration::from_micros(500));
-        // 25 writes confirmed while 25 others (1250 bytes) waited.
-        m.confirmed(1250, 1250, t0);
-        assert!(!m.may_send(1250, t0), "the waiting group alone does not leave");
-        assert!(!m.may_send(2000, t0 + Duration::from_micros(100)));
-        assert!(m.may_send(2250, t0 + Duration::from_micros(200)), "most of both groups leave together");
-        assert!(!m.waiting());
-    }
-
-    #[test]
-    fn the_wait_is_bounded() {
-        let t0 = Instant::now();
-        let mut m = Merge::new(Duration::from_micros(500));
-        m.confirmed(5000, 0, t0);
-        assert!(!m.may_send(10, t0 + Duration::from_micros(499)));
-        assert_eq!(m.deadline(), t0 + Duration::from_micros(500));
-        assert!(m.may_send(10, t0 + Duration::from_micros(500)));
-    }
-
-    #[test]
-    fn waits_that_run_out_back_off_and_a_filled_one_resets() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis(1);
-        let mut m = Merge::new(ms);
-        let mut waits = 0;
-        // 200 confirmations whose clients never come back: the wait runs out
-        // after 1, 2, 4 … 64 confirmations sent on at once.
-        for i in 0..200u32 {
-            let now = t0 + ms * (i * 3);
-            m.confirmed(1000, 0, now);
-            if m.waiting() {
-                waits += 1;
-                assert!(!m.may_send(10, now));
-                assert!(m.may_send(10, now + ms));
-            } else {
-                assert!(m.may_send(10, now));
-            }
-        }
-        assert_eq!(waits, 9, "waits at confirmations 0, 2, 5, 10, 19, 36, 69, 134, 199: {m:?}");
-        // Once the skips are used up, a wait that fills resets the back-off.
-        let mut now = t0 + ms * 1000;
-        while !m.waiting() {
-            m.confirmed(1000, 0, now);
-            now += ms;
-        }
-        assert!(m.may_send(900, now));
-        m.confirmed(1000, 0, now);
-        assert!(m.waiting(), "no skip after a wait that filled");
-    }
-
-    #[test]
-    fn zero_wait_never_holds_back() {
-        let t0 = Instant::now();
-        let mut m = Merge::new(Duration::ZERO);
-        m.confirmed(5000, 5000, t0);
-        assert!(!m.waiting());
-        assert!(m.may_send(1, t0));
-    }
-
-    #[test]
-    fn the_target_never_exceeds_one_record() {
-        let t0 = Instant::now();
-        let mut m = Merge::new(Duration::from_micros(500));
-        m.confirmed(MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, t0);
-        assert!(m.may_send(MAX_PAYLOAD_BYTES, t0));
     }
 }
