@@ -251,7 +251,7 @@ async fn refuse_feed_connections(listener: &TcpListener) -> std::convert::Infall
             }
             Err(e) => {
                 tracing::warn!(error = %e, "feed listener");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(crate::feeder::ACCEPT_RETRY_PAUSE).await;
             }
         }
     }

@@ -167,31 +167,62 @@ pub fn node_uuid(state_dir: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
+/// Buffer of the replication link's reader (the handshake, a base RDB,
+/// then the stream).
+const REPLICATION_BUFFER_BYTES: usize = 1 << 20;
+/// Stream bytes read from the replication link at once.
+const READ_CHUNK_BYTES: usize = 256 << 10;
+/// How often a promotion (`REPLICAOF NO ONE`) is checked for its answer.
+const REPLICAOF_POLL: Duration = Duration::from_millis(2);
+
 /// An RDB with no key: the base of a new history whose Redis is empty.
 /// Version 9 (every supported server reads it); a zero checksum means
 /// "not computed" to the loader.
 const EMPTY_RDB: &[u8] = b"REDIS0009\xff\0\0\0\0\0\0\0\0";
 
-/// `journal_tail`'s replid when the stream ends inside a base RDB whose
-/// writer died (no write can have been acknowledged on such a stream).
-const INCOMPLETE_BASE: &str = "incomplete-base";
-/// `journal_tail`'s replid when the stream's last record voids a base.
-const NO_BASE: &str = "no-base";
+/// Where the journaled history ends: the stream's last record `seq`, and
+/// the offset the stream bytes end at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tail {
+    seq: u64,
+    end: u64,
+    base: Base,
+}
+
+/// What the stream's last record says of the history's base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Base {
+    /// A whole base (and any stream after it): a history to continue.
+    Whole,
+    /// The stream ends inside a base RDB whose writer died (no write can
+    /// have been acknowledged on such a stream): void it, give a new one.
+    Incomplete,
+    /// The last record voids a base: the stream holds no history yet.
+    Voided,
+}
+
+/// The replid of a record that voids a base (it names no history).
+const VOID_BASE_REPLID: &str = "0000000000000000000000000000000000000000";
 
 /// Where the journaled history ends, given the stream's last seq (as the
-/// lease reported it): (seq, replid, end offset).
-async fn journal_tail(journal: &JournalClient, stream: &str, last_seq: u64) -> Result<Option<(u64, String, u64)>, Stop> {
+/// lease reported it); `None` for an empty stream.
+async fn journal_tail(journal: &JournalClient, stream: &str, last_seq: u64) -> Result<Option<Tail>, Stop> {
     if last_seq == 0 {
         return Ok(None);
     }
     let rec = read_record(journal, stream, last_seq).await?;
+    Ok(Some(tail_of(last_seq, &rec)))
+}
+
+/// The tail a last record `seq` makes.
+fn tail_of(seq: u64, rec: &Record) -> Tail {
     match rec.kind {
-        Kind::Rdb => Ok(Some((last_seq, INCOMPLETE_BASE.into(), rec.end))),
+        Kind::Rdb => Tail { seq, end: rec.end, base: Base::Incomplete },
         // Nothing after an abort: the stream holds no history yet.
-        Kind::RdbAbort => Ok(Some((last_seq, NO_BASE.into(), rec.end))),
+        Kind::RdbAbort => Tail { seq, end: rec.end, base: Base::Voided },
         // The stream was cut back to the void's start.
-        Kind::StreamVoid => Ok(Some((last_seq, rec.replid, rec.start))),
-        _ => Ok(Some((last_seq, rec.replid, rec.end))),
+        Kind::StreamVoid => Tail { seq, end: rec.start, base: Base::Whole },
+        _ => Tail { seq, end: rec.end, base: Base::Whole },
     }
 }
 
@@ -437,22 +468,23 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         Err(e) => return Err(retry(e)),
     };
     // Holding the lease, nobody else appends: its last seq is the tail.
-    let mut tail = journal_tail(journal, &cfg.stream, lease.last_seq).await?;
-    let mut last_seq = tail.as_ref().map(|t| t.0).unwrap_or(0);
+    let tail = journal_tail(journal, &cfg.stream, lease.last_seq).await?;
+    let mut last_seq = tail.as_ref().map(|t| t.seq).unwrap_or(0);
     // This round's appends all go over one long-lived stream to the
     // journal leader (opened at the first append).
     let mut session = AppendSession::new(journal.clone());
-    if let Some((seq, id, _)) = &tail {
-        if id == INCOMPLETE_BASE || id == NO_BASE {
-            if id == INCOMPLETE_BASE {
-                // Its writer died mid-way: void it; this node's Redis gives the base.
-                let void = Record { kind: Kind::RdbAbort, replid: "0".repeat(40), start: 0, end: 0, payload: Vec::new() };
-                last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?;
-                tracing::warn!(record = last_seq, "voided an unfinished base RDB; journaling a new one");
-            }
-            tail = None;
+    // The history to continue, if the stream holds one.
+    let mut tail = match tail {
+        Some(Tail { seq, base: Base::Incomplete, .. }) => {
+            // Its writer died mid-way: void it; this node's Redis gives the base.
+            let void = Record { kind: Kind::RdbAbort, replid: VOID_BASE_REPLID.into(), start: 0, end: 0, payload: Vec::new() };
+            last_seq = append_record(&mut session, &cfg.stream, me, &void, seq, cfg.retry_pause_ms).await?;
+            tracing::warn!(record = last_seq, "voided an unfinished base RDB; journaling a new one");
+            None
         }
-    }
+        Some(Tail { base: Base::Voided, .. }) => None,
+        whole => whole,
+    };
 
     let promoted = info_field(&info, "role") == Some("slave");
     if promoted {
@@ -470,14 +502,14 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             if t.elapsed() > Duration::from_millis(cfg.lease_ms) {
                 return Err(retry("Redis did not answer REPLICAOF NO ONE"));
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(REPLICAOF_POLL).await;
         }
         tracing::info!("promoted the local Redis (REPLICAOF NO ONE)");
         (ctl, info) = control(cfg).await?;
     }
     let redis_replid = info_field(&info, "master_replid").unwrap_or("").to_string();
     let redis_offset: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
-    if let Some((seq, _, end)) = &mut tail {
+    if let Some(Tail { seq, end, .. }) = &mut tail {
         if redis_offset < *end {
             // Only a replica just promoted can be behind for this reason
             // (the election let it in with every whole command applied); a
@@ -518,7 +550,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     // Redis names its replica by `local_ip` instead of asking the kernel
     // on every ROLE/INFO (the module reads ROLE once per turn with writes).
     let (r, mut w, local_ip) = crate::link::connect(&cfg.redis).await.map_err(|e| retry(format!("connect {}: {e}", cfg.redis)))?;
-    let mut r = BufReader::with_capacity(1 << 20, r);
+    let mut r = BufReader::with_capacity(REPLICATION_BUFFER_BYTES, r);
     authenticate(&mut r, &mut w, &cfg.control, &cfg.redis).await?;
     command(&mut w, &[b"PING"]).await?;
     let pong = read_line(&mut r).await?;
@@ -532,12 +564,12 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     match &tail {
         // Redis's own id: after a promotion it is new, and continues the
         // journaled bytes (its previous id is kept as replid2).
-        Some((_, _, end)) => command(&mut w, &[b"PSYNC", redis_replid.as_bytes(), (end + 1).to_string().as_bytes()]).await?,
+        Some(Tail { end, .. }) => command(&mut w, &[b"PSYNC", redis_replid.as_bytes(), (end + 1).to_string().as_bytes()]).await?,
         None => command(&mut w, &[b"PSYNC", b"?", b"-1"]).await?,
     }
     let answer = read_line(&mut r).await?;
     let (replid, offset) = if let Some(rest) = answer.strip_prefix("+CONTINUE") {
-        let end = tail.as_ref().map(|t| t.2).expect("CONTINUE only after a PSYNC with history");
+        let end = tail.as_ref().map(|t| t.end).expect("CONTINUE only after a PSYNC with history");
         let replid = rest.trim();
         let replid = if replid.is_empty() { redis_replid.clone() } else { replid.to_string() };
         tracing::info!(%replid, offset = end, "attached to the replication stream (no full sync)");
@@ -575,8 +607,6 @@ struct Attached {
     lease_sent_at_ms: u64,
 }
 
-/// Stream bytes read from the replication link at once.
-const READ_CHUNK_BYTES: usize = 256 << 10;
 
 /// The leading loop's I/O (its decisions are leader.rs's): waits on the
 /// replication link, the append in flight, the renewal in flight, the
@@ -819,6 +849,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_tail_says_where_the_history_ends_and_whether_it_has_a_base() {
+        let rec = |kind, start, end| Record { kind, replid: "a".repeat(40), start, end, payload: Vec::new() };
+        assert_eq!(tail_of(9, &rec(Kind::Stream, 100, 150)), Tail { seq: 9, end: 150, base: Base::Whole });
+        assert_eq!(tail_of(9, &rec(Kind::RdbEnd, 100, 100)), Tail { seq: 9, end: 100, base: Base::Whole });
+        assert_eq!(tail_of(9, &rec(Kind::StreamVoid, 120, 150)), Tail { seq: 9, end: 120, base: Base::Whole }, "cut back to the void's start");
+        assert_eq!(tail_of(9, &rec(Kind::Rdb, 100, 100)).base, Base::Incomplete);
+        assert_eq!(tail_of(9, &rec(Kind::RdbAbort, 0, 0)).base, Base::Voided);
+        assert_eq!(VOID_BASE_REPLID.len(), 40);
+    }
 
     #[test]
     fn control_replies_are_counted_and_the_first_error_kept() {

@@ -65,6 +65,8 @@ const RACE_ATTEMPTS: usize = 3;
 pub const MIN_EVERY_BYTES: u64 = 64 << 10;
 /// Largest reply read from a private server (INFO, DEBUG DIGEST).
 const MAX_REPLY_BYTES: usize = 1 << 20;
+/// Bytes read from a private server's connection at once.
+const READ_CHUNK_BYTES: usize = 64 << 10;
 
 /// Every bound of a snapshotter.
 #[derive(Debug, Clone)]
@@ -608,7 +610,7 @@ impl PrivateRedis {
         let words: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
         s.write_all(&encode_command(&words)).await.map_err(|e| format!("private server: {e}"))?;
         let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 64 << 10];
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         loop {
             if let Some((reply, _)) = parse_reply(&buf).map_err(|e| format!("private server: {e}"))? {
                 return Ok(reply);
