@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod node;
 pub mod primary;
 pub mod progress;
+pub mod redis;
 pub mod record;
 pub mod resp;
 pub mod sentinel;

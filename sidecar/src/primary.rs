@@ -43,12 +43,6 @@ use std::time::Instant;
 use keel_journal_client::client::AppendSession;
 use keel_journal_client::client::JournalClient;
 use keel_journal_client::client::JournalError;
-use tokio::io::AsyncBufReadExt;
-use tokio::io::AsyncReadExt;
-use tokio::io::AsyncWriteExt;
-use tokio::io::BufReader;
-use crate::link::Reader as OwnedReadHalf;
-use crate::link::Writer as OwnedWriteHalf;
 use crate::link::RedisAddr;
 
 use crate::clock::monotonic_ms;
@@ -65,7 +59,9 @@ use crate::record::MAX_PAYLOAD_BYTES;
 use crate::record::ReadOneError;
 use crate::record::Record;
 use crate::auth::Credentials;
-use crate::resp::encode_command;
+use crate::redis::Conn;
+use crate::redis::WriteHalf;
+use crate::resp::Reply;
 
 /// Every bound of the primary sidecar.
 #[derive(Debug, Clone)]
@@ -167,9 +163,6 @@ pub fn node_uuid(state_dir: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
-/// Buffer of the replication link's reader (the handshake, a base RDB,
-/// then the stream).
-const REPLICATION_BUFFER_BYTES: usize = 1 << 20;
 /// Stream bytes read from the replication link at once.
 const READ_CHUNK_BYTES: usize = 256 << 10;
 /// How often a promotion (`REPLICAOF NO ONE`) is checked for its answer.
@@ -275,31 +268,6 @@ async fn read_record(journal: &JournalClient, stream: &str, seq: u64) -> Result<
     })
 }
 
-/// Reads one `\r\n`-terminated line (Redis may send bare `\n` keep-alives
-/// before a full-sync payload; they are skipped).
-async fn read_line(r: &mut BufReader<OwnedReadHalf>) -> Result<String, Stop> {
-    loop {
-        let mut line = String::new();
-        let n = r.read_line(&mut line).await.map_err(retry)?;
-        if n == 0 {
-            return Err(retry("Redis closed the replication link"));
-        }
-        let line = line.trim_end().to_string();
-        if !line.is_empty() {
-            return Ok(line);
-        }
-    }
-}
-
-async fn command(w: &mut OwnedWriteHalf, args: &[&[u8]]) -> Result<(), Stop> {
-    w.write_all(&encode_command(args)).await.map_err(retry)
-}
-
-/// `AUTH` as the control user, first on every connection to Redis.
-async fn authenticate(r: &mut BufReader<OwnedReadHalf>, w: &mut OwnedWriteHalf, creds: &Credentials, redis: &RedisAddr) -> Result<(), Stop> {
-    crate::auth::authenticate(r, w, creds, &redis.to_string()).await.map_err(Stop::Retry)
-}
-
 /// Leads the stream from the local Redis until fenced, the Redis lost its
 /// history, or an error. The caller holds the lease (taken for `me`).
 pub async fn lead(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Stop {
@@ -312,12 +280,13 @@ pub async fn lead(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -
 enum Never {}
 
 /// A control connection to the local Redis: commands whose replies are
-/// single lines (`KEEL.*`, `REPLICAOF`), counted so the lease renewal can
+/// single replies (`KEEL.*`, `REPLICAOF`), counted so the lease renewal can
 /// tell whether Redis still answers. An error reply is kept (`refused`):
 /// a refused `KEEL.ACK` would leave the writes it covers held until their
-/// timeout, so the leading loop restarts on one and says it again.
+/// timeout, so the leading loop restarts on one and says it again. A
+/// connection that ends counts as refused too.
 pub struct Control {
-    w: OwnedWriteHalf,
+    w: WriteHalf,
     sent: u64,
     replies: Arc<SharedReplies>,
 }
@@ -333,75 +302,70 @@ struct SharedReplies {
 /// Longest error text kept from a control reply.
 const MAX_REFUSAL_BYTES: usize = 512;
 
-/// The replies of a control connection, fed as they arrive in arbitrary
-/// pieces. Pure: counts complete lines and keeps the first error line
-/// (with its reply number, 1-based). Memory stays bounded whatever comes.
+/// The replies of a control connection, fed one by one. Pure: counts them
+/// and keeps the first error (with its reply number, 1-based, its text
+/// capped at `MAX_REFUSAL_BYTES`).
 #[derive(Debug, Default)]
 struct ControlReplies {
     answered: u64,
-    /// The start of the line being read, if it is an error (capped).
-    partial: Vec<u8>,
-    /// Whether the line being read began with `-`.
-    in_error: bool,
-    /// Whether a line has begun and not ended yet.
-    in_line: bool,
     refused: Option<String>,
 }
 
 impl ControlReplies {
-    /// Takes some bytes; returns true when this call found the first error.
-    fn feed(&mut self, bytes: &[u8]) -> bool {
-        let mut found = false;
-        for &b in bytes {
-            if !self.in_line {
-                self.in_line = true;
-                self.in_error = b == b'-';
-            }
-            if b == b'\n' {
-                self.answered += 1;
-                if self.in_error && self.refused.is_none() {
-                    let text = String::from_utf8_lossy(&self.partial[1..]).trim_end().to_string();
-                    self.refused = Some(format!("reply {}: {text}", self.answered));
-                    found = true;
+    /// Takes a reply; returns true when it is the first error.
+    fn reply(&mut self, reply: &Reply) -> bool {
+        self.answered += 1;
+        match reply {
+            Reply::Error(e) if self.refused.is_none() => {
+                let mut text = e.clone();
+                if text.len() > MAX_REFUSAL_BYTES {
+                    let mut cut = MAX_REFUSAL_BYTES;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
                 }
-                self.partial.clear();
-                self.in_error = false;
-                self.in_line = false;
-            } else if self.in_error && self.partial.len() < MAX_REFUSAL_BYTES {
-                self.partial.push(b);
+                self.refused = Some(format!("reply {}: {text}", self.answered));
+                true
             }
+            _ => false,
         }
-        found
+    }
+
+    /// The connection ended (closed, or a reply that is not RESP).
+    fn ended(&mut self, why: &str) -> bool {
+        if self.refused.is_some() {
+            return false;
+        }
+        self.refused = Some(format!("the control connection ended after {} replies: {why}", self.answered));
+        true
     }
 }
 
 impl Control {
     pub async fn connect(redis: &RedisAddr, creds: &Credentials) -> Result<(Control, String), Stop> {
-        let (ctl_r, mut w, _) = crate::link::connect(redis).await.map_err(|e| retry(format!("connect {redis}: {e}")))?;
-        let mut r = BufReader::new(ctl_r);
-        authenticate(&mut r, &mut w, creds, redis).await?;
+        let mut conn = Conn::connect(redis, creds).await.map_err(Stop::Retry)?;
         // INFO replication first, read whole, before replies are only counted.
-        command(&mut w, &[b"INFO", b"replication"]).await?;
-        let header = read_line(&mut r).await?;
-        let len: usize = header.strip_prefix('$').and_then(|l| l.parse().ok()).ok_or_else(|| retry(format!("INFO answered {header:?}")))?;
-        let mut body = vec![0u8; len + 2];
-        r.read_exact(&mut body).await.map_err(retry)?;
-        let info = String::from_utf8_lossy(&body[..len]).into_owned();
+        let info = conn.info("replication").await.map_err(Stop::Retry)?;
+        let (mut r, w) = conn.split();
         let replies = Arc::new(SharedReplies::default());
         let shared = replies.clone();
         tokio::spawn(async move {
-            let mut r = r;
-            let mut sink = vec![0u8; 4096];
-            while let Ok(n) = r.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
+            loop {
+                let reply = r.reply().await;
                 let mut seen = shared.seen.lock().unwrap();
-                if seen.feed(&sink[..n]) {
+                let found = match &reply {
+                    Ok(reply) => seen.reply(reply),
+                    Err(e) => seen.ended(e),
+                };
+                if found {
                     let why = seen.refused.clone().unwrap_or_default();
                     drop(seen);
                     tracing::error!(%why, "Redis refused a command on the control connection");
                     shared.refused.notify_one();
+                }
+                if reply.is_err() {
+                    return;
                 }
             }
         });
@@ -425,7 +389,7 @@ impl Control {
 
     pub async fn send(&mut self, args: &[&[u8]]) -> Result<(), Stop> {
         self.sent += 1;
-        command(&mut self.w, args).await
+        self.w.send(args).await.map_err(Stop::Retry)
     }
 
     /// Whether every command sent so far was answered.
@@ -547,27 +511,27 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         }
         tracing::warn!("a new history whose base is the local Redis's data: Redis forks once to give it");
     }
+    let mut link = Conn::connect(&cfg.redis, &cfg.control).await.map_err(Stop::Retry)?;
+    if let Reply::Error(e) = link.request(&[b"PING"]).await.map_err(Stop::Retry)? {
+        return Err(Stop::Fatal(format!("Redis refused the replication link: -{e}")));
+    }
+    link.request(&[b"REPLCONF", b"capa", b"psync2"]).await.map_err(Stop::Retry)?;
     // Redis names its replica by `local_ip` instead of asking the kernel
     // on every ROLE/INFO (the module reads ROLE once per turn with writes).
-    let (r, mut w, local_ip) = crate::link::connect(&cfg.redis).await.map_err(|e| retry(format!("connect {}: {e}", cfg.redis)))?;
-    let mut r = BufReader::with_capacity(REPLICATION_BUFFER_BYTES, r);
-    authenticate(&mut r, &mut w, &cfg.control, &cfg.redis).await?;
-    command(&mut w, &[b"PING"]).await?;
-    let pong = read_line(&mut r).await?;
-    if pong.starts_with('-') {
-        return Err(Stop::Fatal(format!("Redis refused the replication link: {pong}")));
-    }
-    command(&mut w, &[b"REPLCONF", b"capa", b"psync2"]).await?;
-    read_line(&mut r).await?;
-    command(&mut w, &[b"REPLCONF", b"ip-address", local_ip.as_bytes()]).await?;
-    read_line(&mut r).await?;
+    let local_ip = link.local_ip().to_string();
+    link.request(&[b"REPLCONF", b"ip-address", local_ip.as_bytes()]).await.map_err(Stop::Retry)?;
     match &tail {
         // Redis's own id: after a promotion it is new, and continues the
         // journaled bytes (its previous id is kept as replid2).
-        Some(Tail { end, .. }) => command(&mut w, &[b"PSYNC", redis_replid.as_bytes(), (end + 1).to_string().as_bytes()]).await?,
-        None => command(&mut w, &[b"PSYNC", b"?", b"-1"]).await?,
+        Some(Tail { end, .. }) => link.send(&[b"PSYNC", redis_replid.as_bytes(), (end + 1).to_string().as_bytes()]).await,
+        None => link.send(&[b"PSYNC", b"?", b"-1"]).await,
     }
-    let answer = read_line(&mut r).await?;
+    .map_err(Stop::Retry)?;
+    let answer = match link.reply().await.map_err(Stop::Retry)? {
+        Reply::Status(s) => format!("+{s}"),
+        Reply::Error(e) => format!("-{e}"),
+        other => format!("{other:?}"),
+    };
     let (replid, offset) = if let Some(rest) = answer.strip_prefix("+CONTINUE") {
         let end = tail.as_ref().map(|t| t.end).expect("CONTINUE only after a PSYNC with history");
         let replid = rest.trim();
@@ -584,13 +548,13 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
                 cfg.redis
             )));
         }
-        last_seq = journal_base_rdb(cfg, &mut session, me, &mut r, &replid, offset, last_seq).await?;
+        last_seq = journal_base_rdb(cfg, &mut session, me, &mut link, &replid, offset, last_seq).await?;
         (replid, offset)
     } else {
         return Err(Stop::Fatal(format!("unexpected PSYNC answer from Redis: {answer:?}")));
     };
 
-    run(cfg, journal, me, Attached { ctl, r, w, replid, offset, last_seq, session, lease_sent_at_ms: sent_at }).await
+    run(cfg, journal, me, Attached { ctl, link, replid, offset, last_seq, session, lease_sent_at_ms: sent_at }).await
 }
 
 /// What the leading loop starts from: Redis attached as a replica at
@@ -598,8 +562,8 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
 /// through record `last_seq`, and the lease taken at `lease_sent_at_ms`.
 struct Attached {
     ctl: Control,
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+    /// The replication link, past the `PSYNC` answer (and any base RDB).
+    link: Conn,
     replid: String,
     offset: u64,
     last_seq: u64,
@@ -613,7 +577,8 @@ struct Attached {
 /// leader's timer and the control connection's refusals; feeds what came
 /// to the `Leader` and performs what it answers.
 async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Attached) -> Result<Never, Stop> {
-    let Attached { mut ctl, mut r, mut w, replid, offset, last_seq, session, lease_sent_at_ms } = a;
+    let Attached { mut ctl, link, replid, offset, last_seq, session, lease_sent_at_ms } = a;
+    let (mut r, mut w) = link.split();
     // This node leads the stream; everything journaled so far is durable.
     ctl.send(&[b"KEEL.LEADER", me.as_bytes(), cfg.stream.as_bytes()]).await?;
     let limits = Limits {
@@ -656,7 +621,7 @@ async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Att
                 Action::Ack(o) => ctl.send(&[b"KEEL.ACK", o.to_string().as_bytes()]).await?,
                 Action::Lease(until) => ctl.send(&[b"KEEL.LEASE", until.to_string().as_bytes()]).await?,
                 Action::Fenced(why) => fence(&mut ctl, &why).await,
-                Action::ReplconfAck(o) => command(&mut w, &[b"REPLCONF", b"ACK", o.to_string().as_bytes()]).await?,
+                Action::ReplconfAck(o) => w.send(&[b"REPLCONF", b"ACK", o.to_string().as_bytes()]).await.map_err(Stop::Retry)?,
                 Action::Stop(stop) => return Err(stop),
             }
         }
@@ -753,12 +718,12 @@ async fn journal_base_rdb(
     cfg: &PrimaryConfig,
     session: &mut AppendSession,
     me: &str,
-    r: &mut BufReader<OwnedReadHalf>,
+    link: &mut Conn,
     replid: &str,
     offset: u64,
     after_seq: u64,
 ) -> Result<u64, Stop> {
-    let header = read_line(r).await?;
+    let header = link.bulk_header().await.map_err(Stop::Retry)?;
     let len: usize = header
         .strip_prefix('$')
         .and_then(|l| l.parse().ok())
@@ -768,7 +733,7 @@ async fn journal_base_rdb(
     while left > 0 {
         let n = left.min(MAX_PAYLOAD_BYTES);
         let mut chunk = vec![0u8; n];
-        r.read_exact(&mut chunk).await.map_err(retry)?;
+        link.read_exact(&mut chunk).await.map_err(Stop::Retry)?;
         left -= n;
         let rec = Record { kind: Kind::Rdb, replid: replid.into(), start: offset, end: offset, payload: chunk };
         last_seq = append_record(session, &cfg.stream, me, &rec, last_seq, cfg.retry_pause_ms).await?;
@@ -846,8 +811,6 @@ async fn append_once(session: &mut AppendSession, stream: &str, me: &str, record
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
 
     #[test]
@@ -864,56 +827,23 @@ mod tests {
     #[test]
     fn control_replies_are_counted_and_the_first_error_kept() {
         let mut r = ControlReplies::default();
-        assert!(!r.feed(b"+OK\r\n+O"));
-        assert_eq!((r.answered, r.refused.as_deref()), (1, None));
-        assert!(!r.feed(b"K\r\n-NOPERM this user has no "));
-        assert_eq!(r.answered, 2, "an unfinished line is not a reply yet");
-        assert!(r.feed(b"permissions to run the 'keel.ack' command\r\n+OK\r\n"));
-        assert_eq!(r.answered, 4);
+        assert!(!r.reply(&Reply::Status("OK".into())));
+        assert!(!r.reply(&Reply::Int(1)));
+        assert!(r.reply(&Reply::Error("NOPERM this user has no permissions to run the 'keel.ack' command".into())));
+        assert_eq!(r.answered, 3);
         assert_eq!(r.refused.as_deref(), Some("reply 3: NOPERM this user has no permissions to run the 'keel.ack' command"));
-        assert!(!r.feed(b"-ERR later\r\n"), "only the first error is reported");
-        assert_eq!(r.refused.as_deref().map(|s| s.starts_with("reply 3:")), Some(true));
-        // A '-' inside a line is not an error.
+        assert!(!r.reply(&Reply::Error("ERR later".into())), "only the first error is reported");
+        assert!(!r.ended("closed"), "nor an end after it");
+        assert_eq!(r.answered, 4);
+        assert!(r.refused.as_deref().unwrap().starts_with("reply 3:"));
+        // A huge error keeps a bounded text, cut on a character boundary.
         let mut r = ControlReplies::default();
-        r.feed(b"+a-b\r\n:-1\r\n");
-        assert_eq!((r.answered, r.refused), (2, None));
-    }
-
-    proptest! {
-        /// However the replies are cut into reads, the count and the first
-        /// error are the same, and a huge error line keeps a bounded text.
-        #[test]
-        fn control_replies_do_not_depend_on_how_reads_split(
-            lines in prop::collection::vec((any::<bool>(), prop::collection::vec(32u8..127, 0..700)), 0..20),
-            cuts in prop::collection::vec(1usize..64, 1..40),
-        ) {
-            let mut bytes = Vec::new();
-            for (err, text) in &lines {
-                let text: Vec<u8> = text.iter().copied().filter(|b| *b != b'-').collect();
-                bytes.push(if *err { b'-' } else { b'+' });
-                bytes.extend_from_slice(&text);
-                bytes.extend_from_slice(b"\r\n");
-            }
-            let mut whole = ControlReplies::default();
-            whole.feed(&bytes);
-            let mut pieces = ControlReplies::default();
-            let (mut at, mut i) = (0, 0);
-            while at < bytes.len() {
-                let n = cuts[i % cuts.len()].min(bytes.len() - at);
-                pieces.feed(&bytes[at..at + n]);
-                at += n;
-                i += 1;
-            }
-            prop_assert_eq!(whole.answered, lines.len() as u64);
-            prop_assert_eq!(pieces.answered, whole.answered);
-            prop_assert_eq!(&pieces.refused, &whole.refused);
-            let first = lines.iter().position(|(err, _)| *err);
-            prop_assert_eq!(whole.refused.is_some(), first.is_some());
-            if let Some(why) = &whole.refused {
-                let prefix = format!("reply {}: ", first.unwrap() + 1);
-                prop_assert!(why.starts_with(&prefix), "{why:?} does not start with {prefix:?}");
-                prop_assert!(why.len() <= MAX_REFUSAL_BYTES + 16);
-            }
-        }
+        assert!(r.reply(&Reply::Error("é".repeat(MAX_REFUSAL_BYTES))));
+        assert!(r.refused.as_ref().unwrap().len() <= MAX_REFUSAL_BYTES + 16);
+        // An end is a refusal when nothing was refused before.
+        let mut r = ControlReplies::default();
+        r.reply(&Reply::Status("OK".into()));
+        assert!(r.ended("Redis at x closed the connection"));
+        assert_eq!(r.refused.as_deref(), Some("the control connection ended after 1 replies: Redis at x closed the connection"));
     }
 }
