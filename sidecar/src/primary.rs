@@ -2,35 +2,33 @@
 //! the replication stream to the journal as the stream's leader, and tells
 //! the module (`KEEL.ACK`) how far the journal holds it.
 //!
+//! Life cycle of one leading round (`lead`): connect the control
+//! connection (Redis must answer before the lease is taken) → take the
+//! lease → read the journal's tail (`Tail`) and make the stream one this
+//! Redis can continue (void an unfinished base or last command, journal a
+//! new base) → attach the replication link (`PSYNC`, redis.rs) → `run`:
+//! the leading loop, whose decisions are leader.rs's (`Leader`) and whose
+//! I/O is here: read the link, append to the journal, renew the lease,
+//! send `KEEL.*` on the control connection. The round ends with a `Stop`
+//! that node.rs acts on.
+//!
 //! Invariants:
 //! - the journal holds the stream contiguously: each record starts at the
-//!   previous record's end offset (checked before every append), so no byte
-//!   is journaled twice or skipped; a restart resumes with `PSYNC <replid>
-//!   <end+1>` from the last record, with no full sync (no fork);
+//!   previous record's end offset (checked before every append with
+//!   `expect_last_seq`), so no byte is journaled twice or skipped; a
+//!   restart resumes with `PSYNC <replid> <end+1>` from the last record,
+//!   with no full sync (no fork);
 //! - `KEEL.ACK o` is sent only after the append covering `o` succeeded (the
-//!   journal fsync'd it on a quorum);
+//!   journal fsync'd it on a quorum); group commit, the merge wait, retries
+//!   and the lease cadence are leader.rs's;
 //! - each append ends where a replica's offset can stand: after a whole
 //!   command, outside MULTI/EXEC (`Cuts`, cuts.rs), so a journal whose
 //!   writer died is always one a replica can be caught up on (a command
-//!   larger than `MAX_APPEND_PAYLOAD_BYTES` is the one exception);
-//! - one append in flight at a time; bytes arriving meanwhile form the next
-//!   append (group commit), read from the link when the append returns
-//!   (or after 20 ms in flight). An append whose outcome is unknown is
-//!   retried with `expect_last_seq`, so it lands exactly once;
-//! - after a confirmation the next append may wait (at most
-//!   `merge_wait_us`) until about as many bytes are pending as the clients
-//!   just answered and those already waiting wrote last time: clients
-//!   answered together write again together, and their writes join the
-//!   waiting ones in one record instead of alternating in two half-size
-//!   groups (`Merge`, pure, in this file);
+//!   larger than `leader::MAX_APPEND_PAYLOAD_BYTES` is the one exception);
 //! - `FENCED` from the journal: the module is told (`KEEL.FENCED`), every
 //!   held write fails, and the node goes back to following (node.rs);
-//! - the lease is renewed every `lease_ms / 3` only while Redis answers
-//!   (lease.rs), one renewal at a time, off the loop (confirmations go on
-//!   while it is out; it is aborted when the loop ends, so no renewal
-//!   outlives this node's leading); each renewal's deadline goes to the
-//!   module (`KEEL.LEASE`),
-//!   which serves nothing past it;
+//! - the renewal in flight is a task aborted when the loop ends, so no
+//!   renewal outlives this node's leading;
 //! - a Redis that lost its history (restarted empty, or behind the journal)
 //!   is never attached with a full sync over the journal: the node turns it
 //!   into a replica fed from the journal instead (`Stop::LostHistory`).
