@@ -418,6 +418,8 @@ pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim())
 }
 
+/// One leading round: the lease, a stream this Redis can continue, the
+/// replication link, then the leading loop (`run`).
 async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str) -> Result<Never, Stop> {
     // Redis must answer before the lease is taken: a dead or paused Redis
     // must let it lapse.
@@ -450,24 +452,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
 
     let promoted = info_field(&info, "role") == Some("slave");
     if promoted {
-        // A replica fed from the journal, promoted without a fork or a sync.
-        ctl.send(&[b"REPLICAOF", b"NO", b"ONE"]).await?;
-        let t = Instant::now();
-        loop {
-            // An error reply counts as answered too: look at it first.
-            if let Some(why) = ctl.refused() {
-                return Err(retry(format!("Redis refused REPLICAOF NO ONE ({why})")));
-            }
-            if ctl.all_answered() {
-                break;
-            }
-            if t.elapsed() > Duration::from_millis(cfg.lease_ms) {
-                return Err(retry("Redis did not answer REPLICAOF NO ONE"));
-            }
-            tokio::time::sleep(REPLICAOF_POLL).await;
-        }
-        tracing::info!("promoted the local Redis (REPLICAOF NO ONE)");
-        (ctl, info) = control(cfg).await?;
+        (ctl, info) = promote(cfg, ctl).await?;
     }
     let redis_replid = info_field(&info, "master_replid").unwrap_or("").to_string();
     let redis_offset: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
@@ -509,6 +494,57 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         }
         tracing::warn!("a new history whose base is the local Redis's data: Redis forks once to give it");
     }
+    let (link, replid, offset) = attach(cfg, tail.as_ref().map(|t| t.end), &redis_replid).await?;
+    let (link, last_seq) = match link {
+        Link::Continue(link) => (link, last_seq),
+        Link::FullSync(mut link) => {
+            let last_seq = journal_base_rdb(cfg, &mut session, me, &mut link, &replid, offset, last_seq).await?;
+            (link, last_seq)
+        }
+    };
+
+    run(cfg, journal, me, Attached { ctl, link, replid, offset, last_seq, session, lease_sent_at_ms: sent_at }).await
+}
+
+/// Promotes the local Redis, a replica fed from the journal, without a
+/// fork or a sync (`REPLICAOF NO ONE`, within the lease); returns a new
+/// control connection and `INFO replication` after it.
+async fn promote(cfg: &PrimaryConfig, mut ctl: Control) -> Result<(Control, String), Stop> {
+    ctl.send(&[b"REPLICAOF", b"NO", b"ONE"]).await?;
+    let t = Instant::now();
+    loop {
+        // An error reply counts as answered too: look at it first.
+        if let Some(why) = ctl.refused() {
+            return Err(retry(format!("Redis refused REPLICAOF NO ONE ({why})")));
+        }
+        if ctl.all_answered() {
+            break;
+        }
+        if t.elapsed() > Duration::from_millis(cfg.lease_ms) {
+            return Err(retry("Redis did not answer REPLICAOF NO ONE"));
+        }
+        tokio::time::sleep(REPLICAOF_POLL).await;
+    }
+    tracing::info!("promoted the local Redis (REPLICAOF NO ONE)");
+    control(cfg).await
+}
+
+/// The replication link after `PSYNC`.
+enum Link {
+    /// Redis continues the journaled history: the stream follows.
+    Continue(Conn),
+    /// Redis gives a base RDB (a new history): the RDB follows, then the
+    /// stream.
+    FullSync(Conn),
+}
+
+/// Attaches to the local Redis as its replica: `PSYNC` from the journal's
+/// end `end` if it holds a history (Redis's own id `redis_replid`: after a
+/// promotion it is new, and continues the journaled bytes, its previous id
+/// kept as replid2), else a full sync. Returns the link, the stream's
+/// replid and the offset the stream continues from. A Redis that cannot
+/// continue the journaled history is `Stop::LostHistory`.
+async fn attach(cfg: &PrimaryConfig, end: Option<u64>, redis_replid: &str) -> Result<(Link, String, u64), Stop> {
     let mut link = Conn::connect(&cfg.redis, &cfg.control).await.map_err(Stop::Retry)?;
     if let Reply::Error(e) = link.request(&[b"PING"]).await.map_err(Stop::Retry)? {
         return Err(Stop::Fatal(format!("Redis refused the replication link: -{e}")));
@@ -518,10 +554,8 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     // on every ROLE/INFO (the module reads ROLE once per turn with writes).
     let local_ip = link.local_ip().to_string();
     link.request(&[b"REPLCONF", b"ip-address", local_ip.as_bytes()]).await.map_err(Stop::Retry)?;
-    match &tail {
-        // Redis's own id: after a promotion it is new, and continues the
-        // journaled bytes (its previous id is kept as replid2).
-        Some(Tail { end, .. }) => link.send(&[b"PSYNC", redis_replid.as_bytes(), (end + 1).to_string().as_bytes()]).await,
+    match end {
+        Some(end) => link.send(&[b"PSYNC", redis_replid.as_bytes(), (end + 1).to_string().as_bytes()]).await,
         None => link.send(&[b"PSYNC", b"?", b"-1"]).await,
     }
     .map_err(Stop::Retry)?;
@@ -530,29 +564,26 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         Reply::Error(e) => format!("-{e}"),
         other => format!("{other:?}"),
     };
-    let (replid, offset) = if let Some(rest) = answer.strip_prefix("+CONTINUE") {
-        let end = tail.as_ref().map(|t| t.end).expect("CONTINUE only after a PSYNC with history");
+    if let Some(rest) = answer.strip_prefix("+CONTINUE") {
+        let end = end.expect("CONTINUE only after a PSYNC with history");
         let replid = rest.trim();
-        let replid = if replid.is_empty() { redis_replid.clone() } else { replid.to_string() };
+        let replid = if replid.is_empty() { redis_replid.to_string() } else { replid.to_string() };
         tracing::info!(%replid, offset = end, "attached to the replication stream (no full sync)");
-        (replid, end)
+        Ok((Link::Continue(link), replid, end))
     } else if let Some(rest) = answer.strip_prefix("+FULLRESYNC ") {
         let mut parts = rest.split_whitespace();
         let replid = parts.next().unwrap_or("").to_string();
         let offset: u64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(|| retry(format!("bad FULLRESYNC {answer:?}")))?;
-        if tail.is_some() {
+        if end.is_some() {
             return Err(Stop::LostHistory(format!(
                 "Redis at {} cannot continue the journaled history (it answered a full resync, replid {replid})",
                 cfg.redis
             )));
         }
-        last_seq = journal_base_rdb(cfg, &mut session, me, &mut link, &replid, offset, last_seq).await?;
-        (replid, offset)
+        Ok((Link::FullSync(link), replid, offset))
     } else {
-        return Err(Stop::Fatal(format!("unexpected PSYNC answer from Redis: {answer:?}")));
-    };
-
-    run(cfg, journal, me, Attached { ctl, link, replid, offset, last_seq, session, lease_sent_at_ms: sent_at }).await
+        Err(Stop::Fatal(format!("unexpected PSYNC answer from Redis: {answer:?}")))
+    }
 }
 
 /// What the leading loop starts from: Redis attached as a replica at
@@ -568,7 +599,6 @@ struct Attached {
     session: AppendSession,
     lease_sent_at_ms: u64,
 }
-
 
 /// The leading loop's I/O (its decisions are leader.rs's): waits on the
 /// replication link, the append in flight, the renewal in flight, the
@@ -628,7 +658,7 @@ async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Att
         let wake = step.wake_at_us.map(|t| tokio::time::Instant::now() + Duration::from_micros(t.saturating_sub(monotonic_us())));
         let came = tokio::select! {
             n = r.read(&mut buf), if step.read => Came::Read(n),
-            done = async { appending.as_mut().unwrap().await }, if appending.is_some() => Came::Appended(done),
+            done = async { appending.as_mut().unwrap().await }, if appending.is_some() => Came::Appended(Box::new(done)),
             done = async { (&mut renewing.as_mut().unwrap().0).await }, if renewing.is_some() => Came::Renewed(done),
             _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => Came::Timer,
             why = ctl.refusal() => Came::Refused(why),
@@ -639,7 +669,7 @@ async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Att
             Came::Read(Err(e)) => Event::LinkClosed(e.to_string()),
             Came::Appended(done) => {
                 appending = None;
-                let (back, outcome) = done.map_err(|e| Stop::Fatal(format!("append task failed: {e}")))?;
+                let (back, outcome) = (*done).map_err(|e| Stop::Fatal(format!("append task failed: {e}")))?;
                 session = Some(back);
                 if let AppendOutcome::Confirmed { .. } = outcome {
                     crate::metrics::get().append_seconds.observe(append_started.elapsed().as_secs_f64());
@@ -674,7 +704,7 @@ async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Att
 /// What woke the leading loop up.
 enum Came {
     Read(std::io::Result<usize>),
-    Appended(Result<(AppendSession, AppendOutcome), tokio::task::JoinError>),
+    Appended(Box<Result<(AppendSession, AppendOutcome), tokio::task::JoinError>>),
     Renewed(Result<Result<(), JournalError>, tokio::task::JoinError>),
     Timer,
     Refused(String),

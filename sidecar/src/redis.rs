@@ -298,7 +298,7 @@ pub(crate) mod tests {
         /// after them come out the same.
         #[test]
         fn reads_do_not_depend_on_how_the_socket_splits(
-            replies in prop::collection::vec((0u8..4, prop::collection::vec(b'a'..b'z', 0..300)), 0..12),
+            replies in prop::collection::vec((0u8..4, prop::collection::vec(b'a'..=b'z', 0..300)), 0..12),
             tail in prop::collection::vec(any::<u8>(), 0..200),
             cuts in prop::collection::vec(1usize..64, 1..20),
         ) {
