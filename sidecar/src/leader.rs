@@ -851,8 +851,9 @@ mod tests {
 
     proptest! {
         /// Whatever the journal answers and whenever: acks are monotonic and
-        /// never beyond a confirmed append's end; at most one append and one
-        /// renewal are out; a failed append acks nothing and stops.
+        /// never beyond a confirmed append's end; appends are contiguous and
+        /// resent unchanged; at most one append and one renewal are out; an
+        /// append that did not land acknowledges nothing.
         #[test]
         fn acks_follow_confirmations(steps in prop::collection::vec(sim(), 1..200), merge_wait_us in prop::sample::select(vec![0u64, 500, 5_000])) {
             let mut lim = limits();
@@ -865,18 +866,25 @@ mod tests {
             let mut out_end = 0u64;
             let mut renewing = false;
             let mut written = 0u64;
-            let mut answered = 0u64;
             let mut steps_done = vec![first];
             let mut stopped = false;
+            // An append sent and not answered yet; whether the last event
+            // was an append that did not land.
+            let mut unanswered = false;
+            let mut failed = false;
             for ev in steps {
                 for s in steps_done.drain(..) {
                     for a in &s.actions {
                         match a {
                             Action::Append { records, expect_last_seq, attempt } => {
+                                prop_assert!(!unanswered, "one append in flight at a time");
+                                unanswered = true;
                                 match out {
                                     None => {
                                         prop_assert_eq!(*attempt, 1);
+                                        let first = Record::decode(&records[0]).unwrap();
                                         let last = Record::decode(records.last().unwrap()).unwrap();
+                                        prop_assert_eq!(first.start, confirmed_end, "each append continues the last confirmed one");
                                         prop_assert!(last.end > confirmed_end);
                                         out_end = last.end;
                                     }
@@ -891,6 +899,7 @@ mod tests {
                                 renewing = true;
                             }
                             Action::Ack(o) => {
+                                prop_assert!(!failed, "an append that did not land acknowledges nothing");
                                 prop_assert!(*o >= last_ack, "acks are monotonic");
                                 prop_assert!(*o <= confirmed_end, "ack {} beyond the confirmed end {}", o, confirmed_end);
                                 last_ack = *o;
@@ -904,6 +913,7 @@ mod tests {
                     break;
                 }
                 now += 100;
+                failed = false;
                 let s = match ev {
                     Sim::Write(k) => {
                         let cmd = set(&k.to_string());
@@ -913,6 +923,8 @@ mod tests {
                     Sim::Confirm | Sim::Unknown | Sim::Full | Sim::Fail => match out {
                         // A resend that has not left yet has no answer.
                         Some((e, n, _)) if l.inflight.as_ref().is_some_and(|f| f.retry_at_us.is_none()) => {
+                            unanswered = false;
+                            failed = !matches!(ev, Sim::Confirm);
                             let outcome = match ev {
                                 Sim::Confirm => {
                                     out = None;
@@ -932,8 +944,8 @@ mod tests {
                         l.handle(if matches!(ev, Sim::RenewOk) { Event::RenewalDone } else { Event::RenewalFailed("x".into()) }, now)
                     }
                     Sim::Answer => {
-                        answered = l.control_sent();
-                        l.handle(Event::ControlAnswered(answered), now)
+                        let sent = l.control_sent();
+                        l.handle(Event::ControlAnswered(sent), now)
                     }
                     Sim::Advance(us) => {
                         now += us as u64 * 20;
@@ -947,7 +959,6 @@ mod tests {
                 steps_done.push(s);
             }
             prop_assert!(confirmed_end <= written);
-            let _ = answered;
         }
     }
 

@@ -90,20 +90,28 @@ pub struct PrimaryConfig {
     pub retry_pause_ms: u64,
 }
 
+/// Shortest and longest lease accepted.
+pub const MIN_LEASE_MS: u64 = 100;
+pub const MAX_LEASE_MS: u64 = 60_000;
+/// The drift margin is at most this fraction (1/n) of the lease.
+pub const MAX_DRIFT_MARGIN_FRACTION: u64 = 4;
+/// Longest merge wait accepted.
+pub const MAX_MERGE_WAIT_US: u64 = 100_000;
+
 impl PrimaryConfig {
     pub fn validate(&self) -> Result<(), String> {
         crate::link::client_address(&self.redis, Some(&self.announce))?;
         if self.stream.is_empty() {
             return Err("--stream must not be empty".into());
         }
-        if !(100..=60_000).contains(&self.lease_ms) {
-            return Err(format!("--lease-ms {} must be 100..=60000", self.lease_ms));
+        if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.lease_ms) {
+            return Err(format!("--lease-ms {} must be {MIN_LEASE_MS}..={MAX_LEASE_MS}", self.lease_ms));
         }
-        if self.drift_margin_ms * 4 > self.lease_ms {
-            return Err(format!("--drift-margin-ms {} must be at most a quarter of --lease-ms", self.drift_margin_ms));
+        if self.drift_margin_ms * MAX_DRIFT_MARGIN_FRACTION > self.lease_ms {
+            return Err(format!("--drift-margin-ms {} must be at most 1/{MAX_DRIFT_MARGIN_FRACTION} of --lease-ms", self.drift_margin_ms));
         }
-        if self.merge_wait_us > 100_000 {
-            return Err(format!("--merge-wait-us {} must be at most 100000", self.merge_wait_us));
+        if self.merge_wait_us > MAX_MERGE_WAIT_US {
+            return Err(format!("--merge-wait-us {} must be at most {MAX_MERGE_WAIT_US}", self.merge_wait_us));
         }
         if self.max_buffered_bytes < MAX_PAYLOAD_BYTES {
             return Err(format!("--max-buffered-bytes must be at least {MAX_PAYLOAD_BYTES}"));
