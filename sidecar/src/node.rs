@@ -52,7 +52,7 @@ use crate::lease::StreamView;
 use crate::primary;
 use crate::primary::PrimaryConfig;
 use crate::primary::Stop;
-use crate::primary::info_field;
+use crate::redis::info_field;
 use crate::redis::Conn;
 use crate::resp::Reply;
 use crate::sentinel;

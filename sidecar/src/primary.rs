@@ -41,8 +41,8 @@ use std::time::Instant;
 use keel_journal_client::client::AppendSession;
 use keel_journal_client::client::JournalClient;
 use keel_journal_client::client::JournalError;
-use crate::link::RedisAddr;
 
+use crate::auth::Credentials;
 use crate::clock::monotonic_ms;
 use crate::clock::monotonic_us;
 use crate::cuts::Cuts;
@@ -52,13 +52,14 @@ use crate::leader::AppendOutcome;
 use crate::leader::Event;
 use crate::leader::Leader;
 use crate::leader::Limits;
+use crate::link::RedisAddr;
 use crate::record::Kind;
 use crate::record::MAX_PAYLOAD_BYTES;
 use crate::record::ReadOneError;
 use crate::record::Record;
-use crate::auth::Credentials;
 use crate::redis::Conn;
 use crate::redis::WriteHalf;
+use crate::redis::info_field;
 use crate::resp::Reply;
 
 /// Every bound of the primary sidecar.
@@ -421,10 +422,6 @@ impl Control {
     }
 }
 
-/// A field of an `INFO` answer.
-pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
-    info.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim())
-}
 
 /// One leading round: the lease, a stream this Redis can continue, the
 /// replication link, then the leading loop (`run`).

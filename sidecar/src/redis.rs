@@ -119,6 +119,11 @@ impl Conn {
     }
 }
 
+/// A field of an `INFO` answer.
+pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim())
+}
+
 /// `work` (a fresh connection's exchange with the server at `addr`), or an
 /// error if it takes longer than `timeout_ms`.
 pub async fn within<T>(addr: &RedisAddr, timeout_ms: u64, work: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
@@ -280,6 +285,15 @@ pub(crate) mod tests {
             assert_eq!(rest, b"*1\r\n$4\r\nPING\r\n");
             assert!(c.reply().await.unwrap_err().contains("closed"));
         });
+    }
+
+    #[test]
+    fn info_fields_are_found_by_whole_name() {
+        let info = "# Replication\r\nrole:slave\r\nmaster_repl_offset:42\r\nmaster_replid:abc\r\n";
+        assert_eq!(info_field(info, "role"), Some("slave"));
+        assert_eq!(info_field(info, "master_repl_offset"), Some("42"));
+        assert_eq!(info_field(info, "master_repl"), None, "a prefix of a name is not the name");
+        assert_eq!(info_field(info, "master_host"), None);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use crate::feeder::Feeder;
 use crate::history::History;
 use crate::link::RedisAddr;
-use crate::primary::info_field;
+use crate::redis::info_field;
 use crate::redis::Conn;
 use crate::record::Kind;
 use crate::record::Record;
