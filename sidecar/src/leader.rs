@@ -15,7 +15,7 @@
 //!
 //! Invariants (checked with `assert!`, they are cheap):
 //! - offsets never go back: `acked <= durable <= offset` (the end of the
-//!   bytes handed to appends) `<=` the end of the bytes read;
+//!   bytes handed to appends), and an append in flight ends at `offset`;
 //! - `Action::Ack(o)` only for `o` a confirmed append's end: an append that
 //!   failed or whose outcome is unknown never acknowledges anything;
 //! - at most one append in flight; bytes arriving meanwhile form the next
@@ -38,8 +38,8 @@
 //!   control link (lease.rs), one renewal at a time; each renewal's deadline
 //!   goes to the module (`KEEL.LEASE`). A confirmation that arrives after
 //!   the module's lease lapsed waits for a renewal before its `KEEL.ACK`
-//!   (an ack now could only answer KEEL_UNCONFIRMED), and no append leaves
-//!   meanwhile;
+//!   (an ack now could only answer KEEL_UNCONFIRMED); meanwhile no append
+//!   leaves and the link is not read;
 //! - `FENCED` from the journal (on an append or a renewal) or `Overtaken`:
 //!   the module is told (`Action::Fenced`), then the loop stops. After
 //!   `Action::Stop` the leader takes no more events.
@@ -675,7 +675,7 @@ mod tests {
         // The first renewal leaves at once; answer it.
         let s = l.handle(Event::Timer, 0);
         assert!(s.actions.iter().any(|a| matches!(a, Action::StartRenewal)));
-        l.handle(Event::RenewalDone, 1 * MS);
+        l.handle(Event::RenewalDone, MS);
         l
     }
 
