@@ -24,12 +24,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 
-use tokio::io::AsyncBufRead;
-use tokio::io::AsyncBufReadExt;
-use tokio::io::AsyncWrite;
-use tokio::io::AsyncWriteExt;
-
-use crate::resp::encode_command;
+use crate::redis::Conn;
+use crate::resp::Reply;
 
 /// Shortest secret accepted (the module's bound too).
 pub const MIN_SECRET_BYTES: usize = 16;
@@ -140,9 +136,9 @@ impl Credentials {
         secrets.to_offer()
     }
 
-    /// `AUTH <user> <secret>`, encoded.
-    fn auth_command(&self, secret: &[u8]) -> Vec<u8> {
-        encode_command(&[b"AUTH", self.user.as_bytes(), secret])
+    /// `AUTH <user> <secret>`.
+    fn auth_args<'a>(&'a self, secret: &'a [u8]) -> [&'a [u8]; 3] {
+        [b"AUTH", self.user.as_bytes(), secret]
     }
 
     /// Credentials for tests of the sidecar alone.
@@ -155,25 +151,17 @@ impl Credentials {
 }
 
 /// `AUTH` as the control user, first on a new connection to the Redis at
-/// `redis`: offers the newest secret, then the last accepted one
-/// (`Secrets::to_offer`). An error says what to check.
-pub async fn authenticate<R, W>(r: &mut R, w: &mut W, creds: &Credentials, redis: &str) -> Result<(), String>
-where
-    R: AsyncBufRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+/// `redis` (`redis::Conn::connect`): offers the newest secret, then the
+/// last accepted one (`Secrets::to_offer`). An error says what to check.
+pub async fn authenticate(c: &mut Conn, creds: &Credentials, redis: &str) -> Result<(), String> {
     let mut refused = Err(String::new());
     for secret in creds.to_offer() {
-        w.write_all(&creds.auth_command(&secret)).await.map_err(|e| format!("Redis at {redis}: {e}"))?;
-        let mut line = String::new();
-        // Redis may send bare `\n` keep-alives; skip them.
-        while line.trim_end().is_empty() {
-            line.clear();
-            if r.read_line(&mut line).await.map_err(|e| format!("Redis at {redis}: {e}"))? == 0 {
-                return Err(format!("Redis at {redis} closed the connection during AUTH"));
-            }
-        }
-        refused = check_auth_reply(line.trim_end(), &creds.user, redis);
+        let line = match c.request(&creds.auth_args(&secret)).await.map_err(|e| format!("{e} (during AUTH)"))? {
+            Reply::Status(s) => format!("+{s}"),
+            Reply::Error(e) => format!("-{e}"),
+            other => format!("{other:?}"),
+        };
+        refused = check_auth_reply(&line, &creds.user, redis);
         if refused.is_ok() {
             creds.secrets.lock().unwrap().accepted(&secret);
             break;
@@ -276,7 +264,10 @@ mod tests {
     #[test]
     fn the_secret_is_sent_in_auth_and_never_shown() {
         let c = Credentials::for_tests("keel-sidecar", b"super-secret-value-123");
-        assert_eq!(c.auth_command(b"super-secret-value-123"), b"*3\r\n$4\r\nAUTH\r\n$12\r\nkeel-sidecar\r\n$22\r\nsuper-secret-value-123\r\n");
+        assert_eq!(
+            crate::resp::encode_command(&c.auth_args(b"super-secret-value-123")),
+            b"*3\r\n$4\r\nAUTH\r\n$12\r\nkeel-sidecar\r\n$22\r\nsuper-secret-value-123\r\n"
+        );
         let shown = format!("{c:?}");
         assert!(!shown.contains("super-secret") && shown.contains("keel-sidecar") && shown.contains("22 bytes"), "{shown}");
     }
@@ -317,10 +308,15 @@ mod tests {
         let creds = Credentials::from_file("keel-sidecar", &path).unwrap();
         // A Redis that accepts only `ok` (the answers it would give, in order).
         async fn auth(creds: &Credentials, answers: &str) -> (Result<(), String>, String) {
-            let mut r = tokio::io::BufReader::new(answers.as_bytes());
-            let mut sent = Vec::new();
-            let res = authenticate(&mut r, &mut sent, creds, "r").await;
-            (res, String::from_utf8_lossy(&sent).into_owned())
+            use tokio::io::AsyncReadExt;
+            let (w, mut seen) = tokio::io::duplex(1 << 16);
+            let r = std::io::Cursor::new(answers.as_bytes().to_vec());
+            let mut c = Conn::new(Box::pin(r), Box::pin(w), "r".into(), "127.0.0.1".into());
+            let res = authenticate(&mut c, creds, "r").await;
+            drop(c);
+            let mut sent = String::new();
+            seen.read_to_string(&mut sent).await.unwrap();
+            (res, sent)
         }
         let (res, sent) = auth(&creds, "+OK\r\n").await;
         assert!(res.is_ok() && sent.contains("old-secret") && !sent.contains("new-secret"), "{sent}");

@@ -225,7 +225,7 @@ impl Cuts {
 
     fn point(&mut self, at: u64) {
         self.last = at;
-        debug_assert!(at >= self.taken, "a cut point before the last take");
+        assert!(at >= self.taken, "a cut point before the last take");
         if at == self.taken {
             return;
         }
@@ -246,7 +246,7 @@ impl Cuts {
     /// split); else 0 (wait for the command to complete). With both limits
     /// at least `CUT_GRAIN_BYTES`, a cut point within them is never missed.
     pub fn sendable(&self, soft: u64, hard: u64) -> u64 {
-        debug_assert!(CUT_GRAIN_BYTES <= soft && soft <= hard);
+        assert!(CUT_GRAIN_BYTES <= soft && soft <= hard);
         let pending = self.at - self.taken;
         let mut within_soft = None;
         for &p in &self.points {
@@ -266,7 +266,7 @@ impl Cuts {
 
     /// The first `n` pending bytes were appended.
     pub fn take(&mut self, n: u64) {
-        debug_assert!(n <= self.at - self.taken, "took more than was fed");
+        assert!(n <= self.at - self.taken, "took more than was fed");
         self.taken += n;
         while self.points.front().is_some_and(|&p| p <= self.taken) {
             self.points.pop_front();

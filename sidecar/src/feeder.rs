@@ -85,6 +85,11 @@ const MAX_HANDSHAKES: usize = 64;
 const MAX_HELD_BYTES: usize = 64 << 20;
 /// How often a Redis waiting for a base RDB is re-checked.
 const BASE_WAIT_MS: u64 = 200;
+/// Bytes read from a Redis replica connection at once.
+const READ_CHUNK_BYTES: usize = 16 << 10;
+/// Pause after a failed `accept` on a feed listener (out of descriptors,
+/// say) before accepting again.
+pub const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// How far the local Redis has been fed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -267,7 +272,7 @@ impl Feeder {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "feed listener");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(ACCEPT_RETRY_PAUSE).await;
                     }
                 },
                 Some(h) = futures::StreamExt::next(&mut handshakes), if !handshakes.is_empty() => match h {
@@ -292,7 +297,7 @@ impl Feeder {
 
     async fn feed(&self, h: Handshake) -> Result<(), String> {
         let Handshake { mut r, mut w, replid, offset } = h;
-        let mut chunk = vec![0u8; 16 << 10];
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         let plan = loop {
             if let Err(e) = self.refresh().await {
                 if self.stalled().is_none() {
@@ -576,7 +581,7 @@ fn same_secret(given: &[u8], token: &[u8]) -> bool {
 async fn handshake(sock: TcpStream, token: &[u8]) -> Result<Handshake, String> {
     let (mut r, mut w) = sock.into_split();
     let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 16 << 10];
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     let mut authed = false;
     loop {
         let parsed = match parse_command(&buf) {

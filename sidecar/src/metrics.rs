@@ -79,7 +79,7 @@ pub struct NodeView {
 
 impl NodeView {
     pub fn from_info(info: &str) -> NodeView {
-        let field = |name: &str| crate::primary::info_field(info, name).unwrap_or("");
+        let field = |name: &str| crate::redis::info_field(info, name).unwrap_or("");
         let num = |name: &str| field(name).parse::<u64>().unwrap_or(0);
         let role = match field("keel_role") {
             r if ROLES.contains(&r) => r.to_string(),

@@ -40,14 +40,11 @@ use std::time::SystemTime;
 
 use keel_journal_client::client::JournalClient;
 use keel_journal_client::client::JournalError;
-use tokio::io::AsyncReadExt;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use crate::link::RedisAddr;
 use tokio::sync::watch;
 
 use crate::auth::Credentials;
-use crate::auth::authenticate;
 use crate::feeder::Feeder;
 use crate::lease::Candidate;
 use crate::lease::Step;
@@ -55,8 +52,9 @@ use crate::lease::StreamView;
 use crate::primary;
 use crate::primary::PrimaryConfig;
 use crate::primary::Stop;
-use crate::primary::info_field;
-use crate::resp::encode_command;
+use crate::redis::info_field;
+use crate::redis::Conn;
+use crate::resp::Reply;
 use crate::sentinel;
 use crate::sentinel::Addr;
 use crate::sentinel::SentinelPeer;
@@ -251,7 +249,7 @@ async fn refuse_feed_connections(listener: &TcpListener) -> std::convert::Infall
             }
             Err(e) => {
                 tracing::warn!(error = %e, "feed listener");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(crate::feeder::ACCEPT_RETRY_PAUSE).await;
             }
         }
     }
@@ -302,46 +300,6 @@ impl Quiet {
     }
 }
 
-/// One reply of the local Redis: a bulk string's content, or the single
-/// line of any other reply (`+OK`, `-ERR …`, `:1`).
-enum Reply {
-    Bulk(String),
-    Line(String),
-}
-
-/// Sends one command to the local Redis on a fresh connection (after
-/// `AUTH` as the control user, `auth::authenticate`) and reads its reply,
-/// within `timeout_ms`.
-async fn redis_request(redis: &RedisAddr, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<Reply, Stop> {
-    let fut = async {
-        let (r, mut w, _) = crate::link::connect(redis).await.map_err(|e| format!("connect {redis}: {e}"))?;
-        let mut r = tokio::io::BufReader::new(r);
-        authenticate(&mut r, &mut w, creds, &redis.to_string()).await?;
-        w.write_all(&encode_command(args)).await.map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = r.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("Redis closed the connection".to_string());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let Some(i) = buf.windows(2).position(|w| w == b"\r\n") else { continue };
-            let head = String::from_utf8_lossy(&buf[..i]).into_owned();
-            let Some(len) = head.strip_prefix('$').and_then(|l| l.parse::<usize>().ok()) else {
-                return Ok(Reply::Line(head));
-            };
-            if buf.len() >= i + 2 + len {
-                return Ok(Reply::Bulk(String::from_utf8_lossy(&buf[i + 2..i + 2 + len]).into_owned()));
-            }
-        }
-    };
-    match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
-        Ok(r) => r.map_err(Stop::Retry),
-        Err(_) => Err(Stop::Retry(format!("Redis at {redis} did not answer within {timeout_ms} ms"))),
-    }
-}
-
 /// `INFO replication` of the local Redis, within `timeout_ms`.
 pub async fn redis_info(redis: &RedisAddr, creds: &Credentials, timeout_ms: u64) -> Result<String, Stop> {
     redis_info_section(redis, creds, "replication", timeout_ms).await
@@ -349,18 +307,18 @@ pub async fn redis_info(redis: &RedisAddr, creds: &Credentials, timeout_ms: u64)
 
 /// `INFO <section>` of the local Redis, within `timeout_ms`.
 pub async fn redis_info_section(redis: &RedisAddr, creds: &Credentials, section: &str, timeout_ms: u64) -> Result<String, Stop> {
-    match redis_request(redis, creds, &[b"INFO", section.as_bytes()], timeout_ms).await? {
-        Reply::Bulk(info) => Ok(info),
-        Reply::Line(l) => Err(Stop::Retry(format!("INFO {section} answered {l:?}"))),
-    }
+    crate::redis::within(redis, timeout_ms, async {
+        let mut c = Conn::connect(redis, creds).await?;
+        c.info(section).await
+    })
+    .await
+    .map_err(Stop::Retry)
 }
 
-/// Sends one command to the local Redis and returns its reply's first line.
-async fn redis_command(redis: &RedisAddr, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<String, Stop> {
-    match redis_request(redis, creds, args, timeout_ms).await? {
-        Reply::Bulk(b) => Ok(b),
-        Reply::Line(l) => Ok(l),
-    }
+/// Sends one command to the local Redis on a fresh connection and reads
+/// its reply, within `timeout_ms`.
+async fn redis_command(redis: &RedisAddr, creds: &Credentials, args: &[&[u8]], timeout_ms: u64) -> Result<Reply, Stop> {
+    crate::redis::within(redis, timeout_ms, async { Conn::connect(redis, creds).await?.request(args).await }).await.map_err(Stop::Retry)
 }
 
 /// Feeds the local Redis as a replica until this node takes the lease.
@@ -398,14 +356,14 @@ async fn follow(
             if !feeding || !told_token {
                 // The feed's password first (feeder.rs), then the link.
                 let r = redis_command(&p.redis, &p.control, &[b"CONFIG", b"SET", b"masterauth", feeder.token().as_bytes()], p.lease_ms).await?;
-                if r.starts_with('-') {
-                    return Err(Stop::Retry(format!("Redis refused CONFIG SET masterauth: {r}")));
+                if let Reply::Error(e) = r {
+                    return Err(Stop::Retry(format!("Redis refused CONFIG SET masterauth: -{e}")));
                 }
                 told_token = true;
             }
             if !feeding {
                 let r = redis_command(&p.redis, &p.control, &[b"REPLICAOF", b"127.0.0.1", port.as_bytes()], p.lease_ms).await?;
-                tracing::info!(reply = %r, feed_port, "the local Redis now replicates from the journal");
+                tracing::info!(reply = ?r, feed_port, "the local Redis now replicates from the journal");
             }
             let view = match journal.stream_info(&p.stream).await {
                 Ok(i) => StreamView { leader: i.leader_uuid, deadline_unix_ms: i.lease_deadline_unix_ms, last_seq: i.last_seq },

@@ -63,7 +63,7 @@ pub enum DecodeError {
 
 impl Record {
     pub fn encode(&self) -> Vec<u8> {
-        debug_assert_eq!(self.replid.len(), 40);
+        assert_eq!(self.replid.len(), 40, "a replid is 40 hex characters");
         let mut out = Vec::with_capacity(HEADER_BYTES + self.payload.len());
         out.push(VERSION);
         out.push(self.kind as u8);

@@ -1,7 +1,8 @@
-//! Splits a Redis replication stream (RESP multi-bulk commands) into
-//! commands. Used to read journaled streams back (`keel-sidecar decode`).
-//! Also reads the simple replies (status, error, integer, bulk) of a
-//! private redis-server the snapshotter drives (`parse_reply`).
+//! The sidecar's one RESP codec. Commands: `encode_command` (everything
+//! the sidecar sends a Redis) and `parse_command` (a replication stream
+//! split into commands: cut points, `keel-sidecar decode`, the feeder's
+//! handshake with a Redis replica). Replies: `parse_reply` (status, error,
+//! integer, bulk), read by the one connection type, redis.rs.
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed RESP at byte {at}: {what}")]

@@ -843,7 +843,7 @@ impl Session {
         loop {
             match next_request(&self.pending[at..]) {
                 Ok(Some((args, used))) => {
-                    debug_assert!(used > 0 && at + used <= self.pending.len(), "a request consumes input");
+                    assert!(used > 0 && at + used <= self.pending.len(), "a request consumes input");
                     at += used;
                     if args.is_empty() {
                         continue;
@@ -864,7 +864,7 @@ impl Session {
             }
         }
         self.pending.drain(..at);
-        debug_assert!(done.close || self.pending.len() <= MAX_REQUEST_BYTES, "pending input is bounded");
+        assert!(done.close || self.pending.len() <= MAX_REQUEST_BYTES, "pending input is bounded");
         done
     }
 }

@@ -44,6 +44,8 @@ pub const SNAPSHOT_META_KEY: &str = "snapshot";
 pub const UPLOAD_PART_BYTES: usize = 8 << 20;
 /// Parts of one upload in flight at once (bounds an upload's memory).
 pub const UPLOAD_PARTS_IN_FLIGHT: usize = 2;
+/// Bytes read at once from a file being hashed.
+const HASH_CHUNK_BYTES: usize = 1 << 20;
 /// Largest serialized `SnapshotMeta` (the journal's meta value limit is 64 KiB).
 pub const MAX_META_BYTES: usize = 16 << 10;
 
@@ -189,7 +191,7 @@ pub fn hex(b: &[u8]) -> String {
 pub async fn file_sha256(path: &Path) -> Result<(String, u64), String> {
     let mut f = tokio::fs::File::open(path).await.map_err(|e| format!("open {}: {e}", path.display()))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; HASH_CHUNK_BYTES];
     let mut n_total = 0u64;
     loop {
         let n = f.read(&mut buf).await.map_err(|e| format!("read {}: {e}", path.display()))?;

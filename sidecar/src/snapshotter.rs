@@ -34,19 +34,17 @@ use std::time::SystemTime;
 use keel_journal_client::client::JournalClient;
 use keel_journal_client::client::JournalError;
 use tokio::io::AsyncReadExt;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use crate::feeder::Feeder;
 use crate::history::History;
-use crate::primary::info_field;
+use crate::link::RedisAddr;
+use crate::redis::info_field;
+use crate::redis::Conn;
 use crate::record::Kind;
 use crate::record::Record;
 use crate::resp::Reply;
-use crate::resp::encode_command;
-use crate::resp::parse_reply;
 use crate::snapshot::SNAPSHOT_META_KEY;
 use crate::snapshot::SnapshotMeta;
 use crate::snapshot::SnapshotStore;
@@ -63,8 +61,6 @@ const PRIVATE_START_MS: u64 = 30_000;
 const RACE_ATTEMPTS: usize = 3;
 /// The smallest `every_bytes`: a cycle costs a private server's start.
 pub const MIN_EVERY_BYTES: u64 = 64 << 10;
-/// Largest reply read from a private server (INFO, DEBUG DIGEST).
-const MAX_REPLY_BYTES: usize = 1 << 20;
 
 /// Every bound of a snapshotter.
 #[derive(Debug, Clone)]
@@ -603,25 +599,13 @@ impl PrivateRedis {
         }
     }
 
+    /// One command on a fresh connection (redis.rs; a reply is at most
+    /// `redis::MAX_REPLY_BYTES`).
     async fn cmd(&self, args: &[&str]) -> Result<Reply, String> {
-        let mut s = UnixStream::connect(&self.sock).await.map_err(|e| format!("private server: {e}"))?;
         let words: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        s.write_all(&encode_command(&words)).await.map_err(|e| format!("private server: {e}"))?;
-        let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 64 << 10];
-        loop {
-            if let Some((reply, _)) = parse_reply(&buf).map_err(|e| format!("private server: {e}"))? {
-                return Ok(reply);
-            }
-            if buf.len() > MAX_REPLY_BYTES {
-                return Err(format!("private server: a reply over {MAX_REPLY_BYTES} bytes"));
-            }
-            let n = s.read(&mut chunk).await.map_err(|e| format!("private server: {e}"))?;
-            if n == 0 {
-                return Err("private server closed the connection".into());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        let addr = RedisAddr::Unix(self.sock.clone());
+        let reply = async { Conn::open(&addr).await?.request(&words).await };
+        reply.await.map_err(|e| format!("private server: {e}"))
     }
 
     async fn info(&self, section: &str) -> Result<String, String> {

@@ -52,7 +52,7 @@ impl Stall {
         if self.at.as_ref().is_some_and(|s| s.seq == seq && s.reason == reason) {
             return false;
         }
-        debug_assert!(seq > 0, "record seqs start at 1");
+        assert!(seq > 0, "record seqs start at 1");
         self.at = Some(Stalled { seq, reason });
         true
     }
