@@ -20,7 +20,6 @@ use crate::ffi::acl_refusal;
 use crate::ffi::call;
 use crate::ffi::command_keys;
 use crate::ffi::free_strings;
-use crate::ffi::hold_blocked;
 use crate::ffi::read_must_wait;
 use crate::ffi::reply_text;
 use crate::ffi::state;
@@ -37,7 +36,6 @@ pub use crate::waiters::blocks;
 
 /// A client waiting for its blocking command to find data.
 pub struct Waiter {
-    pub bc: Blocked,
     /// The command, as it is retried (XREAD's `$` already resolved).
     pub argv: Vec<Vec<u8>>,
     pub write: bool,
@@ -222,7 +220,7 @@ pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
         if st.gate.is_fenced() {
             return crate::ffi::reply_error(ctx, "KEEL_FENCED this node is no longer the primary; it serves nothing");
         }
-        if st.holds.len() + st.waiters.len() >= st.cfg.max_held_replies {
+        if st.clients.held_count() + st.clients.waiting_count() >= st.cfg.max_held_replies {
             return crate::ffi::reply_error(ctx, "KEEL_BUSY too many replies are awaiting durability; nothing was done, retry");
         }
     }
@@ -260,9 +258,7 @@ pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
                 timeout,
             );
             raw::RedisModule_SetDisconnectCallback.unwrap()(bc, Some(on_disconnect));
-            let mut st = state();
-            let id = st.waiters.add(Waiter { bc: Blocked(bc), argv, write, resp3, null_reply }, db, keys);
-            st.waiter_of.insert(bc as usize, id);
+            state().clients.wait(Blocked(bc), Waiter { argv, write, resp3, null_reply }, db, keys);
             raw::REDISMODULE_OK as c_int
         }
     }
@@ -271,14 +267,14 @@ pub unsafe fn blocking_pop(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
 /// A key was written (from the keyspace notification, state locked by the
 /// caller): wake its waiters soon.
 pub unsafe fn key_written(ctx: *mut raw::RedisModuleCtx, st: &mut crate::ffi::State, db: i32, key: &[u8]) {
-    if st.waiters.ready(db, key) {
+    if st.clients.key_written(db, key) {
         schedule_retry(ctx, st);
     }
 }
 
 /// A whole database changed (flush, swap; `None`: all of them).
 pub unsafe fn db_changed(ctx: *mut raw::RedisModuleCtx, st: &mut crate::ffi::State, db: Option<i32>) {
-    if st.waiters.ready_db(db) {
+    if st.clients.db_changed(db) {
         schedule_retry(ctx, st);
     }
 }
@@ -296,14 +292,13 @@ extern "C" fn retry(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
         let ids = {
             let mut st = state();
             st.retry_scheduled = false;
-            st.waiters.take_ready()
+            st.clients.take_ready()
         };
         for id in ids {
             let (bc, argv, write, resp3, db) = {
                 let st = state();
-                let Some(w) = st.waiters.get(id) else { continue };
-                let db = st.waiters.db_of(id).unwrap_or(0);
-                (w.bc, w.argv.clone(), w.write, w.resp3, db)
+                let Some((bc, w, db)) = st.clients.waiting(id) else { continue };
+                (bc, w.argv.clone(), w.write, w.resp3, db)
             };
             raw::RedisModule_SelectDb.unwrap()(ctx, db);
             // No waited key holds the right type (it was deleted, or set to
@@ -312,10 +307,7 @@ extern "C" fn retry(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
                 if argv[0].eq_ignore_ascii_case(b"xreadgroup") {
                     // A consumer group vanished with its stream: Redis
                     // answers such a waiter with an error.
-                    let mut st = state();
-                    st.waiters.remove(id);
-                    st.waiter_of.remove(&(bc.0 as usize));
-                    drop(st);
+                    state().clients.stop_waiting(bc);
                     unblock(bc, Answer::Error("UNBLOCKED the stream key no longer exists".into()));
                 }
                 continue;
@@ -331,20 +323,16 @@ extern "C" fn retry(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
                 state().hazards.write(command_keys(&strs).unwrap_or_default());
             }
             free_strings(ctx, strs);
-            {
-                let mut st = state();
-                st.waiters.remove(id);
-                st.waiter_of.remove(&(bc.0 as usize));
-            }
             if !hold {
+                state().clients.stop_waiting(bc);
                 unblock(bc, Answer::Reply(bytes));
                 continue;
             }
-            hold_blocked(bc, bytes);
             // The pop is done: its reply may wait for the journal only so long.
-            let ms = state().cfg.write_timeout_ms;
-            state().popped.insert(id, bc);
-            state().popped_by_bc.insert(bc.0 as usize, id);
+            let (id, ms) = {
+                let mut st = state();
+                (st.clients.popped(bc, Answer::Reply(bytes)), st.cfg.write_timeout_ms)
+            };
             raw::RedisModule_CreateTimer.unwrap()(ctx, ms, Some(popped_timeout), id as usize as *mut c_void);
         }
     }
@@ -355,57 +343,19 @@ extern "C" fn popped_timeout(_ctx: *mut raw::RedisModuleCtx, data: *mut c_void) 
     let id = data as usize as WaiterId;
     let bc = {
         let mut st = state();
-        let Some(bc) = st.popped.remove(&id) else { return };
-        st.popped_by_bc.remove(&(bc.0 as usize));
-        if !st.holds.remove(&bc) {
-            return;
-        }
+        let Some(bc) = st.clients.popped_timed_out(id) else { return };
         st.timed_out_total += 1;
         bc
     };
-    crate::ffi::forget(bc);
     unblock(bc, Answer::Error(crate::ffi::unconfirmed_message()));
-}
-
-/// Forgets a popped reply that left (released, timed out or failed).
-pub fn forget_popped(st: &mut crate::ffi::State, bc: Blocked) {
-    if let Some(id) = st.popped_by_bc.remove(&(bc.0 as usize)) {
-        st.popped.remove(&id);
-    }
-}
-
-/// The command's own timeout, for a client still waiting: its null reply.
-pub fn timed_out(bc: Blocked) -> Option<Vec<u8>> {
-    let mut st = state();
-    let id = st.waiter_of.remove(&(bc.0 as usize))?;
-    st.waiters.remove(id).map(|w| w.null_reply)
 }
 
 /// The client left while waiting: stop waiting (nothing will be popped).
 extern "C" fn on_disconnect(_ctx: *mut raw::RedisModuleCtx, bc: *mut raw::RedisModuleBlockedClient) {
-    let waited = {
-        let mut st = state();
-        match st.waiter_of.remove(&(bc as usize)) {
-            Some(id) => st.waiters.remove(id).is_some(),
-            None => false,
-        }
-    };
+    let waited = state().clients.stop_waiting(Blocked(bc)).is_some();
     if waited {
         unsafe {
             raw::RedisModule_UnblockClient.unwrap()(bc, std::ptr::null_mut());
         }
     }
 }
-
-/// Fenced: every waiter gets an error.
-pub fn fail_all(reason: &str) {
-    let all = {
-        let mut st = state();
-        st.waiter_of.clear();
-        st.waiters.drain()
-    };
-    for w in all {
-        unblock(w.bc, Answer::Error(format!("KEEL_FENCED this node lost the primary role ({reason}); nothing was popped")));
-    }
-}
-

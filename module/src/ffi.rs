@@ -2,8 +2,6 @@
 //! beforeSleep hook and `INFO keel`. Every decision is `Holds`'s; who may
 //! run the control and role commands is `control.rs`'s.
 
-use std::collections::HashMap;
-use std::collections::HashSet;
 use std::ffi::CString;
 use std::os::raw::c_int;
 use std::os::raw::c_void;
@@ -20,6 +18,12 @@ use redis_module::redis_module;
 use redis_module_macros::info_command_handler;
 
 use crate::acl;
+use crate::commands::CommandTable;
+use crate::commands::KEEL_COMMANDS;
+use crate::commands::arity_allows;
+use crate::routing;
+use crate::routing::AclEffect;
+use crate::routing::Route;
 use crate::config::Config;
 use crate::config::parse_args;
 use crate::control;
@@ -27,42 +31,34 @@ use crate::gate;
 use crate::gate::Decision;
 use crate::gate::Gate;
 use crate::hazards::Hazards;
-use crate::holds::Holds;
+use crate::clients::HeldClients;
+use crate::clients::TimedOut;
 use crate::secret;
 use crate::secret::Rotation;
 use crate::transactions::Exec;
-use crate::transactions::Sender;
 use crate::transactions::Transactions;
-use crate::waiters::WaiterId;
-use crate::waiters::Waiters;
 use crate::blocking;
 use crate::blocking::Waiter;
 use crate::reply;
 
 /// A blocked client, by its Redis handle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Blocked(pub(crate) *mut raw::RedisModuleBlockedClient);
 // Only touched on Redis's main thread, under the module lock.
 unsafe impl Send for Blocked {}
 
 pub(crate) struct State {
     pub(crate) cfg: Config,
-    pub(crate) holds: Holds<Blocked>,
+    /// Every client the module blocked: held replies and waiting pops,
+    /// one record each (clients.rs).
+    pub(crate) clients: HeldClients<Blocked, Answer, Waiter>,
     pub(crate) hazards: Hazards,
     /// MULTI/EXEC and WATCH, kept by the module (see transactions.rs).
     pub(crate) txs: Transactions,
-    /// Command names (and `container|sub`) whose replies are held.
-    pub(crate) writes: HashSet<Vec<u8>>,
-    /// Commands Redis refuses inside MULTI.
-    pub(crate) no_multi: HashSet<Vec<u8>>,
-    /// Each command's (and `container|sub`'s) arity, as `COMMAND` gives it.
-    pub(crate) arity: HashMap<Vec<u8>, i64>,
-    /// Commands Redis serves during a busy script (SCRIPT KILL…).
-    pub(crate) allow_busy: HashSet<Vec<u8>>,
+    /// What `COMMAND` says about every command (commands.rs).
+    pub(crate) table: CommandTable,
     /// Role, lease and fence: whether data commands are served at all.
     pub(crate) gate: Gate,
-    /// Commands flagged `readonly` (refused with writes when there is no lease).
-    pub(crate) reads: HashSet<Vec<u8>>,
     /// The journal stream and this node's leader uuid (from the sidecar).
     pub(crate) leader_uuid: String,
     pub(crate) stream: String,
@@ -74,17 +70,10 @@ pub(crate) struct State {
     /// The record this node's feed stalled at and why, as the sidecar last
     /// said (seq 0: the feed is fine).
     pub(crate) stalled: (u64, String),
-    /// Blocking pops waiting for data (see blocking.rs).
-    pub(crate) waiters: Waiters<Waiter>,
-    pub(crate) waiter_of: HashMap<usize, WaiterId>,
+    /// A retry of waiting pops is scheduled (blocking.rs).
     pub(crate) retry_scheduled: bool,
-    /// Popped replies held for durability, by waiter id and by client.
-    pub(crate) popped: HashMap<WaiterId, Blocked>,
-    pub(crate) popped_by_bc: HashMap<usize, WaiterId>,
     pub(crate) released_total: u64,
     pub(crate) timed_out_total: u64,
-    /// Commands with subcommands (`config`, `client`…), for error texts.
-    pub(crate) containers: HashSet<Vec<u8>>,
     /// Users may lack the wrappers (the module just loaded, or `ACL LOAD`
     /// ran): granted before the event loop sleeps (see acl.rs).
     pub(crate) acl_grant_pending: bool,
@@ -131,55 +120,11 @@ pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [
     std::slice::from_raw_parts(p as *const u8, len)
 }
 
-/// The module's own commands: never rewritten again.
-const NEVER_WRAPPED: &[&str] = &["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.stalled", "keel.countederror", "keel.guard"];
-/// Commands that act on the connection itself: they always run natively,
-/// even for a client inside MULTI when the server cannot tell the filter
-/// which client sent a command (Redis 7.0; see `maybe_in_multi`).
-const CONNECTION_COMMANDS: &[&str] = &[
-    "auth", "hello", "client", "reset", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
-    "punsubscribe", "sunsubscribe", "monitor", "sync", "psync", "replconf", "readonly", "readwrite", "asking",
-    "keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.nolease", "keel.following", "keel.snapshot", "keel.stalled", "keel.countederror", "keel.guard",
-];
-/// Commands that may block the calling client whatever their arguments,
-/// other than the blocking pops (`blocking.rs`): never run by `RM_Call` for
-/// a client (see `refuse_guarded`).
-const NOT_RUN_FOR_CLIENTS: &[&str] = &["wait", "waitaof"];
-/// Scripts that may not write (run through the module, see `filter`).
-const READ_ONLY_SCRIPTS: &[&str] = &["eval_ro", "evalsha_ro", "fcall_ro"];
-/// Routed commands served during a busy script (KEEL.TB, `deny-script`).
-const BUSY_SAFE: &[&str] = &["multi", "exec", "discard", "watch", "unwatch", "shutdown"];
 const BUSY_MESSAGE: &str = "BUSY Redis is busy running a script. You can only call SCRIPT KILL, FUNCTION KILL or SHUTDOWN NOSAVE.";
-/// Commands the module always handles itself (transactions).
-const TRANSACTION_COMMANDS: &[&str] = &["multi", "exec", "discard", "watch", "unwatch"];
-/// Script and function calls: their effects replicate, so their replies are held.
-const SCRIPT_CALLS: &[&str] = &["eval", "evalsha", "fcall"];
-
-/// What `COMMAND` says, read once at load.
-struct CommandTable {
-    /// Flagged `write` or `may_replicate` (and subcommands, as
-    /// `container|sub`): their replies are held.
-    writes: HashSet<Vec<u8>>,
-    /// Flagged `no_multi`: refused inside MULTI.
-    no_multi: HashSet<Vec<u8>>,
-    /// Flagged `allow_busy`: served while a script runs too long.
-    allow_busy: HashSet<Vec<u8>>,
-    /// Flagged `readonly`: data reads.
-    reads: HashSet<Vec<u8>>,
-    /// Commands with subcommands.
-    containers: HashSet<Vec<u8>>,
-    /// Arity (negative: at least that many arguments).
-    arity: HashMap<Vec<u8>, i64>,
-}
-
 fn load_command_table(ctx: *mut raw::RedisModuleCtx) -> CommandTable {
     let mut out = CommandTable {
-        writes: SCRIPT_CALLS.iter().map(|s| s.as_bytes().to_vec()).collect(),
-        no_multi: HashSet::new(),
-        allow_busy: HashSet::new(),
-        reads: HashSet::new(),
-        containers: HashSet::new(),
-        arity: HashMap::new(),
+        writes: routing::SCRIPT_CALLS.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        ..CommandTable::default()
     };
     unsafe {
         let reply = raw::RedisModule_Call.unwrap()(ctx, cstr("COMMAND").as_ptr(), cstr("").as_ptr());
@@ -380,7 +325,7 @@ unsafe fn grant_wrappers(ctx: *mut raw::RedisModuleCtx) {
     raw::RedisModule_FreeCallReply.unwrap()(users);
     for user in names {
         let mut missing: Vec<String> = Vec::new();
-        for (w, rule) in acl::CLIENT_WRAPPERS.iter().zip(acl::grant_rules()) {
+        for (w, rule) in acl::client_wrappers().zip(acl::grant_rules()) {
             let r = call_bytes(ctx, c"ACL", &[b"DRYRUN", &user, w.as_bytes()]);
             if r.is_null() {
                 continue;
@@ -421,7 +366,7 @@ pub(crate) unsafe fn acl_refusal(
     acl::native_refusal(&text, caller, || {
         let name = lower(string_bytes(args[0]));
         let sub = args.get(1).map(|a| string_bytes(*a));
-        acl::full_name(&name, sub, state().containers.contains(&name))
+        acl::full_name(&name, sub, state().table.containers.contains(&name))
     })
 }
 
@@ -462,140 +407,55 @@ unsafe fn acl_allows(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModul
     allowed
 }
 
-/// Command filter: prefixes write commands with `KEEL.W`.
+/// Command filter: gathers what routing needs, asks `routing::route`, and
+/// puts the chosen wrapper in front of the command.
 extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     if SKIP_NEXT_FILTER.with(|s| s.replace(false)) {
         return;
     }
     unsafe {
         let argc = raw::RedisModule_CommandFilterArgsCount.unwrap()(fctx);
-        if argc < 1 {
-            return;
-        }
-        let name = string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 0));
-        let mut lower = [0u8; 64];
-        if name.len() > lower.len() {
-            return;
-        }
-        for (i, b) in name.iter().enumerate() {
-            lower[i] = b.to_ascii_lowercase();
-        }
-        let name = &lower[..name.len()];
-        let is = |list: &[&str]| list.iter().any(|n| n.as_bytes() == name);
-        let sub = if argc > 1 { Some(string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, 1))) } else { None };
-        // Role changes, the control user, replica-read-only and unloading
-        // the module: for every client, inside MULTI and scripts too
-        // (control.rs).
-        if matches!(name, b"replicaof" | b"slaveof" | b"failover" | b"cluster" | b"acl" | b"config" | b"module") {
-            let args: Vec<&[u8]> = (0..argc).map(|i| string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i))).collect();
-            let guarded = control::guard(&args, state().cfg.control_user.as_bytes()).is_some();
-            if guarded {
-                let g = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.GUARD".as_ptr(), 10);
-                raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, g);
-                return;
-            }
-        }
-        if acl::is_setuser(name, sub, argc as usize) {
-            // The user keeps the wrappers whatever the rules say (acl.rs).
-            for (i, rule) in acl::grant_rules().enumerate() {
-                let r = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), rule.as_ptr() as *const _, rule.len());
-                raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, argc + i as c_int, r);
-            }
-        } else if acl::is_load(name, sub) {
-            state().acl_grant_pending = true;
-        }
-        if CALL_DEPTH.with(|d| d.get()) == 0 {
-            let st = state();
-            match st.gate.decide(gate::monotonic_ms()) {
-                // A replica: Redis serves reads and refuses writes itself;
-                // the master link's commands apply untouched.
-                Decision::Native => return,
-                Decision::Serve => {}
-                Decision::Refuse(_) => {
-                    let data = st.is_write(name, sub)
-                        || in_table(&st.reads, name, sub)
-                        || (is(TRANSACTION_COMMANDS) && name != b"discard" && name != b"unwatch");
-                    if data {
-                        drop(st);
-                        let r = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.NOLEASE".as_ptr(), 12);
-                        raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, r);
-                        return;
-                    }
-                }
-            }
-        }
-        // Transactions: MULTI/WATCH/UNWATCH always, and every command of a
-        // client inside MULTI, go to the module (KEEL.T).
-        let transactional = is(TRANSACTION_COMMANDS) || (!is(CONNECTION_COMMANDS) && maybe_in_multi(fctx, name, sub));
-        if transactional {
-            // A write keeps its `write` flag (KEEL.TW), so read-only scripts
-            // and OOM refuse it as they would refuse the command itself.
-            let write = !is(TRANSACTION_COMMANDS) && state().is_write(name, sub);
-            // MULTI, DISCARD, WATCH, UNWATCH, SHUTDOWN pass a busy script
-            // as in Redis; so does EXEC, to answer EXECABORT then.
-            let prefix: &[u8] = if write {
-                b"KEEL.TW"
-            } else if is(BUSY_SAFE) {
-                b"KEEL.TB"
-            } else {
-                b"KEEL.T"
-            };
-            let sender = filter_client_id(fctx).map(Sender::Known).unwrap_or(Sender::Unknown);
-            state().txs.routed(sender, name == b"exec");
-            let t = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), prefix.as_ptr() as *const _, prefix.len());
-            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, t);
-            return;
-        }
-        if CALL_DEPTH.with(|d| d.get()) > 0 {
-            // Inside the module's own call (a script's commands, or clients
-            // served during a busy script): only transactions need routing.
-            return;
-        }
-        if name == b"reset" {
-            // RESET ends the client's MULTI and WATCHes.
-            if let Some(id) = filter_client_id(fctx) {
-                state().txs.disconnected(id);
-            }
-        }
-        if blocking::blocks(name, (1..argc).map(|i| string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i)))) {
-            let prefix: &[u8] = if name == b"xread" { b"KEEL.BR" } else { b"KEEL.B" };
-            let b = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), prefix.as_ptr() as *const _, prefix.len());
-            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, b);
-            return;
-        }
-        if is(READ_ONLY_SCRIPTS) {
-            // Run by the module (KEEL.T), so the script's own commands pass
-            // the filter untouched: a write refused by a read-only script is
-            // then refused as itself, as Redis counts it, not as KEEL.W.
-            let t = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.T".as_ptr(), 6);
-            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, t);
-            return;
-        }
-        let wrap = state().is_write(name, sub);
-        if wrap {
-            let w = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.W".as_ptr(), 6);
-            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, w);
-            return;
-        }
-        // A read: held only if it touches data that is not durable yet.
-        // Commands that must run natively (blocking pops, MULTI…) are never
-        // rewritten.
-        if state().hazards.is_empty() || NEVER_WRAPPED.iter().any(|n| n.as_bytes() == name) {
-            return;
-        }
         let argv: Vec<*mut raw::RedisModuleString> =
             (0..argc).map(|i| raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i)).collect();
-        let wait = match command_keys(&argv) {
-            Some(keys) if keys.is_empty() => KEYLESS_READS.iter().any(|r| r.as_bytes() == name),
-            Some(keys) => {
-                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-                state().hazards.must_wait(&refs)
-            }
-            None => false,
+        let args: Vec<&[u8]> = argv.iter().map(|a| string_bytes(*a)).collect();
+        let client = routing::Client { id: filter_client_id(fctx), in_module_call: CALL_DEPTH.with(|d| d.get()) > 0 };
+        let mut st = state();
+        let routing = {
+            let st = &*st;
+            let world = routing::World {
+                table: &st.table,
+                gate: &st.gate,
+                now_ms: gate::monotonic_ms(),
+                txs: &st.txs,
+                hazards: &st.hazards,
+                control_user: st.cfg.control_user.as_bytes(),
+            };
+            routing::route(&args, client, &world, || command_keys(&argv))
         };
-        if wait {
-            let r = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), c"KEEL.R".as_ptr(), 6);
-            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, r);
+        match routing.acl {
+            AclEffect::None => {}
+            AclEffect::AppendGrants => {
+                // The user keeps the wrappers whatever the rules say (acl.rs).
+                for (i, rule) in acl::grant_rules().enumerate() {
+                    let r = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), rule.as_ptr() as *const _, rule.len());
+                    raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, argc + i as c_int, r);
+                }
+            }
+            AclEffect::UsersReloaded => st.acl_grant_pending = true,
+        }
+        if routing.ends_transaction {
+            // RESET ends the client's MULTI and WATCHes.
+            if let Some(id) = client.id {
+                st.txs.disconnected(id);
+            }
+        }
+        if let Route::Transaction { exec, .. } = routing.route {
+            st.txs.routed(client.sender(), exec);
+        }
+        drop(st);
+        if let Some(prefix) = routing.route.prefix() {
+            let p = raw::RedisModule_CreateString.unwrap()(std::ptr::null_mut(), prefix.as_ptr() as *const _, prefix.len());
+            raw::RedisModule_CommandFilterArgInsert.unwrap()(fctx, 0, p);
         }
     }
 }
@@ -606,53 +466,12 @@ unsafe fn filter_client_id(fctx: *mut raw::RedisModuleCommandFilterCtx) -> Optio
     raw::RedisModule_CommandFilterGetClientId.map(|f| f(fctx))
 }
 
-/// Whether the sender of a filtered command may be inside MULTI. Without
-/// the client's id (Redis 7.0), every command is routed through the module
-/// while any client has a transaction open: correct, slower, and only then;
-/// except the commands Redis serves during a busy script (SCRIPT KILL…),
-/// which must reach Redis itself to work (SHUTDOWN is routed: it is refused
-/// inside MULTI).
-unsafe fn maybe_in_multi(fctx: *mut raw::RedisModuleCommandFilterCtx, name: &[u8], sub: Option<&[u8]>) -> bool {
-    let st = state();
-    if !st.txs.any_open() {
-        return false;
-    }
-    match filter_client_id(fctx) {
-        Some(id) => st.txs.in_multi(id),
-        None => name == b"shutdown" || !st.allow_busy_command(name, sub),
-    }
-}
-
 impl State {
     /// Whether a command (name lower-cased, first argument as sent) writes.
     pub(crate) fn is_write(&self, name: &[u8], sub: Option<&[u8]>) -> bool {
-        in_table(&self.writes, name, sub)
-    }
-
-    /// Whether Redis serves a command during a busy script.
-    fn allow_busy_command(&self, name: &[u8], sub: Option<&[u8]>) -> bool {
-        in_table(&self.allow_busy, name, sub)
+        self.table.is_write(name, sub)
     }
 }
-
-/// Whether `name` or `name|sub` is in a table of command names.
-fn in_table(table: &HashSet<Vec<u8>>, name: &[u8], sub: Option<&[u8]>) -> bool {
-    if table.contains(name) {
-        return true;
-    }
-    let Some(sub) = sub else { return false };
-    if sub.len() > 64 {
-        return false;
-    }
-    let mut full = name.to_vec();
-    full.push(b'|');
-    full.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
-    table.contains(&full)
-}
-
-/// Reads without key arguments that still show the dataset: held while any
-/// write is pending.
-const KEYLESS_READS: &[&str] = &["keys", "scan", "dbsize", "randomkey"];
 
 /// The key arguments of a command (`None`: unknown command or bad arity).
 pub(crate) unsafe fn command_keys(argv: &[*mut raw::RedisModuleString]) -> Option<Vec<Vec<u8>>> {
@@ -697,18 +516,14 @@ pub(crate) extern "C" fn on_timeout(ctx: *mut raw::RedisModuleCtx, _argv: *mut *
         let bc = raw::RedisModule_GetBlockedClientHandle.unwrap()(ctx);
         // Redis frees a timed-out module-blocked client only once the module
         // unblocks it; its reply callback is then skipped.
-        if let Some(null_reply) = blocking::timed_out(Blocked(bc)) {
+        let timed_out = state().clients.timed_out(Blocked(bc));
+        if let TimedOut::Waiting(waiter) = timed_out {
             // A blocking pop that found nothing in its time.
             raw::RedisModule_UnblockClient.unwrap()(bc, std::ptr::null_mut());
-            return reply::send(ctx, &null_reply);
+            return reply::send(ctx, &waiter.null_reply);
         }
-        {
-            let mut st = state();
-            st.holds.remove(&Blocked(bc));
-            blocking::forget_popped(&mut st, Blocked(bc));
-            st.timed_out_total += 1;
-        }
-        forget(Blocked(bc));
+        // Held (its answer dropped), or answered otherwise already.
+        state().timed_out_total += 1;
         raw::RedisModule_UnblockClient.unwrap()(bc, std::ptr::null_mut());
         reply_error(ctx, &unconfirmed_message())
     }
@@ -810,10 +625,10 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
             return refused;
         }
         let name = lower(string_bytes(args[0]));
-        if TRANSACTION_COMMANDS.iter().any(|n| n.as_bytes() == name.as_slice()) {
+        if routing::is_transaction_command(&name) {
             // Answered here, not by Redis: its arity check too (a refusal
             // inside MULTI makes the EXEC abort, as in Redis).
-            let arity = state().arity.get(&name).copied();
+            let arity = state().table.arity.get(&name).copied();
             if arity.is_some_and(|a| !arity_allows(a, args.len())) {
                 let id = raw::RedisModule_GetClientId.unwrap()(ctx);
                 {
@@ -830,7 +645,7 @@ extern "C" fn keel_t(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::RedisMo
         // refuses in scripts and serves during a busy script (when the
         // context says "script running", for another client); any other
         // routed command running while a script runs is that script's.
-        let busy_safe = BUSY_SAFE.iter().any(|n| n.as_bytes() == name.as_slice());
+        let busy_safe = routing::is_busy_safe(&name);
         if busy_safe && name == b"exec" && flags & raw::REDISMODULE_CTX_FLAGS_LUA != 0 {
             // A script is busy: Redis's own EXEC would be refused, and the
             // transaction discarded.
@@ -925,17 +740,7 @@ unsafe fn select(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::RedisModuleStr
 
 /// Whether a read must wait for pending writes of its keys.
 pub(crate) unsafe fn read_must_wait(name: &[u8], args: &[*mut raw::RedisModuleString]) -> bool {
-    if state().hazards.is_empty() {
-        return false;
-    }
-    match command_keys(args) {
-        Some(keys) if keys.is_empty() => KEYLESS_READS.iter().any(|r| r.as_bytes() == name),
-        Some(keys) => {
-            let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-            state().hazards.must_wait(&refs)
-        }
-        None => false,
-    }
+    routing::read_must_wait(&state().hazards, name, || command_keys(args))
 }
 
 /// A command of a client inside MULTI.
@@ -948,7 +753,7 @@ unsafe fn in_multi(ctx: *mut raw::RedisModuleCtx, id: u64, name: &[u8], args: &[
         }
         // Valkey flags them `no_multi`: refused, and the EXEC aborts, as
         // there; Redis 7.0 answers an error and the transaction goes on.
-        b"multi" | b"watch" if state().no_multi.contains(name) => {
+        b"multi" | b"watch" if state().table.no_multi.contains(name) => {
             state().txs.queue_error(id);
             reply_error(ctx, &format!("ERR Command '{}' not allowed inside a transaction", String::from_utf8_lossy(name)))
         }
@@ -959,7 +764,7 @@ unsafe fn in_multi(ctx: *mut raw::RedisModuleCtx, id: u64, name: &[u8], args: &[
                 state().txs.queue_error(id);
                 reply_error(ctx, &msg)
             };
-            if state().no_multi.contains(name) {
+            if state().table.no_multi.contains(name) {
                 return refuse("ERR Command not allowed inside a transaction".into());
             }
             if let Err(e) = check_command(args) {
@@ -1009,7 +814,7 @@ unsafe fn check_command(args: &[*mut raw::RedisModuleString]) -> Result<(), Stri
             let name = name.to_ascii_lowercase().into_bytes();
             let sub = args.get(1).map(|a| [&name[..], b"|", &string_bytes(*a).to_ascii_lowercase()].concat());
             let st = state();
-            let found = sub.and_then(|s| st.arity.get(&s).map(|a| (s, *a))).or_else(|| st.arity.get(&name).map(|a| (name.clone(), *a)));
+            let found = sub.and_then(|s| st.table.arity.get(&s).map(|a| (s, *a))).or_else(|| st.table.arity.get(&name).map(|a| (name.clone(), *a)));
             match found {
                 Some((full, arity)) if !arity_allows(arity, args.len()) => {
                     Err(format!("ERR wrong number of arguments for '{}' command", String::from_utf8_lossy(&full)))
@@ -1018,13 +823,6 @@ unsafe fn check_command(args: &[*mut raw::RedisModuleString]) -> Result<(), Stri
             }
         }
     }
-}
-
-/// Whether `argc` arguments (the name included) fit a command's arity
-/// (negative: at least that many).
-fn arity_allows(arity: i64, argc: usize) -> bool {
-    let argc = argc as i64;
-    if arity >= 0 { argc == arity } else { argc >= -arity }
 }
 
 const ENOENT: i32 = 2;
@@ -1053,7 +851,7 @@ unsafe fn exec(ctx: *mut raw::RedisModuleCtx, id: u64) -> c_int {
         if st.gate.is_fenced() {
             return reply_error(ctx, "KEEL_FENCED this node is no longer the primary; it serves nothing");
         }
-        if st.holds.len() >= st.cfg.max_held_replies {
+        if st.clients.held_count() >= st.cfg.max_held_replies {
             return reply_error(ctx, "KEEL_BUSY too many replies are awaiting durability; the transaction was not run, retry");
         }
     }
@@ -1115,14 +913,8 @@ unsafe fn block_with_answer(ctx: *mut raw::RedisModuleCtx, answer: Answer) -> c_
     raw::REDISMODULE_OK as c_int
 }
 
-/// Holds `value` as the reply of an already blocked client.
-pub(crate) fn hold_blocked(bc: Blocked, value: Vec<u8>) {
-    hold_answer(bc, Answer::Reply(value));
-}
-
 fn hold_answer(bc: Blocked, answer: Answer) {
-    PENDING_ANSWERS.with(|p| p.borrow_mut().insert(bc.0 as usize, Box::new(answer)));
-    state().holds.hold(bc);
+    state().clients.hold(bc, answer);
 }
 
 pub(crate) fn unconfirmed_message() -> String {
@@ -1148,7 +940,7 @@ pub(crate) fn run_and_hold(ctx: *mut raw::RedisModuleCtx, args: &[*mut raw::Redi
                     c"KEEL_FENCED this node is no longer the primary; it serves nothing".as_ptr(),
                 );
             }
-            if !in_multi_or_script && st.holds.len() >= st.cfg.max_held_replies {
+            if !in_multi_or_script && st.clients.held_count() >= st.cfg.max_held_replies {
                 return raw::RedisModule_ReplyWithError.unwrap()(
                     ctx,
                     c"KEEL_BUSY too many replies are awaiting durability; nothing was done, retry".as_ptr(),
@@ -1277,47 +1069,29 @@ extern "C" fn keel_countederror(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut r
     }
 }
 
-thread_local! {
-    /// Replies of held clients, by blocked-client handle (main thread only).
-    /// A map: a release of n clients out of n held costs O(n), not O(n²).
-    static PENDING_ANSWERS: std::cell::RefCell<HashMap<usize, Box<Answer>>> = std::cell::RefCell::new(HashMap::new());
-}
-
-fn take_answer(bc: Blocked) -> Option<Box<Answer>> {
-    PENDING_ANSWERS.with(|p| p.borrow_mut().remove(&(bc.0 as usize)))
-}
-
 /// Sends the kept replies of durable clients; but a node whose lease lapsed
 /// acknowledges nothing (another node may lead by now): its clients learn
 /// that the outcome is unknown.
-fn release(clients: Vec<Blocked>) {
+fn release(clients: Vec<(Blocked, Answer)>) {
     let serving = {
         let mut st = state();
         st.released_total += clients.len() as u64;
-        for bc in &clients {
-            blocking::forget_popped(&mut st, *bc);
-        }
         st.gate.decide(gate::monotonic_ms()) == Decision::Serve
     };
-    for bc in clients {
-        match take_answer(bc) {
-            Some(_) if !serving => unblock(
+    for (bc, answer) in clients {
+        if serving {
+            unblock(bc, answer);
+        } else {
+            unblock(
                 bc,
                 Answer::Error(
                     "KEEL_UNCONFIRMED this node's primary lease lapsed before it could confirm the write; \
                      the write may or may not be durable"
                         .into(),
                 ),
-            ),
-            Some(a) => unblock(bc, *a),
-            None => unblock(bc, Answer::Error("KEEL_UNKNOWN internal error: reply lost".into())),
+            );
         }
     }
-}
-
-/// Drops the kept reply of a client answered otherwise (timeout, fencing).
-pub(crate) fn forget(bc: Blocked) {
-    drop(take_answer(bc));
 }
 
 /// Whether the calling client is authenticated as the control user.
@@ -1389,7 +1163,7 @@ pub(crate) unsafe fn refuse_guarded(ctx: *mut raw::RedisModuleCtx, args: &[*mut 
     let bytes: Vec<&[u8]> = args.iter().map(|a| string_bytes(*a)).collect();
     let user = state().cfg.control_user.clone();
     let name = lower(bytes[0]);
-    let refusal = if CONNECTION_COMMANDS.iter().chain(NOT_RUN_FOR_CLIENTS).any(|n| n.as_bytes() == name.as_slice()) {
+    let refusal = if routing::never_run_for_clients(&name) {
         format!(
             "ERR the Keel module does not run {} for a client: send it by itself, outside MULTI (on Redis 7.0, \
              while no client has a transaction open)",
@@ -1554,7 +1328,7 @@ extern "C" fn keel_ack(ctx: *mut raw::RedisModuleCtx, argv: *mut *mut raw::Redis
             st.produced_offset = st.produced_offset.max(produced);
         }
         state().hazards.durable(off as u64);
-        let released = state().holds.durable(off as u64);
+        let released = state().clients.durable(off as u64);
         let n = released.len();
         release(released);
         raw::RedisModule_ReplyWithLongLong.unwrap()(ctx, n as i64)
@@ -1725,7 +1499,7 @@ extern "C" fn on_role_changed(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisMo
     fail_everything_held(reason, &format!("KEEL_FENCED {reason} before the write was durable; it may or may not survive"));
     // A new tenure: its durable offset starts from the next KEEL.ACK.
     let mut st = state();
-    st.holds = Holds::default();
+    st.clients.new_tenure();
     st.leader_uuid.clear();
     st.produced_offset = 0;
 }
@@ -1736,15 +1510,12 @@ fn fail_everything_held(why: &str, message: &str) {
     let failed = {
         let mut st = state();
         st.hazards.clear();
-        let failed = st.holds.fail_all();
-        for bc in &failed {
-            blocking::forget_popped(&mut st, *bc);
-        }
-        failed
+        st.clients.fail_all()
     };
-    blocking::fail_all(why);
-    for bc in failed {
-        forget(bc);
+    for (bc, _) in failed.waiting {
+        unblock(bc, Answer::Error(format!("KEEL_FENCED this node lost the primary role ({why}); nothing was popped")));
+    }
+    for bc in failed.held {
         unblock(bc, Answer::Error(message.to_string()));
     }
 }
@@ -1765,7 +1536,7 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
     }
     {
         let st = state();
-        if !st.holds.turn_has_writes() && !st.hazards.turn_has_writes() {
+        if !st.clients.turn_has_writes() && !st.hazards.turn_has_writes() {
             return;
         }
     }
@@ -1775,7 +1546,7 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
         st.hazards.end_turn(offset);
         st.produced_offset = st.produced_offset.max(offset);
     }
-    let released = state().holds.end_turn(offset);
+    let released = state().clients.end_turn(offset);
     release(released);
 }
 
@@ -1853,7 +1624,7 @@ extern "C" fn on_keyspace(ctx: *mut raw::RedisModuleCtx, _type: c_int, _event: *
             // turn's offset is (scripts' undeclared keys, expiry too).
             st.hazards.write(vec![string_bytes(key).to_vec()]);
         }
-        if st.txs.any_watched() || !st.waiters.is_empty() {
+        if st.txs.any_watched() || st.clients.waiting_count() > 0 {
             let db = raw::RedisModule_GetSelectedDb.unwrap()(ctx);
             st.txs.touched(db, string_bytes(key));
             blocking::key_written(ctx, &mut st, db, string_bytes(key));
@@ -1946,7 +1717,7 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     let (durable, lag) = if st.gate.is_replica() {
         (st.journal_offset, st.journal_offset.saturating_sub(applied))
     } else {
-        (st.holds.durable_offset(), applied.saturating_sub(st.holds.durable_offset()))
+        (st.clients.durable_offset(), applied.saturating_sub(st.clients.durable_offset()))
     };
     ctx.builder()
         .add_section("keel")
@@ -1958,9 +1729,9 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("leader_uuid", st.leader_uuid.clone())?
         .field("stream", st.stream.clone())?
         .field("durable_offset", durable.to_string())?
-        .field("pending_replies", st.holds.len().to_string())?
+        .field("pending_replies", st.clients.held_count().to_string())?
         .field("open_transactions", st.txs.open_count().to_string())?
-        .field("blocked_waiting", st.waiters.len().to_string())?
+        .field("blocked_waiting", st.clients.waiting_count().to_string())?
         .field("released_total", st.released_total.to_string())?
         .field("timed_out_total", st.timed_out_total.to_string())?
         .field("sidecar", st.cfg.sidecar.clone())?
@@ -1983,6 +1754,29 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     Ok(())
 }
 
+type CommandFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
+
+/// The function serving each of `KEEL_COMMANDS`.
+fn handler(name: &str) -> CommandFn {
+    match name {
+        "keel.w" => keel_w,
+        "keel.r" => keel_r,
+        "keel.t" | "keel.tw" | "keel.tb" => keel_t,
+        "keel.b" | "keel.br" => keel_b,
+        "keel.ack" => keel_ack,
+        "keel.fenced" => keel_fenced,
+        "keel.leader" => keel_leader,
+        "keel.lease" => keel_lease,
+        "keel.nolease" => keel_nolease,
+        "keel.following" => keel_following,
+        "keel.snapshot" => keel_snapshot,
+        "keel.stalled" => keel_stalled,
+        "keel.countederror" => keel_countederror,
+        "keel.guard" => keel_guard,
+        other => panic!("no handler for {other}: KEEL_COMMANDS and handler() disagree"),
+    }
+}
+
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
     let args: Vec<String> = args.iter().map(|a| a.to_string_lossy()).collect();
     let cfg = match parse_args(&args).and_then(|mut c| c.load_secret().map(|()| c)) {
@@ -1993,9 +1787,9 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         }
     };
     let raw_ctx = ctx.ctx;
-    let CommandTable { writes, no_multi, allow_busy, reads, containers, arity } = load_command_table(raw_ctx);
+    let table = load_command_table(raw_ctx);
     let replica = unsafe { raw::RedisModule_GetContextFlags.unwrap()(std::ptr::null_mut()) as u32 & raw::REDISMODULE_CTX_FLAGS_SLAVE != 0 };
-    ctx.log_notice(&format!("keel: holding replies of {} write commands; {cfg:?}", writes.len()));
+    ctx.log_notice(&format!("keel: holding replies of {} write commands; {cfg:?}", table.writes.len()));
     let secret = Rotation::new(cfg.control_secret.clone());
     unsafe {
         let info = raw::RedisModule_GetServerInfo.unwrap()(raw_ctx, c"server".as_ptr());
@@ -2007,20 +1801,12 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     }
     let _ = STATE.set(Mutex::new(State {
         cfg,
-        holds: Holds::default(),
+        clients: HeldClients::default(),
         hazards: Hazards::default(),
         txs: Transactions::default(),
-        waiters: Waiters::default(),
-        waiter_of: HashMap::new(),
         retry_scheduled: false,
-        popped: HashMap::new(),
-        popped_by_bc: HashMap::new(),
-        writes,
-        no_multi,
-        arity,
-        allow_busy,
+        table,
         gate: Gate::new(replica),
-        reads,
         leader_uuid: String::new(),
         stream: String::new(),
         journal_offset: 0,
@@ -2028,7 +1814,6 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         stalled: (0, String::new()),
         released_total: 0,
         timed_out_total: 0,
-        containers,
         acl_grant_pending: true,
         read_only_checked: false,
         produced_offset: 0,
@@ -2038,30 +1823,9 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     }));
     unsafe {
         let ok = raw::REDISMODULE_OK as c_int;
-        type CmdFn = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-        let commands: [(&str, CmdFn, &str); 17] = [
-            ("keel.w", keel_w, "write"),
-            ("keel.r", keel_r, "readonly"),
-            ("keel.t", keel_t, ""),
-            ("keel.tw", keel_t, "write deny-oom"),
-            ("keel.tb", keel_t, "allow-busy allow-loading allow-stale deny-script fast"),
-            ("keel.b", keel_b, "write"),
-            ("keel.br", keel_b, "readonly"),
-            ("keel.ack", keel_ack, "admin fast no-monitor allow-busy"),
-            ("keel.fenced", keel_fenced, "admin no-monitor allow-busy"),
-            ("keel.leader", keel_leader, "admin no-monitor allow-busy"),
-            ("keel.lease", keel_lease, "admin fast no-monitor allow-busy allow-loading allow-stale"),
-            ("keel.nolease", keel_nolease, "fast allow-loading allow-stale"),
-            ("keel.following", keel_following, "admin fast no-monitor allow-loading allow-stale"),
-            ("keel.snapshot", keel_snapshot, "admin fast no-monitor allow-loading allow-stale allow-busy"),
-            ("keel.stalled", keel_stalled, "admin fast no-monitor allow-loading allow-stale allow-busy"),
-            ("keel.countederror", keel_countederror, "fast no-monitor allow-busy allow-loading allow-stale"),
-            // Not `admin`: every user is granted it (acl.rs) and gets Keel's
-            // refusal; it runs the command only for the control user.
-            ("keel.guard", keel_guard, "no-monitor no-slowlog deny-script allow-stale"),
-        ];
-        for (name, f, flags) in commands {
-            let (n, fl) = (cstr(name), cstr(flags));
+        for c in KEEL_COMMANDS {
+            let (name, f) = (c.name, handler(c.name));
+            let (n, fl) = (cstr(name), cstr(c.flags));
             if raw::RedisModule_CreateCommand.unwrap()(raw_ctx, n.as_ptr(), Some(f), fl.as_ptr(), 0, 0, 0) != ok {
                 ctx.log_warning(&format!("keel: cannot register {name}"));
                 return Status::Err;

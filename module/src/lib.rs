@@ -23,12 +23,15 @@
 //! `blocking.rs`) are kept by the module too; the README describes each.
 
 pub mod acl;
+pub mod clients;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod gate;
 pub mod hazards;
 pub mod holds;
 pub mod resp;
+pub mod routing;
 pub mod secret;
 pub mod transactions;
 pub mod waiters;
