@@ -15,6 +15,7 @@
 //!   the journal, calls `KEEL.ACK <offset>` (`control_commands.rs`) once
 //!   the journal holds it; replies whose target is covered are released and
 //!   sent to their clients.
+//!
 //! A reply not released within `write_timeout_ms` is answered with an error
 //! saying the write's durability is unknown; `KEEL.FENCED` answers every held
 //! reply with an error. A read of a key with a pending write is prefixed

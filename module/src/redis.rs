@@ -338,8 +338,8 @@ impl Ctx {
             if k.is_null() {
                 return None;
             }
-            let ty = api!(RedisModule_KeyType)(k as *mut raw::RedisModuleKey);
-            api!(RedisModule_CloseKey)(k as *mut raw::RedisModuleKey);
+            let ty = api!(RedisModule_KeyType)(k);
+            api!(RedisModule_CloseKey)(k);
             Some(ty)
         }
     }
@@ -454,7 +454,7 @@ impl Ctx {
         // SAFETY: a live context and string; KeyType and CloseKey accept the
         // null key OpenKey gives for a missing one.
         unsafe {
-            let k = api!(RedisModule_OpenKey)(self.0, s[0].0, raw::REDISMODULE_READ as c_int) as *mut raw::RedisModuleKey;
+            let k = api!(RedisModule_OpenKey)(self.0, s[0].0, raw::REDISMODULE_READ as c_int);
             let ty = api!(RedisModule_KeyType)(k);
             api!(RedisModule_CloseKey)(k);
             ty
@@ -473,7 +473,7 @@ impl Ctx {
         // SAFETY: a live context and string; the iterator is stopped and the
         // key closed before return; NextID writes into valid out-pointers.
         unsafe {
-            let k = api!(RedisModule_OpenKey)(self.0, s[0].0, raw::REDISMODULE_READ as c_int) as *mut raw::RedisModuleKey;
+            let k = api!(RedisModule_OpenKey)(self.0, s[0].0, raw::REDISMODULE_READ as c_int);
             let mut last = None;
             if api!(RedisModule_KeyType)(k) == KEYTYPE_STREAM
                 && api!(RedisModule_StreamIteratorStart)(
@@ -889,7 +889,7 @@ extern "C" fn on_event_loop(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModul
 }
 
 extern "C" fn on_flush(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, subevent: u64, data: *mut c_void) {
-    if subevent != raw::REDISMODULE_SUBEVENT_FLUSHDB_START as u64 || data.is_null() {
+    if subevent != raw::REDISMODULE_SUBEVENT_FLUSHDB_START || data.is_null() {
         return;
     }
     // SAFETY: a FLUSHDB event's data is a RedisModuleFlushInfo.
@@ -907,7 +907,7 @@ extern "C" fn on_swapdb(ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEve
 }
 
 extern "C" fn on_client(_ctx: *mut raw::RedisModuleCtx, _eid: raw::RedisModuleEvent, subevent: u64, data: *mut c_void) {
-    if subevent != raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_DISCONNECTED as u64 || data.is_null() {
+    if subevent != raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_DISCONNECTED || data.is_null() {
         return;
     }
     // SAFETY: a CLIENT_CHANGE event's data is a RedisModuleClientInfo.

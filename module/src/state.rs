@@ -8,6 +8,7 @@
 //!    script, other clients' filters lock the state themselves.
 //! 2. The lock is not reentrant: locking it twice on one thread would
 //!    deadlock the server.
+//!
 //! Both are asserted, in release builds too (a thread-local flag, one
 //! branch): `state()` refuses a second lock, and `Ctx::call` refuses to run
 //! while the lock is held. Calls that cannot run commands (replying,
