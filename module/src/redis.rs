@@ -168,8 +168,8 @@ impl CallReply {
 #[derive(Clone, Copy)]
 pub struct ReplyRef<'a>(*mut raw::RedisModuleCallReply, PhantomData<&'a CallReply>);
 
-// SAFETY (every method of ReplyRef): `self.0` is a non-null reply (or
-// element of one) that lives at least as long as `'a`.
+/// `self.0` is a non-null reply (or element of one) that lives at least as
+/// long as `'a` (the type invariant every method's SAFETY note relies on).
 impl<'a> ReplyRef<'a> {
     pub fn kind(self) -> ReplyKind {
         let t = unsafe { api!(RedisModule_CallReplyType)(self.0) };
@@ -184,15 +184,18 @@ impl<'a> ReplyRef<'a> {
 
     /// Elements of an array (0 for other types).
     pub fn len(self) -> usize {
+        // SAFETY: a live reply (type invariant of ReplyRef).
         unsafe { api!(RedisModule_CallReplyLength)(self.0) }
     }
 
     pub fn elem(self, i: usize) -> Option<ReplyRef<'a>> {
+        // SAFETY: a live reply; an index out of range gives null, checked.
         let e = unsafe { api!(RedisModule_CallReplyArrayElement)(self.0, i) };
         (!e.is_null()).then_some(ReplyRef(e, PhantomData))
     }
 
     pub fn integer(self) -> i64 {
+        // SAFETY: a live reply (type invariant of ReplyRef).
         unsafe { api!(RedisModule_CallReplyInteger)(self.0) }
     }
 
@@ -557,23 +560,25 @@ extern "C" fn timer_entry<T: TimerJob>(ctx: *mut raw::RedisModuleCtx, data: *mut
 
 // ---------------------------------------------------------------- replying
 
-// SAFETY (every reply method): `self.0` is the live context of the command
-// (or unblocked client) being answered; strings are NUL-terminated or
-// passed with their length.
+/// Replying: `self.0` is the live context of the command (or unblocked
+/// client) being answered.
 impl Ctx {
     pub fn reply_error(self, msg: &str) -> Status {
         let m = cstr(msg);
+        // SAFETY: the live context being answered; a NUL-terminated C string.
         unsafe { api!(RedisModule_ReplyWithError)(self.0, m.as_ptr()) }
     }
 
     /// An error whose bytes are sent as they are (empty if they hold a NUL).
     pub fn reply_error_bytes(self, e: &[u8]) -> Status {
         let e = CString::new(e).unwrap_or_default();
+        // SAFETY: the live context being answered; a NUL-terminated C string.
         unsafe { api!(RedisModule_ReplyWithError)(self.0, e.as_ptr()) }
     }
 
     pub fn reply_simple(self, s: &[u8]) -> Status {
         let s = CString::new(s).unwrap_or_default();
+        // SAFETY: the live context being answered; a NUL-terminated C string.
         unsafe { api!(RedisModule_ReplyWithSimpleString)(self.0, s.as_ptr()) }
     }
 
@@ -582,60 +587,74 @@ impl Ctx {
     }
 
     pub fn reply_integer(self, v: i64) -> Status {
+        // SAFETY: the live context being answered.
         unsafe { api!(RedisModule_ReplyWithLongLong)(self.0, v) }
     }
 
     pub fn reply_bulk(self, b: &[u8]) -> Status {
+        // SAFETY: the live context being answered; a buffer of `len` bytes, copied.
         unsafe { api!(RedisModule_ReplyWithStringBuffer)(self.0, b.as_ptr() as *const c_char, b.len()) }
     }
 
     pub fn reply_null(self) -> Status {
+        // SAFETY: the live context being answered.
         unsafe { api!(RedisModule_ReplyWithNull)(self.0) }
     }
 
     pub fn reply_null_array(self) -> Status {
+        // SAFETY: the live context being answered.
         unsafe { api!(RedisModule_ReplyWithNullArray)(self.0) }
     }
 
     pub fn reply_array(self, n: i64) -> Status {
+        // SAFETY: the live context being answered; the caller sends `n` elements next.
         unsafe { api!(RedisModule_ReplyWithArray)(self.0, n as _) }
     }
 
     pub fn reply_map(self, n: i64) -> Status {
+        // SAFETY: the live context being answered; the caller sends `n` pairs next.
         unsafe { api!(RedisModule_ReplyWithMap)(self.0, n as _) }
     }
 
     pub fn reply_set(self, n: i64) -> Status {
+        // SAFETY: the live context being answered; the caller sends `n` elements next.
         unsafe { api!(RedisModule_ReplyWithSet)(self.0, n as _) }
     }
 
     pub fn reply_attribute(self, n: i64) -> Status {
+        // SAFETY: the live context being answered; the caller sends `n` pairs next.
         unsafe { api!(RedisModule_ReplyWithAttribute)(self.0, n as _) }
     }
 
     pub fn reply_bool(self, b: bool) -> Status {
+        // SAFETY: the live context being answered.
         unsafe { api!(RedisModule_ReplyWithBool)(self.0, b as c_int) }
     }
 
     pub fn reply_double(self, d: f64) -> Status {
+        // SAFETY: the live context being answered.
         unsafe { api!(RedisModule_ReplyWithDouble)(self.0, d) }
     }
 
     pub fn reply_big_number(self, n: &[u8]) -> Status {
+        // SAFETY: the live context being answered; a buffer of `len` bytes, copied.
         unsafe { api!(RedisModule_ReplyWithBigNumber)(self.0, n.as_ptr() as *const c_char, n.len()) }
     }
 
     pub fn reply_verbatim(self, text: &[u8], format: &[u8]) -> Status {
         let f = CString::new(format).unwrap_or_default();
+        // SAFETY: the live context being answered; a buffer of `len` bytes and a NUL-terminated format.
         unsafe { api!(RedisModule_ReplyWithVerbatimStringType)(self.0, text.as_ptr() as *const c_char, text.len(), f.as_ptr()) }
     }
 
     /// Relays a call reply (or an element of one) as it is.
     pub fn reply_call_reply(self, r: ReplyRef<'_>) -> Status {
+        // SAFETY: the live context being answered; `r` borrows a live reply.
         unsafe { api!(RedisModule_ReplyWithCallReply)(self.0, r.0) }
     }
 
     pub fn wrong_arity(self) -> Status {
+        // SAFETY: the live context being answered.
         unsafe { api!(RedisModule_WrongArity)(self.0) }
     }
 }

@@ -31,11 +31,22 @@ use crate::state::State;
 use crate::transactions::Transactions;
 use crate::wrappers;
 
+type Handler = fn(Ctx, &[Arg]) -> Status;
+
 /// Serves one of `KEEL_COMMANDS` (`args`: its name first).
 pub fn dispatch(ctx: Ctx, args: &[Arg]) -> Status {
-    // Redis runs a command only under a registered name: one of these.
+    // Redis runs a command only under a registered name, and `init`
+    // checked that each has a handler.
     let name = args.first().map(|a| a.bytes().to_ascii_lowercase()).unwrap_or_default();
-    let serve: fn(Ctx, &[Arg]) -> Status = match name.as_slice() {
+    let serve = handler(&name).unwrap_or_else(|| {
+        panic!("no handler for {}: KEEL_COMMANDS and handler() disagree", String::from_utf8_lossy(&name))
+    });
+    serve(ctx, args)
+}
+
+/// The function serving each of `KEEL_COMMANDS` (lower-cased name).
+fn handler(name: &[u8]) -> Option<Handler> {
+    Some(match name {
         b"keel.w" => wrappers::keel_w,
         b"keel.r" => wrappers::keel_r,
         b"keel.t" | b"keel.tw" | b"keel.tb" => wrappers::keel_t,
@@ -50,9 +61,8 @@ pub fn dispatch(ctx: Ctx, args: &[Arg]) -> Status {
         b"keel.snapshot" => control_commands::keel_snapshot,
         b"keel.stalled" => control_commands::keel_stalled,
         b"keel.countederror" => reply::keel_countederror,
-        other => panic!("no handler for {}: KEEL_COMMANDS and dispatch disagree", String::from_utf8_lossy(other)),
-    };
-    serve(ctx, args)
+        _ => return None,
+    })
 }
 
 fn load_command_table(ctx: Ctx) -> CommandTable {
@@ -152,6 +162,7 @@ fn init(context: &Context, args: &[RedisString]) -> LoadStatus {
         secret_polls: 0,
     });
     for c in KEEL_COMMANDS {
+        assert!(handler(c.name.as_bytes()).is_some(), "{} has no handler", c.name);
         if !ctx.create_command(c.name, c.flags) {
             ctx.log_warning(&format!("keel: cannot register {}", c.name));
             return LoadStatus::Err;

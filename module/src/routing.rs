@@ -603,6 +603,26 @@ mod tests {
     }
 
     #[test]
+    fn every_prefix_is_a_client_wrapper_of_keel_commands() {
+        let routes = [
+            Route::Guard,
+            Route::NoLease,
+            tx(TxWrapper::Plain),
+            tx(TxWrapper::Write),
+            tx(TxWrapper::BusySafe),
+            Route::Blocking { xread: false },
+            Route::Blocking { xread: true },
+            Route::ReadOnlyScript,
+            Route::Write,
+            Route::HeldRead,
+        ];
+        for r in routes {
+            let p = r.prefix().unwrap().to_ascii_lowercase();
+            assert!(commands::client_wrappers().any(|w| w == p), "{p} is not a client wrapper");
+        }
+    }
+
+    #[test]
     fn odd_names_are_left_alone() {
         let f = Fixture::new();
         assert_eq!(f.route_as(CLIENT, "", None).route, Route::PassThrough);
