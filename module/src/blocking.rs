@@ -33,7 +33,7 @@ use crate::waiters::parse_stream_id;
 use crate::waiters::source_keys;
 use crate::waiters::timeout_ms;
 use crate::waiters::xreadgroup_streams;
-use crate::wrappers;
+use crate::run;
 pub use crate::waiters::blocks;
 
 /// Whether any key the command pops from holds its type (list, sorted set
@@ -151,7 +151,7 @@ pub fn blocking_pop(ctx: Ctx, args: &[Arg]) -> Status {
     let write = state().is_write(&name, argv.get(1).map(|a| a.as_slice()));
     if ctx.in_multi_or_script() {
         // In a script blocking commands never block (as in Redis).
-        return wrappers::run_and_hold(ctx, args, write);
+        return run::run_and_hold(ctx, args, write);
     }
     {
         let st = state();
@@ -179,7 +179,7 @@ pub fn blocking_pop(ctx: Ctx, args: &[Arg]) -> Status {
             // data not durable yet.
             if write {
                 state().hazards.write(keys_of(args).unwrap_or_default());
-            } else if !wrappers::read_must_wait(&name, args) {
+            } else if !run::read_must_wait(&name, args) {
                 return reply::send(ctx, &bytes);
             }
             hold::block_with(ctx, bytes)
@@ -251,7 +251,7 @@ impl TimerJob for Retry {
             let Ok(bytes) = try_once(ctx, &argv, write, false, resp3) else { continue };
             let strs = Args::new(ctx, &argv);
             let name = argv[0].to_ascii_lowercase();
-            let hold = write || wrappers::read_must_wait(&name, &strs);
+            let hold = write || run::read_must_wait(&name, &strs);
             if write {
                 state().hazards.write(keys_of(&strs).unwrap_or_default());
             }

@@ -32,9 +32,10 @@
 //! `control.rs`, `secret.rs`, `config.rs`, `resp.rs`. Over Redis: `redis.rs`
 //! (the only `unsafe`: safe wrappers over the module API and the entry
 //! points), `state.rs` (the state and its lock discipline), `register.rs`
-//! (loading), `filter.rs`, `wrappers.rs`, `blocking.rs`, `hold.rs`,
-//! `reply.rs`, `control_commands.rs`, `grants.rs` (ACL users), `events.rs`
-//! and `info.rs`.
+//! (loading), `filter.rs`, `wrappers.rs`, `blocking.rs`, `run.rs` (running
+//! a client's command and holding its reply), `hold.rs`, `reply.rs`,
+//! `control_commands.rs`, `grants.rs` (ACL users), `events.rs` and
+//! `info.rs`.
 
 pub mod acl;
 pub mod clients;
@@ -70,6 +71,8 @@ mod redis;
 mod register;
 #[cfg(not(test))]
 mod reply;
+#[cfg(not(test))]
+mod run;
 #[cfg(not(test))]
 mod state;
 #[cfg(not(test))]

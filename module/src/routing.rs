@@ -211,8 +211,12 @@ pub fn route(args: &[&[u8]], client: Client, world: &World, keys: impl FnOnce() 
     if sent_name.len() > MAX_NAME_BYTES {
         return Routing::just(Route::PassThrough);
     }
-    let name_buf = sent_name.to_ascii_lowercase();
-    let name = name_buf.as_slice();
+    // Lower-cased on the stack: the filter runs for every command.
+    let mut name_buf = [0u8; MAX_NAME_BYTES];
+    let name = &mut name_buf[..sent_name.len()];
+    name.copy_from_slice(sent_name);
+    name.make_ascii_lowercase();
+    let name: &[u8] = name;
     let sub = args.get(1).copied();
     // 1. Guarded commands.
     if listed(GUARDED_NAMES, name) && control::guard(args, world.control_user).is_some() {
