@@ -13,6 +13,7 @@
 //! is then held (`hold.rs`) until its offset is durable.
 
 use crate::blocking;
+use crate::commands::arity_allows;
 use crate::grants;
 use crate::hold;
 use crate::redis;
@@ -28,7 +29,6 @@ use crate::reply;
 use crate::routing;
 use crate::run;
 use crate::state::state;
-use crate::commands::arity_allows;
 use crate::transactions::Exec;
 
 const BUSY_MESSAGE: &str = "BUSY Redis is busy running a script. You can only call SCRIPT KILL, FUNCTION KILL or SHUTDOWN NOSAVE.";
