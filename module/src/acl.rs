@@ -10,22 +10,13 @@
 //! answered with the text Redis itself gives (`NOPERM …`, or the script
 //! form inside a script).
 
-/// The commands a client's command can be rewritten into.
-pub const CLIENT_WRAPPERS: &[&str] = &[
-    "keel.w",
-    "keel.r",
-    "keel.t",
-    "keel.tw",
-    "keel.tb",
-    "keel.b",
-    "keel.br",
-    "keel.nolease",
-    "keel.guard",
-];
+/// The commands a client's command can be rewritten into (listed once, in
+/// `commands::KEEL_COMMANDS`).
+pub use crate::commands::client_wrappers;
 
 /// The ACL rules that allow a user the wrappers.
 pub fn grant_rules() -> impl Iterator<Item = String> {
-    CLIENT_WRAPPERS.iter().map(|w| format!("+{w}"))
+    client_wrappers().map(|w| format!("+{w}"))
 }
 
 /// Whether a (lower-cased) command and its first argument is `ACL SETUSER`
@@ -141,7 +132,7 @@ mod tests {
     #[test]
     fn every_wrapper_is_granted() {
         let rules: Vec<String> = grant_rules().collect();
-        assert_eq!(rules.len(), CLIENT_WRAPPERS.len());
+        assert_eq!(rules.len(), client_wrappers().count());
         assert!(
             rules.contains(&"+keel.w".to_string()) && rules.contains(&"+keel.nolease".to_string())
         );

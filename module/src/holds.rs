@@ -66,10 +66,11 @@ impl<T: PartialEq> Holds<T> {
         if self.turn.is_empty() {
             return Vec::new();
         }
-        // Offsets never go back within one replication history. `u64::MAX`
-        // (no stream to be durable in) is never reached by `durable` and is
-        // not remembered as a target.
-        debug_assert!(offset >= self.last_target, "replication offset went back: {offset} < {}", self.last_target);
+        // Offsets never go back within one replication history (a role
+        // change starts a new `Holds`). `u64::MAX` (no stream to be durable
+        // in) is never reached by `durable` and is not remembered as a
+        // target. One comparison: checked in release builds too.
+        assert!(offset >= self.last_target, "replication offset went back: {offset} < {}", self.last_target);
         let target = offset.max(self.last_target);
         if target != u64::MAX {
             self.last_target = target;
@@ -82,7 +83,8 @@ impl<T: PartialEq> Holds<T> {
 
     /// The journal holds the stream up to `offset`; returns released replies.
     pub fn durable(&mut self, offset: u64) -> Vec<T> {
-        debug_assert!(offset < u64::MAX);
+        // `u64::MAX` marks writes in no stream: no acknowledgement covers them.
+        assert!(offset < u64::MAX, "durable offset u64::MAX would release writes that are in no stream");
         self.durable = self.durable.max(offset.min(u64::MAX - 1));
         self.release()
     }

@@ -1,26 +1,16 @@
-//! Replays a held reply's RESP bytes to its client through the module reply
-//! API (the bytes are checked and walked by `resp.rs`, without recursion).
+//! Replies: replays a held reply's RESP bytes to its client through the
+//! module reply API (the bytes are checked and walked by `resp.rs`, without
+//! recursion), and sends an error INFO errorstats already counted without
+//! counting it again (`KEEL.COUNTEDERROR`).
 
-use std::ffi::CString;
-use std::os::raw::c_int;
-
-use redis_module::raw;
-
+use crate::redis::Arg;
+use crate::redis::Args;
+use crate::redis::Ctx;
+use crate::redis::OK;
+use crate::redis::ReplyKind;
+use crate::redis::Status;
 use crate::resp;
 use crate::resp::Token;
-
-/// The RESP bytes of a call reply (in the protocol it was called with).
-///
-/// # Safety
-/// `r` must be a live call reply.
-pub unsafe fn copy(r: *mut raw::RedisModuleCallReply) -> Vec<u8> {
-    let mut len = 0usize;
-    let p = raw::RedisModule_CallReplyProto.unwrap()(r, &mut len);
-    if p.is_null() {
-        return b"-ERR keel could not read the command's reply\r\n".to_vec();
-    }
-    std::slice::from_raw_parts(p as *const u8, len).to_vec()
-}
 
 /// An error reply as RESP bytes (newlines would break the protocol).
 pub fn error(msg: &str) -> Vec<u8> {
@@ -29,40 +19,60 @@ pub fn error(msg: &str) -> Vec<u8> {
 }
 
 /// Writes a held reply to the client of `ctx`.
-///
-/// # Safety
-/// `ctx` must be a live context that may reply.
-pub unsafe fn send(ctx: *mut raw::RedisModuleCtx, buf: &[u8]) -> c_int {
+pub fn send(ctx: Ctx, buf: &[u8]) -> Status {
     if let Err(e) = resp::check(buf) {
-        let msg = CString::new(format!("KEEL_UNKNOWN internal error: a held reply is not valid RESP ({e})")).unwrap_or_default();
-        return raw::RedisModule_ReplyWithError.unwrap()(ctx, msg.as_ptr());
+        return ctx.reply_error_bytes(format!("KEEL_UNKNOWN internal error: a held reply is not valid RESP ({e})").as_bytes());
     }
     let _ = resp::walk(buf, |tok| {
         emit(ctx, tok);
     });
-    raw::REDISMODULE_OK as c_int
+    OK
 }
 
-unsafe fn emit(ctx: *mut raw::RedisModuleCtx, tok: Token<'_>) {
-    let c = |s: &[u8]| CString::new(s.to_vec()).unwrap_or_default();
+fn emit(ctx: Ctx, tok: Token<'_>) {
     match tok {
-        Token::Simple(s) => raw::RedisModule_ReplyWithSimpleString.unwrap()(ctx, c(s).as_ptr()),
-        Token::Error(e) => raw::RedisModule_ReplyWithError.unwrap()(ctx, c(e).as_ptr()),
-        Token::Int(i) => raw::RedisModule_ReplyWithLongLong.unwrap()(ctx, i),
-        Token::Bulk(b) => raw::RedisModule_ReplyWithStringBuffer.unwrap()(ctx, b.as_ptr() as *const _, b.len()),
-        Token::NullBulk | Token::Null => raw::RedisModule_ReplyWithNull.unwrap()(ctx),
+        Token::Simple(s) => ctx.reply_simple(s),
+        Token::Error(e) => ctx.reply_error_bytes(e),
+        Token::Int(i) => ctx.reply_integer(i),
+        Token::Bulk(b) => ctx.reply_bulk(b),
+        Token::NullBulk | Token::Null => ctx.reply_null(),
         // A push cannot be a command's reply; relayed as an array if ever.
-        Token::Array(n) | Token::Push(n) => raw::RedisModule_ReplyWithArray.unwrap()(ctx, n as _),
-        Token::NullArray => raw::RedisModule_ReplyWithNullArray.unwrap()(ctx),
-        Token::Map(n) => raw::RedisModule_ReplyWithMap.unwrap()(ctx, n as _),
-        Token::Set(n) => raw::RedisModule_ReplyWithSet.unwrap()(ctx, n as _),
-        Token::Attribute(n) => raw::RedisModule_ReplyWithAttribute.unwrap()(ctx, n as _),
-        Token::Bool(b) => raw::RedisModule_ReplyWithBool.unwrap()(ctx, b as c_int),
-        Token::Double(d) => raw::RedisModule_ReplyWithDouble.unwrap()(ctx, d),
-        Token::BigNumber(n) => raw::RedisModule_ReplyWithBigNumber.unwrap()(ctx, n.as_ptr() as *const _, n.len()),
-        Token::Verbatim { format, text } => {
-            raw::RedisModule_ReplyWithVerbatimStringType.unwrap()(ctx, text.as_ptr() as *const _, text.len(), c(format).as_ptr())
-        }
+        Token::Array(n) | Token::Push(n) => ctx.reply_array(n as i64),
+        Token::NullArray => ctx.reply_null_array(),
+        Token::Map(n) => ctx.reply_map(n as i64),
+        Token::Set(n) => ctx.reply_set(n as i64),
+        Token::Attribute(n) => ctx.reply_attribute(n as i64),
+        Token::Bool(b) => ctx.reply_bool(b),
+        Token::Double(d) => ctx.reply_double(d),
+        Token::BigNumber(n) => ctx.reply_big_number(n),
+        Token::Verbatim { format, text } => ctx.reply_verbatim(text, format),
     };
 }
 
+/// Replies the error `text` without INFO errorstats counting it: as an
+/// element of a call reply, which carries no deferred errors of its own
+/// (`RM_ReplyWithCallReply` counts only a whole reply's).
+pub fn counted_error(ctx: Ctx, text: &[u8]) -> Status {
+    let strs = Args::new(ctx, &[text]);
+    let r = ctx.call(c"KEEL.COUNTEDERROR", c"v", &strs);
+    drop(strs);
+    if let Some(r) = r {
+        let ok = r.get().elem(0).is_some_and(|e| e.kind() == ReplyKind::Error && ctx.reply_call_reply(e) == OK);
+        if ok {
+            return OK;
+        }
+    }
+    send(ctx, &error(&String::from_utf8_lossy(text)))
+}
+
+/// `KEEL.COUNTEDERROR <text>`: a one-element array holding the error
+/// `text` (for `counted_error`).
+pub fn keel_countederror(ctx: Ctx, args: &[Arg]) -> Status {
+    if args.len() != 2 {
+        return ctx.wrong_arity();
+    }
+    // Newlines would break the protocol; a NUL would end the C string.
+    let clean: Vec<u8> = args[1].bytes().iter().map(|&b| if matches!(b, b'\r' | b'\n' | 0) { b' ' } else { b }).collect();
+    ctx.reply_array(1);
+    ctx.reply_error_bytes(&clean)
+}

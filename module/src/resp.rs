@@ -47,6 +47,10 @@ const MAX_LEN: i64 = 1 << 40;
 
 fn line(buf: &[u8]) -> Result<(&[u8], usize), ProtoError> {
     let end = buf.windows(2).position(|w| w == b"\r\n").ok_or(ProtoError::Truncated)?;
+    if end == 0 {
+        // No type byte before the line's end (`\r\n…`).
+        return Err(ProtoError::Malformed(0));
+    }
     Ok((&buf[1..end], end + 2))
 }
 

@@ -19,7 +19,7 @@
 //! accepted only once it has been retiring for `SECRET_GRACE_MS` (or is
 //! pushed out by more than `MAX_RETIRING` newer rotations within the grace).
 //! Plain struct, fed the file's contents and a monotonic clock; the Redis
-//! side (the timer, `ACL SETUSER`) is in ffi.rs.
+//! side (the timer, `ACL SETUSER`) is in grants.rs.
 
 use crate::control::Secret;
 

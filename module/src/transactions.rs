@@ -165,7 +165,7 @@ impl Transactions {
 
     /// Watches keys of `db`. The caller refuses WATCH inside MULTI.
     pub fn watch(&mut self, client: ClientId, db: Db, keys: &[Vec<u8>]) {
-        debug_assert!(!self.in_multi(client), "WATCH inside MULTI must be refused by the caller");
+        assert!(!self.in_multi(client), "WATCH inside MULTI must be refused by the caller");
         if self.dirty.contains(&client) {
             return; // EXEC fails anyway.
         }

@@ -1,0 +1,65 @@
+//! `INFO keel`: the node's role and lease, how far the journal reaches, what
+//! is held, the control user's secret, the snapshot and the feed.
+
+use redis_module::InfoContext;
+use redis_module::RedisResult;
+use redis_module_macros::info_command_handler;
+
+use crate::control;
+use crate::control_commands::MAX_STALL_REASON_BYTES;
+use crate::events;
+use crate::gate;
+use crate::grants::unix_ms;
+use crate::secret;
+use crate::state::state;
+
+#[info_command_handler]
+fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
+    let applied = events::repl_offset();
+    let st = state();
+    let now = gate::monotonic_ms();
+    let remaining = st.gate.lease_remaining_ms(now);
+    let deadline_unix_ms = if remaining == 0 { 0 } else { unix_ms() + remaining };
+    // A primary lags by what it applied and the journal does not hold yet;
+    // a replica by what the journal holds and it has not applied.
+    let (snap_seq, snap_offset, snap_created) = st.snapshot;
+    let snap_age_s = if snap_seq == 0 { 0 } else { unix_ms().saturating_sub(snap_created) / 1000 };
+    let (durable, lag) = if st.gate.is_replica() {
+        (st.journal_offset, st.journal_offset.saturating_sub(applied))
+    } else {
+        (st.clients.durable_offset(), applied.saturating_sub(st.clients.durable_offset()))
+    };
+    ctx.builder()
+        .add_section("keel")
+        .field("role", st.gate.role_name(now))?
+        .field("lease_remaining_ms", remaining.to_string())?
+        .field("lease_deadline_unix_ms", deadline_unix_ms.to_string())?
+        .field("applied_offset", applied.to_string())?
+        .field("lag_bytes", lag.to_string())?
+        .field("leader_uuid", st.leader_uuid.clone())?
+        .field("stream", st.stream.clone())?
+        .field("durable_offset", durable.to_string())?
+        .field("pending_replies", st.clients.held_count().to_string())?
+        .field("open_transactions", st.txs.open_count().to_string())?
+        .field("blocked_waiting", st.clients.waiting_count().to_string())?
+        .field("released_total", st.released_total.to_string())?
+        .field("timed_out_total", st.timed_out_total.to_string())?
+        .field("sidecar", st.cfg.sidecar.clone())?
+        .field("journal_endpoints", st.cfg.journal.clone())?
+        .field("control_user", st.cfg.control_user.clone())?
+        .field("control_secret_file", st.cfg.control_secret_file.clone())?
+        .field("control_secret_loaded_unix_ms", st.secret_loaded_unix_ms.to_string())?
+        .field("control_secret_retiring", st.secret.retiring().to_string())?
+        .field("control_secret_grace_ms", secret::SECRET_GRACE_MS.to_string())?
+        .field("control_secret_polls", st.secret_polls.to_string())?
+        .field("control_secret_file_error", control::info_line(st.secret.refused().unwrap_or_default().as_bytes(), MAX_STALL_REASON_BYTES))?
+        .field("write_timeout_ms", st.cfg.write_timeout_ms.to_string())?
+        .field("snapshot_seq", snap_seq.to_string())?
+        .field("snapshot_age_seconds", snap_age_s.to_string())?
+        .field("snapshot_bytes_since", if snap_seq == 0 { applied } else { applied.saturating_sub(snap_offset) }.to_string())?
+        .field("feed_stalled_seq", st.stalled.0.to_string())?
+        .field("feed_stalled_reason", st.stalled.1.clone())?
+        .build_section()?
+        .build_info()?;
+    Ok(())
+}
