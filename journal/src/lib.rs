@@ -2,6 +2,8 @@
 //! streams with fencing and leases, served over gRPC. Consensus is openraft,
 //! the on-disk log is raft-log. The client library, TLS identities and the
 //! metrics listener are keel-journal-client's (re-exported here).
+//! The rooms of a node, along the write path, are listed at the top of
+//! server.rs (start-up) and in the README's layout table.
 
 pub use keel_journal_client::book;
 pub use keel_journal_client::client;
