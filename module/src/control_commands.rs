@@ -112,7 +112,7 @@ pub fn keel_lease(ctx: Ctx, argv: &[Arg]) -> Status {
     let r = state().gate.lease(until);
     match r {
         Ok(()) => {
-            let remaining = state().gate.lease_remaining_ms(gate::monotonic_ms());
+            let remaining = state().gate.lease_remaining_ms(crate::redis::monotonic_ms());
             ctx.reply_integer(remaining as i64)
         }
         Err(e) => ctx.reply_error(e),
@@ -197,7 +197,7 @@ pub fn keel_nolease(ctx: Ctx, argv: &[Arg]) -> Status {
             st.txs.queue_error(id);
         }
     }
-    let why = match st.gate.decide(gate::monotonic_ms()) {
+    let why = match st.gate.decide(crate::redis::monotonic_ms()) {
         Decision::Refuse(why) => why,
         _ => gate::LAPSED,
     };

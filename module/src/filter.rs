@@ -6,7 +6,6 @@
 //! module's own `RM_Call`s skip it (`redis::Ctx::call`).
 
 use crate::acl;
-use crate::gate;
 use crate::redis::Filtered;
 use crate::redis::in_module_call;
 use crate::redis::keys_of;
@@ -27,7 +26,7 @@ pub fn filter(f: &mut Filtered) {
             let world = routing::World {
                 table: &st.table,
                 gate: &st.gate,
-                now_ms: gate::monotonic_ms(),
+                now_ms: crate::redis::monotonic_ms(),
                 txs: &st.txs,
                 hazards: &st.hazards,
                 control_user: st.cfg.control_user.as_bytes(),

@@ -106,25 +106,6 @@ impl Gate {
     }
 }
 
-/// The machine's monotonic clock in milliseconds (CLOCK_MONOTONIC, the
-/// clock the sidecar stamps lease deadlines with).
-pub fn monotonic_ms() -> u64 {
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: i64,
-        tv_nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clk: i32, ts: *mut Timespec) -> i32;
-    }
-    const CLOCK_MONOTONIC: i32 = 1;
-    let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    let rc = unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

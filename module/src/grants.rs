@@ -8,7 +8,6 @@
 
 use crate::acl;
 use crate::control;
-use crate::gate;
 use crate::redis::Arg;
 use crate::redis::CallReply;
 use crate::redis::Ctx;
@@ -136,7 +135,7 @@ impl TimerJob for PollSecret {
     fn fire(self, ctx: Ctx) {
         let path = state().cfg.control_secret_file.clone();
         let read = control::read_secret(&path);
-        let now = gate::monotonic_ms();
+        let now = crate::redis::monotonic_ms();
         let seen = {
             let mut st = state();
             st.secret_polls += 1;

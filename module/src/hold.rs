@@ -13,7 +13,6 @@
 //! (`fail_everything_held`): an error, never a success.
 
 use crate::clients::TimedOut;
-use crate::gate;
 use crate::gate::Decision;
 use crate::redis;
 use crate::redis::Blocked;
@@ -92,7 +91,7 @@ pub fn release(clients: Vec<(Blocked, Answer)>) {
     let serving = {
         let mut st = state();
         st.released_total += clients.len() as u64;
-        st.gate.decide(gate::monotonic_ms()) == Decision::Serve
+        st.gate.decide(crate::redis::monotonic_ms()) == Decision::Serve
     };
     for (bc, answer) in clients {
         if serving {

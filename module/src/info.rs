@@ -8,7 +8,6 @@ use redis_module_macros::info_command_handler;
 use crate::control;
 use crate::control_commands::MAX_STALL_REASON_BYTES;
 use crate::events;
-use crate::gate;
 use crate::grants::unix_ms;
 use crate::secret;
 use crate::state::state;
@@ -17,7 +16,7 @@ use crate::state::state;
 fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     let applied = events::repl_offset();
     let st = state();
-    let now = gate::monotonic_ms();
+    let now = crate::redis::monotonic_ms();
     let remaining = st.gate.lease_remaining_ms(now);
     let deadline_unix_ms = if remaining == 0 { 0 } else { unix_ms() + remaining };
     // A primary lags by what it applied and the journal does not hold yet;

@@ -54,6 +54,17 @@ macro_rules! api {
 /// error, such as an unknown command's name sent inside MULTI) is written
 /// `\0`: it must neither cut the text nor fail the conversion, which
 /// would abort the server.
+/// The machine's monotonic clock in milliseconds (CLOCK_MONOTONIC, the
+/// clock the sidecar stamps lease deadlines with, so both read one clock).
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration;
+    // CLOCK_MONOTONIC always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 pub fn cstr(s: &str) -> CString {
     CString::new(s.replace('\0', "\\0")).expect("every NUL was replaced")
 }
