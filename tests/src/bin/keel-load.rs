@@ -8,6 +8,14 @@
 //!
 //! `--cmd get` reads random keys `key:<n>` (n < --keys), as redis-benchmark
 //! `-r` writes them; `--cmd set` writes them with `--value-bytes` values.
+//!
+//! `--rate 0` runs closed-loop instead: each client sends its next
+//! operation as soon as the previous one is answered, for `--seconds`.
+//! `--waitaof` (with `--cmd set`) follows every write's reply with
+//! `WAITAOF 1 1 0` on the same connection, and an operation counts as done
+//! when that answers that the write is fsync'd locally and on one replica
+//! (the promise plain Redis/Valkey can give for a write; an answer short of
+//! it counts as an error). Latency is then write + WAITAOF.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -24,7 +32,8 @@ struct Args {
     addr: String,
     #[arg(long, default_value_t = 50)]
     clients: usize,
-    /// Operations per second, all clients together.
+    /// Operations per second, all clients together (0: closed loop, each
+    /// client as fast as it is answered).
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
     #[arg(long, default_value_t = 10)]
@@ -35,6 +44,10 @@ struct Args {
     cmd: String,
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
+    /// After each write's reply, WAITAOF 1 1 0 (local fsync and one
+    /// replica's) before the operation counts as done.
+    #[arg(long)]
+    waitaof: bool,
 }
 
 /// A tiny xorshift generator: random keys without a dependency.
@@ -51,8 +64,12 @@ impl Rng {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if args.clients == 0 || args.rate == 0 || args.seconds == 0 || !matches!(args.cmd.as_str(), "get" | "set") {
-        eprintln!("keel-load: --clients, --rate and --seconds must be positive and --cmd get or set");
+    if args.clients == 0 || args.seconds == 0 || !matches!(args.cmd.as_str(), "get" | "set") {
+        eprintln!("keel-load: --clients and --seconds must be positive and --cmd get or set");
+        return std::process::ExitCode::from(2);
+    }
+    if args.waitaof && args.cmd != "set" {
+        eprintln!("keel-load: --waitaof follows writes: use it with --cmd set");
         return std::process::ExitCode::from(2);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio");
@@ -68,11 +85,23 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `WAITAOF 1 1 0`: Ok once the server says the connection's last write is
+/// fsync'd locally and on at least one replica; an error otherwise.
+async fn waitaof(con: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+    let (local, replicas): (i64, i64) = redis::cmd("WAITAOF").arg(1).arg(1).arg(0).query_async(con).await?;
+    if local >= 1 && replicas >= 1 {
+        Ok(())
+    } else {
+        Err(redis::RedisError::from((redis::ErrorKind::ResponseError, "WAITAOF answered short", format!("{local} local, {replicas} replicas"))))
+    }
+}
+
 async fn run(args: Args) -> Result<String, String> {
     let client = redis::Client::open(format!("redis://{}/", args.addr)).map_err(|e| e.to_string())?;
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")));
     let errors = Arc::new(Mutex::new(0u64));
-    let period = Duration::from_nanos(1_000_000_000 * args.clients as u64 / args.rate);
+    // Closed loop (rate 0): no schedule, each operation timed from its send.
+    let period = if args.rate == 0 { Duration::ZERO } else { Duration::from_nanos(1_000_000_000 * args.clients as u64 / args.rate) };
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs(args.seconds);
     let value = "v".repeat(args.value_bytes);
@@ -85,12 +114,17 @@ async fn run(args: Args) -> Result<String, String> {
             let mut due = start + period.mul_f64(i as f64 / args.clients as f64);
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut errs = 0u64;
-            while due < end {
+            if args.rate == 0 {
+                tokio::time::sleep_until(start.into()).await; // all clients begin together
+            }
+            while due < end && Instant::now() < end {
                 // Behind schedule (the previous reply came after this one was
                 // due): latency counts from the due time, so a server stall
                 // shows in full. On time: from when the timer woke us, so the
                 // timer's own granularity is not counted against the server.
-                let from = if Instant::now() < due {
+                let from = if args.rate == 0 {
+                    Instant::now()
+                } else if Instant::now() < due {
                     tokio::time::sleep_until(due.into()).await;
                     Instant::now()
                 } else {
@@ -100,7 +134,10 @@ async fn run(args: Args) -> Result<String, String> {
                 let r = if args.cmd == "get" {
                     redis::cmd("GET").arg(&key).query_async::<Option<Vec<u8>>>(&mut con).await.map(|_| ())
                 } else {
-                    redis::cmd("SET").arg(&key).arg(&value).query_async::<()>(&mut con).await
+                    match redis::cmd("SET").arg(&key).arg(&value).query_async::<()>(&mut con).await {
+                        Ok(()) if args.waitaof => waitaof(&mut con).await,
+                        other => other,
+                    }
                 };
                 let us = from.elapsed().as_micros() as u64;
                 match r {
@@ -108,6 +145,9 @@ async fn run(args: Args) -> Result<String, String> {
                     Err(_) => errs += 1,
                 }
                 due += period;
+                if args.rate == 0 {
+                    due = start; // closed loop: only the end time bounds it
+                }
             }
             hist.lock().unwrap().add(&local).expect("same bounds");
             *errors.lock().unwrap() += errs;
@@ -119,8 +159,9 @@ async fn run(args: Args) -> Result<String, String> {
     let h = hist.lock().unwrap();
     let secs = args.seconds as f64;
     Ok(format!(
-        "{{\"cmd\":\"{}\",\"clients\":{},\"rate\":{},\"ops\":{},\"errors\":{},\"achieved_per_s\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{}}}",
+        "{{\"cmd\":\"{}{}\",\"clients\":{},\"rate\":{},\"ops\":{},\"errors\":{},\"achieved_per_s\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{}}}",
         args.cmd,
+        if args.waitaof { "+waitaof" } else { "" },
         args.clients,
         args.rate,
         h.len(),
