@@ -39,38 +39,29 @@ fn lower(b: &[u8]) -> Vec<u8> {
 
 /// `KEEL.W CMD args…`: runs CMD for the calling client and holds its reply.
 pub fn keel_w(ctx: Ctx, argv: &[Arg]) -> Status {
-    if argv.len() < 2 {
-        return ctx.wrong_arity();
-    }
-    let args = &argv[1..];
-    if let Some(refused) = refuse_guarded(ctx, args) {
-        return refused;
-    }
+    let args = match wrapped(ctx, argv) {
+        Ok(args) => args,
+        Err(answered) => return answered,
+    };
     run::run_and_hold(ctx, args, true)
 }
 
 /// `KEEL.R CMD args…`: a read of data not yet durable; runs now, its reply
 /// is held until the end of this turn is durable.
 pub fn keel_r(ctx: Ctx, argv: &[Arg]) -> Status {
-    if argv.len() < 2 {
-        return ctx.wrong_arity();
-    }
-    let args = &argv[1..];
-    if let Some(refused) = refuse_guarded(ctx, args) {
-        return refused;
-    }
+    let args = match wrapped(ctx, argv) {
+        Ok(args) => args,
+        Err(answered) => return answered,
+    };
     run::run_and_hold(ctx, args, false)
 }
 
 /// `KEEL.B CMD args…` / `KEEL.BR`: a blocking command (blocking.rs).
 pub fn keel_b(ctx: Ctx, argv: &[Arg]) -> Status {
-    if argv.len() < 2 {
-        return ctx.wrong_arity();
-    }
-    let args = &argv[1..];
-    if let Some(refused) = refuse_guarded(ctx, args) {
-        return refused;
-    }
+    let args = match wrapped(ctx, argv) {
+        Ok(args) => args,
+        Err(answered) => return answered,
+    };
     // Only what the filter hands it: another command would be run, and
     // run again at every write of its keys, its client waiting for a
     // reply that is not null, for ever when its last argument is no
@@ -90,13 +81,10 @@ pub fn keel_b(ctx: Ctx, argv: &[Arg]) -> Status {
 /// client while a transaction is open and the server cannot say who sent a
 /// command (then it runs as it would have without the module).
 pub fn keel_t(ctx: Ctx, argv: &[Arg]) -> Status {
-    if argv.len() < 2 {
-        return ctx.wrong_arity();
-    }
-    let args = &argv[1..];
-    if let Some(refused) = refuse_guarded(ctx, args) {
-        return refused;
-    }
+    let args = match wrapped(ctx, argv) {
+        Ok(args) => args,
+        Err(answered) => return answered,
+    };
     let name = lower(args[0].bytes());
     if routing::is_transaction_command(&name) {
         // Answered here, not by Redis: its arity check too (a refusal
@@ -337,6 +325,19 @@ fn exec(ctx: Ctx, id: u64) -> Status {
         return reply::send(ctx, &value);
     }
     hold::block_with(ctx, value)
+}
+
+/// The command a wrapper (`KEEL.x CMD args…`) runs, or the answer already
+/// given: a wrong arity without a command, or a refused guarded one.
+fn wrapped<'a>(ctx: Ctx, argv: &'a [Arg]) -> Result<&'a [Arg], Status> {
+    if argv.len() < 2 {
+        return Err(ctx.wrong_arity());
+    }
+    let args = &argv[1..];
+    match refuse_guarded(ctx, args) {
+        Some(refused) => Err(refused),
+        None => Ok(args),
+    }
 }
 
 /// The refusal of a command `control::guard` names (`args`: name first),
