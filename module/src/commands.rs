@@ -37,26 +37,33 @@ const fn cmd(name: &'static str, flags: &'static str, kind: Kind) -> KeelCommand
 
 /// Every `keel.*` command, in registration order (which is also the order
 /// of the grant rules `ACL SETUSER` gets: users' ACL texts depend on it).
+///
+/// All are `no-monitor no-slowlog`: MONITOR and SLOWLOG show what a wrapper
+/// runs for its client (the module's call of the client's command, as
+/// sent), never the wrapper; the sidecar's control traffic shows nowhere.
 pub const KEEL_COMMANDS: &[KeelCommand] = &[
-    cmd("keel.w", "write", Kind::ClientWrapper),
-    cmd("keel.r", "readonly", Kind::ClientWrapper),
-    cmd("keel.t", "", Kind::ClientWrapper),
-    cmd("keel.tw", "write deny-oom", Kind::ClientWrapper),
-    cmd("keel.tb", "allow-busy allow-loading allow-stale deny-script fast", Kind::ClientWrapper),
-    cmd("keel.b", "write", Kind::ClientWrapper),
-    cmd("keel.br", "readonly", Kind::ClientWrapper),
-    cmd("keel.ack", "admin fast no-monitor allow-busy", Kind::Control),
-    cmd("keel.fenced", "admin no-monitor allow-busy", Kind::Control),
-    cmd("keel.leader", "admin no-monitor allow-busy", Kind::Control),
-    cmd("keel.lease", "admin fast no-monitor allow-busy allow-loading allow-stale", Kind::Control),
-    cmd("keel.nolease", "fast allow-loading allow-stale", Kind::ClientWrapper),
-    cmd("keel.following", "admin fast no-monitor allow-loading allow-stale", Kind::Control),
-    cmd("keel.snapshot", "admin fast no-monitor allow-loading allow-stale allow-busy", Kind::Control),
-    cmd("keel.stalled", "admin fast no-monitor allow-loading allow-stale allow-busy", Kind::Control),
-    cmd("keel.countederror", "fast no-monitor allow-busy allow-loading allow-stale", Kind::Internal),
+    cmd("keel.w", "write no-monitor no-slowlog", Kind::ClientWrapper),
+    cmd("keel.r", "readonly no-monitor no-slowlog", Kind::ClientWrapper),
+    cmd("keel.t", "no-monitor no-slowlog", Kind::ClientWrapper),
+    cmd("keel.tw", "write deny-oom no-monitor no-slowlog", Kind::ClientWrapper),
+    cmd("keel.tb", "allow-busy allow-loading allow-stale deny-script fast no-monitor no-slowlog", Kind::ClientWrapper),
+    cmd("keel.b", "write no-monitor no-slowlog", Kind::ClientWrapper),
+    cmd("keel.br", "readonly no-monitor no-slowlog", Kind::ClientWrapper),
+    cmd("keel.ack", "admin fast no-monitor no-slowlog allow-busy", Kind::Control),
+    cmd("keel.fenced", "admin no-monitor no-slowlog allow-busy", Kind::Control),
+    cmd("keel.leader", "admin no-monitor no-slowlog allow-busy", Kind::Control),
+    cmd("keel.lease", "admin fast no-monitor no-slowlog allow-busy allow-loading allow-stale", Kind::Control),
+    cmd("keel.nolease", "fast no-monitor no-slowlog allow-loading allow-stale", Kind::ClientWrapper),
+    cmd("keel.following", "admin fast no-monitor no-slowlog allow-loading allow-stale", Kind::Control),
+    cmd("keel.snapshot", "admin fast no-monitor no-slowlog allow-loading allow-stale allow-busy", Kind::Control),
+    cmd("keel.stalled", "admin fast no-monitor no-slowlog allow-loading allow-stale allow-busy", Kind::Control),
+    cmd("keel.info", "admin fast no-monitor no-slowlog allow-busy allow-loading allow-stale", Kind::Control),
+    cmd("keel.countederror", "fast no-monitor no-slowlog allow-busy allow-loading allow-stale", Kind::Internal),
     // Not `admin`: every user is granted it (acl.rs) and gets Keel's
     // refusal; it runs the command only for the control user.
     cmd("keel.guard", "no-monitor no-slowlog deny-script allow-stale", Kind::ClientWrapper),
+    // INFO (command counts) and ACL GETUSER/LIST, edited (view.rs).
+    cmd("keel.view", "no-monitor no-slowlog allow-loading allow-stale", Kind::ClientWrapper),
 ];
 
 /// Whether `name` (lower-cased) is one of the module's commands.
@@ -149,7 +156,7 @@ mod tests {
     #[test]
     fn client_wrappers_keep_their_grant_order() {
         let w: Vec<&str> = client_wrappers().collect();
-        assert_eq!(w, ["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.nolease", "keel.guard"]);
+        assert_eq!(w, ["keel.w", "keel.r", "keel.t", "keel.tw", "keel.tb", "keel.b", "keel.br", "keel.nolease", "keel.guard", "keel.view"]);
     }
 
     #[test]
@@ -168,5 +175,18 @@ mod tests {
     fn arity_is_exact_or_a_minimum() {
         assert!(arity_allows(2, 2) && !arity_allows(2, 3));
         assert!(arity_allows(-2, 2) && arity_allows(-2, 5) && !arity_allows(-2, 1));
+    }
+}
+
+#[cfg(test)]
+mod flag_tests {
+    use super::*;
+
+    #[test]
+    fn no_keel_command_shows_in_monitor_or_slowlog() {
+        for c in KEEL_COMMANDS {
+            let flags: Vec<&str> = c.flags.split_whitespace().collect();
+            assert!(flags.contains(&"no-monitor") && flags.contains(&"no-slowlog"), "{} is shown: {}", c.name, c.flags);
+        }
     }
 }

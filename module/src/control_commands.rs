@@ -1,6 +1,6 @@
 //! The commands this node's sidecar sends (`KEEL.ACK`, `KEEL.FENCED`,
 //! `KEEL.LEADER`, `KEEL.LEASE`, `KEEL.FOLLOWING`, `KEEL.SNAPSHOT`,
-//! `KEEL.STALLED`), refused to anyone but the control user (control.rs),
+//! `KEEL.STALLED`, `KEEL.INFO`), refused to anyone but the control user (control.rs),
 //! and `KEEL.NOLEASE`, the refusal the filter gives a data command while
 //! this node may not serve. `KEEL.ACK` is the last step of the write path:
 //! the journal holds the stream up to an offset, and the held replies it
@@ -203,4 +203,16 @@ pub fn keel_nolease(ctx: Ctx, argv: &[Arg]) -> Status {
     };
     drop(st);
     ctx.reply_error(why)
+}
+
+/// `KEEL.INFO`: `INFO keel`'s text, for the sidecar's metrics (a control
+/// command: its polling shows in neither MONITOR nor SLOWLOG).
+pub fn keel_info(ctx: Ctx, argv: &[Arg]) -> Status {
+    if let Some(r) = refuse_unless_control(ctx, "keel.info") {
+        return r;
+    }
+    if argv.len() != 1 {
+        return ctx.wrong_arity();
+    }
+    ctx.reply_bulk(crate::info::text().as_bytes())
 }

@@ -1,5 +1,8 @@
 //! `INFO keel`: the node's role and lease, how far the journal reaches, what
-//! is held, the control user's secret, the snapshot and the feed.
+//! is held, the control user's secret, the snapshot and the feed. The same
+//! fields answer `KEEL.INFO`, which this node's sidecar reads for its
+//! metrics: a control command, so neither MONITOR nor SLOWLOG shows the
+//! sidecar's polling (an `INFO keel` would be shown every time).
 
 use redis_module::InfoContext;
 use redis_module::RedisResult;
@@ -12,8 +15,33 @@ use crate::grants::unix_ms;
 use crate::secret;
 use crate::state::state;
 
+/// The section's title, as INFO prints it (`# Keel`).
+pub const SECTION: &str = "keel";
+
 #[info_command_handler]
 fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
+    let mut b = ctx.builder().add_section(SECTION);
+    for (name, value) in fields() {
+        b = b.field(name, value)?;
+    }
+    b.build_section()?.build_info()?;
+    Ok(())
+}
+
+/// `INFO keel`'s text, as `INFO keel` prints it (`KEEL.INFO`'s reply).
+pub fn text() -> String {
+    let mut out = String::from("# Keel\r\n");
+    for (name, value) in fields() {
+        out.push_str(name);
+        out.push(':');
+        out.push_str(&value);
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The section's fields, in order.
+fn fields() -> Vec<(&'static str, String)> {
     let applied = events::repl_offset();
     let st = state();
     let now = crate::redis::monotonic_ms();
@@ -28,37 +56,34 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     } else {
         (st.clients.durable_offset(), applied.saturating_sub(st.clients.durable_offset()))
     };
-    ctx.builder()
-        .add_section("keel")
-        .field("role", st.gate.role_name(now))?
-        .field("lease_remaining_ms", remaining.to_string())?
-        .field("lease_deadline_unix_ms", deadline_unix_ms.to_string())?
-        .field("applied_offset", applied.to_string())?
-        .field("lag_bytes", lag.to_string())?
-        .field("leader_uuid", st.leader_uuid.clone())?
-        .field("stream", st.stream.clone())?
-        .field("durable_offset", durable.to_string())?
-        .field("pending_replies", st.clients.held_count().to_string())?
-        .field("open_transactions", st.txs.open_count().to_string())?
-        .field("blocked_waiting", st.clients.waiting_count().to_string())?
-        .field("released_total", st.released_total.to_string())?
-        .field("timed_out_total", st.timed_out_total.to_string())?
-        .field("sidecar", st.cfg.sidecar.clone())?
-        .field("journal_endpoints", st.cfg.journal.clone())?
-        .field("control_user", st.cfg.control_user.clone())?
-        .field("control_secret_file", st.cfg.control_secret_file.clone())?
-        .field("control_secret_loaded_unix_ms", st.secret_loaded_unix_ms.to_string())?
-        .field("control_secret_retiring", st.secret.retiring().to_string())?
-        .field("control_secret_grace_ms", secret::SECRET_GRACE_MS.to_string())?
-        .field("control_secret_polls", st.secret_polls.to_string())?
-        .field("control_secret_file_error", control::info_line(st.secret.refused().unwrap_or_default().as_bytes(), MAX_STALL_REASON_BYTES))?
-        .field("write_timeout_ms", st.cfg.write_timeout_ms.to_string())?
-        .field("snapshot_seq", snap_seq.to_string())?
-        .field("snapshot_age_seconds", snap_age_s.to_string())?
-        .field("snapshot_bytes_since", if snap_seq == 0 { applied } else { applied.saturating_sub(snap_offset) }.to_string())?
-        .field("feed_stalled_seq", st.stalled.0.to_string())?
-        .field("feed_stalled_reason", st.stalled.1.clone())?
-        .build_section()?
-        .build_info()?;
-    Ok(())
+    vec![
+        ("role", st.gate.role_name(now).to_string()),
+        ("lease_remaining_ms", remaining.to_string()),
+        ("lease_deadline_unix_ms", deadline_unix_ms.to_string()),
+        ("applied_offset", applied.to_string()),
+        ("lag_bytes", lag.to_string()),
+        ("leader_uuid", st.leader_uuid.clone()),
+        ("stream", st.stream.clone()),
+        ("durable_offset", durable.to_string()),
+        ("pending_replies", st.clients.held_count().to_string()),
+        ("open_transactions", st.txs.open_count().to_string()),
+        ("blocked_waiting", st.clients.waiting_count().to_string()),
+        ("released_total", st.released_total.to_string()),
+        ("timed_out_total", st.timed_out_total.to_string()),
+        ("sidecar", st.cfg.sidecar.clone()),
+        ("journal_endpoints", st.cfg.journal.clone()),
+        ("control_user", st.cfg.control_user.clone()),
+        ("control_secret_file", st.cfg.control_secret_file.clone()),
+        ("control_secret_loaded_unix_ms", st.secret_loaded_unix_ms.to_string()),
+        ("control_secret_retiring", st.secret.retiring().to_string()),
+        ("control_secret_grace_ms", secret::SECRET_GRACE_MS.to_string()),
+        ("control_secret_polls", st.secret_polls.to_string()),
+        ("control_secret_file_error", control::info_line(st.secret.refused().unwrap_or_default().as_bytes(), MAX_STALL_REASON_BYTES)),
+        ("write_timeout_ms", st.cfg.write_timeout_ms.to_string()),
+        ("snapshot_seq", snap_seq.to_string()),
+        ("snapshot_age_seconds", snap_age_s.to_string()),
+        ("snapshot_bytes_since", if snap_seq == 0 { applied } else { applied.saturating_sub(snap_offset) }.to_string()),
+        ("feed_stalled_seq", st.stalled.0.to_string()),
+        ("feed_stalled_reason", st.stalled.1.clone()),
+    ]
 }

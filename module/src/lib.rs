@@ -49,6 +49,7 @@ pub mod resp;
 pub mod routing;
 pub mod secret;
 pub mod transactions;
+pub mod view;
 pub mod waiters;
 // The layer over Redis; unit tests run without Redis, so they leave it out.
 #[cfg(not(test))]

@@ -52,6 +52,7 @@ fn handler(name: &[u8]) -> Option<Handler> {
         b"keel.t" | b"keel.tw" | b"keel.tb" => wrappers::keel_t,
         b"keel.b" | b"keel.br" => wrappers::keel_b,
         b"keel.guard" => wrappers::keel_guard,
+        b"keel.view" => wrappers::keel_view,
         b"keel.ack" => control_commands::keel_ack,
         b"keel.fenced" => control_commands::keel_fenced,
         b"keel.leader" => control_commands::keel_leader,
@@ -60,6 +61,7 @@ fn handler(name: &[u8]) -> Option<Handler> {
         b"keel.following" => control_commands::keel_following,
         b"keel.snapshot" => control_commands::keel_snapshot,
         b"keel.stalled" => control_commands::keel_stalled,
+        b"keel.info" => control_commands::keel_info,
         b"keel.countederror" => reply::keel_countederror,
         _ => return None,
     })

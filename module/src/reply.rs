@@ -29,6 +29,35 @@ pub fn send(ctx: Ctx, buf: &[u8]) -> Status {
     OK
 }
 
+/// Writes a reply to the client of `ctx` with each string (simple, bulk,
+/// verbatim) passed through `edit` (`None`: kept as it is).
+pub fn send_edited(ctx: Ctx, buf: &[u8], edit: impl Fn(&[u8]) -> Option<Vec<u8>>) -> Status {
+    if let Err(e) = resp::check(buf) {
+        return ctx.reply_error_bytes(format!("KEEL_UNKNOWN internal error: a reply is not valid RESP ({e})").as_bytes());
+    }
+    let _ = resp::walk(buf, |tok| {
+        let edited = match tok {
+            Token::Simple(s) => edit(s).filter(|e| !e.contains(&b'\n') && !e.contains(&b'\r')),
+            Token::Bulk(b) => edit(b),
+            Token::Verbatim { text, .. } => edit(text),
+            _ => None,
+        };
+        match (tok, edited) {
+            (Token::Simple(_), Some(e)) => {
+                let _ = ctx.reply_simple(&e);
+            }
+            (Token::Bulk(_), Some(e)) => {
+                let _ = ctx.reply_bulk(&e);
+            }
+            (Token::Verbatim { format, .. }, Some(e)) => {
+                let _ = ctx.reply_verbatim(&e, format);
+            }
+            (tok, _) => emit(ctx, tok),
+        }
+    });
+    OK
+}
+
 fn emit(ctx: Ctx, tok: Token<'_>) {
     match tok {
         Token::Simple(s) => ctx.reply_simple(s),

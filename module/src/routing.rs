@@ -8,6 +8,9 @@
 //! 1. a command `control::guard` names (REPLICAOF, `ACL SETUSER <control
 //!    user>`, `CONFIG SET replica-read-only no`…): `KEEL.GUARD`, for every
 //!    client, inside MULTI and scripts too;
+//!    1b. outside the module's own calls and MULTI, introspection that
+//!    would show the module's commands (`INFO commandstats`, `ACL
+//!    GETUSER`…, `view.rs`): `KEEL.VIEW`, on every node;
 //! 2. outside the module's own calls, the gate (`gate.rs`): a replica serves
 //!    everything natively; a primary without a valid lease refuses data
 //!    commands (`KEEL.NOLEASE`);
@@ -38,6 +41,7 @@ use crate::gate::Gate;
 use crate::hazards::Hazards;
 use crate::transactions::Sender;
 use crate::transactions::Transactions;
+use crate::view;
 use crate::waiters;
 
 /// Command names longer than this are no command of Redis's: left alone.
@@ -115,6 +119,8 @@ pub enum Route {
     PassThrough,
     /// `KEEL.GUARD`: runs only for whom `control::guard` allows.
     Guard,
+    /// `KEEL.VIEW`: introspection whose reply is edited (view.rs).
+    View,
     /// `KEEL.NOLEASE`: a data command this node must not serve now.
     NoLease,
     /// `KEEL.T…`: a transaction command, or a command of a client inside
@@ -136,6 +142,7 @@ impl Route {
         Some(match self {
             Route::PassThrough => return None,
             Route::Guard => "KEEL.GUARD",
+            Route::View => "KEEL.VIEW",
             Route::NoLease => "KEEL.NOLEASE",
             Route::Transaction { wrapper: TxWrapper::Plain, .. } | Route::ReadOnlyScript => "KEEL.T",
             Route::Transaction { wrapper: TxWrapper::Write, .. } => "KEEL.TW",
@@ -231,6 +238,11 @@ pub fn route(args: &[&[u8]], client: Client, world: &World, keys: impl FnOnce() 
     };
     let with = |route: Route| Routing { route, acl, ends_transaction: false };
     let table = world.table;
+    // 1b. Introspection that would show Keel's own commands, on every
+    // node; inside MULTI it is queued as any command.
+    if !client.in_module_call && view::view_of(name, args).is_some() && !maybe_in_multi(client, world, name, sub) {
+        return with(Route::View);
+    }
     // 2. The gate.
     if !client.in_module_call {
         match world.gate.decide(world.now_ms) {

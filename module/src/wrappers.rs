@@ -327,6 +327,36 @@ fn exec(ctx: Ctx, id: u64) -> Status {
     hold::block_with(ctx, value)
 }
 
+/// `KEEL.VIEW <command…>`: an introspection command that would show the
+/// module's own commands (view.rs), run for the client as its ACL user,
+/// its reply relayed with them edited out.
+pub fn keel_view(ctx: Ctx, argv: &[Arg]) -> Status {
+    let args = match wrapped(ctx, argv) {
+        Ok(args) => args,
+        Err(answered) => return answered,
+    };
+    let bytes: Vec<&[u8]> = args.iter().map(|a| a.bytes()).collect();
+    let Some(view) = crate::view::view_of(&lower(bytes[0]), &bytes) else {
+        return ctx.reply_error("ERR KEEL.VIEW runs only the commands the Keel module hands it (INFO commandstats, ACL GETUSER, ACL LIST)");
+    };
+    let cmd = command_name(bytes[0]);
+    let Some(reply) = ctx.call(&cmd, c"v0EC", &args[1..]) else {
+        return ctx.reply_error("ERR command could not be run");
+    };
+    if let Some(e) = grants::acl_refusal(ctx, &reply, args) {
+        return ctx.reply_error(&e);
+    }
+    let r = reply.get();
+    // The control user (an operator looking into Keel) reads Redis's own
+    // report, the module's commands included.
+    if r.kind() == redis::ReplyKind::Error || grants::caller_is_control(ctx) {
+        return ctx.reply_call_reply(r);
+    }
+    let proto = r.proto();
+    drop(reply);
+    reply::send_edited(ctx, &proto, |s| crate::view::edit(view, s))
+}
+
 /// The command a wrapper (`KEEL.x CMD args…`) runs, or the answer already
 /// given: a wrong arity without a command, or a refused guarded one.
 fn wrapped<'a>(ctx: Ctx, argv: &'a [Arg]) -> Result<&'a [Arg], Status> {

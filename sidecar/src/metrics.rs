@@ -25,6 +25,8 @@ use prometheus_client::registry::Registry;
 
 use crate::auth::Credentials;
 use crate::link::RedisAddr;
+use crate::redis::Conn;
+use crate::resp::Reply;
 
 /// How often the node's Redis is asked for its state.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -186,10 +188,38 @@ pub fn get() -> &'static NodeMetrics {
 
 /// Reads the node's Redis every `REFRESH` into the gauges, and counts
 /// changes of the stream's leader it reports.
+///
+/// One connection, kept while it works (so the server sees one `AUTH`, not
+/// one a second), asking `KEEL.INFO`: a control command, which neither
+/// MONITOR nor SLOWLOG shows. A module too old to know it is asked `INFO
+/// keel` instead.
 pub async fn refresh_from_redis(redis: RedisAddr, creds: Credentials, timeout_ms: u64) {
     let mut leader = String::new();
+    let mut conn: Option<Conn> = None;
+    let mut old_module = false;
     loop {
-        let view = crate::node::redis_info_section(&redis, &creds, "keel", timeout_ms).await.ok().map(|i| NodeView::from_info(&i));
+        let read = crate::redis::within(&redis, timeout_ms, async {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => Conn::connect(&redis, &creds).await?,
+            };
+            let mut c = c;
+            let text = if old_module { c.info("keel").await } else { keel_info(&mut c).await };
+            Ok::<_, String>((c, text))
+        })
+        .await;
+        let view = match read {
+            Ok((c, Ok(text))) => {
+                conn = Some(c);
+                Some(NodeView::from_info(&text))
+            }
+            Ok((c, Err(e))) if !old_module && e.contains("unknown command") => {
+                old_module = true;
+                conn = Some(c);
+                None
+            }
+            _ => None,
+        };
         if let Some(v) = &view {
             if !v.leader_uuid.is_empty() && v.leader_uuid != leader {
                 if !leader.is_empty() {
@@ -200,6 +230,15 @@ pub async fn refresh_from_redis(redis: RedisAddr, creds: Credentials, timeout_ms
         }
         get().observe(view.as_ref(), Instant::now());
         tokio::time::sleep(REFRESH).await;
+    }
+}
+
+/// `KEEL.INFO`'s text (`INFO keel`'s).
+async fn keel_info(c: &mut Conn) -> Result<String, String> {
+    match c.request(&[b"KEEL.INFO"]).await? {
+        Reply::Bulk(Some(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Reply::Error(e) => Err(e),
+        other => Err(format!("KEEL.INFO answered {other:?}")),
     }
 }
 

@@ -981,6 +981,21 @@ impl KeelNode {
         info.lines().find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
     }
 
+    /// A field of `INFO section` as the control user reads it: Redis's own
+    /// report, with the module's commands (`INFO commandstats` shows other
+    /// users none of them). Plaintext clients only.
+    pub fn control_info_field(&self, section: &str, field: &str) -> Option<String> {
+        assert!(self.clients.is_none(), "control_info_field reads over plaintext TCP");
+        let s = std::net::TcpStream::connect(self.addr()).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        let mut c = Resp { stream: std::io::BufReader::new(s) };
+        if c.try_cmd(&["AUTH", CONTROL_USER, &control_secret_of(&self.dir)]).ok()? != "+OK" {
+            return None;
+        }
+        let info = c.try_cmd(&["INFO", section]).ok()?;
+        info.lines().find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
+    }
+
     /// `primary` (holding the lease), `replica`, `fenced`,
     /// `primary-without-lease`, or `down`.
     pub fn role(&self) -> String {

@@ -100,7 +100,7 @@ async fn a_corrupt_record_stalls_every_feed_visibly_and_no_node_leads_past_it() 
     // node takes the lease.
     until("the replica's sidecar to log the stall", Duration::from_secs(10), &mut || count_in_log(&c, 1, STALL_LINE) >= 1);
     let told = |i: usize| -> u64 {
-        let calls = c.nodes[i].info_field("commandstats", "cmdstat_keel.stalled").unwrap_or_default();
+        let calls = c.nodes[i].control_info_field("commandstats", "cmdstat_keel.stalled").unwrap_or_default();
         calls.strip_prefix("calls=").and_then(|v| v.split(',').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
     let from = [told(0), told(1)];
