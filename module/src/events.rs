@@ -148,9 +148,11 @@ pub fn swapped(ctx: Ctx, first: i32, second: i32) {
     }
 }
 
-/// A client left: forget its transaction and watches.
+/// A client left: forget its transaction, watches and last command.
 pub fn client_left(id: u64) {
-    state().txs.disconnected(id);
+    let mut st = state();
+    st.txs.disconnected(id);
+    st.last_commands.left(id);
 }
 
 /// Redis changed role (the sidecar made it a replica to resync, or

@@ -15,7 +15,7 @@ use crate::grants::unix_ms;
 use crate::secret;
 use crate::state::state;
 
-/// The section's title, as INFO prints it (`# Keel`).
+/// The section's name (INFO prints `# keel_keel`, fields `keel_<name>`).
 pub const SECTION: &str = "keel";
 
 #[info_command_handler]
@@ -28,10 +28,13 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     Ok(())
 }
 
-/// `INFO keel`'s text, as `INFO keel` prints it (`KEEL.INFO`'s reply).
+/// `INFO keel`'s text, as `INFO keel` prints it (`KEEL.INFO`'s reply):
+/// Redis names the section and each field after the module.
 pub fn text() -> String {
-    let mut out = String::from("# Keel\r\n");
+    let mut out = format!("# {SECTION}_{SECTION}\r\n");
     for (name, value) in fields() {
+        out.push_str(SECTION);
+        out.push('_');
         out.push_str(name);
         out.push(':');
         out.push_str(&value);

@@ -162,6 +162,7 @@ fn init(context: &Context, args: &[RedisString]) -> LoadStatus {
         secret,
         secret_loaded_unix_ms: grants::unix_ms(),
         secret_polls: 0,
+        last_commands: Default::default(),
     });
     for c in KEEL_COMMANDS {
         assert!(handler(c.name.as_bytes()).is_some(), "{} has no handler", c.name);

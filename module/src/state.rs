@@ -57,6 +57,9 @@ pub struct State {
     /// record each (clients.rs).
     pub clients: HeldClients<Blocked, Answer, Waiter>,
     pub hazards: Hazards,
+    /// Each client's last command a wrapper ran, for `CLIENT LIST`
+    /// (view.rs).
+    pub last_commands: crate::view::LastCommands,
     /// MULTI/EXEC and WATCH, kept by the module (see transactions.rs).
     pub txs: Transactions,
     /// What `COMMAND` says about every command (commands.rs).

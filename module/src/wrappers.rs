@@ -331,13 +331,26 @@ fn exec(ctx: Ctx, id: u64) -> Status {
 /// module's own commands (view.rs), run for the client as its ACL user,
 /// its reply relayed with them edited out.
 pub fn keel_view(ctx: Ctx, argv: &[Arg]) -> Status {
-    let args = match wrapped(ctx, argv) {
-        Ok(args) => args,
-        Err(answered) => return answered,
+    if argv.len() < 2 {
+        return ctx.wrong_arity();
+    }
+    let bytes: Vec<&[u8]> = argv[1..].iter().map(|a| a.bytes()).collect();
+    let name = lower(bytes[0]);
+    let Some(view) = crate::view::view_of(&name, &bytes) else {
+        return ctx.reply_error(
+            "ERR KEEL.VIEW runs only the commands the Keel module hands it (INFO commandstats, ACL GETUSER/LIST/LOG, CLIENT LIST)",
+        );
     };
-    let bytes: Vec<&[u8]> = args.iter().map(|a| a.bytes()).collect();
-    let Some(view) = crate::view::view_of(&lower(bytes[0]), &bytes) else {
-        return ctx.reply_error("ERR KEEL.VIEW runs only the commands the Keel module hands it (INFO commandstats, ACL GETUSER, ACL LIST)");
+    // CLIENT LIST is safe to run for a client (it lists, acting on no
+    // connection); the other commands pass the wrappers' refusals.
+    let args = if name == b"client" {
+        note_command(ctx, &argv[1..]);
+        &argv[1..]
+    } else {
+        match wrapped(ctx, argv) {
+            Ok(args) => args,
+            Err(answered) => return answered,
+        }
     };
     let cmd = command_name(bytes[0]);
     let Some(reply) = ctx.call(&cmd, c"v0EC", &args[1..]) else {
@@ -354,7 +367,9 @@ pub fn keel_view(ctx: Ctx, argv: &[Arg]) -> Status {
     }
     let proto = r.proto();
     drop(reply);
-    reply::send_edited(ctx, &proto, |s| crate::view::edit(view, s))
+    // A copy: the reply is written without the state's lock.
+    let last = if view == crate::view::View::Clients { state().last_commands.clone() } else { Default::default() };
+    reply::send_edited(ctx, &proto, |s| crate::view::edit(view, s, |id| last.get(id)))
 }
 
 /// The command a wrapper (`KEEL.x CMD args…`) runs, or the answer already
@@ -366,8 +381,24 @@ fn wrapped<'a>(ctx: Ctx, argv: &'a [Arg]) -> Result<&'a [Arg], Status> {
     let args = &argv[1..];
     match refuse_guarded(ctx, args) {
         Some(refused) => Err(refused),
-        None => Ok(args),
+        None => {
+            note_command(ctx, args);
+            Ok(args)
+        }
     }
+}
+
+/// Notes the command a wrapper runs as its client's last (for CLIENT
+/// LIST, view.rs). Not for a script's commands: Redis shows the script.
+fn note_command(ctx: Ctx, args: &[Arg]) {
+    if ctx.flags() & FLAG_LUA != 0 {
+        return;
+    }
+    let name = lower(args[0].bytes());
+    let sub = args.get(1).map(|a| a.bytes());
+    let mut st = state();
+    let full = crate::acl::full_name(&name, sub, st.table.containers.contains(&name));
+    st.last_commands.ran(ctx.client_id(), &full);
 }
 
 /// The refusal of a command `control::guard` names (`args`: name first),

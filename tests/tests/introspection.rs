@@ -1,7 +1,8 @@
 //! Redis's own introspection on a Keel primary shows a client's commands as
 //! the client sent them and none of Keel's traffic (the wrappers, the
 //! sidecar's control commands, the module's reading of the replication
-//! offset): MONITOR, SLOWLOG, INFO commandstats, ACL GETUSER/LIST. On Redis
+//! offset): MONITOR, SLOWLOG, INFO commandstats, ACL GETUSER/LIST/LOG,
+//! CLIENT LIST. On Redis
 //! 7.0 and Valkey 9.1. What the module API cannot give (the address of a
 //! wrapped command in MONITOR and SLOWLOG, transaction commands in MONITOR)
 //! is in docs/compatibility.md.
@@ -112,6 +113,17 @@ async fn introspection_shows_the_clients_commands(server: Server) {
     assert_eq!(alice.cmd(&["AUTH", "alice", "pw"]), "+OK");
     assert_eq!(alice.cmd(&["SET", "ak", "1"]), "+OK");
     assert!(alice.cmd(&["DEL", "ak"]).starts_with("-NOPERM"));
+    // ACL LOG's and CLIENT LIST's `cmd=`: the command, not the wrapper.
+    let log = c.full(&["ACL", "LOG", "1"]);
+    assert!(log.contains("cmd=del user=alice"), "{log}");
+    let mut writer = Resp::connect(&p.addr());
+    assert_eq!(writer.cmd(&["CLIENT", "SETNAME", "writer"]), "+OK");
+    assert_eq!(writer.cmd(&["SET", "wk", "1"]), "+OK");
+    let clients = c.full(&["CLIENT", "LIST"]);
+    let line = clients.lines().find(|l| l.contains(" name=writer ")).unwrap_or_else(|| panic!("{clients}"));
+    assert!(line.contains(" cmd=set "), "{line}");
+    let me = clients.lines().find(|l| l.contains(" cmd=client|list ")).map(|_| ());
+    assert!(me.is_some() && !clients.contains("cmd=keel.w") && !clients.contains("cmd=keel.view"), "{clients}");
     // The control user reads Redis's own report (the module's commands).
     let control = keel_tests::control_secret_of(&p.dir);
     let mut op = Resp::connect(&p.addr());
