@@ -58,6 +58,8 @@ fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("snapshot_bytes_since", if snap_seq == 0 { applied } else { applied.saturating_sub(snap_offset) }.to_string())?
         .field("feed_stalled_seq", st.stalled.0.to_string())?
         .field("feed_stalled_reason", st.stalled.1.clone())?
+        .field("handover", st.handover.phase_name())?
+        .field("handover_last", st.handover.last_outcome().to_string())?
         .build_section()?
         .build_info()?;
     Ok(())
