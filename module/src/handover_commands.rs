@@ -5,8 +5,8 @@
 //! moves the gate (gate.rs).
 //!
 //! `KEEL.HANDOVER` (control user only, like every `KEEL.*` the sidecar sends):
-//! - `GET`: the request to take up: nil, or `[to, reason, timeout_ms]`
-//!   (`to` empty: the sidecar picks the successor);
+//! - `GET`: the request to take up: nil, or `<to> <reason> <timeout_ms>`
+//!   in one bulk string (`to` is `*` when the sidecar picks the successor);
 //! - `ACCEPT` / `REFUSE <why>`: the FAILOVER client gets `+OK` / the error;
 //! - `PAUSE`: data commands stop (replies already held are still released
 //!   by `KEEL.ACK`); answers `master_repl_offset`, the offset the journal
@@ -210,10 +210,8 @@ pub fn keel_handover(ctx: Ctx, argv: &[Arg]) -> Status {
             match req {
                 None => ctx.reply_null(),
                 Some(r) => {
-                    ctx.reply_array(3);
-                    ctx.reply_bulk(r.to.as_deref().unwrap_or("").as_bytes());
-                    ctx.reply_bulk(r.reason.name().as_bytes());
-                    ctx.reply_integer(r.timeout_ms as i64)
+                    let line = format!("{} {} {}", r.to.as_deref().unwrap_or("*"), r.reason.name(), r.timeout_ms);
+                    ctx.reply_bulk(line.as_bytes())
                 }
             }
         }
