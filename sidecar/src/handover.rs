@@ -107,10 +107,10 @@ pub struct Successor {
 }
 
 /// Chooses the successor among the registered `members` (this node is
-/// `me`): the `to` one (its Redis `host:port`) if given, else any live
+/// `me`, its Redis at `my_addr`): the `to` one (its Redis `host:port`) if given, else any live
 /// replica. Refuses, with what to do, when there is none or `to` is not a
 /// live replica of this deployment.
-pub fn choose(members: &[Member], me: &str, to: Option<&str>, now_unix_ms: u64) -> Result<Successor, String> {
+pub fn choose(members: &[Member], me: &str, my_addr: &str, to: Option<&str>, now_unix_ms: u64) -> Result<Successor, String> {
     let live = |m: &&Member| m.uuid != me && m.seen_unix_ms + MEMBER_STALE_MS >= now_unix_ms;
     let replicas: Vec<&Member> = members.iter().filter(live).collect();
     let names = || {
@@ -119,7 +119,7 @@ pub fn choose(members: &[Member], me: &str, to: Option<&str>, now_unix_ms: u64) 
     };
     match to {
         Some(to) => {
-            if members.iter().any(|m| m.uuid == me && m.redis == to) {
+            if to == my_addr || members.iter().any(|m| m.uuid == me && m.redis == to) {
                 return Err(format!("FAILOVER target {to} is this node, the primary; name one of its replicas ({})", names()));
             }
             match members.iter().find(|m| m.redis == to && m.uuid != me) {
@@ -290,17 +290,17 @@ mod tests {
     fn the_successor_is_a_live_replica_of_this_deployment() {
         let now = 1_000_000;
         let ms = vec![m("me", "h:1", now), m("b", "h:2", now - 1000), m("c", "h:3", now - MEMBER_STALE_MS - 1)];
-        let s = choose(&ms, "me", None, now).unwrap();
+        let s = choose(&ms, "me", "h:1", None, now).unwrap();
         assert_eq!(s.uuid, None);
         assert!(s.describe.contains("h:2") && !s.describe.contains("h:3"), "{}", s.describe);
-        assert_eq!(choose(&ms, "me", Some("h:2"), now).unwrap().uuid.as_deref(), Some("b"));
-        let e = choose(&ms, "me", Some("h:9"), now).unwrap_err();
+        assert_eq!(choose(&ms, "me", "h:1", Some("h:2"), now).unwrap().uuid.as_deref(), Some("b"));
+        let e = choose(&ms, "me", "h:1", Some("h:9"), now).unwrap_err();
         assert!(e.contains("not a replica of this Keel deployment") && e.contains("h:2, h:3"), "{e}");
-        assert!(choose(&ms, "me", Some("h:1"), now).unwrap_err().contains("is this node"));
-        assert!(choose(&ms, "me", Some("h:3"), now).unwrap_err().contains("has not been heard from"));
+        assert!(choose(&ms, "me", "h:1", Some("h:1"), now).unwrap_err().contains("is this node"));
+        assert!(choose(&ms, "me", "h:1", Some("h:3"), now).unwrap_err().contains("has not been heard from"));
         let alone = vec![m("me", "h:1", now)];
-        assert!(choose(&alone, "me", None, now).unwrap_err().contains("no replica"));
-        assert!(choose(&[], "me", None, now).unwrap_err().contains("none registered"));
+        assert!(choose(&alone, "me", "h:1", None, now).unwrap_err().contains("no replica"));
+        assert!(choose(&[], "me", "h:1", None, now).unwrap_err().contains("none registered"));
     }
 
     fn plan() -> Plan {
@@ -424,7 +424,7 @@ pub async fn watch_requests(cfg: PrimaryConfig, journal: Arc<JournalClient>, me:
         let to = (to != "*").then_some(to);
         let members = journal.get_meta(&cfg.stream, crate::node::MEMBERS_KEY).await.map(|m| m.as_deref().map(crate::node::parse_members).unwrap_or_default());
         let chosen = match members {
-            Ok(members) => choose(&members, &me, to, now_unix_ms()),
+            Ok(members) => choose(&members, &me, &cfg.announce, to, now_unix_ms()),
             Err(e) => Err(format!("the journal did not list this deployment's nodes ({e}); try again")),
         };
         let reply = match &chosen {
