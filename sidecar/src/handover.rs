@@ -439,8 +439,9 @@ pub async fn watch_requests(cfg: PrimaryConfig, journal: Arc<JournalClient>, me:
         };
         match (reply, chosen) {
             (Ok(Reply::Status(_)), Ok(successor)) => {
-                if tx.send(Event::Request(Plan { successor, timeout_ms, reason })).is_err() {
-                    return;
+                let sent = tx.send(Event::Request(Plan { successor, timeout_ms, reason }));
+                if sent.is_err() {
+                    return; // the leading round ended
                 }
             }
             (Ok(Reply::Error(e)), _) => tracing::info!(error = %e, "the handover request ended before it was taken up"),
