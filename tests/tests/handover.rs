@@ -255,3 +255,24 @@ async fn shutdown_of_the_primary_hands_over_before_it_exits() {
     assert!(log.contains("handed the primary role over"), "the old primary's sidecar did not hand over:\n{log}");
     check_py(&c, py);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_nobody_takes_is_abandoned_and_the_primary_leads_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    c.wait_replica_synced(1, Duration::from_secs(20));
+    // The replica is still registered, but nothing of it can take a lease.
+    c.nodes[1].kill_sidecar();
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    assert_eq!(p.cmd(&["SET", "before", "1"]), "+OK");
+    assert_eq!(p.cmd(&["FAILOVER"]), "+OK");
+    let t = Instant::now();
+    while !handover_last(&c, 0).contains("no replica took the released lease") {
+        assert!(t.elapsed() < Duration::from_secs(20), "the handover did not end: {:?}", handover_last(&c, 0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.wait_writable(0, Duration::from_secs(10));
+    assert_eq!(p.cmd(&["SET", "after", "1"]), "+OK");
+    assert_eq!(p.cmd(&["GET", "before"]), "1");
+    assert_eq!(c.primaries(), vec![0], "the old primary took its lease back");
+}
