@@ -270,6 +270,18 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         // without this the leader's core panics, and now that a stopped
         // core ends the process, the leader would exit.
         allow_log_reversion: Some(true),
+        // A restarted leader stands for election like any node, never
+        // resumes leadership on its own. Resuming is unsafe here, as
+        // openraft documents: the state machine does not fsync what it
+        // applies and the commit index is persisted lazily, so a leader
+        // back from a crash may hold a state machine, or even a log, shorter
+        // than what was acknowledged (a quorum of followers can commit an
+        // entry before the leader's own flush). Resumed, it served reads
+        // that missed acknowledged records (the rare stale read of
+        // `restart_of_all_nodes_recovers_everything`) and would have given
+        // a new entry the log id of a lost one. An election only elects a
+        // node whose log holds every committed entry.
+        enable_leader_restore: Some(false),
         ..Default::default()
     }
     .validate()?;

@@ -57,11 +57,14 @@ pub const KEEL_COMMANDS: &[KeelCommand] = &[
     cmd("keel.following", "admin fast no-monitor no-slowlog allow-loading allow-stale", Kind::Control),
     cmd("keel.snapshot", "admin fast no-monitor no-slowlog allow-loading allow-stale allow-busy", Kind::Control),
     cmd("keel.stalled", "admin fast no-monitor no-slowlog allow-loading allow-stale allow-busy", Kind::Control),
+    cmd("keel.handover", "admin fast no-monitor no-slowlog", Kind::Control),
     cmd("keel.info", "admin fast no-monitor no-slowlog allow-busy allow-loading allow-stale", Kind::Control),
     cmd("keel.countederror", "fast no-monitor no-slowlog allow-busy allow-loading allow-stale", Kind::Internal),
     // Not `admin`: every user is granted it (acl.rs) and gets Keel's
     // refusal; it runs the command only for the control user.
-    cmd("keel.guard", "no-monitor no-slowlog deny-script allow-stale", Kind::ClientWrapper),
+    // `allow-busy`: SHUTDOWN of a primary comes here too, and SHUTDOWN
+    // NOSAVE must still end a busy script; everything else it refuses then.
+    cmd("keel.guard", "no-monitor no-slowlog deny-script allow-stale allow-busy", Kind::ClientWrapper),
     // INFO (command counts) and ACL GETUSER/LIST, edited (view.rs).
     cmd("keel.view", "no-monitor no-slowlog allow-loading allow-stale", Kind::ClientWrapper),
 ];

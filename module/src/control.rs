@@ -11,11 +11,13 @@
 //!   `ACL LOAD`, and reads the file again every second to rotate the secret
 //!   without a restart (`secret.rs`);
 //! - `KEEL.ACK`, `KEEL.FENCED`, `KEEL.LEADER`, `KEEL.LEASE`,
-//!   `KEEL.FOLLOWING`, `KEEL.SNAPSHOT`, `KEEL.STALLED` answer `NOPERM` to any other user;
+//!   `KEEL.FOLLOWING`, `KEEL.SNAPSHOT`, `KEEL.STALLED`, `KEEL.HANDOVER` answer
+//!   `NOPERM` to any other user;
 //! - the command filter rewrites what `guard` names into `KEEL.GUARD <the
 //!   command>`, which runs it (unfiltered) only for the control user where
 //!   `Guard::allows` says so, and otherwise answers `refusal`: role changes
-//!   (`REPLICAOF`, `SLAVEOF`, `FAILOVER`, `CLUSTER FAILOVER`…), changes of
+//!   (`REPLICAOF`, `SLAVEOF`, `CLUSTER FAILOVER`…; `FAILOVER` at top level
+//!   is a graceful handover instead, handover_commands.rs), changes of
 //!   the control user itself (`ACL SETUSER`/`DELUSER` naming it), and
 //!   `CONFIG SET replica-read-only no` (a replica must refuse writes: it
 //!   does not hold the lease, so nothing it took would be journaled),
@@ -96,7 +98,7 @@ pub fn valid_user(name: &str) -> bool {
 }
 
 /// The control commands: only the control user may run them.
-pub const CONTROL_COMMANDS: &[&str] = &["keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.following", "keel.snapshot", "keel.stalled"];
+pub const CONTROL_COMMANDS: &[&str] = &["keel.ack", "keel.fenced", "keel.leader", "keel.lease", "keel.following", "keel.snapshot", "keel.stalled", "keel.handover"];
 
 /// Text a control command hands to `INFO keel` (`KEEL.STALLED`'s reason),
 /// as one line: control characters become spaces, at most `max` bytes
@@ -124,8 +126,11 @@ pub fn not_control(command: &str, control_user: &str) -> String {
 /// A command the filter hands to `KEEL.GUARD`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guard {
-    /// Changes Redis's role (REPLICAOF, FAILOVER…).
+    /// Changes Redis's role (REPLICAOF, CLUSTER FAILOVER…).
     Role,
+    /// `FAILOVER`: a graceful handover (handover.rs), never Redis's own;
+    /// only sent alone, at top level.
+    Handover,
     /// Changes or deletes the control user.
     ControlUser,
     /// Lets a replica take writes (`CONFIG SET replica-read-only no`).
@@ -141,7 +146,7 @@ impl Guard {
     pub fn allows(self, caller_is_control: bool) -> bool {
         match self {
             Guard::Role | Guard::ControlUser | Guard::FeedLink => caller_is_control,
-            Guard::ReadOnlyConfig | Guard::Unload => false,
+            Guard::ReadOnlyConfig | Guard::Unload | Guard::Handover => false,
         }
     }
 }
@@ -152,7 +157,10 @@ pub fn guard<A: AsRef<[u8]>>(args: &[A], control_user: &[u8]) -> Option<Guard> {
     let arg = |i: usize| args.get(i).map(|a| a.as_ref());
     let is = |i: usize, w: &str| arg(i).is_some_and(|a| a.eq_ignore_ascii_case(w.as_bytes()));
     let name = arg(0)?;
-    if ["replicaof", "slaveof", "failover"].iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes())) {
+    if name.eq_ignore_ascii_case(b"failover") {
+        return Some(Guard::Handover);
+    }
+    if ["replicaof", "slaveof"].iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes())) {
         return Some(Guard::Role);
     }
     if name.eq_ignore_ascii_case(b"cluster") && ["failover", "replicate", "reset"].iter().any(|s| is(1, s)) {
@@ -197,9 +205,12 @@ pub fn refusal(g: Guard, name: &[u8], control_user: &str) -> String {
     let name = String::from_utf8_lossy(name).to_ascii_uppercase();
     match g {
         Guard::Role => format!(
-            "ERR Keel decides this node's role: {name} is refused (a Keel primary hands over when its lease lapses; \
-             stop its sidecar or its redis-server to fail over)"
+            "ERR Keel decides this node's role: {name} is refused (send FAILOVER [TO host port] to the primary \
+             to hand over gracefully)"
         ),
+        Guard::Handover => "ERR Keel: send FAILOVER by itself, to the primary: not inside MULTI, a script or one of \
+             Keel's wrappers"
+            .into(),
         Guard::ControlUser => format!(
             "NOPERM the ACL user '{control_user}' belongs to this node's Keel sidecar: the module sets it from \
              control_secret_file; write the new secret into that file (the module applies it within a second; no restart)"
@@ -246,9 +257,6 @@ mod tests {
             &["REPLICAOF", "NO", "ONE"][..],
             &["replicaof", "127.0.0.1", "6379"],
             &["SlaveOf", "no", "one"],
-            &["FAILOVER"],
-            &["failover", "TO", "h", "1", "FORCE"],
-            &["failover", "abort"],
             &["CLUSTER", "FAILOVER"],
             &["cluster", "failover", "TAKEOVER"],
             &["cluster", "replicate", "abc"],
@@ -256,6 +264,10 @@ mod tests {
             &["replicaof"],
         ] {
             assert_eq!(g(args), Some(Guard::Role), "{args:?}");
+        }
+        for args in [&["FAILOVER"][..], &["failover", "TO", "h", "1", "FORCE"], &["failover", "abort"]] {
+            assert_eq!(g(args), Some(Guard::Handover), "{args:?}");
+            assert!(!Guard::Handover.allows(true), "never Redis's own FAILOVER, not even for the sidecar");
         }
         for args in [&["cluster", "info"][..], &["role"], &["set", "replicaof", "x"], &["info", "replication"], &[]] {
             assert_eq!(g(args), None, "{args:?}");

@@ -11,6 +11,8 @@ use crate::events;
 use crate::gate;
 use crate::gate::Decision;
 use crate::grants;
+use crate::handover::Phase;
+use crate::handover_commands;
 use crate::hold;
 use crate::redis::Arg;
 use crate::redis::Ctx;
@@ -22,7 +24,7 @@ pub const MAX_STALL_REASON_BYTES: usize = 256;
 
 /// Answers `NOPERM` to a control command from anyone but this node's
 /// sidecar (control.rs); `None` lets the command run.
-fn refuse_unless_control(ctx: Ctx, command: &str) -> Option<Status> {
+pub(crate) fn refuse_unless_control(ctx: Ctx, command: &str) -> Option<Status> {
     if grants::caller_is_control(ctx) {
         return None;
     }
@@ -79,7 +81,14 @@ pub fn keel_leader(ctx: Ctx, argv: &[Arg]) -> Status {
     let mut st = state();
     st.leader_uuid = String::from_utf8_lossy(argv[1].bytes()).into_owned();
     st.stream = String::from_utf8_lossy(argv[2].bytes()).into_owned();
+    // A new leading round: a handover the sidecar had started was
+    // abandoned (it took its lease back), so nothing stays paused.
+    st.gate.leading();
+    let abandoned = matches!(st.handover.phase(), Phase::Accepted(_) | Phase::Paused(_));
     drop(st);
+    if abandoned {
+        handover_commands::end_request("abandoned: this node leads again");
+    }
     ctx.reply_ok()
 }
 

@@ -160,6 +160,7 @@ pub fn client_left(id: u64) {
 pub fn role_changed(replica: bool) {
     state().gate.role_changed(replica);
     let reason = if replica { "this node became a replica" } else { "this node was promoted" };
+    crate::handover_commands::end_request(reason);
     hold::fail_everything_held(reason, &format!("KEEL_FENCED {reason} before the write was durable; it may or may not survive"));
     // A new tenure: its durable offset starts from the next KEEL.ACK.
     let mut st = state();

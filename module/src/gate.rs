@@ -13,6 +13,12 @@
 //!   machine's monotonic clock, so a Redis that was paused (SIGSTOP) finds
 //!   the deadline already past when it wakes up;
 //! - `KEEL.FENCED`: the journal chose another leader; nothing is served;
+//! - a graceful handover (handover.rs): `KEEL.HANDOVER PAUSE` stops every
+//!   data command (held ones finish) while the held writes become durable
+//!   and the sidecar passes the lease on; `KEEL.HANDOVER FINISH` with a
+//!   successor keeps refusing, naming the hand-over; a new leading round of
+//!   this node's sidecar (`KEEL.LEADER`) lifts the pause (the handover was
+//!   abandoned and the node took its lease back);
 //! - turning into a replica (the sidecar makes it one to resync): Redis
 //!   serves reads natively and refuses writes with its own `-READONLY`;
 //!   the lease and fence are forgotten, a later promotion starts without a
@@ -32,11 +38,25 @@ pub enum Decision {
 pub const NO_LEASE: &str = "READONLY Keel: this node does not hold the primary lease (yet); retry against the current primary";
 pub const LAPSED: &str = "READONLY Keel: this node's primary lease lapsed; retry against the current primary";
 pub const FENCED: &str = "READONLY Keel: this node was fenced: another node leads the journal stream; retry against the current primary";
+pub const HANDING_OVER: &str = "READONLY Keel: this node is handing the primary role over (FAILOVER or SHUTDOWN); retry against the current primary";
+pub const HANDED_OVER: &str = "READONLY Keel: this node handed the primary role over to another node; retry against the current primary";
+
+/// Where a graceful handover stands, as far as serving goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HandoverGate {
+    #[default]
+    None,
+    /// Data commands stop: the held writes drain and the lease passes on.
+    Paused,
+    /// The lease passed to a successor.
+    HandedOver,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Gate {
     replica: bool,
     fenced: bool,
+    handover: HandoverGate,
     /// Monotonic milliseconds until which the lease holds.
     lease_until_ms: Option<u64>,
 }
@@ -52,6 +72,11 @@ impl Gate {
         }
         if self.fenced {
             return Decision::Refuse(FENCED);
+        }
+        match self.handover {
+            HandoverGate::None => {}
+            HandoverGate::Paused => return Decision::Refuse(HANDING_OVER),
+            HandoverGate::HandedOver => return Decision::Refuse(HANDED_OVER),
         }
         match self.lease_until_ms {
             None => Decision::Refuse(NO_LEASE),
@@ -78,6 +103,21 @@ impl Gate {
         self.lease_until_ms = None;
     }
 
+    /// A graceful handover paused data commands, or handed the role over.
+    pub fn handover(&mut self, h: HandoverGate) -> Result<(), &'static str> {
+        if self.replica || self.fenced || (h == HandoverGate::Paused && self.lease_until_ms.is_none()) {
+            return Err("ERR this node is not a primary holding the lease; there is nothing to hand over");
+        }
+        self.handover = h;
+        Ok(())
+    }
+
+    /// This node's sidecar leads again (`KEEL.LEADER`): a handover it
+    /// abandoned no longer pauses anything.
+    pub fn leading(&mut self) {
+        self.handover = HandoverGate::None;
+    }
+
     /// Redis changed role (REPLICAOF): a new tenure starts, without lease.
     pub fn role_changed(&mut self, replica: bool) {
         *self = Gate::new(replica);
@@ -101,6 +141,8 @@ impl Gate {
             Decision::Native => "replica",
             Decision::Serve => "primary",
             Decision::Refuse(r) if r == FENCED => "fenced",
+            Decision::Refuse(r) if r == HANDING_OVER => "primary-handing-over",
+            Decision::Refuse(r) if r == HANDED_OVER => "handed-over",
             Decision::Refuse(_) => "primary-without-lease",
         }
     }
@@ -138,6 +180,29 @@ mod tests {
         assert!(g.lease(20_000).is_err(), "a replica holds no lease");
         g.role_changed(false);
         assert_eq!(g.decide(1), Decision::Refuse(NO_LEASE), "a promotion starts without a lease");
+    }
+
+    #[test]
+    fn a_handover_pauses_until_the_role_changes_or_the_sidecar_leads_again() {
+        let mut g = Gate::new(false);
+        assert!(g.handover(HandoverGate::Paused).is_err(), "no lease, nothing to hand over");
+        g.lease(1000).unwrap();
+        g.handover(HandoverGate::Paused).unwrap();
+        assert_eq!(g.decide(1), Decision::Refuse(HANDING_OVER));
+        assert_eq!(g.role_name(1), "primary-handing-over");
+        g.lease(2000).unwrap();
+        assert_eq!(g.decide(1), Decision::Refuse(HANDING_OVER), "a renewal does not lift the pause");
+        g.leading();
+        assert_eq!(g.decide(1), Decision::Serve, "abandoned: the sidecar leads again");
+        g.handover(HandoverGate::Paused).unwrap();
+        g.handover(HandoverGate::HandedOver).unwrap();
+        assert_eq!(g.decide(1), Decision::Refuse(HANDED_OVER));
+        g.role_changed(true);
+        assert_eq!(g.decide(1), Decision::Native);
+        assert!(g.handover(HandoverGate::Paused).is_err());
+        g.role_changed(false);
+        g.fence();
+        assert!(g.handover(HandoverGate::Paused).is_err());
     }
 
     #[test]

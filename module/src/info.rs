@@ -88,5 +88,7 @@ fn fields() -> Vec<(&'static str, String)> {
         ("snapshot_bytes_since", if snap_seq == 0 { applied } else { applied.saturating_sub(snap_offset) }.to_string()),
         ("feed_stalled_seq", st.stalled.0.to_string()),
         ("feed_stalled_reason", st.stalled.1.clone()),
+        ("handover", st.handover.phase_name().to_string()),
+        ("handover_last", st.handover.last_outcome().to_string()),
     ]
 }

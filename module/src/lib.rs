@@ -27,7 +27,7 @@
 //! Rooms. Pure decisions, unit-tested without Redis: `routing.rs` (what the
 //! filter does with a command), `holds.rs` (when a reply may leave),
 //! `clients.rs` (one record per blocked client), `hazards.rs`, `gate.rs`
-//! (role, lease, fence), `transactions.rs`, `waiters.rs`, `commands.rs`
+//! (role, lease, fence), `handover.rs` (FAILOVER / SHUTDOWN requests), `transactions.rs`, `waiters.rs`, `commands.rs`
 //! (the `keel.*` names, listed once, and the command table), `acl.rs`,
 //! `control.rs`, `secret.rs`, `config.rs`, `resp.rs`. Over Redis: `redis.rs`
 //! (the only `unsafe`: safe wrappers over the module API and the entry
@@ -43,6 +43,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod gate;
+pub mod handover;
 pub mod hazards;
 pub mod holds;
 pub mod resp;
@@ -62,6 +63,8 @@ mod events;
 mod filter;
 #[cfg(not(test))]
 mod grants;
+#[cfg(not(test))]
+mod handover_commands;
 #[cfg(not(test))]
 mod hold;
 #[cfg(not(test))]

@@ -16,6 +16,7 @@ use crate::config::parse_args;
 use crate::control_commands;
 use crate::gate::Gate;
 use crate::grants;
+use crate::handover_commands;
 use crate::hazards::Hazards;
 use crate::redis;
 use crate::redis::Arg;
@@ -62,6 +63,7 @@ fn handler(name: &[u8]) -> Option<Handler> {
         b"keel.snapshot" => control_commands::keel_snapshot,
         b"keel.stalled" => control_commands::keel_stalled,
         b"keel.info" => control_commands::keel_info,
+        b"keel.handover" => handover_commands::keel_handover,
         b"keel.countederror" => reply::keel_countederror,
         _ => return None,
     })
@@ -163,6 +165,7 @@ fn init(context: &Context, args: &[RedisString]) -> LoadStatus {
         secret_loaded_unix_ms: grants::unix_ms(),
         secret_polls: 0,
         last_commands: Default::default(),
+        handover: Default::default(),
     });
     for c in KEEL_COMMANDS {
         assert!(handler(c.name.as_bytes()).is_some(), "{} has no handler", c.name);

@@ -13,7 +13,8 @@
 //!    GETUSER`…, `view.rs`): `KEEL.VIEW`, on every node;
 //! 2. outside the module's own calls, the gate (`gate.rs`): a replica serves
 //!    everything natively; a primary without a valid lease refuses data
-//!    commands (`KEEL.NOLEASE`);
+//!    commands (`KEEL.NOLEASE`); `SHUTDOWN` of a primary that serves, outside
+//!    MULTI, goes to `KEEL.GUARD` too (it hands over first);
 //! 3. MULTI/EXEC/DISCARD/WATCH/UNWATCH, and every command of a client inside
 //!    MULTI: `KEEL.T` (`KEEL.TW` for a write, `KEEL.TB` for what Redis serves
 //!    during a busy script), kept by `transactions.rs`;
@@ -259,6 +260,16 @@ pub fn route(args: &[&[u8]], client: Client, world: &World, keys: impl FnOnce() 
                 }
             }
         }
+    }
+    // 2b. SHUTDOWN of a primary holding its lease hands over first
+    //     (handover_commands.rs), unless sent inside MULTI.
+    if name == b"shutdown"
+        && !client.in_module_call
+        && world.gate.decide(world.now_ms) == Decision::Serve
+        && !maybe_in_multi(client, world, name, sub)
+        && !args[1..].iter().any(|a| a.eq_ignore_ascii_case(b"abort"))
+    {
+        return with(Route::Guard);
     }
     // 3. Transactions.
     let tx_command = is_transaction_command(name);

@@ -89,6 +89,8 @@ pub struct State {
     /// The highest `master_repl_offset` seen since the last role change:
     /// a `KEEL.ACK` up to it needs no look at INFO.
     pub produced_offset: u64,
+    /// A graceful handover's request and its waiting clients (handover.rs).
+    pub handover: crate::handover::Handover<Blocked>,
     /// The control user's passwords over time (secret.rs).
     pub secret: Rotation,
     /// When the current control secret was read (Unix ms), for `INFO keel`.

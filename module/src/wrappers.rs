@@ -453,8 +453,33 @@ pub fn keel_guard(ctx: Ctx, argv: &[Arg]) -> Status {
     let args = &argv[1..];
     let bytes: Vec<&[u8]> = args.iter().map(|a| a.bytes()).collect();
     let user = state().cfg.control_user.clone();
-    if crate::control::guard(&bytes, user.as_bytes()).is_none() {
+    let guarded = crate::control::guard(&bytes, user.as_bytes());
+    let shutdown = bytes[0].eq_ignore_ascii_case(b"shutdown");
+    if guarded.is_none() && !shutdown {
         return ctx.reply_error("ERR KEEL.GUARD runs only the commands the Keel module hands it");
+    }
+    // Served during a busy script (`allow-busy`) for SHUTDOWN's sake only.
+    let busy = ctx.flags() & FLAG_LUA != 0;
+    if shutdown || guarded == Some(crate::control::Guard::Handover) {
+        let in_multi = state().txs.in_multi(ctx.client_id());
+        if !in_multi && !busy && !ctx.acl_allows(args) {
+            let name = String::from_utf8_lossy(&lower(bytes[0])).into_owned();
+            let who = ctx.current_user().map(|u| String::from_utf8_lossy(&u).into_owned()).unwrap_or_default();
+            return ctx.reply_error(&format!("NOPERM User {who} has no permissions to run the '{name}' command"));
+        }
+        if shutdown && busy {
+            // The event loop is the script's: no handover can run. As Redis.
+            return crate::handover_commands::shutdown_now_for(ctx, &bytes);
+        }
+        if shutdown && !in_multi {
+            return crate::handover_commands::shutdown(ctx, args);
+        }
+        if !shutdown && !in_multi {
+            return crate::handover_commands::failover(ctx, args);
+        }
+    }
+    if busy {
+        return ctx.reply_error(BUSY_MESSAGE);
     }
     if let Some(refused) = refuse_guarded(ctx, args) {
         return refused;

@@ -337,6 +337,11 @@ impl Leader {
         self.durable
     }
 
+    /// The last `KEEL.ACK` sent.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
     /// Commands the leader had sent on the control connection.
     pub fn control_sent(&self) -> u64 {
         self.control_sent

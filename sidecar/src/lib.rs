@@ -26,6 +26,7 @@ pub mod auth;
 pub mod clock;
 pub mod cuts;
 pub mod feeder;
+pub mod handover;
 pub mod history;
 pub mod leader;
 pub mod lease;

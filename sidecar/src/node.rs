@@ -46,6 +46,9 @@ use tokio::sync::watch;
 
 use crate::auth::Credentials;
 use crate::feeder::Feeder;
+use crate::handover;
+use crate::handover::HANDOVER_META_KEY;
+use crate::handover::HandoverRecord;
 use crate::lease::Candidate;
 use crate::lease::Step;
 use crate::lease::StreamView;
@@ -186,6 +189,8 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         cfg.primary.lease_ms,
     ));
     let mut quiet = Quiet::default();
+    // A handover abandoned after its release: take the lease back at once.
+    let mut retake = false;
     loop {
         let info = match journal.stream_info(&cfg.primary.stream).await {
             Ok(i) => Some(i),
@@ -197,7 +202,8 @@ pub async fn run(cfg: NodeConfig) -> Stop {
             }
         };
         let view = info.as_ref().map(|i| (i.leader_uuid.as_str(), i.last_seq));
-        if leads_at_start(&me, view, feeder.stalled().is_some()) {
+        let retaking = std::mem::take(&mut retake) && view.is_some_and(|(leader, _)| leader.is_empty() || leader == me);
+        if retaking || leads_at_start(&me, view, feeder.stalled().is_some()) {
             let led = tokio::select! {
                 stop = primary::lead(&cfg.primary, &journal, &me) => stop,
                 never = refuse_feed_connections(&listener) => match never {},
@@ -210,6 +216,12 @@ pub async fn run(cfg: NodeConfig) -> Stop {
                     continue;
                 }
                 Stop::Fenced(m) => tracing::warn!(why = %m, "fenced; following the new leader"),
+                Stop::HandedOver(m) => tracing::info!(outcome = %m, "handed over; following the new primary"),
+                Stop::HandoverAbandoned(m) => {
+                    tracing::warn!(why = %m, "handover abandoned; taking the lease back");
+                    retake = true;
+                    continue;
+                }
                 Stop::LostHistory(m) => tracing::warn!(why = %m, "rebuilding the local Redis from the journal"),
                 Stop::Overtaken(m) => {
                     tracing::error!(why = %m, "another process appended to the stream under this node's lease; stepped down (writes fenced), following");
@@ -373,6 +385,17 @@ async fn follow(
                     continue;
                 }
             };
+            // A primary handing over (handover.rs): poll fast while its
+            // record is live, and leave the lease to the successor it names.
+            let now = now_unix_ms();
+            let record = match journal.get_meta(&p.stream, HANDOVER_META_KEY).await {
+                Ok(Some(b)) => HandoverRecord::decode(&b).filter(|r| r.live(now) && r.from != me),
+                _ => None,
+            };
+            if let Some(r) = record.as_ref().filter(|r| r.poll_fast(&view.leader, now)) {
+                handover::poll_fast_until(r.until_unix_ms);
+            }
+            let pause_ms = handover::poll_pause_ms(cfg.poll_ms, now);
             let progress = *feeder.progress.borrow();
             if feeding {
                 let end = feeder.history.lock().unwrap().end().unwrap_or(0).to_string();
@@ -410,13 +433,17 @@ async fn follow(
                     applied_seq = view.last_seq;
                 }
             }
-            match candidate.step(&view, applied_seq, stall.is_some(), now_unix_ms()) {
+            let step = match record.as_ref().filter(|r| r.keeps_out(me, now) && view.leader.is_empty()) {
+                Some(_) => Step::Wait { ms: pause_ms, why: "the primary handed over to another node" },
+                None => candidate.step(&view, applied_seq, stall.is_some(), now_unix_ms()),
+            };
+            match step {
                 Step::Wait { ms, why } => {
                     if why != logged {
                         tracing::info!(why, leader = %view.leader, last_seq = view.last_seq, applied_seq, "following");
                         logged = why;
                     }
-                    tokio::time::sleep(Duration::from_millis(ms.max(1))).await;
+                    tokio::time::sleep(Duration::from_millis(ms.min(pause_ms).max(1))).await;
                 }
                 Step::Take { caught_up_seq } => match journal.take_lease(&p.stream, me, caught_up_seq, p.lease_ms).await {
                     Ok(l) => {
@@ -544,7 +571,7 @@ async fn keep_view(journal: Arc<JournalClient>, stream: String, me: Member, mast
                 changed
             });
         }
-        tokio::time::sleep(Duration::from_millis(poll_ms)).await;
+        tokio::time::sleep(Duration::from_millis(handover::poll_pause_ms(poll_ms, now_unix_ms()))).await;
     }
 }
 

@@ -46,6 +46,8 @@ use crate::auth::Credentials;
 use crate::clock::monotonic_ms;
 use crate::clock::monotonic_us;
 use crate::cuts::Cuts;
+use crate::handover;
+use crate::handover::Handing;
 use crate::leader::Action;
 use crate::leader::AfterAppend;
 use crate::leader::AppendOutcome;
@@ -89,6 +91,9 @@ pub struct PrimaryConfig {
     pub replconf_ack_ms: u64,
     /// Pause before retrying an unavailable journal or a lost Redis link.
     pub retry_pause_ms: u64,
+    /// How long a handover's record stands before writes pause, so every
+    /// replica has read it (its poll period and a margin: handover.rs).
+    pub handover_notice_ms: u64,
 }
 
 /// Shortest and longest lease accepted.
@@ -139,6 +144,14 @@ pub enum Stop {
     /// from it (stall.rs); this node follows, stalled.
     #[error("record {seq} cannot be read: {reason}")]
     Stalled { seq: u64, reason: String },
+    /// A graceful handover passed the lease to another node (handover.rs):
+    /// this node follows.
+    #[error("handed over: {0}")]
+    HandedOver(String),
+    /// A handover was given up after writes paused: this node takes its
+    /// lease back at once and leads again (which lifts the pause).
+    #[error("handover abandoned: {0}")]
+    HandoverAbandoned(String),
     #[error("{0}")]
     Fatal(String),
     /// Worth retrying from the journal's state (lost link, unavailable journal).
@@ -630,6 +643,12 @@ async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Att
     let mut renewing: Option<AbortOnDrop<Result<(), JournalError>>> = None;
     let mut answered = 0u64;
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    // Graceful handover (handover.rs): requests polled from the module and
+    // the outcomes of its steps arrive here.
+    let (hv_tx, mut hv_rx) = tokio::sync::mpsc::unbounded_channel::<handover::Event>();
+    let _requests = AbortOnDrop(tokio::spawn(handover::watch_requests(cfg.clone(), journal.clone(), me.to_string(), hv_tx.clone())));
+    let mut handing: Option<Handing> = None;
+    let mut paused_at = Instant::now();
     loop {
         for action in std::mem::take(&mut step.actions) {
             match action {
@@ -659,14 +678,30 @@ async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Att
             }
         }
         assert_eq!(ctl.sent(), leader.control_sent(), "the control connection carries what the leader decided, no more");
+        // The handover's own step, once the leader's actions went out.
+        if let Some(h) = handing.as_mut() {
+            let next = h.tick(leader.acked(), monotonic_ms());
+            let (stop, done) = handover_step(cfg, journal, &hv_tx, &mut paused_at, h, next).await;
+            if let Some(stop) = stop {
+                return Err(stop);
+            }
+            if done {
+                handing = None;
+            }
+        }
         // The leader always asks for a wake-up while it leads.
-        let wake = step.wake_at_us.map(|t| tokio::time::Instant::now() + Duration::from_micros(t.saturating_sub(monotonic_us())));
+        let wake_us = match handing.as_ref().and_then(|h| h.wake_at_ms()) {
+            Some(ms) => Some(step.wake_at_us.map_or(ms * 1_000, |t| t.min(ms * 1_000))),
+            None => step.wake_at_us,
+        };
+        let wake = wake_us.map(|t| tokio::time::Instant::now() + Duration::from_micros(t.saturating_sub(monotonic_us())));
         let came = tokio::select! {
             n = r.read(&mut buf), if step.read => Came::Read(n),
             done = async { appending.as_mut().unwrap().await }, if appending.is_some() => Came::Appended(Box::new(done)),
             done = async { (&mut renewing.as_mut().unwrap().0).await }, if renewing.is_some() => Came::Renewed(done),
             _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => Came::Timer,
             why = ctl.refusal() => Came::Refused(why),
+            Some(ev) = hv_rx.recv() => Came::Handover(ev),
         };
         let event = match came {
             Came::Read(Ok(0)) => Event::LinkClosed("Redis closed the replication link".into()),
@@ -691,6 +726,39 @@ async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Att
                 }
             }
             Came::Timer => Event::Timer,
+            Came::Handover(ev) => {
+                let now_ms = monotonic_ms();
+                let next = match (ev, handing.as_mut()) {
+                    (handover::Event::Request(plan), None) => {
+                        let (h, first) = Handing::start(plan, me, cfg.handover_notice_ms, handover::now_unix_ms());
+                        if let handover::Action::Announce(r) = &first {
+                            handover::poll_fast_until(r.until_unix_ms);
+                        }
+                        handing = Some(h);
+                        Some(first)
+                    }
+                    (handover::Event::Request(plan), Some(_)) => {
+                        tracing::warn!(?plan, "a handover request while one is under way; ignored");
+                        None
+                    }
+                    (handover::Event::Announced(r), Some(h)) => h.announced(r, now_ms),
+                    (handover::Event::Paused(r), Some(h)) => h.paused(r, now_ms),
+                    (ev, None) => {
+                        tracing::debug!(?ev, "a handover step's outcome after it ended");
+                        None
+                    }
+                };
+                if let Some(h) = handing.as_mut() {
+                    let (stop, done) = handover_step(cfg, journal, &hv_tx, &mut paused_at, h, next).await;
+                    if let Some(stop) = stop {
+                        return Err(stop);
+                    }
+                    if done {
+                        handing = None;
+                    }
+                }
+                Event::Timer
+            }
             // A refused KEEL.* (an ACL change, say).
             Came::Refused(why) => Event::ControlRefused(why),
         };
@@ -713,6 +781,51 @@ enum Came {
     Renewed(Result<Result<(), JournalError>, tokio::task::JoinError>),
     Timer,
     Refused(String),
+    Handover(handover::Event),
+}
+
+/// Carries out one of the handover's actions (handover.rs): its I/O runs
+/// in a task whose outcome comes back as an event, except the release,
+/// which ends the round. Returns the round's end, if any, and whether the
+/// handover is over.
+async fn handover_step(
+    cfg: &PrimaryConfig,
+    journal: &Arc<JournalClient>,
+    tx: &tokio::sync::mpsc::UnboundedSender<handover::Event>,
+    paused_at: &mut Instant,
+    h: &Handing,
+    action: Option<handover::Action>,
+) -> (Option<Stop>, bool) {
+    match action {
+        None => (None, false),
+        Some(handover::Action::Announce(record)) => {
+            let (journal, stream, tx) = (journal.clone(), cfg.stream.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = handover::announce(&journal, &stream, &record).await;
+                let _ = tx.send(handover::Event::Announced(r));
+            });
+            (None, false)
+        }
+        Some(handover::Action::Pause) => {
+            let (cfg2, tx) = (cfg.clone(), tx.clone());
+            *paused_at = Instant::now();
+            tokio::spawn(async move {
+                let r = handover::pause(&cfg2).await;
+                let _ = tx.send(handover::Event::Paused(r));
+            });
+            (None, false)
+        }
+        Some(handover::Action::Release) => (Some(handover::release(cfg, journal, h.me(), &h.plan, *paused_at).await), true),
+        Some(handover::Action::GiveUp(why)) => {
+            tracing::warn!(%why, "handover given up; still the primary");
+            handover::finish(cfg, &format!("given up: {why}"), None).await;
+            (None, true)
+        }
+        Some(handover::Action::Abandon(why)) => {
+            handover::finish(cfg, &format!("abandoned: {why}"), None).await;
+            (Some(Stop::HandoverAbandoned(why)), true)
+        }
+    }
 }
 
 /// A task that does not outlive its handle.

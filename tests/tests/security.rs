@@ -5,8 +5,9 @@
 //!   `+@all` included, and change nothing; `KEEL.ACK` beyond what Redis
 //!   produced is refused even to the sidecar's user;
 //! - nobody but that user may change or delete it;
-//! - Redis's role commands (`FAILOVER`, `REPLICAOF`, `SLAVEOF`, `CLUSTER
-//!   FAILOVER`, also inside MULTI and scripts) are refused on the primary
+//! - Redis's role commands (`REPLICAOF`, `SLAVEOF`, `CLUSTER FAILOVER`,
+//!   also inside MULTI and scripts; `FAILOVER` is Keel's graceful handover,
+//!   refused on a replica) are refused on the primary
 //!   and on a replica, and `CONFIG SET replica-read-only no` too: the
 //!   deployment keeps its primary, a replica keeps refusing writes, and the
 //!   sidecars' own failover still works;
@@ -160,10 +161,17 @@ async fn role_commands_from_clients_are_refused() {
     };
     for i in [0, 1] {
         let mut r = Resp::connect(&c.nodes[i].addr());
+        // FAILOVER is Keel's graceful handover on a primary
+        // (tests/tests/handover.rs); nothing to abort here, and a replica
+        // has nothing to hand over.
+        let reply = r.cmd(&["FAILOVER", "ABORT"]);
+        assert_eq!(reply, "-ERR No failover in progress.", "node {i}");
+        if i == 1 {
+            let reply = r.cmd(&["FAILOVER"]);
+            assert!(reply.starts_with("-ERR FAILOVER is not valid when server is a replica"), "{reply}");
+        }
         for cmd in [
-            &["FAILOVER"][..],
-            &["FAILOVER", "ABORT"],
-            &["REPLICAOF", "NO", "ONE"],
+            &["REPLICAOF", "NO", "ONE"][..],
             &["REPLICAOF", "127.0.0.1", "1"],
             &["SLAVEOF", "no", "one"],
             &["slaveof", "127.0.0.1", "1"],

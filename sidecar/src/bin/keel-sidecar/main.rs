@@ -1,6 +1,9 @@
 //! `keel-sidecar`: `node` runs a Keel node beside a redis-server (replica,
 //! candidate, primary); `snapshot` builds, verifies and publishes snapshots
-//! so the journal can trim; `decode` prints a journaled stream as commands.
+//! so the journal can trim; `decode` prints a journaled stream as commands;
+//! `handover` moves the primary role to a replica and measures the pause.
+
+mod handover_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +32,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Hand the primary role over to a caught-up replica now (FAILOVER [TO
+    /// host port] to the primary, found through discovery), while a probe
+    /// writes and measures the write unavailability clients see.
+    Handover {
+        /// Comma-separated discovery endpoints (host:port).
+        #[arg(long, env = "KEEL_SENTINELS")]
+        sentinels: String,
+        #[arg(long, default_value = "keel")]
+        master_name: String,
+        /// The replica to hand over to (its Redis host:port); default: the
+        /// first caught-up replica.
+        #[arg(long)]
+        to: Option<String>,
+        /// A file holding the clients' password (default user), if any.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The key the probe writes (its last value stays).
+        #[arg(long, default_value = "keel:handover:probe")]
+        probe_key: String,
+    },
     /// Run a Keel node beside a redis-server: follow the journal stream as a
     /// replica, take the lease when the primary's lapses, then lead.
     #[command(alias = "primary")]
@@ -264,6 +287,7 @@ fn main() -> ExitCode {
                 }
             };
             let primary = PrimaryConfig {
+                handover_notice_ms: poll_ms + keel_sidecar::handover::NOTICE_MARGIN_MS,
                 redis,
                 announce,
                 control,
@@ -359,6 +383,23 @@ fn main() -> ExitCode {
                 };
             }
             rt.block_on(s.run())
+        }
+        Cmd::Handover { sentinels, master_name, to, password_file, probe_key } => {
+            let password = match password_file.map(std::fs::read_to_string).transpose() {
+                Ok(p) => p.map(|p| p.trim_end().to_string()),
+                Err(e) => {
+                    eprintln!("keel-sidecar: --password-file: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let sentinels = sentinels.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
+            match rt.block_on(handover_cli::run(handover_cli::Args { sentinels, master_name, to, password, probe_key })) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keel-sidecar handover: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Cmd::Decode { journal, journal_tls: tls, stream } => match load_journal_tls(tls) {
             Err(code) => code,

@@ -1,0 +1,278 @@
+//! Graceful handover, end to end (journal processes, redis-servers with
+//! the module, `keel-sidecar node`s): `FAILOVER [TO host port]` and
+//! `SHUTDOWN` of the primary move the role to a caught-up replica without
+//! waiting for the lease to lapse.
+//!
+//! Under load (a writer per node, each writing to its node whatever its
+//! role, and an unmodified redis-py Sentinel client following discovery),
+//! every scenario checks: no acknowledged write is lost (each is on the
+//! final primary and in the journal); acknowledgements of the two
+//! primaries never interleave in time; the old primary says it handed over
+//! (not that its lease lapsed). Times are printed, never asserted.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use std::time::Instant;
+
+use keel_tests::KeelCluster;
+use keel_tests::Resp;
+use keel_tests::Server;
+use keel_tests::journaled_commands;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const LEASE_MS: u64 = 1000;
+
+#[derive(Debug, Clone)]
+struct Ack {
+    key: String,
+    node: usize,
+    at: Instant,
+}
+
+/// One writer per node, writing `w<node>:<n>` to its node only.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Vec<Ack>>>,
+}
+
+impl Writers {
+    fn start(c: &KeelCluster) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = c
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(node, n)| {
+                let (addr, stop) = (n.addr(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut acks = Vec::new();
+                    let mut conn: Option<Resp> = None;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let key = format!("w{node}:{n}");
+                        if conn.is_none() {
+                            conn = Resp::try_connect(&addr, Duration::from_secs(2)).ok();
+                        }
+                        let Some(c) = conn.as_mut() else {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        };
+                        match c.try_cmd(&["SET", &key, &n.to_string()]) {
+                            Ok(r) if r == "+OK" => acks.push(Ack { key, node, at: Instant::now() }),
+                            Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+                            Err(_) => conn = None,
+                        }
+                    }
+                    acks
+                })
+            })
+            .collect();
+        Writers { stop, threads }
+    }
+
+    fn finish(self) -> Vec<Ack> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all: Vec<Ack> = self.threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort_by_key(|a| a.at);
+        all
+    }
+}
+
+/// No acknowledged write lost, one run of acknowledgements per primary;
+/// returns the runs (node, count) and the final primary.
+fn check(c: &KeelCluster, acks: &[Ack]) -> (Vec<(usize, usize)>, usize) {
+    assert!(!acks.is_empty(), "no write was acknowledged at all");
+    let p = c.wait_new_primary(None, Duration::from_secs(10));
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for a in acks {
+        match runs.last_mut() {
+            Some((n, k)) if *n == a.node => *k += 1,
+            _ => runs.push((a.node, 1)),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (n, _) in &runs {
+        assert!(seen.insert(*n), "node {n} acknowledged writes in two separate periods: {runs:?}");
+    }
+    let mut r = Resp::connect(&c.nodes[p].addr());
+    for a in acks {
+        let want = a.key.split(':').nth(1).unwrap();
+        assert_eq!(r.cmd(&["GET", &a.key]), want, "acknowledged {} (by node {}) is not on the primary", a.key, a.node);
+    }
+    let journaled: std::collections::HashSet<String> = journaled_commands(&c.journal, "shard-1")
+        .into_iter()
+        .filter(|cmd| cmd.len() == 3 && cmd[0].eq_ignore_ascii_case("set"))
+        .map(|cmd| cmd[1].clone())
+        .collect();
+    for a in acks {
+        assert!(journaled.contains(&a.key), "acknowledged {} is not in the journal", a.key);
+    }
+    (runs, p)
+}
+
+/// The longest time between two acknowledgements (by any node) after `since`.
+fn longest_gap(acks: &[Ack], since: Instant) -> Duration {
+    acks.windows(2).filter(|w| w[0].at >= since).map(|w| w[1].at - w[0].at).max().unwrap_or_default()
+}
+
+const PY_CLIENT: &str = r#"
+import sys, time
+from redis.sentinel import Sentinel
+sentinels = [(a.split(':')[0], int(a.split(':')[1])) for a in sys.argv[1].split(',')]
+s = Sentinel(sentinels, socket_timeout=1.0)
+m = s.master_for('keel', socket_timeout=1.0)
+end = time.time() + float(sys.argv[2])
+i = 0
+while time.time() < end:
+    i += 1
+    try:
+        m.set('py:%d' % i, i)
+        print('ok py:%d' % i, flush=True)
+    except Exception as e:
+        print('err py:%d %s' % (i, type(e).__name__), flush=True)
+        time.sleep(0.01)
+"#;
+
+/// An unmodified redis-py Sentinel client writing `py:<n>` for `secs`.
+fn py_client(c: &KeelCluster, secs: f64) -> std::process::Child {
+    let sentinels: Vec<String> = c.nodes.iter().map(|n| n.sentinel_addr()).collect();
+    std::process::Command::new("python3")
+        .args(["-c", PY_CLIENT, &sentinels.join(","), &secs.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with redis-py (scripts/test installs it)")
+}
+
+/// Every write redis-py was told is written is on the final primary.
+fn check_py(c: &KeelCluster, child: std::process::Child) {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "redis-py client failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let p = c.wait_new_primary(None, Duration::from_secs(10));
+    let mut r = Resp::connect(&c.nodes[p].addr());
+    let acked: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("ok ")).collect();
+    for key in &acked {
+        assert_eq!(r.cmd(&["GET", key]), key.trim_start_matches("py:"), "{key} acknowledged to redis-py but lost");
+    }
+    let errors: Vec<&str> = stdout.lines().filter(|l| l.starts_with("err")).collect();
+    eprintln!("redis-py through discovery: {} writes acknowledged, {} errors {:?}", acked.len(), errors.len(), errors);
+}
+
+/// The old primary's account of its last handover (`INFO keel`).
+fn handover_last(c: &KeelCluster, i: usize) -> String {
+    c.nodes[i].info_field("keel", "keel_handover_last").unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_hands_over_under_load_and_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = KeelCluster::start(Server::Redis, 1, 3, LEASE_MS).await;
+    let w = Writers::start(&c);
+    let py = py_client(&c, 5.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked_at = Instant::now();
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    assert_eq!(p.cmd(&["FAILOVER"]), "+OK");
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    eprintln!("handover: FAILOVER -> node {np} is primary after {:?}", asked_at.elapsed());
+    c.wait_replica_synced(0, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1000));
+    let acks = w.finish();
+    eprintln!("handover: longest pause between acknowledged writes: {:?}", longest_gap(&acks, asked_at));
+    let (runs, last) = check(&c, &acks);
+    assert_eq!(last, np);
+    assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, np], "{runs:?}");
+    let said = handover_last(&c, 0);
+    assert!(said.starts_with(&format!("handed over to {}", c.nodes[np].addr())), "{said}");
+    // Promoted without a fork, as in any election.
+    assert_eq!(c.nodes[np].info_field("stats", "sync_full").as_deref(), Some("0"));
+    check_py(&c, py);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_names_the_successor_and_refuses_what_it_cannot_do() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = KeelCluster::start(Server::Redis, 1, 3, LEASE_MS).await;
+    c.wait_replica_synced(1, Duration::from_secs(20));
+    c.wait_replica_synced(2, Duration::from_secs(20));
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    let mut r = Resp::connect(&c.nodes[1].addr());
+    let err = r.cmd(&["FAILOVER"]);
+    assert!(err.starts_with("-ERR FAILOVER is not valid when server is a replica"), "{err}");
+    assert_eq!(p.cmd(&["FAILOVER", "ABORT"]), "-ERR No failover in progress.");
+    let err = p.cmd(&["FAILOVER", "TO", "127.0.0.1", "1", "TIMEOUT", "100", "FORCE"]);
+    assert!(err.contains("FORCE is not supported"), "{err}");
+    let err = p.cmd(&["FAILOVER", "TO", "127.0.0.1", "1"]);
+    assert!(err.contains("is not a replica of this Keel deployment"), "{err}");
+    let err = p.cmd(&["FAILOVER", "TO", "127.0.0.1", &c.nodes[0].port.to_string()]);
+    assert!(err.contains("is this node"), "{err}");
+    let err = p.cmd(&["MULTI"]);
+    assert_eq!(err, "+OK");
+    assert!(p.cmd(&["FAILOVER"]).contains("send FAILOVER by itself"));
+    assert!(p.cmd(&["EXEC"]).starts_with("-EXECABORT"));
+    assert_eq!(c.nodes[0].role(), "primary", "nothing moved");
+
+    let w = Writers::start(&c);
+    std::thread::sleep(Duration::from_millis(500));
+    let asked_at = Instant::now();
+    assert_eq!(p.cmd(&["FAILOVER", "TO", "127.0.0.1", &c.nodes[2].port.to_string()]), "+OK");
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    eprintln!("handover: FAILOVER TO node 2 -> node {np} is primary after {:?}", asked_at.elapsed());
+    assert_eq!(np, 2, "the named replica took over");
+    c.wait_replica_synced(0, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let acks = w.finish();
+    let (runs, _) = check(&c, &acks);
+    assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 2], "{runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_of_the_primary_hands_over_before_it_exits() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    let w = Writers::start(&c);
+    let py = py_client(&c, 4.0);
+    std::thread::sleep(Duration::from_millis(1000));
+    let asked_at = Instant::now();
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    // The server exits: the connection closes without a reply.
+    assert!(p.try_cmd(&["SHUTDOWN", "NOSAVE"]).is_err(), "SHUTDOWN answered instead of exiting");
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    eprintln!("handover: SHUTDOWN NOSAVE of the primary -> node {np} is primary after {:?}", asked_at.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    let acks = w.finish();
+    let (runs, _) = check(&c, &acks);
+    assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, np], "{runs:?}");
+    // It handed over: its lease was released, not left to lapse.
+    let log = std::fs::read_to_string(c.nodes[0].dir.join("sidecar.log")).unwrap();
+    assert!(log.contains("handed the primary role over"), "the old primary's sidecar did not hand over:\n{log}");
+    check_py(&c, py);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_nobody_takes_is_abandoned_and_the_primary_leads_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    c.wait_replica_synced(1, Duration::from_secs(20));
+    // The replica is still registered, but nothing of it can take a lease.
+    c.nodes[1].kill_sidecar();
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    assert_eq!(p.cmd(&["SET", "before", "1"]), "+OK");
+    assert_eq!(p.cmd(&["FAILOVER"]), "+OK");
+    let t = Instant::now();
+    while !handover_last(&c, 0).contains("no replica took the released lease") {
+        assert!(t.elapsed() < Duration::from_secs(20), "the handover did not end: {:?}", handover_last(&c, 0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.wait_writable(0, Duration::from_secs(10));
+    assert_eq!(p.cmd(&["SET", "after", "1"]), "+OK");
+    assert_eq!(p.cmd(&["GET", "before"]), "1");
+    assert_eq!(c.primaries(), vec![0], "the old primary took its lease back");
+}
