@@ -89,9 +89,15 @@ pub enum Fault {
     /// the journal (`ctl remove-node`), its data wiped, and a new node (a
     /// new id, on the same host) joins with `serve --join`.
     ReplaceJournalNode,
+    /// `FAILOVER` (or `FAILOVER TO` a replica) sent to the primary: the
+    /// graceful handover, under the workload.
+    Handover,
+    /// `SHUTDOWN NOSAVE` sent to the primary: it hands over, then exits;
+    /// healed by starting it again.
+    ShutdownPrimary,
 }
 
-pub const ALL_FAULTS: [Fault; 9] = [
+pub const ALL_FAULTS: [Fault; 11] = [
     Fault::KillPrimaryRedis,
     Fault::KillPrimarySidecar,
     Fault::KillReplicaRedis,
@@ -101,6 +107,8 @@ pub const ALL_FAULTS: [Fault; 9] = [
     Fault::IsolateJournalNode,
     Fault::RestartAll,
     Fault::ReplaceJournalNode,
+    Fault::Handover,
+    Fault::ShutdownPrimary,
 ];
 
 #[derive(Debug, Clone)]
@@ -417,6 +425,18 @@ impl Deployment {
         kill(&mut self.nodes[k].redis);
     }
 
+    /// Waits (at most `limit`) for node `k`'s server to exit by itself,
+    /// then makes sure it is gone.
+    fn wait_redis_exit(&mut self, k: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        if let Some(child) = self.nodes[k].redis.as_mut() {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill_redis(k);
+    }
+
     pub fn start_sidecar(&mut self, k: usize) -> Result<(), String> {
         let host = NODE_HOSTS[k];
         let ip = self.lab.ip(host);
@@ -537,6 +557,20 @@ fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Comman
 }
 
 
+/// A server's answer for the episode log.
+fn describe(answer: &std::io::Result<Value>) -> String {
+    match answer {
+        Ok(Value::Status(s)) => format!("+{s}"),
+        Ok(Value::Error(e)) => format!("-{e}"),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("no reply ({e})"),
+    }
+}
+
+/// Longest wait for a primary told to SHUTDOWN to exit (it hands over
+/// first, for at most the module's 3 s).
+const SHUTDOWN_EXIT_LIMIT: Duration = Duration::from_secs(10);
+
 /// What an episode broke, so it can be healed.
 #[derive(Debug, Default)]
 struct Damage {
@@ -604,6 +638,28 @@ impl Deployment {
                 self.stop_all();
                 d.restart_all = true;
                 "kill -9 every process".to_string()
+            }
+            Fault::Handover => {
+                let Some(p) = primary else { return Ok("FAILOVER: no single primary now, none sent".into()) };
+                let to = (rng.below(2) == 1).then(|| replica(Some(p), rng));
+                let target = to.map(|r| self.node_addr(r));
+                let mut args: Vec<&[u8]> = vec![b"FAILOVER"];
+                let (host, port) = target.as_deref().and_then(|t| t.rsplit_once(':')).unwrap_or(("", ""));
+                if to.is_some() {
+                    args.extend([&b"TO"[..], host.as_bytes(), port.as_bytes()]);
+                }
+                let answer = Client::connect(&self.node_addr(p), CLIENT_TIMEOUT).and_then(|mut c| c.call(&args));
+                let sent = if to.is_some() { format!("FAILOVER TO {host} {port}") } else { "FAILOVER".into() };
+                format!("{sent} on {}: {}", NODE_HOSTS[p], describe(&answer))
+            }
+            Fault::ShutdownPrimary => {
+                let Some(p) = primary else { return Ok("SHUTDOWN: no single primary now, none sent".into()) };
+                // The connection closes as the server exits: no reply is
+                // the expected answer.
+                let answer = Client::connect(&self.node_addr(p), CLIENT_TIMEOUT).and_then(|mut c| c.call(&[b"SHUTDOWN", b"NOSAVE"]));
+                self.wait_redis_exit(p, SHUTDOWN_EXIT_LIMIT);
+                d.redis_killed.push(p);
+                format!("SHUTDOWN NOSAVE on {}: {}", NODE_HOSTS[p], describe(&answer))
             }
             Fault::ReplaceJournalNode => {
                 let i = rng.below(JOURNAL_HOSTS.len());
