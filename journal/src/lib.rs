@@ -8,6 +8,7 @@
 pub use keel_journal_client::book;
 pub use keel_journal_client::client;
 pub mod errors;
+pub mod format;
 pub mod raft_log_store;
 pub mod records;
 pub mod membership;

@@ -251,6 +251,12 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| storage(std::io::Error::new(e.kind(), format!("creating {}: {e}", cfg.data_dir.display()))))?;
     let metrics = Arc::new(crate::metrics::JournalMetrics::new());
+    // Before anything is opened: data of a newer release is refused whole.
+    match crate::format::ensure(&cfg.data_dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(anyhow::Error::msg(e.to_string())),
+        Err(e) => return Err(storage(e).into()),
+    }
     let log_store = LogStore::open(&cfg.data_dir.join("raft-log"), Duration::from_micros(cfg.flush_wait_us))
         .map_err(storage)?
         .with_sync_histogram(metrics.log_sync_seconds.clone());

@@ -438,6 +438,7 @@ mod tests {
 
     fn snap(seq: u64, offset: u64, replid: &str) -> SnapshotMeta {
         SnapshotMeta {
+            format: 1,
             stream: "s".into(),
             seq,
             offset,

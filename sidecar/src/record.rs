@@ -49,7 +49,7 @@ pub struct Record {
 pub enum DecodeError {
     #[error("record is {0} bytes, shorter than its {HEADER_BYTES}-byte header")]
     Short(usize),
-    #[error("record version {0} is not {VERSION}")]
+    #[error("record version {0} is not {VERSION}, the one this keel-sidecar reads: a newer release wrote it (upgrade this sidecar) or it is not a Keel record")]
     Version(u8),
     #[error("record kind {0} is unknown")]
     Kind(u8),

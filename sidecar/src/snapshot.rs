@@ -49,9 +49,20 @@ const HASH_CHUNK_BYTES: usize = 1 << 20;
 /// Largest serialized `SnapshotMeta` (the journal's meta value limit is 64 KiB).
 pub const MAX_META_BYTES: usize = 16 << 10;
 
+/// The format of `SnapshotMeta` this release writes, and the newest it
+/// reads. A meta without the field was written before it existed: format 1.
+pub const SNAPSHOT_META_FORMAT: u32 = 1;
+
+fn first_format() -> u32 {
+    1
+}
+
 /// Where a snapshot stands and how to check it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMeta {
+    /// `SNAPSHOT_META_FORMAT` of the release that wrote it.
+    #[serde(default = "first_format")]
+    pub format: u32,
     pub stream: String,
     /// The last journal record the snapshot covers.
     pub seq: u64,
@@ -98,6 +109,13 @@ impl SnapshotMeta {
 
     /// The shape every meta must have.
     pub fn check(&self) -> Result<(), String> {
+        if self.format == 0 || self.format > SNAPSHOT_META_FORMAT {
+            return Err(format!(
+                "snapshot meta format {} is not one this keel-sidecar reads (1 to {SNAPSHOT_META_FORMAT}): it was written by \
+                 a newer release; upgrade this node's sidecar",
+                self.format
+            ));
+        }
         let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|c| c.is_ascii_hexdigit());
         if !hex(&self.rdb_sha256, 64) || !hex(&self.stream_sha256, 64) {
             return Err("snapshot meta: checksums must be 64 hex characters".into());
@@ -357,6 +375,7 @@ mod tests {
 
     fn meta() -> SnapshotMeta {
         SnapshotMeta {
+            format: SNAPSHOT_META_FORMAT,
             stream: "shard-1".into(),
             seq: 42,
             offset: 1000,
@@ -391,6 +410,21 @@ mod tests {
         }
         assert!(SnapshotMeta::decode(b"{not json").unwrap_err().contains("unreadable"));
         assert!(SnapshotMeta::decode(&vec![b' '; MAX_META_BYTES + 1]).unwrap_err().contains("limit"));
+    }
+
+    /// A meta as the first format wrote it (kept from a real run, before
+    /// metas named their format) still reads, as format 1; a newer format
+    /// is refused with what to do.
+    #[test]
+    fn older_metas_read_and_newer_ones_are_refused() {
+        let kept = include_bytes!("../../tests/fixtures/format-1/snapshot-meta.json");
+        let m = SnapshotMeta::decode(kept).unwrap();
+        assert_eq!((m.format, m.seq, m.offset, m.rdb_version), (1, 1432, 181611, 10));
+        assert_eq!(m.engine_version, "7.0.15");
+        let newer = SnapshotMeta { format: SNAPSHOT_META_FORMAT + 1, ..meta() };
+        let e = SnapshotMeta::decode(&newer.encode()).unwrap_err();
+        assert!(e.contains("newer release") && e.contains("upgrade"), "{e}");
+        assert!(SnapshotMeta::decode(&SnapshotMeta { format: 0, ..meta() }.encode()).is_err());
     }
 
     #[test]

@@ -469,6 +469,7 @@ impl Snapshotter {
         tokio::fs::File::open(&rdb).await.map_err(|e| e.to_string())?.read_exact(&mut head).await.map_err(|e| format!("{}: {e}", rdb.display()))?;
         let key = object_key(&self.cfg.stream, fed.fed_seq, id);
         let meta = SnapshotMeta {
+            format: crate::snapshot::SNAPSHOT_META_FORMAT,
             stream: self.cfg.stream.clone(),
             seq: fed.fed_seq,
             offset: fed.fed_offset,

@@ -315,6 +315,14 @@ impl JournalCluster {
         self.spawn(i);
     }
 
+    /// Moves stopped node `i` to `addr` (its data, if any, must name that
+    /// address in its membership: e.g. a kept data directory).
+    pub fn move_node(&mut self, i: usize, addr: &str) {
+        assert!(self.nodes[i].child.is_none(), "stop node {} first", self.nodes[i].id);
+        self.nodes[i].addr = addr.to_string();
+        self.peers = self.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+    }
+
     /// kill -9 every node, start them all again, wait for a leader.
     pub async fn kill_and_restart_all(&mut self) {
         for i in 0..self.nodes.len() {
