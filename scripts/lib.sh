@@ -160,3 +160,11 @@ keel_peer_stop() {
   for p in $((port + 1)) "$port"; do redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true; done
   rm -rf "$work"/peer-*
 }
+
+# keel_appends DIR -> the appends the primary's sidecar of a scripts/cluster
+# deployment has made (its metrics), or 0 when it cannot say.
+keel_appends() {
+  local m
+  m=$(sed -n 's/^KEEL_METRICS=\([^,]*\),.*/\1/p' "$1/endpoints.env" 2>/dev/null)
+  [ -n "$m" ] && curl -s "http://$m/metrics" 2>/dev/null | sed -n 's/^keel_append_seconds_count \([0-9]*\).*/\1/p' | grep . || echo 0
+}
