@@ -102,3 +102,69 @@ keel_build() {
   keel_log "building ($KEEL_PROFILE) into $CARGO_TARGET_DIR"
   (cd "$KEEL_ROOT" && cargo build "${flag[@]}" --workspace --lib --bins --quiet)
 }
+
+# CPU accounting for the benchmarks (scripts/bench, scripts/bench-merge).
+# keel_cpu_ticks PID... -> the processes' user+system CPU so far, in clock ticks
+keel_cpu_ticks() {
+  local t=0 p f
+  for p in "$@"; do
+    f=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || f=0
+    t=$((t + f))
+  done
+  echo $t
+}
+
+# keel_us_per TICKS N -> microseconds of CPU per operation for TICKS clock
+# ticks spent on N operations
+keel_us_per() {
+  awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v n="$2" 'BEGIN{printf "%.2f", (n > 0) ? t * 1e6 / hz / n : 0}'
+}
+
+# keel_pids DIR ROLE -> the pids of a scripts/cluster deployment's processes
+# with that role (redis, journal, sidecar). Each journal node runs under a
+# restart loop whose pid is in the pid file: the node is the loop's child.
+keel_pids() {
+  local loop
+  if [ "$2" = journal ]; then
+    for loop in $(cat "$1"/pids/journal-*.pid 2>/dev/null); do pgrep -P "$loop" || true; done
+  else
+    cat "$1"/pids/"$2"-*.pid 2>/dev/null || true
+  fi
+}
+
+# The peer (scripts/bench-peer, scripts/bench): a Valkey primary on PORT and
+# one replica on PORT+1, both appendonly with appendfsync always.
+# keel_peer_start VALKEY_BIN WORK_DIR PORT; keel_peer_stop WORK_DIR PORT
+keel_wait_ping() {
+  local _
+  for _ in $(seq 1 100); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "nothing answers on port $1" >&2; return 1
+}
+keel_peer_start() {
+  local valkey=$1 work=$2 port=$3 p _
+  for p in "$port" $((port + 1)); do
+    mkdir -p "$work/peer-$p"
+    "$valkey" --port "$p" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always \
+      --dir "$work/peer-$p" --logfile "$work/peer-$p/valkey.log" --daemonize yes
+    keel_wait_ping "$p" || return 1
+  done
+  redis-cli -p $((port + 1)) replicaof 127.0.0.1 "$port" >/dev/null
+  for _ in $(seq 1 100); do
+    redis-cli -p $((port + 1)) info replication | tr -d '\r' | keel_output_has -x 'master_link_status:up' && return 0
+    sleep 0.1
+  done
+  echo "the peer's replica did not sync" >&2; return 1
+}
+keel_peer_stop() {
+  local work=$1 port=$2 p
+  for p in $((port + 1)) "$port"; do redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true; done
+  rm -rf "$work"/peer-*
+}
+
+# keel_appends DIR -> the appends the primary's sidecar of a scripts/cluster
+# deployment has made (its metrics), or 0 when it cannot say.
+keel_appends() {
+  local m
+  m=$(sed -n 's/^KEEL_METRICS=\([^,]*\),.*/\1/p' "$1/endpoints.env" 2>/dev/null)
+  [ -n "$m" ] && curl -s "http://$m/metrics" 2>/dev/null | sed -n 's/^keel_append_seconds_count \([0-9]*\).*/\1/p' | grep . || echo 0
+}
