@@ -57,6 +57,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::cuts::Cuts;
+use crate::engine::Engine;
 use crate::history::History;
 use crate::history::Psync;
 use crate::record::Kind;
@@ -116,6 +117,13 @@ pub struct Feeder {
     pub tap: Option<Mutex<StreamSum>>,
     /// A record this feeder cannot feed (stall.rs).
     stall: Mutex<Stall>,
+    /// The local server's engine, as its last `INFO server` said (None: not
+    /// known yet, nothing is checked).
+    local_engine: Mutex<Option<Engine>>,
+    /// A base the local server cannot load (engine.rs): the node does not
+    /// consume the stream and does not stand for election, as if stalled,
+    /// until a later feed finds a base it loads.
+    refusal: Mutex<Option<Stalled>>,
     /// The password a connection must `AUTH` with (random per feeder).
     token: String,
 }
@@ -132,6 +140,8 @@ impl Feeder {
             until_seq: None,
             tap: None,
             stall: Mutex::new(Stall::default()),
+            local_engine: Mutex::new(None),
+            refusal: Mutex::new(None),
             token: format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()),
         }
     }
@@ -141,9 +151,37 @@ impl Feeder {
         &self.token
     }
 
-    /// Where the feed stopped on a record it cannot feed, if it did.
+    /// Where the feed stopped on a record it cannot feed, or on a base the
+    /// local server cannot load, if it did.
     pub fn stalled(&self) -> Option<Stalled> {
-        self.stall.lock().unwrap().at().cloned()
+        self.stall.lock().unwrap().at().cloned().or_else(|| self.refusal.lock().unwrap().clone())
+    }
+
+    /// The local server's engine (from its `INFO server`).
+    pub fn set_local_engine(&self, engine: Option<Engine>) {
+        *self.local_engine.lock().unwrap() = engine;
+    }
+
+    /// Whether the local server loads the base at `seq`, an RDB of version
+    /// `rdb` written by `writer`; a refusal is kept (and logged once) until a
+    /// base passes.
+    fn check_base(&self, seq: u64, rdb: u32, writer: &str) -> Result<(), String> {
+        let Some(local) = self.local_engine.lock().unwrap().clone() else { return Ok(()) };
+        let mut refusal = self.refusal.lock().unwrap();
+        match local.can_load(rdb, writer) {
+            Ok(()) => {
+                *refusal = None;
+                Ok(())
+            }
+            Err(reason) => {
+                let reason = crate::stall::one_line(&reason);
+                if refusal.as_ref().map(|r| &r.reason) != Some(&reason) {
+                    tracing::error!(stream = %self.stream, seq, reason = %reason, "the local server cannot load the stream's base; not fed");
+                }
+                *refusal = Some(Stalled { seq, reason: reason.clone() });
+                Err(reason)
+            }
+        }
     }
 
     /// Record `seq` cannot be fed, for `reason`: the feed stops at it. Logged
@@ -160,7 +198,7 @@ impl Feeder {
     /// stalled one or past it), unless a published snapshot `snap` covers
     /// it: then the history starts over from that snapshot.
     fn stall_stands(&self, snap: Option<&SnapshotMeta>) -> Option<String> {
-        let at = self.stalled()?;
+        let at = self.stall.lock().unwrap().at().cloned()?;
         if let Some(s) = snap {
             if self.store.is_some() && self.stall.lock().unwrap().covered_by(s.seq) {
                 tracing::info!(stream = %self.stream, stalled_seq = at.seq, snapshot_seq = s.seq, "a published snapshot covers the record the feed stalled at; feeding again from it");
@@ -326,6 +364,7 @@ impl Feeder {
         let mut waiting_ack = false;
         let (mut seq, mut skip_to, mut in_rdb, mark, mut cuts) = match plan {
             Psync::Full { offset: base, first_seq, snapshot: Some(snap) } => {
+                self.check_base(snap.seq, snap.rdb_version, &format!("{} {}", snap.engine, snap.engine_version))?;
                 let store = self.store.as_ref().ok_or("a snapshot is published but this feeder has no --store")?;
                 let (size, mut chunks) = store.stream(&snap.key).await?;
                 if size != snap.rdb_bytes {
@@ -399,6 +438,8 @@ impl Feeder {
         let mut reached = false;
         // The feed stalled at a record it cannot feed (stall.rs).
         let mut stalled = false;
+        // The journal's base RDB was checked against the local engine.
+        let mut base_checked = false;
         loop {
             tokio::select! {
                 batch = reader.next_batch(), if !reached && !stalled && held.as_ref().is_none_or(|h| h.len() < MAX_HELD_BYTES) => {
@@ -429,7 +470,16 @@ impl Feeder {
                         };
                         seq = rec.seq;
                         match decoded.kind {
-                            Kind::Rdb if in_rdb => out.extend_from_slice(&decoded.payload),
+                            Kind::Rdb if in_rdb => {
+                                if !base_checked {
+                                    // The base's first bytes name its RDB version.
+                                    base_checked = true;
+                                    if let Ok(v) = crate::snapshot::rdb_version(&decoded.payload) {
+                                        self.check_base(rec.seq, v, "this stream's primary")?;
+                                    }
+                                }
+                                out.extend_from_slice(&decoded.payload);
+                            }
                             Kind::RdbEnd if in_rdb => {
                                 out.extend_from_slice(mark.as_bytes());
                                 w.write_all(&out).await.map_err(|e| format!("writing to Redis: {e}"))?;

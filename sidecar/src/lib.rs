@@ -25,6 +25,7 @@
 pub mod auth;
 pub mod clock;
 pub mod cuts;
+pub mod engine;
 pub mod feeder;
 pub mod handover;
 pub mod history;

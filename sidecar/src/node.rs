@@ -312,9 +312,10 @@ impl Quiet {
     }
 }
 
-/// `INFO replication` of the local Redis, within `timeout_ms`.
+/// `INFO server replication` of the local Redis (its engine, for
+/// engine.rs, and its replication state), within `timeout_ms`.
 pub async fn redis_info(redis: &RedisAddr, creds: &Credentials, timeout_ms: u64) -> Result<String, Stop> {
-    redis_info_section(redis, creds, "replication", timeout_ms).await
+    redis_info_section(redis, creds, "server replication", timeout_ms).await
 }
 
 /// `INFO <section>` of the local Redis, within `timeout_ms`.
@@ -362,6 +363,9 @@ async fn follow(
         loop {
             // Keep Redis a replica of the feeder.
             let info = redis_info(&p.redis, &p.control, p.lease_ms).await?;
+            // Read at every poll: the server may have been restarted on
+            // another engine (a rolling upgrade) while this sidecar ran.
+            feeder.set_local_engine(crate::engine::Engine::from_info(&info));
             let feeding = info_field(&info, "role") == Some("slave")
                 && info_field(&info, "master_host") == Some("127.0.0.1")
                 && info_field(&info, "master_port") == Some(port.as_str());

@@ -94,9 +94,11 @@ impl Conn {
         self.reply().await
     }
 
-    /// `INFO section`, as text.
+    /// `INFO section…` (space-separated section names), as text.
     pub async fn info(&mut self, section: &str) -> Result<String, String> {
-        match self.request(&[b"INFO", section.as_bytes()]).await? {
+        let mut args: Vec<&[u8]> = vec![b"INFO"];
+        args.extend(section.split_whitespace().map(str::as_bytes));
+        match self.request(&args).await? {
             Reply::Bulk(Some(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
             other => Err(format!("INFO {section} answered {other:?}")),
         }

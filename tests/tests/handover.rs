@@ -170,10 +170,9 @@ fn handover_last(c: &KeelCluster, i: usize) -> String {
     c.nodes[i].info_field("keel", "keel_handover_last").unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_hands_over_under_load_and_loses_nothing() {
+async fn failover_hands_over_under_load_and_loses_nothing(server: Server) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let c = KeelCluster::start(Server::Redis, 1, 3, LEASE_MS).await;
+    let c = KeelCluster::start(server, 1, 3, LEASE_MS).await;
     let w = Writers::start(&c);
     let py = py_client(&c, 5.0);
     std::thread::sleep(Duration::from_millis(1500));
@@ -194,6 +193,16 @@ async fn failover_hands_over_under_load_and_loses_nothing() {
     // Promoted without a fork, as in any election.
     assert_eq!(c.nodes[np].info_field("stats", "sync_full").as_deref(), Some("0"));
     check_py(&c, py);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failover_hands_over_under_load_and_loses_nothing() {
+    failover_hands_over_under_load_and_loses_nothing(Server::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_failover_hands_over_under_load_and_loses_nothing() {
+    failover_hands_over_under_load_and_loses_nothing(Server::Valkey).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,135 @@
+//! Which RDB files a node's server can load: the upgrade protection of a
+//! deployment whose nodes run different engines (Redis 7.0 and Valkey 9.1,
+//! say, during a rolling upgrade).
+//!
+//! A replica is fed a base (a published snapshot, or the stream's base RDB)
+//! before the stream. A server handed an RDB it cannot load fails its
+//! sync over and over, so the feeder checks first (`Engine::can_load`) and
+//! refuses instead: the node does not consume the stream and never stands
+//! for election while refused (as with a stalled feed), and `INFO keel`
+//! says why (`feed_stalled_reason`). Upgrading goes replicas first: a
+//! newer engine loads an older one's RDB; the reverse is refused.
+//!
+//! RDB versions by engine (from their sources' `RDB_VERSION`): Redis 7.0
+//! writes 10, 7.2 writes 11, 7.4 and later 12; Valkey 7.2 and 8 write 11,
+//! Valkey 9 writes 80 (its own numbering, magic `VALKEY`). Valkey loads
+//! Redis's up to 11 and its own from 80 up to its version's; Redis never
+//! loads Valkey's 80 and up. Pure.
+
+/// A server's engine, from its `INFO server`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Engine {
+    /// `redis` or `valkey`.
+    pub name: String,
+    /// major, minor, patch.
+    pub version: (u32, u32, u32),
+}
+
+/// First RDB version of Valkey's own numbering.
+const VALKEY_OWN_RDB: u32 = 80;
+/// The newest RDB version Valkey loads from Redis.
+const VALKEY_READS_REDIS_UP_TO: u32 = 11;
+
+impl Engine {
+    /// From an `INFO server` text (other sections may be in it too).
+    pub fn from_info(info: &str) -> Option<Engine> {
+        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim);
+        let (name, version) = match field("valkey_version") {
+            Some(v) => ("valkey", v),
+            None => ("redis", field("redis_version")?),
+        };
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+        let version = (parts.next()??, parts.next().flatten().unwrap_or(0), parts.next().flatten().unwrap_or(0));
+        Some(Engine { name: name.into(), version })
+    }
+
+    /// The RDB version this engine writes.
+    pub fn rdb_version(&self) -> u32 {
+        let (major, minor, _) = self.version;
+        match self.name.as_str() {
+            "valkey" if major >= 9 => VALKEY_OWN_RDB,
+            "valkey" => 11,
+            _ if (major, minor) >= (7, 4) => 12,
+            _ if (major, minor) >= (7, 2) => 11,
+            _ if major >= 7 => 10,
+            _ => 9,
+        }
+    }
+
+    /// Whether this engine loads an RDB file of version `rdb` (written by
+    /// `writer`, for the reason's text); the refusal says what to do.
+    pub fn can_load(&self, rdb: u32, writer: &str) -> Result<(), String> {
+        let own = self.rdb_version();
+        let ok = match self.name.as_str() {
+            "valkey" if own >= VALKEY_OWN_RDB => rdb <= VALKEY_READS_REDIS_UP_TO || (VALKEY_OWN_RDB..=own).contains(&rdb),
+            _ => rdb <= own && rdb < VALKEY_OWN_RDB,
+        };
+        if ok {
+            return Ok(());
+        }
+        let (a, b, c) = self.version;
+        Err(format!(
+            "{} {a}.{b}.{c} here cannot load RDB version {rdb} (from {writer}): not fed, never elected; upgrade this \
+             server (replicas first, the primary last)",
+            self.name
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn redis(v: &str) -> Engine {
+        Engine::from_info(&format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n")).unwrap()
+    }
+
+    fn valkey(v: &str) -> Engine {
+        Engine::from_info(&format!("# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:{v}\r\n")).unwrap()
+    }
+
+    #[test]
+    fn engines_are_read_from_info() {
+        assert_eq!(redis("7.0.15"), Engine { name: "redis".into(), version: (7, 0, 15) });
+        assert_eq!(valkey("9.1.0"), Engine { name: "valkey".into(), version: (9, 1, 0) });
+        assert_eq!(Engine::from_info("# Server\r\nredis_version:8.0\r\n").unwrap().version, (8, 0, 0));
+        assert_eq!(Engine::from_info("# Replication\r\nrole:master\r\n"), None);
+        assert_eq!(Engine::from_info("redis_version:x.y\r\n"), None);
+    }
+
+    #[test]
+    fn upgrades_load_and_downgrades_are_refused() {
+        let (r70, r72, r74, v8, v9) = (redis("7.0.15"), redis("7.2.4"), redis("7.4.1"), valkey("8.0.2"), valkey("9.1.0"));
+        assert_eq!([r70.rdb_version(), r72.rdb_version(), r74.rdb_version(), v8.rdb_version(), v9.rdb_version()], [10, 11, 12, 11, 80]);
+        // Replicas first: the newer engine loads the older one's base.
+        assert!(v9.can_load(r70.rdb_version(), "redis 7.0.15").is_ok());
+        assert!(v9.can_load(r72.rdb_version(), "x").is_ok());
+        assert!(r74.can_load(r70.rdb_version(), "x").is_ok());
+        assert!(v9.can_load(v9.rdb_version(), "x").is_ok());
+        // The reverse is refused, with the reason.
+        let e = r70.can_load(v9.rdb_version(), "valkey 9.1.0").unwrap_err();
+        assert!(e.contains("redis 7.0.15") && e.contains("RDB version 80") && e.contains("valkey 9.1.0"), "{e}");
+        assert!(crate::stall::one_line(&e) == e, "fits INFO keel whole: {e}");
+        assert!(r70.can_load(r72.rdb_version(), "x").is_err());
+        assert!(v8.can_load(v9.rdb_version(), "x").is_err());
+        assert!(v9.can_load(r74.rdb_version(), "x").is_err(), "Redis 7.4's RDB 12 is not Valkey's");
+    }
+
+    proptest! {
+        /// An engine always loads what it writes itself, and what any
+        /// engine loads it never refuses for a smaller version of the same
+        /// numbering.
+        #[test]
+        fn an_engine_loads_its_own(name in prop_oneof![Just("redis"), Just("valkey")], major in 6u32..12, minor in 0u32..6) {
+            let e = Engine { name: name.into(), version: (major, minor, 0) };
+            prop_assert!(e.can_load(e.rdb_version(), "itself").is_ok());
+            prop_assert!(e.can_load(9, "an old redis").is_ok());
+        }
+
+        #[test]
+        fn from_info_never_panics(s in ".{0,120}") {
+            let _ = Engine::from_info(&s);
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Upgrade protection: a node whose server cannot load what the stream's
+//! engine wrote (a Redis 7.0 replica behind a Valkey 9.1 primary, whose
+//! RDB is version 80) is refused cleanly: it is not fed, says why in `INFO
+//! keel`, keeps running, and never stands for election.
+
+use std::time::Duration;
+use std::time::Instant;
+
+use keel_tests::KeelCluster;
+use keel_tests::Resp;
+use keel_tests::Server;
+use keel_tests::bin;
+
+const LEASE_MS: u64 = 1000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_7_replica_behind_a_valkey_primary_is_refused_cleanly() {
+    let mut c = KeelCluster::start(Server::Valkey, 1, 3, LEASE_MS).await;
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    for i in 0..50 {
+        assert_eq!(p.cmd(&["SET", &format!("k{i}"), "v"]), "+OK");
+    }
+    // A snapshot made by Valkey (RDB version 80) becomes the stream's base.
+    let work = c.journal.dir.path().join("snapshotter");
+    let out = std::process::Command::new(bin("keel-sidecar"))
+        .args(["snapshot", "--once", "--journal", &c.journal.endpoints(), "--stream", "shard-1", "--store", &c.nodes[0].store])
+        .arg("--work-dir")
+        .arg(&work)
+        .arg("--redis-server")
+        .arg(Server::Valkey.binary())
+        .args(c.journal.sidecar_tls_args("snapshotter"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    // Node 2 goes back to Redis 7.0 (the wrong way round for an upgrade):
+    // a fresh server, its Valkey dump left behind.
+    c.nodes[2].kill_redis();
+    for e in std::fs::read_dir(&c.nodes[2].dir).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "rdb") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    c.nodes[2].server = Server::Redis;
+    c.nodes[2].start_redis();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reason = loop {
+        let r = c.nodes[2].info_field("keel", "keel_feed_stalled_reason").unwrap_or_default();
+        if r.contains("cannot load RDB version") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "node 2 (Redis 7.0) never said it cannot load the stream's base; last: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(reason.contains("redis 7.0") && reason.contains("RDB version 80"), "{reason}");
+    assert_eq!(c.nodes[2].info_field("server", "redis_version").as_deref().map(|v| v.starts_with("7.0")), Some(true));
+    assert_ne!(c.nodes[2].info_field("replication", "master_link_status").as_deref(), Some("up"), "node 2 was fed");
+
+    // The primary goes: the Valkey replica takes over, never node 2.
+    c.nodes[0].kill_sidecar();
+    c.nodes[0].kill_redis();
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(20));
+    assert_eq!(np, 1, "the Redis 7.0 node was elected");
+    let mut p = Resp::connect(&c.nodes[1].addr());
+    assert_eq!(p.cmd(&["GET", "k49"]), "v");
+    assert_eq!(p.cmd(&["SET", "after", "1"]), "+OK");
+    // Node 2 still runs, still refused, and still no primary.
+    assert_ne!(c.nodes[2].role(), "primary");
+    assert!(c.nodes[2].info_field("keel", "keel_feed_stalled_reason").unwrap_or_default().contains("cannot load"));
+}
+
+/// A writer that writes `u:N` to whichever node is primary, one write at
+/// a time, and keeps the N whose write was acknowledged.
+fn writer(addrs: Vec<String>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<Vec<u64>> {
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let mut n = 0u64;
+        let mut conn: Option<Resp> = None;
+        let mut at = 0usize;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if conn.is_none() {
+                at = (at + 1) % addrs.len();
+                conn = Resp::try_connect(&addrs[at], Duration::from_secs(2)).ok();
+                if conn.is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            }
+            n += 1;
+            match conn.as_mut().unwrap().try_cmd(&["SET", &format!("u:{n}"), "1"]) {
+                Ok(r) if r == "+OK" => acked.push(n),
+                // Not the primary (or not now): try the next node.
+                _ => {
+                    conn = None;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        acked
+    })
+}
+
+/// Restarts node `i`'s server on `server`, keeping its data directory.
+fn restart_on(c: &mut KeelCluster, i: usize, server: Server) {
+    c.nodes[i].kill_redis();
+    c.nodes[i].server = server;
+    c.nodes[i].start_redis();
+}
+
+/// A deployment on Redis 7.0 rolls to Valkey 9.1 under a writing client:
+/// replicas first (each loads the Redis-written stream), then the primary
+/// hands over to an upgraded replica and is upgraded last. No acknowledged
+/// write is lost, and the last primary runs Valkey.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_from_redis_to_valkey_loses_nothing() {
+    let mut c = KeelCluster::start(Server::Redis, 1, 3, LEASE_MS).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = writer(c.nodes.iter().map(|n| n.addr()).collect(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    for i in [2, 1] {
+        restart_on(&mut c, i, Server::Valkey);
+        c.wait_replica_synced(i, Duration::from_secs(30));
+        let v = c.nodes[i].info_field("server", "valkey_version").unwrap_or_default();
+        assert!(v.starts_with('9'), "node {i} runs {v:?}");
+        assert_eq!(c.nodes[i].info_field("keel", "keel_feed_stalled_reason").unwrap_or_default(), "");
+    }
+    // The primary hands over to an upgraded replica, then is upgraded.
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    let to = c.nodes[1].addr();
+    let (host, port) = to.rsplit_once(':').unwrap();
+    assert_eq!(p.cmd(&["FAILOVER", "TO", host, port]), "+OK");
+    assert_eq!(c.wait_new_primary(Some(0), Duration::from_secs(20)), 1);
+    restart_on(&mut c, 0, Server::Valkey);
+    c.wait_replica_synced(0, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = w.join().unwrap();
+    assert!(acked.len() > 20, "the writer was not acknowledged enough to judge: {}", acked.len());
+    let mut p = Resp::connect(&c.nodes[1].addr());
+    for n in &acked {
+        assert_eq!(p.cmd(&["EXISTS", &format!("u:{n}")]), ":1", "acknowledged write u:{n} was lost");
+    }
+    assert!(c.nodes[1].info_field("server", "valkey_version").is_some());
+    assert_eq!(c.primaries(), vec![1]);
+}
