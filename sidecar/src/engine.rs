@@ -43,6 +43,21 @@ impl Engine {
         Some(Engine { name: name.into(), version })
     }
 
+    /// The engine as a member record names it: `redis/7.0.15`.
+    pub fn tag(&self) -> String {
+        let (a, b, c) = self.version;
+        format!("{}/{a}.{b}.{c}", self.name)
+    }
+
+    /// `tag`'s text read back.
+    pub fn from_tag(tag: &str) -> Option<Engine> {
+        let (name, v) = tag.split_once('/')?;
+        if name != "redis" && name != "valkey" {
+            return None;
+        }
+        Engine::from_info(&format!("{}_version:{v}\n", name))
+    }
+
     /// The RDB version this engine writes.
     pub fn rdb_version(&self) -> u32 {
         let (major, minor, _) = self.version;
@@ -96,6 +111,17 @@ mod tests {
         assert_eq!(Engine::from_info("# Server\r\nredis_version:8.0\r\n").unwrap().version, (8, 0, 0));
         assert_eq!(Engine::from_info("# Replication\r\nrole:master\r\n"), None);
         assert_eq!(Engine::from_info("redis_version:x.y\r\n"), None);
+    }
+
+    #[test]
+    fn tags_round_trip() {
+        for e in [redis("7.0.15"), valkey("9.1.2")] {
+            assert_eq!(Engine::from_tag(&e.tag()), Some(e.clone()), "{}", e.tag());
+        }
+        assert_eq!(redis("7.0.15").tag(), "redis/7.0.15");
+        for junk in ["", "redis", "keydb/6.0.0", "redis/x", "/7.0.0"] {
+            assert_eq!(Engine::from_tag(junk), None, "{junk}");
+        }
     }
 
     #[test]

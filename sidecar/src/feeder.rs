@@ -102,6 +102,9 @@ pub struct Progress {
     pub whole_offset: u64,
 }
 
+/// The local server's engine as the node last read it, shared.
+pub type EngineHandle = Arc<Mutex<Option<Engine>>>;
+
 pub struct Feeder {
     pub journal: Arc<JournalClient>,
     pub stream: String,
@@ -119,7 +122,7 @@ pub struct Feeder {
     stall: Mutex<Stall>,
     /// The local server's engine, as its last `INFO server` said (None: not
     /// known yet, nothing is checked).
-    local_engine: Mutex<Option<Engine>>,
+    local_engine: EngineHandle,
     /// A base the local server cannot load (engine.rs): the node does not
     /// consume the stream and does not stand for election, as if stalled,
     /// until a later feed finds a base it loads.
@@ -140,7 +143,7 @@ impl Feeder {
             until_seq: None,
             tap: None,
             stall: Mutex::new(Stall::default()),
-            local_engine: Mutex::new(None),
+            local_engine: EngineHandle::default(),
             refusal: Mutex::new(None),
             token: format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()),
         }
@@ -160,6 +163,11 @@ impl Feeder {
     /// The local server's engine (from its `INFO server`).
     pub fn set_local_engine(&self, engine: Option<Engine>) {
         *self.local_engine.lock().unwrap() = engine;
+    }
+
+    /// The local server's engine as last read, shared (the member entry).
+    pub fn engine_handle(&self) -> EngineHandle {
+        self.local_engine.clone()
     }
 
     /// Whether the local server loads the base at `seq`, an RDB of version

@@ -261,7 +261,7 @@ mod tests {
     use super::*;
 
     fn m(uuid: &str, redis: &str, seen: u64) -> Member {
-        Member { uuid: uuid.into(), redis: redis.into(), sentinel: String::new(), seen_unix_ms: seen }
+        Member { uuid: uuid.into(), redis: redis.into(), sentinel: String::new(), seen_unix_ms: seen, engine: String::new() }
     }
 
     #[test]

@@ -108,6 +108,9 @@ pub struct Member {
     pub redis: String,
     pub sentinel: String,
     pub seen_unix_ms: u64,
+    /// Its server's engine (`redis/7.0.15`, engine.rs), empty when not
+    /// known yet (or written by a release that did not say).
+    pub engine: String,
 }
 
 /// How often a node refreshes its entry, and after how long without a
@@ -115,8 +118,9 @@ pub struct Member {
 pub const MEMBER_REFRESH_MS: u64 = 5_000;
 pub const MEMBER_STALE_MS: u64 = 4 * MEMBER_REFRESH_MS;
 
-/// `uuid redis sentinel seen_unix_ms` per line ("-" for no discovery
-/// endpoint); junk lines are skipped.
+/// `uuid redis sentinel seen_unix_ms [engine]` per line ("-" for no
+/// discovery endpoint; an older release reads the first four words only);
+/// junk lines are skipped.
 pub fn parse_members(b: &[u8]) -> Vec<Member> {
     String::from_utf8_lossy(b)
         .lines()
@@ -124,14 +128,18 @@ pub fn parse_members(b: &[u8]) -> Vec<Member> {
             let mut w = l.split_whitespace();
             let (u, r, s) = (w.next()?, w.next()?, w.next()?);
             let seen_unix_ms = w.next().and_then(|t| t.parse().ok()).unwrap_or(0);
-            Some(Member { uuid: u.into(), redis: r.into(), sentinel: if s == "-" { String::new() } else { s.into() }, seen_unix_ms })
+            let engine = w.next().unwrap_or_default().to_string();
+            Some(Member { uuid: u.into(), redis: r.into(), sentinel: if s == "-" { String::new() } else { s.into() }, seen_unix_ms, engine })
         })
         .collect()
 }
 
 pub fn render_members(ms: &[Member]) -> Vec<u8> {
     ms.iter()
-        .map(|m| format!("{} {} {} {}\n", m.uuid, m.redis, if m.sentinel.is_empty() { "-" } else { &m.sentinel }, m.seen_unix_ms))
+        .map(|m| {
+            let engine = if m.engine.is_empty() { String::new() } else { format!(" {}", m.engine) };
+            format!("{} {} {} {}{engine}\n", m.uuid, m.redis, if m.sentinel.is_empty() { "-" } else { &m.sentinel }, m.seen_unix_ms)
+        })
         .collect::<String>()
         .into_bytes()
 }
@@ -161,8 +169,10 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         redis: cfg.primary.announce.clone(),
         sentinel: cfg.sentinel_listen.clone().unwrap_or_default(),
         seen_unix_ms: 0,
+        engine: String::new(),
     };
-    tokio::spawn(keep_registered(journal.clone(), cfg.primary.stream.clone(), me_member.clone()));
+    let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone(), cfg.store.clone());
+    tokio::spawn(keep_registered(journal.clone(), cfg.primary.stream.clone(), me_member.clone(), feeder.engine_handle()));
     if let Some(addr) = &cfg.sentinel_listen {
         let listener = match TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -180,7 +190,6 @@ pub async fn run(cfg: NodeConfig) -> Stop {
         }
         tokio::spawn(crate::metrics::refresh_from_redis(cfg.primary.redis.clone(), cfg.primary.control.clone(), cfg.primary.lease_ms));
     }
-    let feeder = Feeder::new(journal.clone(), cfg.primary.stream.clone(), me.clone(), cfg.store.clone());
     tokio::spawn(report_snapshots(
         journal.clone(),
         cfg.primary.stream.clone(),
@@ -498,8 +507,11 @@ async fn report_snapshots(journal: Arc<JournalClient>, stream: String, redis: Re
 }
 
 /// Keeps this node listed in the stream's `members` metadata.
-async fn keep_registered(journal: Arc<JournalClient>, stream: String, me: Member) {
+/// The entry names the local server's engine (`engine`, as the feeder last
+/// read it), which the snapshotter checks before publishing.
+async fn keep_registered(journal: Arc<JournalClient>, stream: String, mut me: Member, engine: crate::feeder::EngineHandle) {
     loop {
+        me.engine = engine.lock().unwrap().as_ref().map(|e| e.tag()).unwrap_or_default();
         let registered = async {
             let old = journal.get_meta(&stream, MEMBERS_KEY).await.map_err(|e| e.to_string())?;
             let mut members = old.as_deref().map(parse_members).unwrap_or_default();
@@ -519,9 +531,19 @@ async fn keep_registered(journal: Arc<JournalClient>, stream: String, me: Member
                 500
             }
         };
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        // Sooner when the server's engine changes (restarted on another).
+        let until = tokio::time::Instant::now() + Duration::from_millis(pause);
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(ENGINE_RECHECK_MS)).await;
+            if engine.lock().unwrap().as_ref().map(|e| e.tag()).unwrap_or_default() != me.engine {
+                break;
+            }
+        }
     }
 }
+
+/// How often the member entry looks for a change of the server's engine.
+const ENGINE_RECHECK_MS: u64 = 250;
 
 fn addr_of(s: &str) -> Option<Addr> {
     let (host, port) = s.rsplit_once(':')?;
@@ -598,11 +620,13 @@ mod tests {
     #[test]
     fn members_round_trip_and_junk_lines_are_skipped() {
         let ms = vec![
-            Member { uuid: "a".into(), redis: "127.0.0.1:6379".into(), sentinel: "127.0.0.1:26379".into(), seen_unix_ms: 7 },
-            Member { uuid: "b".into(), redis: "127.0.0.1:6380".into(), sentinel: String::new(), seen_unix_ms: 0 },
+            Member { uuid: "a".into(), redis: "127.0.0.1:6379".into(), sentinel: "127.0.0.1:26379".into(), seen_unix_ms: 7, engine: "redis/7.0.15".into() },
+            Member { uuid: "b".into(), redis: "127.0.0.1:6380".into(), sentinel: String::new(), seen_unix_ms: 0, engine: String::new() },
         ];
         assert_eq!(parse_members(&render_members(&ms)), ms);
         assert_eq!(parse_members(b"junk\n\xff\xfe\na r s\n").len(), 1);
+        // An older release's entry (no engine) reads with none.
+        assert_eq!(parse_members(b"a r s 5\n")[0].engine, "");
     }
 
     proptest::proptest! {
@@ -622,7 +646,7 @@ mod tests {
 
     #[test]
     fn discovery_names_the_leader_only_while_its_lease_is_live() {
-        let m = |u: &str, r: &str, s: &str| Member { uuid: u.into(), redis: r.into(), sentinel: s.into(), seen_unix_ms: 1_000_000 };
+        let m = |u: &str, r: &str, s: &str| Member { uuid: u.into(), redis: r.into(), sentinel: s.into(), seen_unix_ms: 1_000_000, engine: String::new() };
         let mut ms = vec![m("a", "127.0.0.1:1", "127.0.0.1:11"), m("b", "127.0.0.1:2", "127.0.0.1:12"), m("c", "127.0.0.1:3", "")];
         let now = 1_000_000 + MEMBER_STALE_MS;
         let v = view_of(&ms, "b", true, &ms[0], "keel", 3, now);

@@ -300,6 +300,10 @@ impl Snapshotter {
             self.discard(&meta).await;
             return Err(format!("snapshot at record {} failed verification, not published: {e}", meta.seq));
         }
+        if let Err(e) = self.every_node_loads(&meta).await {
+            self.discard(&meta).await;
+            return Err(format!("snapshot at record {} not published: {e}", meta.seq));
+        }
         match self.journal.cas_meta(&self.cfg.stream, SNAPSHOT_META_KEY, prev_raw.clone(), meta.encode()).await {
             Ok(()) => {}
             Err(e) => {
@@ -490,6 +494,24 @@ impl Snapshotter {
         self.store.upload_file(&key, &rdb).await?;
         self.store.put_small(&meta.meta_key(), meta.encode()).await?;
         Ok(meta)
+    }
+
+    /// Whether every live node of the stream (its member entry) runs an
+    /// engine that loads this snapshot's RDB (engine.rs): during a rolling
+    /// upgrade a snapshot of the newer engine waits until no older node is
+    /// left, so the older nodes keep being fed and the upgrade can still be
+    /// abandoned. A node that does not say its engine is not checked.
+    async fn every_node_loads(&self, meta: &SnapshotMeta) -> Result<(), String> {
+        let members = self.journal.get_meta(&self.cfg.stream, crate::node::MEMBERS_KEY).await.map_err(|e| format!("reading the stream's members: {e}"))?;
+        let members = members.as_deref().map(crate::node::parse_members).unwrap_or_default();
+        let now = now_unix_ms();
+        let writer = format!("{} {}", meta.engine, meta.engine_version);
+        for m in members.iter().filter(|m| now.saturating_sub(m.seen_unix_ms) < crate::node::MEMBER_STALE_MS) {
+            if let Some(e) = crate::engine::Engine::from_tag(&m.engine) {
+                e.can_load(meta.rdb_version, &writer).map_err(|why| format!("the node at {}: {why}", m.redis))?;
+            }
+        }
+        Ok(())
     }
 
     async fn verify(&self, meta: &SnapshotMeta, prev: Option<&SnapshotMeta>, dir: &Path) -> Result<(), String> {

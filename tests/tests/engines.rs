@@ -142,3 +142,46 @@ async fn a_rolling_upgrade_from_redis_to_valkey_loses_nothing() {
     assert!(c.nodes[1].info_field("server", "valkey_version").is_some());
     assert_eq!(c.primaries(), vec![1]);
 }
+
+/// During a rolling upgrade a snapshot of the newer engine is not
+/// published while a node that cannot load it is a member: the older nodes
+/// keep being fed, and the upgrade can still be abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_no_member_can_load_is_not_published() {
+    let c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    assert_eq!(p.cmd(&["SET", "k", "v"]), "+OK");
+    // Every member has said its engine.
+    let journal = c.journal.client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let members = journal.get_meta("shard-1", "members").await.unwrap().unwrap_or_default();
+        let text = String::from_utf8_lossy(&members).to_string();
+        if text.lines().count() == 2 && text.lines().all(|l| l.contains("redis/7.0")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "members never named their engine: {text:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let work = c.journal.dir.path().join("snapshotter");
+    let run = |server: Server| {
+        std::process::Command::new(bin("keel-sidecar"))
+            .args(["snapshot", "--once", "--journal", &c.journal.endpoints(), "--stream", "shard-1", "--store", &c.nodes[0].store])
+            .arg("--work-dir")
+            .arg(&work)
+            .arg("--redis-server")
+            .arg(server.binary())
+            .args(c.journal.sidecar_tls_args("snapshotter"))
+            .output()
+            .unwrap()
+    };
+    let out = run(Server::Valkey);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a Valkey 9 snapshot was published to Redis 7.0 nodes");
+    assert!(err.contains("not published") && err.contains("cannot load RDB version 80"), "{err}");
+    assert_eq!(journal.get_meta("shard-1", "snapshot").await.unwrap(), None);
+    // The same snapshot by the nodes' own engine is published.
+    let out = run(Server::Redis);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(journal.get_meta("shard-1", "snapshot").await.unwrap().is_some());
+}
