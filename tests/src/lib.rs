@@ -16,6 +16,7 @@ pub mod checker;
 pub mod history;
 pub mod chaos;
 pub mod netlab;
+pub mod writers;
 use std::net::TcpListener;
 use std::path::Path;
 use std::path::PathBuf;

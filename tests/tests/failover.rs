@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
-use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -25,102 +24,15 @@ use keel_tests::KeelCluster;
 use keel_tests::Resp;
 use keel_tests::Server;
 use keel_tests::journaled_commands;
+use keel_tests::writers::Ack;
+use keel_tests::writers::Writers;
+use keel_tests::writers::check_acks;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const LEASE_MS: u64 = 1000;
-
-#[derive(Debug, Clone)]
-struct Ack {
-    key: String,
-    node: usize,
-    at: Instant,
-}
-
-/// One writer per node, each writing `w<node>:<n>` keys to its node only,
-/// whatever its role; acknowledged ones are logged.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Vec<Ack>>>,
-}
-
-impl Writers {
-    fn start(c: &KeelCluster) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads = c
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(node, n)| {
-                let (addr, stop) = (n.addr(), stop.clone());
-                std::thread::spawn(move || {
-                    let mut acks = Vec::new();
-                    let mut conn: Option<Resp> = None;
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        let key = format!("w{node}:{n}");
-                        if conn.is_none() {
-                            conn = Resp::try_connect(&addr, Duration::from_secs(2)).ok();
-                        }
-                        let Some(c) = conn.as_mut() else {
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        };
-                        match c.try_cmd(&["SET", &key, &n.to_string()]) {
-                            Ok(r) if r == "+OK" => acks.push(Ack { key, node, at: Instant::now() }),
-                            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
-                            Err(_) => conn = None,
-                        }
-                    }
-                    acks
-                })
-            })
-            .collect();
-        Writers { stop, threads }
-    }
-
-    fn finish(self) -> Vec<Ack> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all: Vec<Ack> = self.threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
-        all.sort_by_key(|a| a.at);
-        all
-    }
-}
-
-/// The checks every scenario ends with; returns the acknowledgement runs
-/// (node, count) in time order.
-fn check(c: &KeelCluster, acks: &[Ack]) -> Vec<(usize, usize)> {
-    assert!(!acks.is_empty(), "no write was acknowledged at all");
-    let p = c.wait_new_primary(None, Duration::from_secs(10));
-    // Acknowledgements by time: one run per tenure.
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for a in acks {
-        match runs.last_mut() {
-            Some((n, k)) if *n == a.node => *k += 1,
-            _ => runs.push((a.node, 1)),
-        }
-    }
-    let mut seen = std::collections::HashSet::new();
-    for (n, _) in &runs {
-        assert!(seen.insert(*n), "node {n} acknowledged writes in two separate periods, interleaved with another node: {runs:?}");
-    }
-    // Nothing acknowledged is lost: on the primary, and in the journal.
-    let mut r = Resp::connect(&c.nodes[p].addr());
-    for a in acks {
-        let want = a.key.split(':').nth(1).unwrap();
-        assert_eq!(r.cmd(&["GET", &a.key]), want, "acknowledged {} (by node {}) is not on the primary", a.key, a.node);
-    }
-    let journaled: std::collections::HashSet<String> = journaled_commands(&c.journal, "shard-1")
-        .into_iter()
-        .filter(|cmd| cmd.len() == 3 && cmd[0].eq_ignore_ascii_case("set"))
-        .map(|cmd| cmd[1].clone())
-        .collect();
-    for a in acks {
-        assert!(journaled.contains(&a.key), "acknowledged {} is not in the journal", a.key);
-    }
-    runs
-}
+/// A writer's pause after a refused write.
+const REFUSED_PAUSE: Duration = Duration::from_millis(5);
 
 /// An unmodified redis-py Sentinel client writing `py:<n>` keys through
 /// the nodes' discovery endpoints for `secs` seconds.
@@ -260,7 +172,7 @@ async fn kill_9_of_the_primary_valkey_fails_over_to_a_replica() {
 async fn kill_9_of_the_primary_fails_over(server: Server) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = KeelCluster::start(server, 1, 3, LEASE_MS).await;
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, REFUSED_PAUSE);
     let py = PyClient::start(&c, 6.0);
     std::thread::sleep(Duration::from_millis(1500));
     let killed_at = Instant::now();
@@ -270,7 +182,7 @@ async fn kill_9_of_the_primary_fails_over(server: Server) {
     let acks = w.finish();
     let failover = time_to_first_ack(&acks, np, killed_at).expect("the new primary acknowledged nothing");
     eprintln!("failover ({server:?}): kill -9 of the primary server -> node {np} acknowledged a write after {failover:?}");
-    let runs = check(&c, &acks);
+    let (runs, _) = check_acks(&c, &acks);
     let (acked, errors) = py.finish();
     check_py(&c, &acked, errors);
     assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, np], "{runs:?}");
@@ -285,7 +197,7 @@ async fn kill_9_of_the_primary_fails_over(server: Server) {
 async fn a_paused_primary_is_replaced_and_acknowledges_nothing_after_it_wakes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, REFUSED_PAUSE);
     let py = PyClient::start(&c, 8.0);
     std::thread::sleep(Duration::from_millis(1000));
     let pid = c.nodes[0].redis_pid();
@@ -305,7 +217,7 @@ async fn a_paused_primary_is_replaced_and_acknowledges_nothing_after_it_wakes() 
     );
     let late: Vec<&Ack> = acks.iter().filter(|a| a.node == 0 && a.at > woke_at).collect();
     assert!(late.is_empty(), "the old primary acknowledged writes after it woke up: {late:?}");
-    check(&c, &acks);
+    check_acks(&c, &acks);
     let (acked, errors) = py.finish();
     check_py(&c, &acked, errors);
 }
@@ -314,7 +226,7 @@ async fn a_paused_primary_is_replaced_and_acknowledges_nothing_after_it_wakes() 
 async fn kill_9_of_the_primary_sidecar_hands_over_and_the_node_rejoins() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, REFUSED_PAUSE);
     let py = PyClient::start(&c, 6.0);
     std::thread::sleep(Duration::from_millis(1000));
     let killed_at = Instant::now();
@@ -325,7 +237,7 @@ async fn kill_9_of_the_primary_sidecar_hands_over_and_the_node_rejoins() {
     c.wait_replica_synced(0, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     let acks = w.finish();
-    check(&c, &acks);
+    check_acks(&c, &acks);
     let (acked, errors) = py.finish();
     check_py(&c, &acked, errors);
 }
@@ -334,7 +246,7 @@ async fn kill_9_of_the_primary_sidecar_hands_over_and_the_node_rejoins() {
 async fn losing_one_journal_node_during_writes_loses_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = KeelCluster::start(Server::Redis, 3, 2, LEASE_MS).await;
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, REFUSED_PAUSE);
     let py = PyClient::start(&c, 6.0);
     std::thread::sleep(Duration::from_millis(1000));
     let leader = c.journal.wait_leader().await;
@@ -348,7 +260,7 @@ async fn losing_one_journal_node_during_writes_loses_nothing() {
         *per_node.entry(a.node).or_default() += 1;
     }
     eprintln!("acknowledged per node across the loss of journal node {leader}: {per_node:?}");
-    check(&c, &acks);
+    check_acks(&c, &acks);
     let (acked, errors) = py.finish();
     check_py(&c, &acked, errors);
 }

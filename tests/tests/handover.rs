@@ -10,111 +10,22 @@
 //! primaries never interleave in time; the old primary says it handed over
 //! (not that its lease lapsed). Times are printed, never asserted.
 
-use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering;
-use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
 
 use keel_tests::KeelCluster;
 use keel_tests::Resp;
 use keel_tests::Server;
-use keel_tests::journaled_commands;
+use keel_tests::writers::Ack;
+use keel_tests::writers::Writers;
+use keel_tests::writers::check_acks;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const LEASE_MS: u64 = 1000;
-
-#[derive(Debug, Clone)]
-struct Ack {
-    key: String,
-    node: usize,
-    at: Instant,
-}
-
-/// One writer per node, writing `w<node>:<n>` to its node only.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Vec<Ack>>>,
-}
-
-impl Writers {
-    fn start(c: &KeelCluster) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads = c
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(node, n)| {
-                let (addr, stop) = (n.addr(), stop.clone());
-                std::thread::spawn(move || {
-                    let mut acks = Vec::new();
-                    let mut conn: Option<Resp> = None;
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        let key = format!("w{node}:{n}");
-                        if conn.is_none() {
-                            conn = Resp::try_connect(&addr, Duration::from_secs(2)).ok();
-                        }
-                        let Some(c) = conn.as_mut() else {
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        };
-                        match c.try_cmd(&["SET", &key, &n.to_string()]) {
-                            Ok(r) if r == "+OK" => acks.push(Ack { key, node, at: Instant::now() }),
-                            Ok(_) => std::thread::sleep(Duration::from_millis(2)),
-                            Err(_) => conn = None,
-                        }
-                    }
-                    acks
-                })
-            })
-            .collect();
-        Writers { stop, threads }
-    }
-
-    fn finish(self) -> Vec<Ack> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all: Vec<Ack> = self.threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
-        all.sort_by_key(|a| a.at);
-        all
-    }
-}
-
-/// No acknowledged write lost, one run of acknowledgements per primary;
-/// returns the runs (node, count) and the final primary.
-fn check(c: &KeelCluster, acks: &[Ack]) -> (Vec<(usize, usize)>, usize) {
-    assert!(!acks.is_empty(), "no write was acknowledged at all");
-    let p = c.wait_new_primary(None, Duration::from_secs(10));
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for a in acks {
-        match runs.last_mut() {
-            Some((n, k)) if *n == a.node => *k += 1,
-            _ => runs.push((a.node, 1)),
-        }
-    }
-    let mut seen = std::collections::HashSet::new();
-    for (n, _) in &runs {
-        assert!(seen.insert(*n), "node {n} acknowledged writes in two separate periods: {runs:?}");
-    }
-    let mut r = Resp::connect(&c.nodes[p].addr());
-    for a in acks {
-        let want = a.key.split(':').nth(1).unwrap();
-        assert_eq!(r.cmd(&["GET", &a.key]), want, "acknowledged {} (by node {}) is not on the primary", a.key, a.node);
-    }
-    let journaled: std::collections::HashSet<String> = journaled_commands(&c.journal, "shard-1")
-        .into_iter()
-        .filter(|cmd| cmd.len() == 3 && cmd[0].eq_ignore_ascii_case("set"))
-        .map(|cmd| cmd[1].clone())
-        .collect();
-    for a in acks {
-        assert!(journaled.contains(&a.key), "acknowledged {} is not in the journal", a.key);
-    }
-    (runs, p)
-}
+/// A writer's pause after a refused write.
+const REFUSED_PAUSE: Duration = Duration::from_millis(2);
 
 /// The longest time between two acknowledgements (by any node) after `since`.
 fn longest_gap(acks: &[Ack], since: Instant) -> Duration {
@@ -173,7 +84,7 @@ fn handover_last(c: &KeelCluster, i: usize) -> String {
 async fn failover_hands_over_under_load_and_loses_nothing(server: Server) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = KeelCluster::start(server, 1, 3, LEASE_MS).await;
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, REFUSED_PAUSE);
     let py = py_client(&c, 5.0);
     std::thread::sleep(Duration::from_millis(1500));
     let asked_at = Instant::now();
@@ -185,7 +96,7 @@ async fn failover_hands_over_under_load_and_loses_nothing(server: Server) {
     std::thread::sleep(Duration::from_millis(1000));
     let acks = w.finish();
     eprintln!("handover: longest pause between acknowledged writes: {:?}", longest_gap(&acks, asked_at));
-    let (runs, last) = check(&c, &acks);
+    let (runs, last) = check_acks(&c, &acks);
     assert_eq!(last, np);
     assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, np], "{runs:?}");
     let said = handover_last(&c, 0);
@@ -228,7 +139,7 @@ async fn failover_to_names_the_successor_and_refuses_what_it_cannot_do() {
     assert!(p.cmd(&["EXEC"]).starts_with("-EXECABORT"));
     assert_eq!(c.nodes[0].role(), "primary", "nothing moved");
 
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, REFUSED_PAUSE);
     std::thread::sleep(Duration::from_millis(500));
     let asked_at = Instant::now();
     assert_eq!(p.cmd(&["FAILOVER", "TO", "127.0.0.1", &c.nodes[2].port.to_string()]), "+OK");
@@ -238,7 +149,7 @@ async fn failover_to_names_the_successor_and_refuses_what_it_cannot_do() {
     c.wait_replica_synced(0, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     let acks = w.finish();
-    let (runs, _) = check(&c, &acks);
+    let (runs, _) = check_acks(&c, &acks);
     assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 2], "{runs:?}");
 }
 
@@ -246,7 +157,7 @@ async fn failover_to_names_the_successor_and_refuses_what_it_cannot_do() {
 async fn shutdown_of_the_primary_hands_over_before_it_exits() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, REFUSED_PAUSE);
     let py = py_client(&c, 4.0);
     std::thread::sleep(Duration::from_millis(1000));
     let asked_at = Instant::now();
@@ -257,7 +168,7 @@ async fn shutdown_of_the_primary_hands_over_before_it_exits() {
     eprintln!("handover: SHUTDOWN NOSAVE of the primary -> node {np} is primary after {:?}", asked_at.elapsed());
     std::thread::sleep(Duration::from_millis(500));
     let acks = w.finish();
-    let (runs, _) = check(&c, &acks);
+    let (runs, _) = check_acks(&c, &acks);
     assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, np], "{runs:?}");
     // It handed over: its lease was released, not left to lapse.
     let log = std::fs::read_to_string(c.nodes[0].dir.join("sidecar.log")).unwrap();
