@@ -51,6 +51,10 @@ pub const NOTICE_MARGIN_MS: u64 = 50;
 /// (beyond the request's timeout it never waits).
 pub const TAKEOVER_WAIT_MS: u64 = 1_000;
 
+/// The successor an adoption's record names (adopt.rs): nobody stands for
+/// election while it stands, whatever the lease.
+pub const ADOPTING: &str = "adopting";
+
 /// The record a handing-over primary leaves in the stream's metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandoverRecord {
@@ -87,7 +91,13 @@ impl HandoverRecord {
     /// poll fast: the record is live and comes from the leader (or the
     /// lease was just released).
     pub fn poll_fast(&self, leader: &str, now_unix_ms: u64) -> bool {
-        self.live(now_unix_ms) && (leader == self.from || leader.is_empty())
+        self.live(now_unix_ms) && !self.adopting() && (leader == self.from || leader.is_empty())
+    }
+
+    /// Whether it is an adoption's record (adopt.rs): the stream's primary
+    /// is a running Redis outside Keel until its switch.
+    pub fn adopting(&self) -> bool {
+        self.to.as_deref() == Some(ADOPTING)
     }
 
     /// Whether the record keeps `me` from standing for election now: it is

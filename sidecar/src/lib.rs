@@ -17,11 +17,14 @@
 //!   cuts.rs (where an append may end), history.rs, sentinel.rs's answers;
 //! - talking to a Redis: link.rs (the socket), auth.rs (the control user),
 //!   resp.rs (the one RESP codec), redis.rs (the one connection type);
+//! - adopt.rs: a running Redis outside Keel becomes a new stream's
+//!   source, then hands its primary role to a Keel node;
 //! - records and snapshots: record.rs (the journal's record format),
 //!   snapshot.rs, snapshotter.rs;
 //! - around: sentinel.rs (discovery for clients), metrics.rs, clock.rs
 //!   (the monotonic clock lease deadlines are read on).
 
+pub mod adopt;
 pub mod auth;
 pub mod clock;
 pub mod cuts;

@@ -446,7 +446,11 @@ async fn follow(
                     applied_seq = view.last_seq;
                 }
             }
-            let step = match record.as_ref().filter(|r| r.keeps_out(me, now) && view.leader.is_empty()) {
+            let step = match record.as_ref().filter(|r| r.keeps_out(me, now) && (view.leader.is_empty() || r.adopting())) {
+                Some(r) if r.adopting() => Step::Wait {
+                    ms: pause_ms,
+                    why: "the stream is being adopted from a running Redis, its primary until the switch (scripts/cluster adopt)",
+                },
                 Some(_) => Step::Wait { ms: pause_ms, why: "the primary handed over to another node" },
                 None => candidate.step(&view, applied_seq, stall.is_some(), now_unix_ms()),
             };
@@ -509,7 +513,7 @@ async fn report_snapshots(journal: Arc<JournalClient>, stream: String, redis: Re
 /// Keeps this node listed in the stream's `members` metadata.
 /// The entry names the local server's engine (`engine`, as the feeder last
 /// read it), which the snapshotter checks before publishing.
-async fn keep_registered(journal: Arc<JournalClient>, stream: String, mut me: Member, engine: crate::feeder::EngineHandle) {
+pub async fn keep_registered(journal: Arc<JournalClient>, stream: String, mut me: Member, engine: crate::feeder::EngineHandle) {
     loop {
         me.engine = engine.lock().unwrap().as_ref().map(|e| e.tag()).unwrap_or_default();
         let registered = async {

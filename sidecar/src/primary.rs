@@ -899,7 +899,7 @@ async fn append_record(session: &mut AppendSession, stream: &str, me: &str, rec:
 /// `after_seq + 1..`, sending it again through unknown outcomes and a full
 /// stream (`AppendOutcome::next` decides, as in the leading loop); returns
 /// the last seq. For the appends before the leading loop (bases, voids).
-async fn append_records(session: &mut AppendSession, stream: &str, me: &str, recs: &[Record], after_seq: u64, retry_pause_ms: u64) -> Result<u64, Stop> {
+pub(crate) async fn append_records(session: &mut AppendSession, stream: &str, me: &str, recs: &[Record], after_seq: u64, retry_pause_ms: u64) -> Result<u64, Stop> {
     assert!(!recs.is_empty(), "an append carries a record");
     let all: Vec<Vec<u8>> = recs.iter().map(Record::encode).collect();
     let mut full_since: Option<Instant> = None;

@@ -204,6 +204,18 @@ impl Snapshotter {
         Ok(self.published().await?.1)
     }
 
+    /// Copies the published snapshot's RDB to `dest`, checked against its
+    /// meta (size and SHA-256); returns the meta.
+    pub async fn fetch(&self, dest: &Path) -> Result<SnapshotMeta, String> {
+        let meta = self.show().await?.ok_or("no snapshot is published")?;
+        let (sum, n) = self.store.download(&meta.key, dest).await?;
+        if sum != meta.rdb_sha256 || n != meta.rdb_bytes {
+            let _ = tokio::fs::remove_file(dest).await;
+            return Err(format!("the stored snapshot {} is {n} bytes with sha256 {sum}; its meta says {} bytes, {}", meta.key, meta.rdb_bytes, meta.rdb_sha256));
+        }
+        Ok(meta)
+    }
+
     /// Runs cycles when due, for ever; errors are logged and retried.
     pub async fn run(&self) -> ! {
         loop {
@@ -527,12 +539,7 @@ impl Snapshotter {
         }
         // A replica of nobody: it keeps keys whose TTL passed (as the
         // build server did) and expires nothing while we look.
-        let nowhere = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-        let port = nowhere.local_addr().map_err(|e| e.to_string())?.port();
-        let redis = PrivateRedis::start(&self.cfg.redis_server, dir, Some((port, "nobody-feeds-this-server"))).await?;
-        let digest = redis.digest().await?;
-        drop(redis);
-        drop(nowhere);
+        let digest = digest_of_rdb(&self.cfg.redis_server, dir).await?;
         if digest != meta.digest {
             return Err(format!("the rehearsal restore's DEBUG DIGEST is {digest}, the built dataset's was {}", meta.digest));
         }
@@ -542,6 +549,15 @@ impl Snapshotter {
         }
         Ok(())
     }
+}
+
+/// Loads `dir/dump.rdb` into a private server (a replica of nobody: it
+/// expires nothing while looked at) and returns its `DEBUG DIGEST`.
+pub async fn digest_of_rdb(bin: &Path, dir: &Path) -> Result<String, String> {
+    let nowhere = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let port = nowhere.local_addr().map_err(|e| e.to_string())?.port();
+    let redis = PrivateRedis::start(bin, dir, Some((port, "nobody-feeds-this-server"))).await?;
+    redis.digest().await
 }
 
 /// The running stream checksum up to record `upto`, recomputed from the

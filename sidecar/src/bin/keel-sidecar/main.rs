@@ -176,9 +176,64 @@ enum Cmd {
         /// Print the published snapshot's meta (JSON) and exit.
         #[arg(long, conflicts_with = "once")]
         show: bool,
+        /// Copy the published snapshot's RDB to this file (checked against
+        /// its meta) and exit.
+        #[arg(long, conflicts_with_all = ["once", "show"])]
+        fetch: Option<PathBuf>,
         /// Damage the snapshot after upload (tests of the verification).
         #[arg(long, hide = true)]
         fault: Option<keel_sidecar::snapshotter::Fault>,
+    },
+    /// Adopt a running Redis (no module) into a new stream: its dataset
+    /// becomes the stream's first snapshot, its replication stream is
+    /// journaled while Keel nodes catch up, and when --switch-file appears
+    /// its writes pause, the journal takes them all, it turns read-only and
+    /// a caught-up Keel node takes the primary role (docs/adopt.md).
+    /// Prints what happened at the switch and exits.
+    Adopt {
+        /// The running Redis: host:port.
+        #[arg(long)]
+        redis: String,
+        /// A user of it allowed PSYNC, INFO, CLIENT, CONFIG, REPLICAOF and
+        /// SHUTDOWN (default: the default user, no password).
+        #[arg(long)]
+        redis_user: Option<String>,
+        /// The file holding that user's password (mode 0600).
+        #[arg(long)]
+        redis_password_file: Option<PathBuf>,
+        #[arg(long, env = "KEEL_JOURNAL")]
+        journal: String,
+        #[command(flatten)]
+        journal_tls: JournalTlsArgs,
+        #[arg(long, default_value = "shard-1")]
+        stream: String,
+        /// The deployment's snapshot store (a directory or s3://bucket/prefix).
+        #[arg(long, env = "KEEL_STORE")]
+        store: String,
+        /// The server binary of the private server the dataset is checked in.
+        #[arg(long, default_value = "redis-server")]
+        redis_server: PathBuf,
+        /// This adoption's files (its identity, the dataset while it is
+        /// published, the stream spooled meanwhile).
+        #[arg(long)]
+        work_dir: PathBuf,
+        /// The switch starts once this file exists.
+        #[arg(long)]
+        switch_file: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        lease_ms: u64,
+        /// Longest the running Redis's writes stay paused at the switch.
+        #[arg(long, default_value_t = 10_000)]
+        pause_ms: u64,
+        #[arg(long, default_value_t = 4 << 30)]
+        max_spool_bytes: u64,
+        #[arg(long, default_value_t = 64 << 20)]
+        max_buffered_bytes: usize,
+        #[arg(long, default_value_t = 100)]
+        retry_pause_ms: u64,
+        /// Leave the running Redis up, read-only, after the switch.
+        #[arg(long)]
+        keep_old: bool,
     },
     /// Print a journaled stream: one line per command (or RDB chunk).
     Decode {
@@ -336,7 +391,7 @@ fn main() -> ExitCode {
             eprintln!("keel-sidecar: {stop}");
             ExitCode::from(1)
         }
-        Cmd::Snapshot { journal, journal_tls: tls, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, once, show, fault } => {
+        Cmd::Snapshot { journal, journal_tls: tls, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, once, show, fetch, fault } => {
             let journal_tls = match load_journal_tls(tls) {
                 Ok(t) => t,
                 Err(code) => return code,
@@ -349,6 +404,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Some(dest) = fetch {
+                return match rt.block_on(s.fetch(&dest)) {
+                    Ok(m) => {
+                        eprintln!("keel-sidecar: snapshot at record {} ({} bytes) copied to {}", m.seq, m.rdb_bytes, dest.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("keel-sidecar: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
             if show {
                 return match rt.block_on(s.show()) {
                     Ok(Some(m)) => {
@@ -397,6 +464,69 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("keel-sidecar handover: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Adopt {
+            redis,
+            redis_user,
+            redis_password_file,
+            journal,
+            journal_tls,
+            stream,
+            store,
+            redis_server,
+            work_dir,
+            switch_file,
+            lease_ms,
+            pause_ms,
+            max_spool_bytes,
+            max_buffered_bytes,
+            retry_pause_ms,
+            keep_old,
+        } => {
+            let journal_tls = match load_journal_tls(journal_tls) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let addr = match keel_sidecar::link::RedisAddr::parse(&redis) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("keel-sidecar: bad configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let cfg = keel_sidecar::adopt::AdoptConfig {
+                redis: addr,
+                announce: redis,
+                redis_user,
+                redis_password_file,
+                journal,
+                journal_tls,
+                stream,
+                store,
+                redis_server,
+                work_dir,
+                switch_file,
+                lease_ms,
+                pause_ms,
+                max_spool_bytes,
+                max_buffered_bytes,
+                retry_pause_ms,
+                keep_old,
+            };
+            if let Err(e) = cfg.validate() {
+                eprintln!("keel-sidecar: bad configuration: {e}");
+                return ExitCode::from(2);
+            }
+            match rt.block_on(keel_sidecar::adopt::run(cfg)) {
+                Ok(outcome) => {
+                    println!("{outcome}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keel-sidecar adopt: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -1,0 +1,695 @@
+//! Adopting a running Redis: a stock redis-server (no module) already
+//! serving a dataset becomes the source of a new Keel stream, then hands
+//! its primary role to a Keel node, with its clients' writes paused only
+//! for the switch.
+//!
+//! Invariant: every write the running Redis acknowledged is in the journal
+//! before any Keel node may take the primary role, and the running Redis
+//! accepts no write after that (it is made a read-only replica of nobody
+//! first), so no acknowledged write is lost and at most one primary takes
+//! writes.
+//!
+//! Life cycle (`run`):
+//! ```text
+//!  take the new stream's lease (the stream must be empty)
+//!   → the `handover` record says "adopting" (handover.rs): while it stands,
+//!     no node stands for election, whatever the lease; discovery names the
+//!     running Redis as the primary (this process's member entry)
+//!   → full sync from the running Redis (`PSYNC ? -1`: it forks once, as
+//!     for any new replica): its RDB is saved, loaded into a private server
+//!     (`DEBUG DIGEST`: it loads, and the digest is the snapshot's), and
+//!     published as the stream's first snapshot, at the record the base's
+//!     `RdbEnd` gets; meanwhile the replication stream is spooled to disk
+//!     (at most `max_spool_bytes`)
+//!   → `RdbEnd` journaled (the base is the snapshot: no RDB bytes in the
+//!     journal), then the spool, then the live stream, each append ending
+//!     at a whole command (cuts.rs), as a primary's sidecar does
+//!   → on the switch file: wait for a node caught up with the journal →
+//!     `CLIENT PAUSE WRITE` → the journal holds the offset the pause stands
+//!     at → the running Redis becomes a replica of itself with
+//!     `replica-serve-stale-data no` (it never takes a write again; its
+//!     clients get errors at once and rediscover) → `CLIENT UNPAUSE` →
+//!     handover record "any" → the lease released → a caught-up node takes
+//!     it (the ordinary, journal-checked `take-lease`) → the running Redis
+//!     is shut down (unless kept).
+//! ```
+//! Before the fence, any failure unpauses the running Redis and the
+//! adoption goes on; after it, the running Redis stays read-only and the
+//! first node to catch up takes the lease (the handover record expires).
+//! The decisions of the switch are `Switch`'s (pure, tested); the I/O is
+//! `run`'s.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+use keel_journal_client::client::AppendSession;
+use keel_journal_client::client::JournalClient;
+use keel_journal_client::client::JournalError;
+use sha2::Digest;
+use sha2::Sha256;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::cuts::Cuts;
+use crate::engine::Engine;
+use crate::handover::HandoverRecord;
+use crate::link::RedisAddr;
+use crate::node::Member;
+use crate::record::Kind;
+use crate::record::MAX_PAYLOAD_BYTES;
+use crate::record::Record;
+use crate::redis::Conn;
+use crate::redis::info_field;
+use crate::resp::Reply;
+use crate::snapshot::SNAPSHOT_META_KEY;
+use crate::snapshot::SnapshotMeta;
+use crate::snapshot::SnapshotStore;
+use crate::snapshot::StreamSum;
+
+/// Every bound of an adoption.
+#[derive(Debug, Clone)]
+pub struct AdoptConfig {
+    /// The running Redis (host:port).
+    pub redis: RedisAddr,
+    /// Its address as clients reach it (discovery names it until the switch).
+    pub announce: String,
+    /// A user of the running Redis allowed `PSYNC`, `INFO`, `CLIENT PAUSE`,
+    /// `CONFIG SET`, `REPLICAOF` and `SHUTDOWN`, and a file holding its
+    /// password (none: the default user without a password).
+    pub redis_user: Option<String>,
+    pub redis_password_file: Option<PathBuf>,
+    pub journal: String,
+    pub journal_tls: keel_journal_client::tls::JournalTls,
+    pub stream: String,
+    /// The deployment's snapshot store.
+    pub store: String,
+    /// The server binary of the private server the base is checked in.
+    pub redis_server: PathBuf,
+    /// This adoption's files: its identity, the base RDB, the spool.
+    pub work_dir: PathBuf,
+    /// Its presence starts the switch.
+    pub switch_file: PathBuf,
+    pub lease_ms: u64,
+    /// Longest the running Redis's writes stay paused at the switch before
+    /// the switch is given up (and they resume there).
+    pub pause_ms: u64,
+    /// Stream bytes spooled to disk while the base is published.
+    pub max_spool_bytes: u64,
+    /// Stream bytes read ahead of the journal before reading pauses.
+    pub max_buffered_bytes: usize,
+    pub retry_pause_ms: u64,
+    /// Leave the running Redis up (read-only) after the switch.
+    pub keep_old: bool,
+}
+
+/// The longest pause accepted: past it, clients of the running Redis time out.
+pub const MAX_PAUSE_MS: u64 = 30_000;
+/// How long after the lease's release a node must have taken it.
+pub const TAKEOVER_MS: u64 = 10_000;
+/// A node is caught up when its Redis is at most this far behind the
+/// journal's end (what a turn of writes adds meanwhile).
+pub const READY_SLACK_BYTES: u64 = 1 << 20;
+/// How often the loop looks at the switch file, the lease and the nodes.
+const TICK_MS: u64 = 50;
+/// How often the running Redis is told how far this replica got.
+const REPLCONF_ACK_MS: u64 = 1_000;
+/// Bytes read from the running Redis at once.
+const READ_CHUNK_BYTES: usize = 256 << 10;
+/// Records per append.
+const RECORDS_PER_APPEND: usize = 8;
+
+impl AdoptConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        crate::link::client_address(&self.redis, Some(&self.announce))?;
+        if self.stream.is_empty() {
+            return Err("--stream must not be empty".into());
+        }
+        if !(crate::primary::MIN_LEASE_MS..=crate::primary::MAX_LEASE_MS).contains(&self.lease_ms) {
+            return Err(format!("--lease-ms {} must be {}..={}", self.lease_ms, crate::primary::MIN_LEASE_MS, crate::primary::MAX_LEASE_MS));
+        }
+        if !(1_000..=MAX_PAUSE_MS).contains(&self.pause_ms) {
+            return Err(format!("--pause-ms {} must be 1000..={MAX_PAUSE_MS}", self.pause_ms));
+        }
+        if self.max_buffered_bytes < MAX_PAYLOAD_BYTES {
+            return Err(format!("--max-buffered-bytes must be at least {MAX_PAYLOAD_BYTES}"));
+        }
+        if self.redis_user.is_some() != self.redis_password_file.is_some() {
+            return Err("give --redis-user and --redis-password-file together".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where the switch stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Switch {
+    /// No switch asked for yet.
+    Idle,
+    /// Asked: waiting for a node caught up with the journal.
+    WaitingForNode,
+    /// Writes paused at `target` (the running Redis's offset then) since
+    /// `paused_at_ms`: appending until the journal holds it.
+    Draining { target: u64, paused_at_ms: u64 },
+    /// The journal holds everything acknowledged: fence the running Redis.
+    Fence,
+    /// Given up before the fence: unpause, go on adopting.
+    GiveUp(String),
+}
+
+impl Switch {
+    /// The switch file appeared (or is still there).
+    pub fn asked(&mut self) {
+        if *self == Switch::Idle {
+            *self = Switch::WaitingForNode;
+        }
+    }
+
+    /// A node is caught up: pause now (the caller pauses, then calls `paused`).
+    pub fn node_ready(&self) -> bool {
+        *self == Switch::WaitingForNode
+    }
+
+    pub fn paused(&mut self, target: u64, now_ms: u64) {
+        *self = Switch::Draining { target, paused_at_ms: now_ms };
+    }
+
+    /// The journal now ends at `journaled`: fence once it holds the target;
+    /// give up when the pause would lapse first (half of it: the rest is
+    /// for the fence and the unpause).
+    pub fn journaled(&mut self, journaled: u64, now_ms: u64, pause_ms: u64) {
+        if let Switch::Draining { target, paused_at_ms } = *self {
+            if journaled >= target {
+                *self = Switch::Fence;
+            } else if now_ms.saturating_sub(paused_at_ms) > pause_ms / 2 {
+                *self = Switch::GiveUp(format!(
+                    "the journal reached offset {journaled}, not the paused Redis's {target}, within {} ms; writes resume there",
+                    pause_ms / 2
+                ));
+            }
+        }
+    }
+}
+
+/// Whether a node whose Redis reports this `INFO replication` is caught up
+/// with a journal ending at `journaled`.
+pub fn caught_up(info: &str, journaled: u64) -> bool {
+    let offset: Option<u64> = info_field(info, "master_repl_offset").and_then(|o| o.parse().ok());
+    info_field(info, "role") == Some("slave")
+        && info_field(info, "master_link_status") == Some("up")
+        && offset.is_some_and(|o| o + READY_SLACK_BYTES >= journaled)
+}
+
+fn now_unix_ms() -> u64 {
+    crate::handover::now_unix_ms()
+}
+
+/// A connection to the running Redis, authenticated if configured.
+async fn connect(cfg: &AdoptConfig) -> Result<Conn, String> {
+    let mut c = Conn::open(&cfg.redis).await?;
+    if let (Some(user), Some(file)) = (&cfg.redis_user, &cfg.redis_password_file) {
+        let password = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        match c.request(&[b"AUTH", user.as_bytes(), password.trim_end().as_bytes()]).await? {
+            Reply::Status(_) => {}
+            other => return Err(format!("the running Redis at {} refused AUTH as {user}: {other:?}", cfg.redis)),
+        }
+    }
+    Ok(c)
+}
+
+/// One command to the running Redis; an error reply is an error.
+async fn command(c: &mut Conn, args: &[&str]) -> Result<Reply, String> {
+    let words: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    match tokio::time::timeout(Duration::from_secs(10), c.request(&words)).await {
+        Ok(Ok(Reply::Error(e))) => Err(format!("{} answered -{e}", args.join(" "))),
+        Ok(r) => r,
+        Err(_) => Err(format!("{} was not answered within 10 s", args.join(" "))),
+    }
+}
+
+fn journal_err(what: &str) -> impl Fn(JournalError) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Adopts the running Redis; returns what happened at the switch.
+pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
+    cfg.validate()?;
+    tokio::fs::create_dir_all(&cfg.work_dir).await.map_err(|e| format!("{}: {e}", cfg.work_dir.display()))?;
+    let me = crate::primary::node_uuid(&cfg.work_dir.join("id")).map_err(|e| format!("{}: {e}", cfg.work_dir.display()))?;
+    let journal = Arc::new(JournalClient::from_list(&cfg.journal, &cfg.journal_tls).map_err(|e| e.to_string())?);
+    let store = SnapshotStore::open(&cfg.store)?;
+    match journal.stream_info(&cfg.stream).await {
+        Ok(i) if i.last_seq > 0 => {
+            return Err(format!(
+                "stream {} already holds {} records: an adoption starts a new stream (a new deployment directory)",
+                cfg.stream, i.last_seq
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if e.rejection() == Some(&keel_journal_client::errors::Rejection::UnknownStream) => {}
+        Err(e) => return Err(format!("stream {}: {e}", cfg.stream)),
+    }
+    let lease = journal.take_lease(&cfg.stream, &me, 0, cfg.lease_ms).await.map_err(journal_err("taking the new stream's lease"))?;
+    let mut last_seq = lease.last_seq;
+    let adopting = HandoverRecord { from: me.clone(), to: Some(crate::handover::ADOPTING.into()), until_unix_ms: u64::MAX };
+    crate::handover::announce(&journal, &cfg.stream, &adopting).await?;
+
+    let mut admin = connect(&cfg).await?;
+    let engine = Engine::from_info(&admin.info("server").await?);
+    let engine_handle: crate::feeder::EngineHandle = Arc::new(std::sync::Mutex::new(engine.clone()));
+    let member = Member { uuid: me.clone(), redis: cfg.announce.clone(), sentinel: String::new(), seen_unix_ms: 0, engine: String::new() };
+    let registered = tokio::spawn(crate::node::keep_registered(journal.clone(), cfg.stream.clone(), member, engine_handle));
+    let registered = AbortOnDrop(registered);
+
+    // The full sync.
+    let mut link = connect(&cfg).await?;
+    command(&mut link, &["PING"]).await?;
+    command(&mut link, &["REPLCONF", "capa", "psync2"]).await?;
+    link.send(&[b"PSYNC", b"?", b"-1"]).await?;
+    let (replid, base_offset) = match link.reply().await? {
+        Reply::Status(s) if s.starts_with("FULLRESYNC ") => {
+            let mut w = s.split_whitespace().skip(1);
+            let replid = w.next().unwrap_or("").to_string();
+            let offset: u64 = w.next().and_then(|o| o.parse().ok()).ok_or_else(|| format!("bad FULLRESYNC answer {s:?}"))?;
+            (replid, offset)
+        }
+        other => return Err(format!("the running Redis answered PSYNC with {other:?}, not a full resync")),
+    };
+    let rdb_path = cfg.work_dir.join("base.rdb");
+    let t0 = Instant::now();
+    let (rdb_sha256, rdb_bytes) = receive_rdb(&mut link, &rdb_path).await?;
+    tracing::info!(%replid, offset = base_offset, rdb_bytes, ms = t0.elapsed().as_millis() as u64, "received the running Redis's dataset");
+
+    // Publish it as the first snapshot, spooling the stream meanwhile.
+    let base_seq = last_seq + 1;
+    let (mut r, mut w) = link.split();
+    let spool_path = cfg.work_dir.join("stream.spool");
+    let mut spool = tokio::fs::File::create(&spool_path).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+    let mut spooled = 0u64;
+    let meta_parts = BaseParts {
+        stream: cfg.stream.clone(),
+        seq: base_seq,
+        replid: replid.clone(),
+        offset: base_offset,
+        engine: engine.clone(),
+        rdb_sha256,
+        rdb_bytes,
+    };
+    let mut publish = Box::pin(publish_base(&store, &journal, &cfg, meta_parts, &rdb_path));
+    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    let mut lease_renewed = Instant::now();
+    let mut acked = Instant::now();
+    let published = loop {
+        tokio::select! {
+            n = r.read(&mut buf) => {
+                let n = n.map_err(|e| format!("the running Redis's replication link: {e}"))?;
+                if n == 0 {
+                    return Err("the running Redis closed the replication link while the base was published; start the adoption again".into());
+                }
+                spool.write_all(&buf[..n]).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+                spooled += n as u64;
+                if spooled > cfg.max_spool_bytes {
+                    return Err(format!("the running Redis wrote over --max-spool-bytes {} while its base was published; raise it", cfg.max_spool_bytes));
+                }
+            }
+            p = &mut publish => break p?,
+            _ = tokio::time::sleep(Duration::from_millis(TICK_MS)) => {
+                keep_lease(&journal, &cfg, &me, &mut lease_renewed).await?;
+                if acked.elapsed() >= Duration::from_millis(REPLCONF_ACK_MS) {
+                    let at = (base_offset + spooled).to_string();
+                    w.send(&[b"REPLCONF", b"ACK", at.as_bytes()]).await?;
+                    acked = Instant::now();
+                }
+            }
+        }
+    };
+    drop(publish);
+    spool.sync_all().await.map_err(|e| e.to_string())?;
+    drop(spool);
+    let _ = tokio::fs::remove_file(&rdb_path).await;
+    tracing::info!(seq = published.seq, key = %published.key, spooled, "published the running Redis's dataset as the stream's first snapshot");
+
+    let mut session = AppendSession::new(journal.clone());
+    let end_rec = Record { kind: Kind::RdbEnd, replid: replid.clone(), start: base_offset, end: base_offset, payload: Vec::new() };
+    last_seq = crate::primary::append_records(&mut session, &cfg.stream, &me, &[end_rec], last_seq, cfg.retry_pause_ms).await.map_err(|e| e.to_string())?;
+    assert_eq!(last_seq, base_seq, "under the lease, the base's record is the one the snapshot names");
+
+    let mut tail = Tail { replid, end: base_offset, last_seq, cuts: Cuts::new(base_offset), pending: Vec::new() };
+    // The spool first, then the live stream.
+    let mut spool = tokio::fs::File::open(&spool_path).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+    loop {
+        let n = spool.read(&mut buf).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+        if n == 0 {
+            break;
+        }
+        tail.take_bytes(&buf[..n]);
+        tail.flush(&mut session, &cfg, &me).await?;
+        keep_lease(&journal, &cfg, &me, &mut lease_renewed).await?;
+    }
+    drop(spool);
+    let _ = tokio::fs::remove_file(&spool_path).await;
+    tracing::info!(offset = tail.end, seq = tail.last_seq, "the spooled stream is journaled; following the running Redis live");
+
+    let mut switch = Switch::Idle;
+    let mut waiting_logged = Instant::now() - Duration::from_secs(60);
+    let t_start = Instant::now();
+    let ms = || t_start.elapsed().as_millis() as u64;
+    loop {
+        let reading = tail.pending.len() < cfg.max_buffered_bytes;
+        tokio::select! {
+            n = r.read(&mut buf), if reading => {
+                let n = n.map_err(|e| format!("the running Redis's replication link: {e}"))?;
+                if n == 0 {
+                    return Err(format!(
+                        "the running Redis closed the replication link at offset {} (restarted? its output buffer limit?); \
+                         the stream holds everything journaled so far: start the adoption again in a new directory",
+                        tail.end
+                    ));
+                }
+                tail.take_bytes(&buf[..n]);
+                tail.flush(&mut session, &cfg, &me).await?;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(if matches!(switch, Switch::Draining { .. }) { 2 } else { TICK_MS })) => {}
+        }
+        keep_lease(&journal, &cfg, &me, &mut lease_renewed).await?;
+        if acked.elapsed() >= Duration::from_millis(REPLCONF_ACK_MS) {
+            let at = tail.end.to_string();
+            w.send(&[b"REPLCONF", b"ACK", at.as_bytes()]).await?;
+            acked = Instant::now();
+        }
+        if switch == Switch::Idle && cfg.switch_file.exists() {
+            switch.asked();
+            tracing::info!(file = %cfg.switch_file.display(), "switch asked for; waiting for a node caught up with the journal");
+        }
+        if switch.node_ready() {
+            match ready_node(&journal, &cfg, &me, tail.end).await {
+                Some(node) => {
+                    command(&mut admin, &["CLIENT", "PAUSE", &cfg.pause_ms.to_string(), "WRITE"]).await?;
+                    let info = admin.info("replication").await?;
+                    let target: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).ok_or("INFO replication has no master_repl_offset")?;
+                    tracing::info!(%node, target, journaled = tail.end, "writes paused on the running Redis; journaling up to their offset");
+                    switch.paused(target, ms());
+                }
+                None if waiting_logged.elapsed() > Duration::from_secs(5) => {
+                    tracing::info!(journaled = tail.end, "no node is caught up with the journal yet");
+                    waiting_logged = Instant::now();
+                }
+                None => {}
+            }
+        }
+        switch.journaled(tail.end, ms(), cfg.pause_ms);
+        match &switch {
+            Switch::GiveUp(why) => {
+                tracing::warn!(%why, "switch given up");
+                command(&mut admin, &["CLIENT", "UNPAUSE"]).await?;
+                let _ = std::fs::remove_file(&cfg.switch_file);
+                switch = Switch::Idle;
+            }
+            Switch::Fence => {
+                drop(registered);
+                return finish(&cfg, &journal, &me, &mut admin, tail.end).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The switch's last steps, the journal holding every acknowledged write
+/// at `journaled`: fence the running Redis, release the lease, wait for a
+/// node to take it, shut the running Redis down.
+async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mut Conn, journaled: u64) -> Result<String, String> {
+    let fenced = Instant::now();
+    let (host, port) = match cfg.redis.to_string().rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.to_string()),
+        None => return Err(format!("the running Redis's address {} is not host:port", cfg.redis)),
+    };
+    // A replica of itself never connects (it answers its own PSYNC with
+    // -NOMASTERLINK) and never takes a write; with stale data refused its
+    // clients get an error for every data command and rediscover.
+    let fence = async {
+        command(admin, &["CONFIG", "SET", "replica-serve-stale-data", "no"]).await?;
+        command(admin, &["REPLICAOF", &host, &port]).await?;
+        command(admin, &["CLIENT", "UNPAUSE"]).await
+    };
+    if let Err(e) = fence.await {
+        let _ = command(admin, &["REPLICAOF", "NO", "ONE"]).await;
+        let _ = command(admin, &["CLIENT", "UNPAUSE"]).await;
+        return Err(format!("could not fence the running Redis ({e}); it takes writes again: run the adoption again"));
+    }
+    tracing::info!(journaled, "the running Redis is read-only now; releasing the lease");
+    let handing = HandoverRecord { from: me.to_string(), to: None, until_unix_ms: now_unix_ms() + TAKEOVER_MS };
+    if let Err(e) = crate::handover::announce(journal, &cfg.stream, &handing).await {
+        tracing::warn!(error = %e, "writing the handover record");
+    }
+    if let Err(e) = journal.set_leader(&cfg.stream, "", me).await {
+        tracing::warn!(error = %e, "releasing the lease: no clear answer; looking at the stream");
+    }
+    let deadline = Instant::now() + Duration::from_millis(TAKEOVER_MS);
+    let successor = loop {
+        match journal.stream_info(&cfg.stream).await {
+            Ok(i) if !i.leader_uuid.is_empty() && i.leader_uuid != me => break Some(i.leader_uuid),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(crate::handover::HANDOVER_POLL_MS)).await;
+    };
+    let members = journal.get_meta(&cfg.stream, crate::node::MEMBERS_KEY).await.ok().flatten();
+    let mut list = members.as_deref().map(crate::node::parse_members).unwrap_or_default();
+    let Some(successor) = successor else {
+        return Err(format!(
+            "no node took the released lease within {TAKEOVER_MS} ms; the running Redis stays read-only and the first node \
+             to catch up with the journal takes the primary role (scripts/cluster status)"
+        ));
+    };
+    let addr = list.iter().find(|m| m.uuid == successor).map(|m| m.redis.clone()).unwrap_or(successor.clone());
+    let switch_ms = fenced.elapsed().as_millis() as u64;
+    // This process is no member any more.
+    list.retain(|m| m.uuid != me);
+    if let Err(e) = journal.cas_meta(&cfg.stream, crate::node::MEMBERS_KEY, members, crate::node::render_members(&list)).await {
+        tracing::warn!(error = %e, "leaving the members list (its entry goes stale by itself)");
+    }
+    let old = if cfg.keep_old {
+        format!("{} stays up, read-only", cfg.redis)
+    } else {
+        match command(admin, &["SHUTDOWN", "NOW"]).await {
+            Err(e) if !e.contains("closed") && !e.contains("connection") => {
+                let _ = command(admin, &["SHUTDOWN", "NOSAVE", "NOW"]).await;
+                format!("{} shut down without saving ({e})", cfg.redis)
+            }
+            _ => format!("{} shut down", cfg.redis),
+        }
+    };
+    Ok(format!("adopted: the primary is now {addr} (from the fence to its lease: {switch_ms} ms); {old}"))
+}
+
+/// Renews the lease when a third of it has passed.
+async fn keep_lease(journal: &JournalClient, cfg: &AdoptConfig, me: &str, renewed: &mut Instant) -> Result<(), String> {
+    if renewed.elapsed() < Duration::from_millis(cfg.lease_ms / 3) {
+        return Ok(());
+    }
+    match journal.renew_lease(&cfg.stream, me).await {
+        Ok(_) => *renewed = Instant::now(),
+        Err(e @ JournalError::Fenced { .. }) => return Err(format!("the adoption lost the stream's lease: {e}")),
+        Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+    }
+    Ok(())
+}
+
+/// A live member (not this process) whose Redis is caught up with the
+/// journal's end `journaled`.
+async fn ready_node(journal: &JournalClient, cfg: &AdoptConfig, me: &str, journaled: u64) -> Option<String> {
+    let members = journal.get_meta(&cfg.stream, crate::node::MEMBERS_KEY).await.ok().flatten()?;
+    let now = now_unix_ms();
+    for m in crate::node::parse_members(&members) {
+        if m.uuid == me || m.seen_unix_ms + crate::node::MEMBER_STALE_MS < now {
+            continue;
+        }
+        let Ok(addr) = RedisAddr::parse(&m.redis) else { continue };
+        let info = async { Conn::open(&addr).await?.info("replication").await };
+        if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_millis(500), info).await {
+            if caught_up(&info, journaled) {
+                return Some(m.redis);
+            }
+        }
+    }
+    None
+}
+
+/// Reads the full sync's RDB (`$<len>` then the bytes) into `path`, synced;
+/// returns its SHA-256 and length.
+async fn receive_rdb(link: &mut Conn, path: &std::path::Path) -> Result<(String, u64), String> {
+    let header = link.bulk_header().await?;
+    let len: u64 = header
+        .strip_prefix('$')
+        .and_then(|l| l.parse().ok())
+        .ok_or_else(|| format!("unexpected RDB header {header:?} from the running Redis (an EOF-marked diskless sync was not asked for)"))?;
+    let mut f = tokio::fs::File::create(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut left = len;
+    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        link.read_exact(&mut buf[..n]).await?;
+        h.update(&buf[..n]);
+        f.write_all(&buf[..n]).await.map_err(|e| format!("{}: {e}", path.display()))?;
+        left -= n as u64;
+    }
+    f.sync_all().await.map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((crate::snapshot::hex(&h.finalize()), len))
+}
+
+/// What the base's snapshot meta is made of.
+struct BaseParts {
+    stream: String,
+    seq: u64,
+    replid: String,
+    offset: u64,
+    engine: Option<Engine>,
+    rdb_sha256: String,
+    rdb_bytes: u64,
+}
+
+/// Checks the base RDB loads (in a private server: its `DEBUG DIGEST`),
+/// uploads it and publishes it as the stream's first snapshot, standing at
+/// record `seq` (the base's `RdbEnd`, journaled next).
+async fn publish_base(store: &SnapshotStore, journal: &JournalClient, cfg: &AdoptConfig, p: BaseParts, rdb: &std::path::Path) -> Result<SnapshotMeta, String> {
+    let check_dir = cfg.work_dir.join("check");
+    let _ = tokio::fs::remove_dir_all(&check_dir).await;
+    tokio::fs::create_dir_all(&check_dir).await.map_err(|e| format!("{}: {e}", check_dir.display()))?;
+    tokio::fs::hard_link(rdb, check_dir.join("dump.rdb")).await.map_err(|e| format!("{}: {e}", check_dir.display()))?;
+    let digest = crate::snapshotter::digest_of_rdb(&cfg.redis_server, &check_dir).await;
+    let _ = tokio::fs::remove_dir_all(&check_dir).await;
+    let digest = digest.map_err(|e| format!("the running Redis's RDB does not load in {}: {e}", cfg.redis_server.display()))?;
+    let mut head = [0u8; 9];
+    tokio::fs::File::open(rdb).await.map_err(|e| e.to_string())?.read_exact(&mut head).await.map_err(|e| format!("{}: {e}", rdb.display()))?;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let key = crate::snapshot::object_key(&p.stream, p.seq, &id);
+    let (engine, engine_version) = match &p.engine {
+        Some(e) => (e.name.clone(), format!("{}.{}.{}", e.version.0, e.version.1, e.version.2)),
+        None => ("redis".into(), "unknown".into()),
+    };
+    let meta = SnapshotMeta {
+        format: crate::snapshot::SNAPSHOT_META_FORMAT,
+        stream: p.stream,
+        seq: p.seq,
+        offset: p.offset,
+        replid: p.replid.clone(),
+        origin_replid: p.replid,
+        origin_offset: p.offset,
+        engine,
+        engine_version,
+        rdb_version: crate::snapshot::rdb_version(&head)?,
+        rdb_bytes: p.rdb_bytes,
+        rdb_sha256: p.rdb_sha256,
+        digest,
+        // Nothing of the stream before the base: the chain starts here.
+        stream_sha256: StreamSum::after(None, Some(p.offset)).hex(),
+        created_unix_ms: now_unix_ms(),
+        key: key.clone(),
+    };
+    meta.check()?;
+    let n = store.upload_file(&key, rdb).await?;
+    if n != meta.rdb_bytes {
+        return Err(format!("the store took {n} bytes of the base; it is {} bytes", meta.rdb_bytes));
+    }
+    store.put_small(&meta.meta_key(), meta.encode()).await?;
+    journal.cas_meta(&cfg.stream, SNAPSHOT_META_KEY, None, meta.encode()).await.map_err(|e| format!("publishing the base snapshot: {e}"))?;
+    Ok(meta)
+}
+
+/// The journaled history's end and the stream bytes not journaled yet.
+struct Tail {
+    replid: String,
+    /// The offset the journal's stream ends at (a whole-command cut).
+    end: u64,
+    last_seq: u64,
+    cuts: Cuts,
+    /// Bytes from `end` on.
+    pending: Vec<u8>,
+}
+
+impl Tail {
+    fn take_bytes(&mut self, b: &[u8]) {
+        self.cuts.feed(b);
+        self.pending.extend_from_slice(b);
+    }
+
+    /// Appends every pending byte up to the last cut point.
+    async fn flush(&mut self, session: &mut AppendSession, cfg: &AdoptConfig, me: &str) -> Result<(), String> {
+        loop {
+            let mut recs = Vec::new();
+            let mut at = self.end;
+            let mut used = 0usize;
+            while recs.len() < RECORDS_PER_APPEND {
+                let n = self.cuts.sendable(MAX_PAYLOAD_BYTES as u64, MAX_PAYLOAD_BYTES as u64) as usize;
+                if n == 0 {
+                    break;
+                }
+                self.cuts.take(n as u64);
+                recs.push(Record { kind: Kind::Stream, replid: self.replid.clone(), start: at, end: at + n as u64, payload: self.pending[used..used + n].to_vec() });
+                at += n as u64;
+                used += n;
+            }
+            if recs.is_empty() {
+                return Ok(());
+            }
+            self.last_seq = crate::primary::append_records(session, &cfg.stream, me, &recs, self.last_seq, cfg.retry_pause_ms).await.map_err(|e| e.to_string())?;
+            self.pending.drain(..used);
+            self.end = at;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_switch_pauses_once_a_node_is_ready_and_fences_once_the_journal_holds_the_pause() {
+        let mut s = Switch::Idle;
+        assert!(!s.node_ready(), "nothing asked");
+        s.asked();
+        assert!(s.node_ready());
+        s.paused(1_000, 10);
+        assert!(!s.node_ready());
+        s.journaled(900, 20, 10_000);
+        assert_eq!(s, Switch::Draining { target: 1_000, paused_at_ms: 10 });
+        s.journaled(1_000, 30, 10_000);
+        assert_eq!(s, Switch::Fence);
+        s.asked();
+        assert_eq!(s, Switch::Fence, "asking again changes nothing");
+    }
+
+    #[test]
+    fn a_journal_that_does_not_catch_up_within_half_the_pause_gives_the_switch_up() {
+        let mut s = Switch::Idle;
+        s.asked();
+        s.paused(1_000, 0);
+        s.journaled(999, 5_000, 10_000);
+        assert!(matches!(s, Switch::Draining { .. }), "at half the pause it still waits");
+        s.journaled(999, 5_001, 10_000);
+        assert!(matches!(&s, Switch::GiveUp(why) if why.contains("999") && why.contains("1000")));
+    }
+
+    #[test]
+    fn a_node_is_ready_when_its_redis_is_a_linked_replica_near_the_journals_end() {
+        let info = |role: &str, link: &str, off: u64| format!("# Replication\r\nrole:{role}\r\nmaster_link_status:{link}\r\nmaster_repl_offset:{off}\r\n");
+        assert!(caught_up(&info("slave", "up", 5_000), 5_000));
+        assert!(caught_up(&info("slave", "up", 5_000), 5_000 + READY_SLACK_BYTES));
+        assert!(!caught_up(&info("slave", "up", 5_000), 5_001 + READY_SLACK_BYTES), "too far behind");
+        assert!(!caught_up(&info("slave", "down", 5_000), 5_000), "its link is down");
+        assert!(!caught_up(&info("master", "up", 5_000), 5_000), "not a replica");
+        assert!(!caught_up("role:slave\r\nmaster_link_status:up\r\n", 0), "no offset");
+    }
+}
