@@ -352,6 +352,7 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
     tracing::info!(offset = tail.end, seq = tail.last_seq, "the spooled stream is journaled; following the running Redis live");
 
     let mut switch = Switch::Idle;
+    let mut paused_at = Instant::now();
     let mut waiting_logged = Instant::now() - Duration::from_secs(60);
     let t_start = Instant::now();
     let ms = || t_start.elapsed().as_millis() as u64;
@@ -390,6 +391,7 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
                     let target: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).ok_or("INFO replication has no master_repl_offset")?;
                     tracing::info!(%node, target, journaled = tail.end, "writes paused on the running Redis; journaling up to their offset");
                     switch.paused(target, ms());
+                    paused_at = Instant::now();
                 }
                 None if waiting_logged.elapsed() > Duration::from_secs(5) => {
                     tracing::info!(journaled = tail.end, "no node is caught up with the journal yet");
@@ -408,7 +410,7 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
             }
             Switch::Fence => {
                 drop(registered);
-                return finish(&cfg, &journal, &me, &mut admin, tail.end).await;
+                return finish(&cfg, &journal, &me, &mut admin, tail.end, paused_at).await;
             }
             _ => {}
         }
@@ -418,8 +420,7 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
 /// The switch's last steps, the journal holding every acknowledged write
 /// at `journaled`: fence the running Redis, release the lease, wait for a
 /// node to take it, shut the running Redis down.
-async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mut Conn, journaled: u64) -> Result<String, String> {
-    let fenced = Instant::now();
+async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mut Conn, journaled: u64, paused_at: Instant) -> Result<String, String> {
     let (host, port) = match cfg.redis.to_string().rsplit_once(':') {
         Some((h, p)) => (h.to_string(), p.to_string()),
         None => return Err(format!("the running Redis's address {} is not host:port", cfg.redis)),
@@ -465,7 +466,7 @@ async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mu
         ));
     };
     let addr = list.iter().find(|m| m.uuid == successor).map(|m| m.redis.clone()).unwrap_or(successor.clone());
-    let switch_ms = fenced.elapsed().as_millis() as u64;
+    let switch_ms = paused_at.elapsed().as_millis() as u64;
     // This process is no member any more.
     list.retain(|m| m.uuid != me);
     if let Err(e) = journal.cas_meta(&cfg.stream, crate::node::MEMBERS_KEY, members, crate::node::render_members(&list)).await {
@@ -482,7 +483,7 @@ async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mu
             _ => format!("{} shut down", cfg.redis),
         }
     };
-    Ok(format!("adopted: the primary is now {addr} (from the fence to its lease: {switch_ms} ms); {old}"))
+    Ok(format!("adopted: the primary is now {addr} (writes paused {switch_ms} ms, from the pause to its lease); {old}"))
 }
 
 /// Renews the lease when a third of it has passed.

@@ -275,6 +275,17 @@ mod tests {
     }
 
     #[test]
+    fn an_adoptions_record_keeps_every_node_out_and_nobody_polling_fast() {
+        let r = HandoverRecord { from: "adopter".into(), to: Some(ADOPTING.into()), until_unix_ms: u64::MAX };
+        assert_eq!(HandoverRecord::decode(&r.encode()), Some(r.clone()), "it round-trips");
+        assert!(r.adopting());
+        assert!(r.keeps_out("any-node", 1) && r.keeps_out("another", u64::MAX - 1));
+        assert!(!r.poll_fast("adopter", 1), "nodes poll at their own pace during an adoption");
+        let plain = HandoverRecord { from: "a".into(), to: None, until_unix_ms: 100 };
+        assert!(!plain.adopting());
+    }
+
+    #[test]
     fn records_round_trip_and_junk_is_no_record() {
         let r = HandoverRecord { from: "a".into(), to: Some("b".into()), until_unix_ms: 7 };
         assert_eq!(HandoverRecord::decode(&r.encode()), Some(r));
