@@ -58,6 +58,14 @@ impl Engine {
         Engine::from_info(&format!("{}_version:{v}\n", name))
     }
 
+    /// From a server binary's `--version` line: `Redis server v=7.0.15 …`,
+    /// `Valkey server v=9.1.2 …`.
+    pub fn from_version_output(out: &str) -> Option<Engine> {
+        let name = out.split_whitespace().next()?.to_ascii_lowercase();
+        let v = out.split_whitespace().find_map(|w| w.strip_prefix("v="))?;
+        Engine::from_tag(&format!("{name}/{v}"))
+    }
+
     /// The RDB version this engine writes.
     pub fn rdb_version(&self) -> u32 {
         let (major, minor, _) = self.version;
@@ -89,6 +97,35 @@ impl Engine {
             self.name
         ))
     }
+}
+
+/// Which of the snapshotter's `servers` builds the next snapshot: the
+/// newest whose RDB every live member (`members`) loads and which loads
+/// the previous snapshot (RDB version `prev_rdb`). During a rolling upgrade
+/// that is the oldest engine's server, until every node runs the new one,
+/// so the upgrade can still be abandoned. `None` and its reason when no
+/// server fits.
+pub fn pick_builder(servers: &[Engine], prev_rdb: Option<u32>, members: &[Engine]) -> Result<usize, String> {
+    let fits = |s: &Engine| {
+        prev_rdb.is_none_or(|r| s.can_load(r, "the previous snapshot").is_ok()) && members.iter().all(|m| m.can_load(s.rdb_version(), "").is_ok())
+    };
+    servers
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| fits(s))
+        .max_by_key(|(i, s)| (s.rdb_version(), std::cmp::Reverse(*i)))
+        .map(|(i, _)| i)
+        .ok_or_else(|| {
+            let names: Vec<String> = servers.iter().map(Engine::tag).collect();
+            let nodes: Vec<String> = members.iter().map(Engine::tag).collect();
+            format!(
+                "none of the snapshotter's servers ({}) writes an RDB every node ({}) loads{}: give it the oldest node's \
+                 server too (--redis-server, repeated)",
+                names.join(", "),
+                nodes.join(", "),
+                prev_rdb.map(|r| format!(" and loads the previous snapshot (RDB version {r})")).unwrap_or_default()
+            )
+        })
 }
 
 #[cfg(test)]
@@ -140,6 +177,32 @@ mod tests {
         assert!(r70.can_load(r72.rdb_version(), "x").is_err());
         assert!(v8.can_load(v9.rdb_version(), "x").is_err());
         assert!(v9.can_load(r74.rdb_version(), "x").is_err(), "Redis 7.4's RDB 12 is not Valkey's");
+    }
+
+    #[test]
+    fn version_lines_name_the_engine() {
+        assert_eq!(Engine::from_version_output("Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64"), Some(redis("7.0.15")));
+        assert_eq!(Engine::from_version_output("Valkey server v=9.1.2 sha=00000000:1 malloc=libc bits=64"), Some(valkey("9.1.2")));
+        assert_eq!(Engine::from_version_output("KeyDB server v=6.3.4"), None);
+        assert_eq!(Engine::from_version_output(""), None);
+    }
+
+    #[test]
+    fn snapshots_are_built_by_the_newest_server_every_node_loads() {
+        let (r70, v9) = (redis("7.0.15"), valkey("9.1.2"));
+        let servers = [v9.clone(), r70.clone()];
+        // Mid-upgrade: a Redis 7.0 node is left, so Redis 7.0 builds.
+        assert_eq!(pick_builder(&servers, Some(10), &[r70.clone(), v9.clone()]), Ok(1));
+        // Every node upgraded: Valkey builds (it loads Redis's last snapshot).
+        assert_eq!(pick_builder(&servers, Some(10), &[v9.clone(), v9.clone()]), Ok(0));
+        // Back to Redis 7.0 after Valkey's snapshots: nothing fits, with why.
+        let e = pick_builder(&servers, Some(80), &[r70.clone()]).unwrap_err();
+        assert!(e.contains("redis/7.0.15") && e.contains("RDB version 80") && e.contains("--redis-server"), "{e}");
+        // One server, every node on it: that one.
+        assert_eq!(pick_builder(&[r70.clone()], None, &[r70.clone(), r70.clone()]), Ok(0));
+        assert!(pick_builder(&[v9.clone()], None, &[r70.clone()]).is_err());
+        // No member known: the newest server.
+        assert_eq!(pick_builder(&servers, None, &[]), Ok(0));
     }
 
     proptest! {

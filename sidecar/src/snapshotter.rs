@@ -70,8 +70,10 @@ pub struct SnapshotterConfig {
     pub journal_tls: keel_journal_client::tls::JournalTls,
     pub stream: String,
     pub store: String,
-    /// The redis-server (or valkey-server) binary the private servers run.
-    pub redis_server: PathBuf,
+    /// The redis-server (or valkey-server) binaries the private servers may
+    /// run: each cycle builds with the newest every live node loads
+    /// (engine.rs, `pick_builder`).
+    pub servers: Vec<PathBuf>,
     /// Where private servers keep their files, and the snapshotter its id.
     pub work_dir: PathBuf,
     /// Untrimmed journal bytes that make a new snapshot due.
@@ -120,8 +122,19 @@ impl SnapshotterConfig {
         if self.stream.is_empty() {
             return Err("--stream must not be empty".into());
         }
+        if self.servers.is_empty() {
+            return Err("give at least one --redis-server".into());
+        }
         Ok(())
     }
+}
+
+/// The engine of a server binary, from its `--version`.
+fn engine_of(bin: &Path) -> Result<crate::engine::Engine, String> {
+    let out = std::process::Command::new(bin).arg("--version").output().map_err(|e| format!("--redis-server {}: {e}", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    crate::engine::Engine::from_version_output(&text)
+        .ok_or_else(|| format!("--redis-server {}: its --version ({:?}) names no engine Keel knows", bin.display(), text.lines().next().unwrap_or("")))
 }
 
 /// Whether a snapshot is due: the journal holds `untrimmed_bytes` and
@@ -167,6 +180,8 @@ pub struct Snapshotter {
     journal: Arc<JournalClient>,
     store: SnapshotStore,
     me: String,
+    /// The engine of each of `cfg.servers`.
+    engines: Vec<crate::engine::Engine>,
     /// Whether the threshold was said to be capped by the quota (once).
     warned_threshold: std::sync::atomic::AtomicBool,
 }
@@ -181,7 +196,8 @@ impl Snapshotter {
         let journal = Arc::new(JournalClient::from_list(&cfg.journal, &cfg.journal_tls).map_err(|e| e.to_string())?);
         let store = SnapshotStore::open(&cfg.store)?;
         let me = crate::primary::node_uuid(&cfg.work_dir).map_err(|e| format!("work dir {}: {e}", cfg.work_dir.display()))?;
-        Ok(Snapshotter { cfg, journal, store, me, warned_threshold: Default::default() })
+        let engines = cfg.servers.iter().map(|b| engine_of(b)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Snapshotter { cfg, journal, store, me, engines, warned_threshold: Default::default() })
     }
 
     pub fn store(&self) -> &SnapshotStore {
@@ -296,9 +312,10 @@ impl Snapshotter {
         if target <= prev.as_ref().map(|p| p.seq).unwrap_or(0) {
             return Ok(Cycle::NothingNew(prev));
         }
+        let server = self.builder(prev.as_ref()).await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let build_dir = self.cfg.work_dir.join(format!("build-{id}"));
-        let built = self.build(prev.as_ref(), target, &build_dir, &id).await;
+        let built = self.build(server, prev.as_ref(), target, &build_dir, &id).await;
         let _ = tokio::fs::remove_dir_all(&build_dir).await;
         let mut meta = built?;
         let built_ms = t0.elapsed().as_millis();
@@ -306,7 +323,7 @@ impl Snapshotter {
             self.inject(f, &mut meta).await?;
         }
         let verify_dir = self.cfg.work_dir.join(format!("verify-{id}"));
-        let verified = self.verify(&meta, prev.as_ref(), &verify_dir).await;
+        let verified = self.verify(server, &meta, prev.as_ref(), &verify_dir).await;
         let _ = tokio::fs::remove_dir_all(&verify_dir).await;
         if let Err(e) = verified {
             self.discard(&meta).await;
@@ -402,7 +419,22 @@ impl Snapshotter {
         }
     }
 
-    async fn build(&self, prev: Option<&SnapshotMeta>, target: u64, dir: &Path, id: &str) -> Result<SnapshotMeta, String> {
+    /// The server this cycle builds with (`pick_builder`), from the live
+    /// members' engines.
+    async fn builder(&self, prev: Option<&SnapshotMeta>) -> Result<&Path, String> {
+        let members = self.journal.get_meta(&self.cfg.stream, crate::node::MEMBERS_KEY).await.map_err(|e| format!("reading the stream's members: {e}"))?;
+        let members = members.as_deref().map(crate::node::parse_members).unwrap_or_default();
+        let now = now_unix_ms();
+        let engines: Vec<crate::engine::Engine> = members
+            .iter()
+            .filter(|m| now.saturating_sub(m.seen_unix_ms) < crate::node::MEMBER_STALE_MS)
+            .filter_map(|m| crate::engine::Engine::from_tag(&m.engine))
+            .collect();
+        let i = crate::engine::pick_builder(&self.engines, prev.map(|p| p.rdb_version), &engines)?;
+        Ok(&self.cfg.servers[i])
+    }
+
+    async fn build(&self, server: &Path, prev: Option<&SnapshotMeta>, target: u64, dir: &Path, id: &str) -> Result<SnapshotMeta, String> {
         tokio::fs::create_dir_all(dir).await.map_err(|e| format!("{}: {e}", dir.display()))?;
         let rdb = dir.join("dump.rdb");
         if let Some(p) = prev {
@@ -426,7 +458,7 @@ impl Snapshotter {
             tokio::spawn(async move { f.serve(&listener, stop_rx).await })
         };
         let result = async {
-            let redis = PrivateRedis::start(&self.cfg.redis_server, dir, Some((feed_port, feeder.token()))).await?;
+            let redis = PrivateRedis::start(server, dir, Some((feed_port, feeder.token()))).await?;
             // Wait until the private server applied every byte fed, and
             // the feed stopped at its cut.
             let mut progress = feeder.progress.subscribe();
@@ -526,7 +558,7 @@ impl Snapshotter {
         Ok(())
     }
 
-    async fn verify(&self, meta: &SnapshotMeta, prev: Option<&SnapshotMeta>, dir: &Path) -> Result<(), String> {
+    async fn verify(&self, server: &Path, meta: &SnapshotMeta, prev: Option<&SnapshotMeta>, dir: &Path) -> Result<(), String> {
         tokio::fs::create_dir_all(dir).await.map_err(|e| format!("{}: {e}", dir.display()))?;
         let rdb = dir.join("dump.rdb");
         let (sum, n) = self.store.download(&meta.key, &rdb).await?;
@@ -539,7 +571,7 @@ impl Snapshotter {
         }
         // A replica of nobody: it keeps keys whose TTL passed (as the
         // build server did) and expires nothing while we look.
-        let digest = digest_of_rdb(&self.cfg.redis_server, dir).await?;
+        let digest = digest_of_rdb(server, dir).await?;
         if digest != meta.digest {
             return Err(format!("the rehearsal restore's DEBUG DIGEST is {digest}, the built dataset's was {}", meta.digest));
         }
@@ -713,7 +745,7 @@ mod tests {
             journal_tls: Default::default(),
             stream: "s".into(),
             store: "/tmp/x".into(),
-            redis_server: "redis-server".into(),
+            servers: vec!["redis-server".into()],
             work_dir: "/tmp/y".into(),
             every_bytes: 64 << 20,
             poll_ms: 1000,
@@ -726,6 +758,7 @@ mod tests {
         assert!(SnapshotterConfig { every_bytes: 10, ..good.clone() }.validate().is_err());
         assert!(SnapshotterConfig { poll_ms: 0, ..good.clone() }.validate().is_err());
         assert!(SnapshotterConfig { cycle_timeout_ms: 1, ..good.clone() }.validate().is_err());
+        assert!(SnapshotterConfig { servers: vec![], ..good.clone() }.validate().is_err());
         assert!(SnapshotterConfig { stream: "".into(), ..good }.validate().is_err());
     }
 }

@@ -157,9 +157,11 @@ enum Cmd {
         /// endpoint and credentials).
         #[arg(long, env = "KEEL_STORE")]
         store: String,
-        /// The server binary of the private servers.
-        #[arg(long, default_value = "redis-server")]
-        redis_server: PathBuf,
+        /// A server binary the private servers may run; repeat it to give
+        /// several engines (e.g. during a rolling upgrade): each snapshot is
+        /// built by the newest every live node loads.
+        #[arg(long, default_value = "redis-server", action = clap::ArgAction::Append)]
+        redis_server: Vec<PathBuf>,
         #[arg(long)]
         work_dir: PathBuf,
         /// Untrimmed journal bytes that start a cycle (capped at half the
@@ -396,7 +398,7 @@ fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            let cfg = SnapshotterConfig { journal, journal_tls, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, fault };
+            let cfg = SnapshotterConfig { journal, journal_tls, stream, store, servers: redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, fault };
             let s = match Snapshotter::new(cfg) {
                 Ok(s) => s,
                 Err(e) => {
