@@ -325,8 +325,6 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
         }
     };
     drop(publish);
-    spool.sync_all().await.map_err(|e| e.to_string())?;
-    drop(spool);
     let _ = tokio::fs::remove_file(&rdb_path).await;
     tracing::info!(seq = published.seq, key = %published.key, spooled, "published the running Redis's dataset as the stream's first snapshot");
 
@@ -336,20 +334,50 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
     assert_eq!(last_seq, base_seq, "under the lease, the base's record is the one the snapshot names");
 
     let mut tail = Tail { replid, end: base_offset, last_seq, cuts: Cuts::new(base_offset), pending: Vec::new() };
-    // The spool first, then the live stream.
-    let mut spool = tokio::fs::File::open(&spool_path).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+    // The spool first, then the live stream. The link is still read into
+    // the spool while it drains: the running Redis would drop a replica
+    // whose output buffer outgrows its limit.
+    let mut reader = tokio::fs::File::open(&spool_path).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+    let mut drained = 0u64;
+    let mut link_buf = vec![0u8; READ_CHUNK_BYTES];
     loop {
-        let n = spool.read(&mut buf).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
-        if n == 0 {
+        // What the link holds now (timeout polls the read once first).
+        while let Ok(n) = tokio::time::timeout(Duration::ZERO, r.read(&mut link_buf)).await {
+            let n = n.map_err(|e| format!("the running Redis's replication link: {e}"))?;
+            if n == 0 {
+                return Err("the running Redis closed the replication link while the spool was journaled; start the adoption again".into());
+            }
+            spool.write_all(&link_buf[..n]).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+            spooled += n as u64;
+            if spooled - drained > cfg.max_spool_bytes {
+                return Err(format!(
+                    "the journal falls behind the running Redis's writes by over --max-spool-bytes {}",
+                    cfg.max_spool_bytes
+                ));
+            }
+        }
+        if drained == spooled {
             break;
         }
+        spool.flush().await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+        let want = ((spooled - drained) as usize).min(buf.len());
+        let n = reader.read(&mut buf[..want]).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
+        if n == 0 {
+            return Err(format!("{} holds less than was written to it", spool_path.display()));
+        }
+        drained += n as u64;
         tail.take_bytes(&buf[..n]);
         tail.flush(&mut session, &cfg, &me).await?;
         keep_lease(&journal, &cfg, &me, &mut lease_renewed).await?;
+        if acked.elapsed() >= Duration::from_millis(REPLCONF_ACK_MS) {
+            let at = tail.end.to_string();
+            w.send(&[b"REPLCONF", b"ACK", at.as_bytes()]).await?;
+            acked = Instant::now();
+        }
     }
-    drop(spool);
+    drop((spool, reader));
     let _ = tokio::fs::remove_file(&spool_path).await;
-    tracing::info!(offset = tail.end, seq = tail.last_seq, "the spooled stream is journaled; following the running Redis live");
+    tracing::info!(offset = tail.end, seq = tail.last_seq, spooled, "the spooled stream is journaled; following the running Redis live");
 
     let mut switch = Switch::Idle;
     let mut paused_at = Instant::now();
