@@ -192,51 +192,7 @@ enum Cmd {
     /// its writes pause, the journal takes them all, it turns read-only and
     /// a caught-up Keel node takes the primary role (docs/adopt.md).
     /// Prints what happened at the switch and exits.
-    Adopt {
-        /// The running Redis: host:port.
-        #[arg(long)]
-        redis: String,
-        /// A user of it allowed PSYNC, INFO, CLIENT, CONFIG, REPLICAOF and
-        /// SHUTDOWN (default: the default user, no password).
-        #[arg(long)]
-        redis_user: Option<String>,
-        /// The file holding that user's password (mode 0600).
-        #[arg(long)]
-        redis_password_file: Option<PathBuf>,
-        #[arg(long, env = "KEEL_JOURNAL")]
-        journal: String,
-        #[command(flatten)]
-        journal_tls: JournalTlsArgs,
-        #[arg(long, default_value = "shard-1")]
-        stream: String,
-        /// The deployment's snapshot store (a directory or s3://bucket/prefix).
-        #[arg(long, env = "KEEL_STORE")]
-        store: String,
-        /// The server binary of the private server the dataset is checked in.
-        #[arg(long, default_value = "redis-server")]
-        redis_server: PathBuf,
-        /// This adoption's files (its identity, the dataset while it is
-        /// published, the stream spooled meanwhile).
-        #[arg(long)]
-        work_dir: PathBuf,
-        /// The switch starts once this file exists.
-        #[arg(long)]
-        switch_file: PathBuf,
-        #[arg(long, default_value_t = 1000)]
-        lease_ms: u64,
-        /// Longest the running Redis's writes stay paused at the switch.
-        #[arg(long, default_value_t = 10_000)]
-        pause_ms: u64,
-        #[arg(long, default_value_t = 4 << 30)]
-        max_spool_bytes: u64,
-        #[arg(long, default_value_t = 64 << 20)]
-        max_buffered_bytes: usize,
-        #[arg(long, default_value_t = 100)]
-        retry_pause_ms: u64,
-        /// Leave the running Redis up, read-only, after the switch.
-        #[arg(long)]
-        keep_old: bool,
-    },
+    Adopt(AdoptArgs),
     /// Print a journaled stream: one line per command (or RDB chunk).
     Decode {
         #[arg(long, env = "KEEL_JOURNAL")]
@@ -246,6 +202,80 @@ enum Cmd {
         #[arg(long, default_value = "shard-1")]
         stream: String,
     },
+}
+
+/// `keel-sidecar adopt`'s arguments.
+#[derive(clap::Args)]
+struct AdoptArgs {
+    /// The running Redis: host:port.
+    #[arg(long)]
+    redis: String,
+    /// A user of it allowed PSYNC, INFO, CLIENT, CONFIG, REPLICAOF and
+    /// SHUTDOWN (default: the default user, no password).
+    #[arg(long)]
+    redis_user: Option<String>,
+    /// The file holding that user's password (mode 0600).
+    #[arg(long)]
+    redis_password_file: Option<PathBuf>,
+    #[arg(long, env = "KEEL_JOURNAL")]
+    journal: String,
+    #[command(flatten)]
+    journal_tls: JournalTlsArgs,
+    #[arg(long, default_value = "shard-1")]
+    stream: String,
+    /// The deployment's snapshot store (a directory or s3://bucket/prefix).
+    #[arg(long, env = "KEEL_STORE")]
+    store: String,
+    /// The server binary of the private server the dataset is checked in.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// This adoption's files (its identity, the dataset while it is
+    /// published, the stream spooled meanwhile).
+    #[arg(long)]
+    work_dir: PathBuf,
+    /// The switch starts once this file exists.
+    #[arg(long)]
+    switch_file: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    lease_ms: u64,
+    /// Longest the running Redis's writes stay paused at the switch.
+    #[arg(long, default_value_t = 10_000)]
+    pause_ms: u64,
+    #[arg(long, default_value_t = 4 << 30)]
+    max_spool_bytes: u64,
+    #[arg(long, default_value_t = 64 << 20)]
+    max_buffered_bytes: usize,
+    #[arg(long, default_value_t = 100)]
+    retry_pause_ms: u64,
+    /// Leave the running Redis up, read-only, after the switch.
+    #[arg(long)]
+    keep_old: bool,
+}
+
+impl AdoptArgs {
+    fn into_config(self) -> Result<keel_sidecar::adopt::AdoptConfig, String> {
+        let cfg = keel_sidecar::adopt::AdoptConfig {
+            redis: keel_sidecar::link::RedisAddr::parse(&self.redis)?,
+            announce: self.redis,
+            redis_user: self.redis_user,
+            redis_password_file: self.redis_password_file,
+            journal: self.journal,
+            journal_tls: self.journal_tls.load().map_err(|e| format!("bad journal TLS configuration: {e}"))?,
+            stream: self.stream,
+            store: self.store,
+            redis_server: self.redis_server,
+            work_dir: self.work_dir,
+            switch_file: self.switch_file,
+            lease_ms: self.lease_ms,
+            pause_ms: self.pause_ms,
+            max_spool_bytes: self.max_spool_bytes,
+            max_buffered_bytes: self.max_buffered_bytes,
+            retry_pause_ms: self.retry_pause_ms,
+            keep_old: self.keep_old,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 /// TLS to the journal: the deployment's CA and this process's own
@@ -470,58 +500,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Adopt {
-            redis,
-            redis_user,
-            redis_password_file,
-            journal,
-            journal_tls,
-            stream,
-            store,
-            redis_server,
-            work_dir,
-            switch_file,
-            lease_ms,
-            pause_ms,
-            max_spool_bytes,
-            max_buffered_bytes,
-            retry_pause_ms,
-            keep_old,
-        } => {
-            let journal_tls = match load_journal_tls(journal_tls) {
-                Ok(t) => t,
-                Err(code) => return code,
-            };
-            let addr = match keel_sidecar::link::RedisAddr::parse(&redis) {
-                Ok(a) => a,
+        Cmd::Adopt(args) => {
+            let cfg = match args.into_config() {
+                Ok(c) => c,
                 Err(e) => {
                     eprintln!("keel-sidecar: bad configuration: {e}");
                     return ExitCode::from(2);
                 }
             };
-            let cfg = keel_sidecar::adopt::AdoptConfig {
-                redis: addr,
-                announce: redis,
-                redis_user,
-                redis_password_file,
-                journal,
-                journal_tls,
-                stream,
-                store,
-                redis_server,
-                work_dir,
-                switch_file,
-                lease_ms,
-                pause_ms,
-                max_spool_bytes,
-                max_buffered_bytes,
-                retry_pause_ms,
-                keep_old,
-            };
-            if let Err(e) = cfg.validate() {
-                eprintln!("keel-sidecar: bad configuration: {e}");
-                return ExitCode::from(2);
-            }
             match rt.block_on(keel_sidecar::adopt::run(cfg)) {
                 Ok(outcome) => {
                     println!("{outcome}");
