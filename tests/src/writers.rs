@@ -109,3 +109,75 @@ pub fn check_acks(c: &KeelCluster, acks: &[Ack]) -> (Vec<(usize, usize)>, usize)
     }
     (runs, p)
 }
+
+/// An unmodified redis-py Sentinel client (a Python process) writing
+/// `py:<n>` = n through discovery for a while, reporting each write's
+/// outcome and, for an acknowledged one, the primary's port.
+pub struct PyClient {
+    child: std::process::Child,
+}
+
+const PY_CLIENT: &str = r#"
+import sys, time
+from redis.sentinel import Sentinel
+sentinels = [(a.split(':')[0], int(a.split(':')[1])) for a in sys.argv[1].split(',')]
+s = Sentinel(sentinels, socket_timeout=1.0)
+m = s.master_for('keel', socket_timeout=1.0)
+end = time.time() + float(sys.argv[2])
+pause = float(sys.argv[3])
+i = 0
+while time.time() < end:
+    i += 1
+    try:
+        m.set('py:%d' % i, i)
+        print('ok py:%d %d' % (i, m.connection_pool.get_master_address()[1]), flush=True)
+    except Exception as e:
+        print('err py:%d %s' % (i, type(e).__name__), flush=True)
+        time.sleep(pause)
+"#;
+
+/// What the redis-py client saw: acknowledged writes (key, the
+/// acknowledging primary's port) and the errors it met.
+pub struct PyReport {
+    pub acked: Vec<(String, u16)>,
+    pub errors: Vec<String>,
+}
+
+impl PyClient {
+    /// Writes for `secs` through the cluster's discovery endpoints,
+    /// pausing `pause` after an error.
+    pub fn start(c: &KeelCluster, secs: f64, pause: Duration) -> PyClient {
+        let sentinels: Vec<String> = c.nodes.iter().map(|n| n.sentinel_addr()).collect();
+        let child = std::process::Command::new("python3")
+            .args(["-c", PY_CLIENT, &sentinels.join(","), &secs.to_string(), &pause.as_secs_f64().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with redis-py (scripts/test installs it)");
+        PyClient { child }
+    }
+
+    /// Waits for the client to finish, then checks every write it was told
+    /// is written is on the final primary.
+    pub fn check(self, c: &KeelCluster) -> PyReport {
+        let out = self.child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "redis-py client failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+        let acked: Vec<(String, u16)> = stdout
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next()? == "ok").then_some(())?;
+                Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+            })
+            .collect();
+        let errors: Vec<String> = stdout.lines().filter(|l| l.starts_with("err")).map(String::from).collect();
+        let p = c.wait_new_primary(None, Duration::from_secs(10));
+        let mut r = Resp::connect(&c.nodes[p].addr());
+        for (key, _) in &acked {
+            assert_eq!(r.cmd(&["GET", key]), key.trim_start_matches("py:"), "{key} acknowledged to redis-py but lost");
+        }
+        eprintln!("redis-py through discovery: {} writes acknowledged, {} errors {:?}", acked.len(), errors.len(), errors);
+        PyReport { acked, errors }
+    }
+}

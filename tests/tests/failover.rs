@@ -25,6 +25,7 @@ use keel_tests::Resp;
 use keel_tests::Server;
 use keel_tests::journaled_commands;
 use keel_tests::writers::Ack;
+use keel_tests::writers::PyClient;
 use keel_tests::writers::Writers;
 use keel_tests::writers::check_acks;
 
@@ -34,74 +35,17 @@ const LEASE_MS: u64 = 1000;
 /// A writer's pause after a refused write.
 const REFUSED_PAUSE: Duration = Duration::from_millis(5);
 
-/// An unmodified redis-py Sentinel client writing `py:<n>` keys through
-/// the nodes' discovery endpoints for `secs` seconds.
-struct PyClient {
-    child: std::process::Child,
-}
-
-const PY_CLIENT: &str = r#"
-import sys, time
-from redis.sentinel import Sentinel
-sentinels = [(a.split(':')[0], int(a.split(':')[1])) for a in sys.argv[1].split(',')]
-s = Sentinel(sentinels, socket_timeout=1.0)
-m = s.master_for('keel', socket_timeout=1.0)
-end = time.time() + float(sys.argv[2])
-i = 0
-while time.time() < end:
-    i += 1
-    try:
-        m.set('py:%d' % i, i)
-        print('ok py:%d %d' % (i, m.connection_pool.get_master_address()[1]), flush=True)
-    except Exception as e:
-        print('err py:%d %s' % (i, type(e).__name__), flush=True)
-        time.sleep(0.05)
-"#;
-
-impl PyClient {
-    fn start(c: &KeelCluster, secs: f64) -> PyClient {
-        let sentinels: Vec<String> = c.nodes.iter().map(|n| n.sentinel_addr()).collect();
-        let child = std::process::Command::new("python3")
-            .args(["-c", PY_CLIENT, &sentinels.join(","), &secs.to_string()])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 (scripts/test installs redis-py)");
-        PyClient { child }
-    }
-
-    /// Waits for the client to finish; returns (key, port of the primary
-    /// that acknowledged it) for every acknowledged write, and the errors.
-    fn finish(self) -> (Vec<(String, u16)>, usize) {
-        let out = self.child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "redis-py client failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
-        let acked = stdout
-            .lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                (w.next()? == "ok").then_some(())?;
-                Some((w.next()?.to_string(), w.next()?.parse().ok()?))
-            })
-            .collect();
-        (acked, stdout.lines().filter(|l| l.starts_with("err")).count())
-    }
-}
-
 /// redis-py kept working: it wrote through the primary of the end, and
 /// nothing it was told is written is lost.
-fn check_py(c: &KeelCluster, acked: &[(String, u16)], errors: usize) {
+fn check_py(c: &KeelCluster, py: PyClient) {
+    let report = py.check(c);
     let p = c.wait_new_primary(None, Duration::from_secs(10));
     assert!(
-        acked.iter().any(|a| a.1 == c.nodes[p].port),
-        "redis-py never wrote through the final primary (node {p}); {} acks, {errors} errors",
-        acked.len()
+        report.acked.iter().any(|a| a.1 == c.nodes[p].port),
+        "redis-py never wrote through the final primary (node {p}); {} acks, {} errors",
+        report.acked.len(),
+        report.errors.len()
     );
-    let mut r = Resp::connect(&c.nodes[p].addr());
-    for (key, _) in acked {
-        assert_eq!(r.cmd(&["GET", key]), key.trim_start_matches("py:"), "{key} acknowledged to redis-py but lost");
-    }
-    eprintln!("redis-py through discovery: {} writes acknowledged, {errors} errors", acked.len());
 }
 
 /// The time from `since` until node `node` acknowledges a write.
@@ -173,7 +117,7 @@ async fn kill_9_of_the_primary_fails_over(server: Server) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = KeelCluster::start(server, 1, 3, LEASE_MS).await;
     let w = Writers::start(&c, REFUSED_PAUSE);
-    let py = PyClient::start(&c, 6.0);
+    let py = PyClient::start(&c, 6.0, Duration::from_millis(50));
     std::thread::sleep(Duration::from_millis(1500));
     let killed_at = Instant::now();
     c.nodes[0].kill_redis();
@@ -183,8 +127,7 @@ async fn kill_9_of_the_primary_fails_over(server: Server) {
     let failover = time_to_first_ack(&acks, np, killed_at).expect("the new primary acknowledged nothing");
     eprintln!("failover ({server:?}): kill -9 of the primary server -> node {np} acknowledged a write after {failover:?}");
     let (runs, _) = check_acks(&c, &acks);
-    let (acked, errors) = py.finish();
-    check_py(&c, &acked, errors);
+    check_py(&c, py);
     assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, np], "{runs:?}");
     // Promoted without a fork: its sidecar attached with PSYNC continuation.
     assert_eq!(c.nodes[np].info_field("stats", "sync_full").as_deref(), Some("0"), "the promotion made a full sync");
@@ -198,7 +141,7 @@ async fn a_paused_primary_is_replaced_and_acknowledges_nothing_after_it_wakes() 
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
     let w = Writers::start(&c, REFUSED_PAUSE);
-    let py = PyClient::start(&c, 8.0);
+    let py = PyClient::start(&c, 8.0, Duration::from_millis(50));
     std::thread::sleep(Duration::from_millis(1000));
     let pid = c.nodes[0].redis_pid();
     keel_tests::signal(pid, "STOP");
@@ -218,8 +161,7 @@ async fn a_paused_primary_is_replaced_and_acknowledges_nothing_after_it_wakes() 
     let late: Vec<&Ack> = acks.iter().filter(|a| a.node == 0 && a.at > woke_at).collect();
     assert!(late.is_empty(), "the old primary acknowledged writes after it woke up: {late:?}");
     check_acks(&c, &acks);
-    let (acked, errors) = py.finish();
-    check_py(&c, &acked, errors);
+    check_py(&c, py);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +169,7 @@ async fn kill_9_of_the_primary_sidecar_hands_over_and_the_node_rejoins() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
     let w = Writers::start(&c, REFUSED_PAUSE);
-    let py = PyClient::start(&c, 6.0);
+    let py = PyClient::start(&c, 6.0, Duration::from_millis(50));
     std::thread::sleep(Duration::from_millis(1000));
     let killed_at = Instant::now();
     c.nodes[0].kill_sidecar();
@@ -238,8 +180,7 @@ async fn kill_9_of_the_primary_sidecar_hands_over_and_the_node_rejoins() {
     std::thread::sleep(Duration::from_millis(500));
     let acks = w.finish();
     check_acks(&c, &acks);
-    let (acked, errors) = py.finish();
-    check_py(&c, &acked, errors);
+    check_py(&c, py);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +188,7 @@ async fn losing_one_journal_node_during_writes_loses_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = KeelCluster::start(Server::Redis, 3, 2, LEASE_MS).await;
     let w = Writers::start(&c, REFUSED_PAUSE);
-    let py = PyClient::start(&c, 6.0);
+    let py = PyClient::start(&c, 6.0, Duration::from_millis(50));
     std::thread::sleep(Duration::from_millis(1000));
     let leader = c.journal.wait_leader().await;
     c.journal.kill(leader);
@@ -261,8 +202,7 @@ async fn losing_one_journal_node_during_writes_loses_nothing() {
     }
     eprintln!("acknowledged per node across the loss of journal node {leader}: {per_node:?}");
     check_acks(&c, &acks);
-    let (acked, errors) = py.finish();
-    check_py(&c, &acked, errors);
+    check_py(&c, py);
 }
 
 /// A replica that has not applied everything cannot win the election: with

@@ -18,6 +18,7 @@ use keel_tests::KeelCluster;
 use keel_tests::Resp;
 use keel_tests::Server;
 use keel_tests::writers::Ack;
+use keel_tests::writers::PyClient;
 use keel_tests::writers::Writers;
 use keel_tests::writers::check_acks;
 
@@ -26,54 +27,12 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const LEASE_MS: u64 = 1000;
 /// A writer's pause after a refused write.
 const REFUSED_PAUSE: Duration = Duration::from_millis(2);
+/// The redis-py client's pause after an error.
+const PY_ERROR_PAUSE: Duration = Duration::from_millis(10);
 
 /// The longest time between two acknowledgements (by any node) after `since`.
 fn longest_gap(acks: &[Ack], since: Instant) -> Duration {
     acks.windows(2).filter(|w| w[0].at >= since).map(|w| w[1].at - w[0].at).max().unwrap_or_default()
-}
-
-const PY_CLIENT: &str = r#"
-import sys, time
-from redis.sentinel import Sentinel
-sentinels = [(a.split(':')[0], int(a.split(':')[1])) for a in sys.argv[1].split(',')]
-s = Sentinel(sentinels, socket_timeout=1.0)
-m = s.master_for('keel', socket_timeout=1.0)
-end = time.time() + float(sys.argv[2])
-i = 0
-while time.time() < end:
-    i += 1
-    try:
-        m.set('py:%d' % i, i)
-        print('ok py:%d' % i, flush=True)
-    except Exception as e:
-        print('err py:%d %s' % (i, type(e).__name__), flush=True)
-        time.sleep(0.01)
-"#;
-
-/// An unmodified redis-py Sentinel client writing `py:<n>` for `secs`.
-fn py_client(c: &KeelCluster, secs: f64) -> std::process::Child {
-    let sentinels: Vec<String> = c.nodes.iter().map(|n| n.sentinel_addr()).collect();
-    std::process::Command::new("python3")
-        .args(["-c", PY_CLIENT, &sentinels.join(","), &secs.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 with redis-py (scripts/test installs it)")
-}
-
-/// Every write redis-py was told is written is on the final primary.
-fn check_py(c: &KeelCluster, child: std::process::Child) {
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "redis-py client failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
-    let p = c.wait_new_primary(None, Duration::from_secs(10));
-    let mut r = Resp::connect(&c.nodes[p].addr());
-    let acked: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("ok ")).collect();
-    for key in &acked {
-        assert_eq!(r.cmd(&["GET", key]), key.trim_start_matches("py:"), "{key} acknowledged to redis-py but lost");
-    }
-    let errors: Vec<&str> = stdout.lines().filter(|l| l.starts_with("err")).collect();
-    eprintln!("redis-py through discovery: {} writes acknowledged, {} errors {:?}", acked.len(), errors.len(), errors);
 }
 
 /// The old primary's account of its last handover (`INFO keel`).
@@ -85,7 +44,7 @@ async fn failover_hands_over_under_load_and_loses_nothing(server: Server) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = KeelCluster::start(server, 1, 3, LEASE_MS).await;
     let w = Writers::start(&c, REFUSED_PAUSE);
-    let py = py_client(&c, 5.0);
+    let py = PyClient::start(&c, 5.0, PY_ERROR_PAUSE);
     std::thread::sleep(Duration::from_millis(1500));
     let asked_at = Instant::now();
     let mut p = Resp::connect(&c.nodes[0].addr());
@@ -103,7 +62,7 @@ async fn failover_hands_over_under_load_and_loses_nothing(server: Server) {
     assert!(said.starts_with(&format!("handed over to {}", c.nodes[np].addr())), "{said}");
     // Promoted without a fork, as in any election.
     assert_eq!(c.nodes[np].info_field("stats", "sync_full").as_deref(), Some("0"));
-    check_py(&c, py);
+    py.check(&c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +117,7 @@ async fn shutdown_of_the_primary_hands_over_before_it_exits() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
     let w = Writers::start(&c, REFUSED_PAUSE);
-    let py = py_client(&c, 4.0);
+    let py = PyClient::start(&c, 4.0, PY_ERROR_PAUSE);
     std::thread::sleep(Duration::from_millis(1000));
     let asked_at = Instant::now();
     let mut p = Resp::connect(&c.nodes[0].addr());
@@ -173,7 +132,7 @@ async fn shutdown_of_the_primary_hands_over_before_it_exits() {
     // It handed over: its lease was released, not left to lapse.
     let log = std::fs::read_to_string(c.nodes[0].dir.join("sidecar.log")).unwrap();
     assert!(log.contains("handed the primary role over"), "the old primary's sidecar did not hand over:\n{log}");
-    check_py(&c, py);
+    py.check(&c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
