@@ -329,11 +329,13 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
     tracing::info!(seq = published.seq, key = %published.key, spooled, "published the running Redis's dataset as the stream's first snapshot");
 
     let mut session = AppendSession::new(journal.clone());
-    let end_rec = Record { kind: Kind::RdbEnd, replid: replid.clone(), start: base_offset, end: base_offset, payload: Vec::new() };
+    // Records name the running Redis's engine, as a Keel primary's name its own.
+    let writer = engine.as_ref().and_then(crate::engine::Writer::of);
+    let end_rec = Record { kind: Kind::RdbEnd, replid: replid.clone(), start: base_offset, end: base_offset, payload: Vec::new(), writer };
     last_seq = crate::primary::append_records(&mut session, &cfg.stream, &me, &[end_rec], last_seq, cfg.retry_pause_ms).await.map_err(|e| e.to_string())?;
     assert_eq!(last_seq, base_seq, "under the lease, the base's record is the one the snapshot names");
 
-    let mut tail = Tail { replid, end: base_offset, last_seq, cuts: Cuts::new(base_offset), pending: Vec::new() };
+    let mut tail = Tail { replid, writer, end: base_offset, last_seq, cuts: Cuts::new(base_offset), pending: Vec::new() };
     // The spool first, then the live stream. The link is still read into
     // the spool while it drains: the running Redis would drop a replica
     // whose output buffer outgrows its limit.
@@ -632,6 +634,7 @@ async fn publish_base(store: &SnapshotStore, journal: &JournalClient, cfg: &Adop
 /// The journaled history's end and the stream bytes not journaled yet.
 struct Tail {
     replid: String,
+    writer: Option<crate::engine::Writer>,
     /// The offset the journal's stream ends at (a whole-command cut).
     end: u64,
     last_seq: u64,
@@ -658,7 +661,7 @@ impl Tail {
                     break;
                 }
                 self.cuts.take(n as u64);
-                recs.push(Record { kind: Kind::Stream, replid: self.replid.clone(), start: at, end: at + n as u64, payload: self.pending[used..used + n].to_vec() });
+                recs.push(Record { kind: Kind::Stream, replid: self.replid.clone(), start: at, end: at + n as u64, payload: self.pending[used..used + n].to_vec(), writer: self.writer });
                 at += n as u64;
                 used += n;
             }

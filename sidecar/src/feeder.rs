@@ -40,6 +40,16 @@
 //! (re)connecting meanwhile waits for its PSYNC answer until a published
 //! snapshot covers the record.
 //!
+//! A record whose writer's engine (record.rs, engine.rs) writes an RDB the
+//! local server cannot load is refused the same way as a base it cannot
+//! load: the feed stops before it (everything before it is fed), the node
+//! does not stand for election, and `INFO keel` says why and what to do.
+//! The connection stays up; every `STALL_RECHECK_MS` the refusal is looked
+//! at again against the local engine (which the node reads at every poll),
+//! and the feed goes on from that record once the server loads it. The
+//! check costs a comparison per record (`WriterCheck` keeps the last writer
+//! that passed; `engine_generation` says when the local engine changed).
+//!
 //! Progress (`fed_seq`, `fed_offset`, and `whole_offset`: where the bytes
 //! fed end after their last whole command outside a transaction) is
 //! published for the election: a replica may only take the lease once its
@@ -47,6 +57,8 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use keel_journal_client::client::JournalClient;
@@ -58,6 +70,8 @@ use tokio::sync::watch;
 
 use crate::cuts::Cuts;
 use crate::engine::Engine;
+use crate::engine::Writer;
+use crate::engine::WriterCheck;
 use crate::history::History;
 use crate::history::Psync;
 use crate::record::Kind;
@@ -123,9 +137,12 @@ pub struct Feeder {
     /// The local server's engine, as its last `INFO server` said (None: not
     /// known yet, nothing is checked).
     local_engine: EngineHandle,
-    /// A base the local server cannot load (engine.rs): the node does not
-    /// consume the stream and does not stand for election, as if stalled,
-    /// until a later feed finds a base it loads.
+    /// Counts the changes of `local_engine` (the per-record check's cache
+    /// holds only within one).
+    engine_generation: AtomicU64,
+    /// A base, or a record's writer, the local server cannot load
+    /// (engine.rs): the node does not consume the stream and does not
+    /// stand for election, as if stalled, until a later check passes.
     refusal: Mutex<Option<Stalled>>,
     /// The password a connection must `AUTH` with (random per feeder).
     token: String,
@@ -144,6 +161,7 @@ impl Feeder {
             tap: None,
             stall: Mutex::new(Stall::default()),
             local_engine: EngineHandle::default(),
+            engine_generation: AtomicU64::new(0),
             refusal: Mutex::new(None),
             token: format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()),
         }
@@ -156,13 +174,28 @@ impl Feeder {
 
     /// Where the feed stopped on a record it cannot feed, or on a base the
     /// local server cannot load, if it did.
+    /// A refusal for the local server's engine alone (a base or a record's
+    /// writer it cannot load), if any.
+    pub fn refused(&self) -> Option<Stalled> {
+        self.refusal.lock().unwrap().clone()
+    }
+
     pub fn stalled(&self) -> Option<Stalled> {
         self.stall.lock().unwrap().at().cloned().or_else(|| self.refusal.lock().unwrap().clone())
     }
 
     /// The local server's engine (from its `INFO server`).
     pub fn set_local_engine(&self, engine: Option<Engine>) {
-        *self.local_engine.lock().unwrap() = engine;
+        let mut local = self.local_engine.lock().unwrap();
+        if *local != engine {
+            *local = engine;
+            self.engine_generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The local server's engine as last read.
+    pub fn local_engine(&self) -> Option<Engine> {
+        self.local_engine.lock().unwrap().clone()
     }
 
     /// The local server's engine as last read, shared (the member entry).
@@ -172,19 +205,36 @@ impl Feeder {
 
     /// Whether the local server loads the base at `seq`, an RDB of version
     /// `rdb` written by `writer`; a refusal is kept (and logged once) until a
-    /// base passes.
+    /// check passes.
     fn check_base(&self, seq: u64, rdb: u32, writer: &str) -> Result<(), String> {
         let Some(local) = self.local_engine.lock().unwrap().clone() else { return Ok(()) };
+        self.keep_refusal(seq, local.can_load(rdb, writer), "the local server cannot load the stream's base; not fed")
+    }
+
+    /// Whether the local server may be fed record `seq`, which `writer`
+    /// wrote (engine.rs `WriterCheck::check`); kept like `check_base`'s.
+    fn check_writer(&self, seq: u64, writer: &Writer) -> Result<(), String> {
+        let local = self.local_engine.lock().unwrap();
+        let Some(local) = local.as_ref() else { return Ok(()) };
+        let checked = WriterCheck::check(local, seq, writer);
+        self.keep_refusal(seq, checked, "the local server cannot load what this record's writer writes; not fed from it on")
+    }
+
+    /// Keeps the outcome of a check: a refusal stands (logged once per
+    /// reason) until a check passes.
+    fn keep_refusal(&self, seq: u64, checked: Result<(), String>, what: &str) -> Result<(), String> {
         let mut refusal = self.refusal.lock().unwrap();
-        match local.can_load(rdb, writer) {
+        match checked {
             Ok(()) => {
-                *refusal = None;
+                if let Some(r) = refusal.take() {
+                    tracing::info!(stream = %self.stream, seq, was = %r.reason, "the local server loads what the stream holds now; fed again");
+                }
                 Ok(())
             }
             Err(reason) => {
                 let reason = crate::stall::one_line(&reason);
                 if refusal.as_ref().map(|r| &r.reason) != Some(&reason) {
-                    tracing::error!(stream = %self.stream, seq, reason = %reason, "the local server cannot load the stream's base; not fed");
+                    tracing::error!(stream = %self.stream, seq, reason = %reason, "{what}");
                 }
                 *refusal = Some(Stalled { seq, reason: reason.clone() });
                 Err(reason)
@@ -448,9 +498,13 @@ impl Feeder {
         let mut stalled = false;
         // The journal's base RDB was checked against the local engine.
         let mut base_checked = false;
+        // Records whose writer the local server loads (engine.rs), and the
+        // record refused for its writer, if any: the feed waits before it.
+        let mut writers = WriterCheck::default();
+        let mut refused: Option<(u64, Writer)> = None;
         loop {
             tokio::select! {
-                batch = reader.next_batch(), if !reached && !stalled && held.as_ref().is_none_or(|h| h.len() < MAX_HELD_BYTES) => {
+                batch = reader.next_batch(), if !reached && !stalled && refused.is_none() && held.as_ref().is_none_or(|h| h.len() < MAX_HELD_BYTES) => {
                     let batch = batch.map_err(|e| format!("reading the journal: {e}"))?.ok_or("the journal ended a followed read")?;
                     let mut out: Vec<u8> = held.take().unwrap_or_default();
                     let mut fed = None;
@@ -465,6 +519,18 @@ impl Feeder {
                                 break;
                             }
                         };
+                        // Its writer's engine, checked before anything of it is
+                        // used (a comparison unless the writer or the local
+                        // engine changed).
+                        let generation = self.engine_generation.load(Ordering::Acquire);
+                        if !writers.cached(generation, decoded.writer.as_ref()) {
+                            let w = decoded.writer.expect("a record that names no writer is never checked");
+                            if self.check_writer(rec.seq, &w).is_err() {
+                                refused = Some((rec.seq, w));
+                                break;
+                            }
+                            writers.passed(generation, w);
+                        }
                         // Where this record's live bytes end (a void may follow it).
                         let live_end = {
                             let mut h = self.history.lock().unwrap();
@@ -542,6 +608,17 @@ impl Feeder {
                             p.whole_offset = whole;
                         });
                         reached = self.until_seq.is_some_and(|u| s >= u) && whole == o;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(STALL_RECHECK_MS)), if refused.is_some() => {
+                    // The local server may run another engine by now.
+                    let (at, w) = refused.expect("guarded");
+                    let generation = self.engine_generation.load(Ordering::Acquire);
+                    if self.check_writer(at, &w).is_ok() {
+                        writers.passed(generation, w);
+                        refused = None;
+                        // The records from the refused one are read again.
+                        reader = self.journal.read(&self.stream, at, true);
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(STALL_RECHECK_MS)), if stalled => {

@@ -100,6 +100,11 @@ impl HandoverRecord {
         self.to.as_deref() == Some(ADOPTING)
     }
 
+    /// Whether the record hands the primary to `me` by name, now.
+    pub fn names(&self, me: &str, now_unix_ms: u64) -> bool {
+        self.live(now_unix_ms) && self.to.as_deref() == Some(me)
+    }
+
     /// Whether the record keeps `me` from standing for election now: it is
     /// live and names another successor.
     pub fn keeps_out(&self, me: &str, now_unix_ms: u64) -> bool {
@@ -303,6 +308,7 @@ mod tests {
         assert!(!r.poll_fast("b", 99), "the successor leads: back to normal");
         assert!(!r.poll_fast("old", 100), "expired");
         assert!(r.keeps_out("c", 99) && !r.keeps_out("b", 99) && !r.keeps_out("c", 100));
+        assert!(r.names("b", 99) && !r.names("c", 99) && !r.names("b", 100));
         let any = HandoverRecord { to: None, ..r };
         assert!(!any.keeps_out("c", 99));
     }

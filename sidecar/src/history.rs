@@ -33,6 +33,7 @@
 
 use std::collections::VecDeque;
 
+use crate::engine::Writer;
 use crate::record::Kind;
 use crate::record::Record;
 use crate::snapshot::SnapshotMeta;
@@ -90,6 +91,9 @@ pub struct History {
     voids: Vec<(u64, u64)>,
     /// The latest published snapshot this history reached.
     floor: Option<SnapshotMeta>,
+    /// The engine that wrote the last record observed (None: not named,
+    /// or nothing observed since the history started from a snapshot).
+    last_writer: Option<Writer>,
 }
 
 impl History {
@@ -111,6 +115,7 @@ impl History {
             first_stream_seq: None,
             voids: Vec::new(),
             floor: Some(snap.clone()),
+            last_writer: None,
         }
     }
 
@@ -243,7 +248,14 @@ impl History {
             }
         }
         self.last_seq = seq;
+        self.last_writer = rec.writer;
         Ok(())
+    }
+
+    /// The engine that wrote the last record observed: the stream's
+    /// current writer, for the election rule (engine.rs `may_stand`).
+    pub fn last_writer(&self) -> Option<&Writer> {
+        self.last_writer.as_ref()
     }
 
     /// Where the live bytes of stream record `seq` (offsets `[start, end)`)
@@ -317,7 +329,7 @@ mod tests {
 
     fn rec(kind: Kind, replid: &str, start: u64, len: u64) -> Record {
         let end = if kind == Kind::Stream { start + len } else { start };
-        Record { kind, replid: replid.into(), start, end, payload: vec![b'x'; len as usize] }
+        Record { kind, replid: replid.into(), start, end, payload: vec![b'x'; len as usize], writer: None }
     }
 
     /// Base at offset 100 (records 1-2), then A: 100..400 in 3 records,
@@ -398,7 +410,7 @@ mod tests {
         let mut h = sample();
         // B died with 400..500 holding an unfinished command from 430 on.
         h.observe(7, &rec(Kind::StreamVoid, A, 430, 0)).unwrap_err();
-        let void = Record { kind: Kind::StreamVoid, replid: A.into(), start: 430, end: 500, payload: Vec::new() };
+        let void = Record { kind: Kind::StreamVoid, replid: A.into(), start: 430, end: 500, payload: Vec::new(), writer: None };
         h.observe(7, &void).unwrap();
         assert_eq!(h.end(), Some(430));
         assert_eq!(h.live_end(6, 400, 500), 430, "B's record is cut back");
@@ -420,7 +432,7 @@ mod tests {
 
     #[test]
     fn a_void_must_end_at_the_stream_end_within_the_last_writer() {
-        let void = |start, end| Record { kind: Kind::StreamVoid, replid: A.into(), start, end, payload: Vec::new() };
+        let void = |start, end| Record { kind: Kind::StreamVoid, replid: A.into(), start, end, payload: Vec::new(), writer: None };
         let mut h = sample();
         assert!(h.observe(7, &void(450, 490)).unwrap_err().contains("stream reached 500"));
         assert!(h.observe(7, &void(399, 500)).unwrap_err().contains("before the last writer's first byte at 400"));
@@ -490,6 +502,23 @@ mod tests {
         assert_eq!(h.psync(ME, A, 401), Psync::Continue { from_seq: 6, from_offset: 400 });
         assert!(matches!(h.psync(ME, A, 301), Psync::Full { offset: 400, first_seq: 6, snapshot: Some(_) }));
         assert_eq!(h.last_producer(), Some(B));
+    }
+
+    #[test]
+    fn the_last_record_names_the_stream_s_writer() {
+        let r70 = Writer::new("redis", [7, 0, 15], 10);
+        let v9 = Writer::new("valkey", [9, 1, 0], 80);
+        let mut h = sample();
+        assert_eq!(h.last_writer(), None, "records that name no writer");
+        h.observe(7, &Record { writer: r70, ..rec(Kind::Stream, B, 500, 10) }).unwrap();
+        assert_eq!(h.last_writer(), r70.as_ref());
+        h.observe(8, &Record { writer: v9, ..rec(Kind::Stream, B, 510, 10) }).unwrap();
+        assert_eq!(h.last_writer(), v9.as_ref());
+        assert!(h.observe(10, &Record { writer: r70, ..rec(Kind::Stream, B, 520, 10) }).is_err());
+        assert_eq!(h.last_writer(), v9.as_ref(), "a refused record is not the writer");
+        h.observe(8, &Record { writer: r70, ..rec(Kind::Stream, B, 510, 10) }).unwrap();
+        assert_eq!(h.last_writer(), v9.as_ref(), "a record seen already changes nothing");
+        assert_eq!(History::from_snapshot(&snap(8, 520, B)).last_writer(), None, "a snapshot's engine is not the stream's writer");
     }
 
     #[test]

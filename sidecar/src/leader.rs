@@ -47,6 +47,7 @@
 use std::sync::Arc;
 
 use crate::cuts::Cuts;
+use crate::engine::Writer;
 use crate::lease::Renewal;
 use crate::primary::Stop;
 use crate::record::Kind;
@@ -58,8 +59,9 @@ pub const MAX_RECORDS_PER_APPEND: usize = 14;
 /// Most stream bytes one append carries: a command up to this size is
 /// journaled whole.
 pub const MAX_APPEND_PAYLOAD_BYTES: usize = MAX_RECORDS_PER_APPEND * MAX_PAYLOAD_BYTES;
-/// A bound on one record's header (kind, replid, offsets): well under this.
+/// A bound on one record's header (kind, replid, offsets, writer): well under this.
 const MAX_RECORD_HEADER_BYTES: usize = 1024;
+const _: () = assert!(crate::record::MAX_HEADER_BYTES <= MAX_RECORD_HEADER_BYTES);
 // With each record's header, the largest append fits the journal's limit.
 const _: () = assert!(
     MAX_APPEND_PAYLOAD_BYTES + MAX_RECORDS_PER_APPEND * MAX_RECORD_HEADER_BYTES <= keel_journal_client::limits::MAX_APPEND_BYTES
@@ -206,6 +208,8 @@ struct InFlight {
 pub struct Leader {
     limits: Limits,
     replid: String,
+    /// The engine every record names (its server's, read once per round).
+    writer: Option<Writer>,
     /// Where the bytes not yet handed to an append start.
     offset: u64,
     pending: Vec<u8>,
@@ -241,18 +245,30 @@ pub struct Leader {
 }
 
 impl Leader {
-    /// A leader whose stream is journaled through `offset` (record
+    /// A leader of stream `replid` whose server's engine is `writer` (its
+    /// records name it), journaled through `offset` (record
     /// `last_seq`), holding a lease whose taking was sent at
     /// `lease_sent_at_ms`; `control_sent` commands went on the control
     /// connection so far. The first step tells the module the lease and
     /// that everything journaled is durable.
-    pub fn start(limits: Limits, replid: String, offset: u64, last_seq: u64, lease_sent_at_ms: u64, control_sent: u64, now_us: u64) -> (Leader, Step) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        limits: Limits,
+        replid: String,
+        writer: Option<Writer>,
+        offset: u64,
+        last_seq: u64,
+        lease_sent_at_ms: u64,
+        control_sent: u64,
+        now_us: u64,
+    ) -> (Leader, Step) {
         let mut renewal = Renewal::new(limits.lease_ms, limits.drift_margin_ms);
         let lease_until_ms = renewal.renewed(lease_sent_at_ms, now_us / 1_000);
         let mut l = Leader {
             merge: Merge::new(limits.merge_wait_us),
             limits,
             replid,
+            writer,
             offset,
             pending: Vec::new(),
             cuts: Cuts::new(offset),
@@ -515,6 +531,7 @@ impl Leader {
                 start: self.offset,
                 end: self.offset + n as u64,
                 payload: self.pending[at..at + n].to_vec(),
+                writer: self.writer,
             };
             records.push(rec.encode());
             self.offset += n as u64;
@@ -674,8 +691,12 @@ mod tests {
         s.actions.iter().filter_map(|a| if let Action::Ack(o) = a { Some(*o) } else { None }).collect()
     }
 
+    fn writer() -> Option<Writer> {
+        Writer::new("valkey", [9, 1, 0], 80)
+    }
+
     fn started() -> Leader {
-        let (mut l, s) = Leader::start(limits(), "a".repeat(40), 100, 7, 0, 1, 0);
+        let (mut l, s) = Leader::start(limits(), "a".repeat(40), writer(), 100, 7, 0, 1, 0);
         assert!(matches!(s.actions[..], [Action::Lease(810), Action::Ack(100)]), "{:?}", s.actions);
         // The first renewal leaves at once; answer it.
         let s = l.handle(Event::Timer, 0);
@@ -696,6 +717,19 @@ mod tests {
         let s = l.handle(Event::Appended(AppendOutcome::Confirmed { last_seq: 8 }), 3 * MS);
         assert_eq!(acks(&s), vec![100 + cmd.len() as u64]);
         assert!(s.read);
+    }
+
+    #[test]
+    fn every_record_names_the_server_s_engine() {
+        let mut l = started();
+        // Bigger than one record: the append carries several.
+        let big = crate::resp::encode_command(&[b"SET", b"k", &vec![b'x'; 2 * MAX_PAYLOAD_BYTES]]);
+        let s = l.handle(Event::Bytes(&big), 2 * MS);
+        let Some(Action::Append { records, .. }) = s.actions.iter().find(|a| matches!(a, Action::Append { .. })) else { panic!("{:?}", s.actions) };
+        assert_eq!(records.len(), 3);
+        for r in records.iter() {
+            assert_eq!(Record::decode(r).unwrap().writer, writer());
+        }
     }
 
     #[test]
@@ -863,7 +897,7 @@ mod tests {
         fn acks_follow_confirmations(steps in prop::collection::vec(sim(), 1..200), merge_wait_us in prop::sample::select(vec![0u64, 500, 5_000])) {
             let mut lim = limits();
             lim.merge_wait_us = merge_wait_us;
-            let (mut l, first) = Leader::start(lim, "a".repeat(40), 0, 0, 0, 0, 0);
+            let (mut l, first) = Leader::start(lim, "a".repeat(40), writer(), 0, 0, 0, 0, 0);
             let mut now = 0u64;
             let mut confirmed_end = 0u64;
             let mut last_ack = 0u64;

@@ -33,6 +33,14 @@
 //! the node keeps running, reporting the stall (`KEEL.STALLED`, `INFO
 //! keel`). With every node stalled the stream has no primary until an
 //! operator acts; that is said in every node's log and `INFO keel`.
+//!
+//! Engines (engine.rs): a node whose server is refused the stream's base or
+//! records is stalled as above. A node whose engine writes an RDB the
+//! stream's latest writer cannot load (a Valkey 9.1 replica of a Redis 7.0
+//! primary) stands only when handed the primary by name (a live handover
+//! record naming it: `FAILOVER TO`), or when every other live member's
+//! engine loads its RDB (`engine::may_stand`; the members are read only
+//! when the writer alone does not decide).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -364,6 +372,8 @@ async fn follow(
     };
     let elect = async {
         let mut logged = "";
+        // Why the engine rule last held this node back (logged once).
+        let mut held_back = String::new();
         // Whether the module may show a stall (told at the first poll).
         let mut told_stall = true;
         // Whether this Redis was given the feed's password (at every
@@ -446,7 +456,7 @@ async fn follow(
                     applied_seq = view.last_seq;
                 }
             }
-            let step = match record.as_ref().filter(|r| r.keeps_out(me, now) && (view.leader.is_empty() || r.adopting())) {
+            let mut step = match record.as_ref().filter(|r| r.keeps_out(me, now) && (view.leader.is_empty() || r.adopting())) {
                 Some(r) if r.adopting() => Step::Wait {
                     ms: pause_ms,
                     why: "the stream is being adopted from a running Redis, its primary until the switch (scripts/cluster adopt)",
@@ -454,6 +464,16 @@ async fn follow(
                 Some(_) => Step::Wait { ms: pause_ms, why: "the primary handed over to another node" },
                 None => candidate.step(&view, applied_seq, stall.is_some(), now_unix_ms()),
             };
+            let named = record.as_ref().is_some_and(|r| r.names(me, now));
+            if matches!(step, Step::Take { .. }) && !named {
+                if let Err(why) = may_stand(journal, &p.stream, feeder, me).await {
+                    if why != held_back {
+                        tracing::warn!(%why, "not standing for election");
+                        held_back = why;
+                    }
+                    step = Step::Wait { ms: pause_ms, why: "this node's engine is newer than the stream's writer's" };
+                }
+            }
             match step {
                 Step::Wait { ms, why } => {
                     if why != logged {
@@ -485,6 +505,29 @@ async fn follow(
     };
     let _ = stop_tx.send(true);
     r
+}
+
+/// Whether this node may stand for election by itself, as far as engines
+/// go (engine.rs `may_stand`): the stream's writer is the last record the
+/// feeder read (the node is caught up when this is asked); the members are
+/// read only when the writer alone does not let it stand.
+async fn may_stand(journal: &JournalClient, stream: &str, feeder: &Feeder, me: &str) -> Result<(), String> {
+    let local = feeder.local_engine();
+    let writer = feeder.history.lock().unwrap().last_writer().copied();
+    if crate::engine::may_stand(local.as_ref(), writer.as_ref(), None).is_ok() {
+        return Ok(());
+    }
+    let members = journal.get_meta(stream, MEMBERS_KEY).await.map_err(|e| format!("reading the stream's members: {e}"))?;
+    let now = now_unix_ms();
+    let others: Vec<Option<crate::engine::Engine>> = members
+        .as_deref()
+        .map(parse_members)
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| m.uuid != me && now.saturating_sub(m.seen_unix_ms) < MEMBER_STALE_MS)
+        .map(|m| crate::engine::Engine::from_tag(&m.engine))
+        .collect();
+    crate::engine::may_stand(local.as_ref(), writer.as_ref(), Some(&others))
 }
 
 /// How often the published snapshot is read and told to the local Redis.

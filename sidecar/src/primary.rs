@@ -46,6 +46,8 @@ use crate::auth::Credentials;
 use crate::clock::monotonic_ms;
 use crate::clock::monotonic_us;
 use crate::cuts::Cuts;
+use crate::engine::Engine;
+use crate::engine::Writer;
 use crate::handover;
 use crate::handover::Handing;
 use crate::leader::Action;
@@ -365,8 +367,9 @@ impl ControlReplies {
 impl Control {
     pub async fn connect(redis: &RedisAddr, creds: &Credentials) -> Result<(Control, String), Stop> {
         let mut conn = Conn::connect(redis, creds).await.map_err(Stop::Retry)?;
-        // INFO replication first, read whole, before replies are only counted.
-        let info = conn.info("replication").await.map_err(Stop::Retry)?;
+        // INFO first, read whole, before replies are only counted: its
+        // replication state, and its engine (stamped on every record).
+        let info = conn.info("server replication").await.map_err(Stop::Retry)?;
         let (mut r, w) = conn.split();
         let replies = Arc::new(SharedReplies::default());
         let shared = replies.clone();
@@ -442,6 +445,12 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     // Redis must answer before the lease is taken: a dead or paused Redis
     // must let it lapse.
     let (mut ctl, mut info) = control(cfg).await?;
+    // The engine every record of this round names (engine.rs): it cannot
+    // change without a restart of the server, which ends the round.
+    let writer = Engine::from_info(&info).as_ref().and_then(Writer::of);
+    if writer.is_none() {
+        tracing::warn!("INFO server names no engine this sidecar knows; this round's records name no writer (replicas check nothing)");
+    }
     let sent_at = monotonic_ms();
     let lease = match journal.take_lease(&cfg.stream, me, last_seq_of(journal, &cfg.stream).await?, cfg.lease_ms).await {
         Ok(l) => l,
@@ -459,7 +468,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     let mut tail = match tail {
         Some(Tail { seq, base: Base::Incomplete, .. }) => {
             // Its writer died mid-way: void it; this node's Redis gives the base.
-            let void = Record { kind: Kind::RdbAbort, replid: VOID_BASE_REPLID.into(), start: 0, end: 0, payload: Vec::new() };
+            let void = Record { kind: Kind::RdbAbort, replid: VOID_BASE_REPLID.into(), start: 0, end: 0, payload: Vec::new(), writer };
             last_seq = append_record(&mut session, &cfg.stream, me, &void, seq, cfg.retry_pause_ms).await?;
             tracing::warn!(record = last_seq, "voided an unfinished base RDB; journaling a new one");
             None
@@ -488,7 +497,7 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
             // The journal ends with an unfinished command (or transaction)
             // of a writer that died: no client was answered for it, and no
             // Redis could apply it. Void it; this Redis continues from here.
-            let void = Record { kind: Kind::StreamVoid, replid: redis_replid.clone(), start: redis_offset, end: *end, payload: Vec::new() };
+            let void = Record { kind: Kind::StreamVoid, replid: redis_replid.clone(), start: redis_offset, end: *end, payload: Vec::new(), writer };
             last_seq = append_record(&mut session, &cfg.stream, me, &void, *seq, cfg.retry_pause_ms).await?;
             tracing::warn!(record = last_seq, from = redis_offset, to = *end, "voided the unfinished last command of the previous writer");
             (*seq, *end) = (last_seq, redis_offset);
@@ -503,9 +512,9 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
         // forks. A Redis that already holds data still gives its own.
         let keyspace = crate::node::redis_info_section(&cfg.redis, &cfg.control, "keyspace", cfg.lease_ms).await?;
         if !keyspace.lines().any(|l| l.starts_with("db")) {
-            let rdb = Record { kind: Kind::Rdb, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: EMPTY_RDB.to_vec() };
+            let rdb = Record { kind: Kind::Rdb, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: EMPTY_RDB.to_vec(), writer };
             last_seq = append_record(&mut session, &cfg.stream, me, &rdb, last_seq, cfg.retry_pause_ms).await?;
-            let end = Record { kind: Kind::RdbEnd, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: Vec::new() };
+            let end = Record { kind: Kind::RdbEnd, replid: redis_replid.clone(), start: redis_offset, end: redis_offset, payload: Vec::new(), writer };
             last_seq = append_record(&mut session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?;
             tracing::info!(record = last_seq, replid = %redis_replid, offset = redis_offset, "a new history from an empty base; the local Redis syncs it from the journal");
             return Err(Stop::LostHistory("the new history's base is in the journal; the local Redis loads it as a replica, then leads".into()));
@@ -516,17 +525,17 @@ async fn lead_inner(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str)
     let (link, last_seq) = match link {
         Link::Continue(link) => (link, last_seq),
         Link::FullSync(mut link) => {
-            let last_seq = journal_base_rdb(cfg, &mut session, me, &mut link, &replid, offset, last_seq).await?;
+            let last_seq = journal_base_rdb(cfg, &mut session, me, &mut link, &replid, offset, last_seq, writer).await?;
             (link, last_seq)
         }
     };
 
-    run(cfg, journal, me, Attached { ctl, link, replid, offset, last_seq, session, lease_sent_at_ms: sent_at }).await
+    run(cfg, journal, me, Attached { ctl, link, replid, offset, last_seq, session, lease_sent_at_ms: sent_at, writer }).await
 }
 
 /// Promotes the local Redis, a replica fed from the journal, without a
 /// fork or a sync (`REPLICAOF NO ONE`, within the lease); returns a new
-/// control connection and `INFO replication` after it.
+/// control connection and `INFO server replication` after it.
 async fn promote(cfg: &PrimaryConfig, mut ctl: Control) -> Result<(Control, String), Stop> {
     ctl.send(&[b"REPLICAOF", b"NO", b"ONE"]).await?;
     let t = Instant::now();
@@ -616,6 +625,8 @@ struct Attached {
     last_seq: u64,
     session: AppendSession,
     lease_sent_at_ms: u64,
+    /// The engine the records name.
+    writer: Option<Writer>,
 }
 
 /// The leading loop's I/O (its decisions are leader.rs's): waits on the
@@ -623,7 +634,7 @@ struct Attached {
 /// leader's timer and the control connection's refusals; feeds what came
 /// to the `Leader` and performs what it answers.
 async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Attached) -> Result<Never, Stop> {
-    let Attached { mut ctl, link, replid, offset, last_seq, session, lease_sent_at_ms } = a;
+    let Attached { mut ctl, link, replid, offset, last_seq, session, lease_sent_at_ms, writer } = a;
     let (mut r, mut w) = link.split();
     // This node leads the stream; everything journaled so far is durable.
     ctl.send(&[b"KEEL.LEADER", me.as_bytes(), cfg.stream.as_bytes()]).await?;
@@ -635,7 +646,7 @@ async fn run(cfg: &PrimaryConfig, journal: &Arc<JournalClient>, me: &str, a: Att
         replconf_ack_ms: cfg.replconf_ack_ms,
         retry_pause_ms: cfg.retry_pause_ms,
     };
-    let (mut leader, mut step) = Leader::start(limits, replid, offset, last_seq, lease_sent_at_ms, ctl.sent(), monotonic_us());
+    let (mut leader, mut step) = Leader::start(limits, replid, writer, offset, last_seq, lease_sent_at_ms, ctl.sent(), monotonic_us());
     // The session travels with the append in flight and comes back with it.
     let mut session = Some(session);
     let mut appending: Option<tokio::task::JoinHandle<(AppendSession, AppendOutcome)>> = None;
@@ -837,7 +848,7 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// A control connection and `INFO replication`, within the lease.
+/// A control connection and `INFO server replication`, within the lease.
 async fn control(cfg: &PrimaryConfig) -> Result<(Control, String), Stop> {
     match tokio::time::timeout(Duration::from_millis(cfg.lease_ms), Control::connect(&cfg.redis, &cfg.control)).await {
         Ok(r) => r,
@@ -859,7 +870,8 @@ async fn fence(ctl: &mut Control, why: &str) {
 }
 
 /// Journals the base RDB of a fresh history after record `after_seq` (0,
-/// or an `RdbAbort`); returns the last seq.
+/// or an `RdbAbort`), its records naming `writer`; returns the last seq.
+#[allow(clippy::too_many_arguments)]
 async fn journal_base_rdb(
     cfg: &PrimaryConfig,
     session: &mut AppendSession,
@@ -868,6 +880,7 @@ async fn journal_base_rdb(
     replid: &str,
     offset: u64,
     after_seq: u64,
+    writer: Option<Writer>,
 ) -> Result<u64, Stop> {
     let header = link.bulk_header().await.map_err(Stop::Retry)?;
     let len: usize = header
@@ -881,10 +894,10 @@ async fn journal_base_rdb(
         let mut chunk = vec![0u8; n];
         link.read_exact(&mut chunk).await.map_err(Stop::Retry)?;
         left -= n;
-        let rec = Record { kind: Kind::Rdb, replid: replid.into(), start: offset, end: offset, payload: chunk };
+        let rec = Record { kind: Kind::Rdb, replid: replid.into(), start: offset, end: offset, payload: chunk, writer };
         last_seq = append_record(session, &cfg.stream, me, &rec, last_seq, cfg.retry_pause_ms).await?;
     }
-    let end = Record { kind: Kind::RdbEnd, replid: replid.into(), start: offset, end: offset, payload: Vec::new() };
+    let end = Record { kind: Kind::RdbEnd, replid: replid.into(), start: offset, end: offset, payload: Vec::new(), writer };
     let seq = append_record(session, &cfg.stream, me, &end, last_seq, cfg.retry_pause_ms).await?;
     tracing::info!(%replid, offset, rdb_bytes = len, "journaled the base RDB of a new history");
     Ok(seq)
@@ -961,7 +974,7 @@ mod tests {
 
     #[test]
     fn the_tail_says_where_the_history_ends_and_whether_it_has_a_base() {
-        let rec = |kind, start, end| Record { kind, replid: "a".repeat(40), start, end, payload: Vec::new() };
+        let rec = |kind, start, end| Record { kind, replid: "a".repeat(40), start, end, payload: Vec::new(), writer: None };
         assert_eq!(tail_of(9, &rec(Kind::Stream, 100, 150)), Tail { seq: 9, end: 150, base: Base::Whole });
         assert_eq!(tail_of(9, &rec(Kind::RdbEnd, 100, 100)), Tail { seq: 9, end: 100, base: Base::Whole });
         assert_eq!(tail_of(9, &rec(Kind::StreamVoid, 120, 150)), Tail { seq: 9, end: 120, base: Base::Whole }, "cut back to the void's start");

@@ -312,10 +312,10 @@ impl Snapshotter {
         if target <= prev.as_ref().map(|p| p.seq).unwrap_or(0) {
             return Ok(Cycle::NothingNew(prev));
         }
-        let server = self.builder(prev.as_ref()).await?;
+        let (server, engine) = self.builder(prev.as_ref()).await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let build_dir = self.cfg.work_dir.join(format!("build-{id}"));
-        let built = self.build(server, prev.as_ref(), target, &build_dir, &id).await;
+        let built = self.build(server, engine, prev.as_ref(), target, &build_dir, &id).await;
         let _ = tokio::fs::remove_dir_all(&build_dir).await;
         let mut meta = built?;
         let built_ms = t0.elapsed().as_millis();
@@ -421,7 +421,7 @@ impl Snapshotter {
 
     /// The server this cycle builds with (`pick_builder`), from the live
     /// members' engines.
-    async fn builder(&self, prev: Option<&SnapshotMeta>) -> Result<&Path, String> {
+    async fn builder(&self, prev: Option<&SnapshotMeta>) -> Result<(&Path, &crate::engine::Engine), String> {
         let members = self.journal.get_meta(&self.cfg.stream, crate::node::MEMBERS_KEY).await.map_err(|e| format!("reading the stream's members: {e}"))?;
         let members = members.as_deref().map(crate::node::parse_members).unwrap_or_default();
         let now = now_unix_ms();
@@ -431,10 +431,10 @@ impl Snapshotter {
             .filter_map(|m| crate::engine::Engine::from_tag(&m.engine))
             .collect();
         let i = crate::engine::pick_builder(&self.engines, prev.map(|p| p.rdb_version), &engines)?;
-        Ok(&self.cfg.servers[i])
+        Ok((&self.cfg.servers[i], &self.engines[i]))
     }
 
-    async fn build(&self, server: &Path, prev: Option<&SnapshotMeta>, target: u64, dir: &Path, id: &str) -> Result<SnapshotMeta, String> {
+    async fn build(&self, server: &Path, engine: &crate::engine::Engine, prev: Option<&SnapshotMeta>, target: u64, dir: &Path, id: &str) -> Result<SnapshotMeta, String> {
         tokio::fs::create_dir_all(dir).await.map_err(|e| format!("{}: {e}", dir.display()))?;
         let rdb = dir.join("dump.rdb");
         if let Some(p) = prev {
@@ -448,6 +448,9 @@ impl Snapshotter {
         }
         let mut feeder = Feeder::new(self.journal.clone(), self.cfg.stream.clone(), self.me.clone(), Some(self.store.clone()));
         feeder.until_seq = Some(target);
+        // The private server replays the records as a replica would: one
+        // whose writer's RDB it cannot load is refused (engine.rs).
+        feeder.set_local_engine(Some(engine.clone()));
         feeder.tap = Some(Mutex::new(StreamSum::after(prev.map(|p| p.stream_sha256.as_str()), prev.map(|p| p.offset))));
         let feeder = Arc::new(feeder);
         let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("feed listener: {e}"))?;
@@ -463,6 +466,16 @@ impl Snapshotter {
             // the feed stopped at its cut.
             let mut progress = feeder.progress.subscribe();
             let fed = loop {
+                if let Some(r) = feeder.refused() {
+                    return Err(format!(
+                        "the snapshotter's {} cannot replay record {} of {}: {}; give it a server of the records' writer too \
+                         (--redis-server, repeated)",
+                        engine.tag(),
+                        r.seq,
+                        self.cfg.stream,
+                        r.reason
+                    ));
+                }
                 if let Some(st) = feeder.stalled() {
                     // The same record stalls every replica: no snapshot
                     // can be built past it (stall.rs).

@@ -680,7 +680,13 @@ impl Deployment {
             }
             Fault::Handover => {
                 let Some(p) = primary else { return Ok("FAILOVER: no single primary now, none sent".into()) };
-                let to = (rng.below(2) == 1).then(|| replica(Some(p), rng));
+                // Never by name to a replica restarted on the other engine
+                // (an `OtherEngine` fault of the same episode): handing it
+                // the primary is an upgrade step (docs/operations.md) that
+                // leaves the nodes on the deployment's engine refused until
+                // upgraded too, which no heal here does.
+                let own: Vec<usize> = (0..NODE_HOSTS.len()).filter(|k| *k != p && self.node_server[*k] == self.server).collect();
+                let to = (rng.below(2) == 1 && !own.is_empty()).then(|| own[rng.below(own.len())]);
                 let target = to.map(|r| self.node_addr(r));
                 let mut args: Vec<&[u8]> = vec![b"FAILOVER"];
                 let (host, port) = target.as_deref().and_then(|t| t.rsplit_once(':')).unwrap_or(("", ""));

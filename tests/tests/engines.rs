@@ -1,7 +1,9 @@
 //! Upgrade protection: a node whose server cannot load what the stream's
 //! engine wrote (a Redis 7.0 replica behind a Valkey 9.1 primary, whose
 //! RDB is version 80) is refused cleanly: it is not fed, says why in `INFO
-//! keel`, keeps running, and never stands for election.
+//! keel`, keeps running, and never stands for election. The base (a
+//! snapshot or the journal's base RDB) is checked, and so is every record,
+//! which names its writer's engine.
 
 use std::time::Duration;
 use std::time::Instant;
@@ -99,6 +101,36 @@ fn writer(addrs: Vec<String>, stop: std::sync::Arc<std::sync::atomic::AtomicBool
     })
 }
 
+/// Waits (30 s at most) until node `i` says it is refused the records of a
+/// writer whose RDB its server cannot load; returns the reason.
+fn wait_refused(c: &KeelCluster, i: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.nodes[i].info_field("keel", "keel_feed_stalled_reason").unwrap_or_default();
+        if r.contains("cannot load RDB version") && r.contains("which wrote record") {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "node {i} was never refused a record; last reason: {r:?}; logs in {}", c.nodes[i].dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `key` on primary `p` and waits (30 s at most) until replica `i`
+/// has it and says no refusal: it is fed again.
+fn wait_fed(c: &KeelCluster, i: usize, p: usize, key: &str) {
+    assert_eq!(Resp::connect(&c.nodes[p].addr()).cmd(&["SET", key, "1"]), "+OK");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut replica = Resp::connect(&c.nodes[i].addr());
+    loop {
+        let reason = c.nodes[i].info_field("keel", "keel_feed_stalled_reason").unwrap_or_default();
+        if reason.is_empty() && replica.cmd(&["GET", key]) == "1" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {i} was not fed {key} (reason: {reason:?}); logs in {}", c.nodes[i].dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Restarts node `i`'s server on `server`, keeping its data directory.
 fn restart_on(c: &mut KeelCluster, i: usize, server: Server) {
     c.nodes[i].kill_redis();
@@ -129,8 +161,13 @@ async fn a_rolling_upgrade_from_redis_to_valkey_loses_nothing() {
     let (host, port) = to.rsplit_once(':').unwrap();
     assert_eq!(p.cmd(&["FAILOVER", "TO", host, port]), "+OK");
     assert_eq!(c.wait_new_primary(Some(0), Duration::from_secs(20)), 1);
+    // The old primary, still on Redis 7.0, is refused the records Valkey
+    // writes (the writer keeps writing) until it is upgraded too.
+    let reason = wait_refused(&c, 0);
+    assert!(reason.contains("redis 7.0") && reason.contains("valkey 9"), "{reason}");
     restart_on(&mut c, 0, Server::Valkey);
     c.wait_replica_synced(0, Duration::from_secs(30));
+    wait_fed(&c, 0, 1, "upgraded-0");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = w.join().unwrap();
@@ -185,4 +222,104 @@ async fn a_snapshot_no_member_can_load_is_not_published() {
     let meta = journal.get_meta("shard-1", "snapshot").await.unwrap().expect("published");
     let meta = String::from_utf8_lossy(&meta).to_string();
     assert!(meta.contains(r#""engine":"redis""#) && meta.contains(r#""rdb_version":10"#), "{meta}");
+}
+
+/// Only the per-record check can refuse here: the journal holds no
+/// snapshot and its base is Redis 7.0's, which every node loads. A Redis
+/// 7.0 deployment hands its primary to a replica upgraded to Valkey 9.1;
+/// the nodes still on Redis 7.0 are refused from the first record Valkey
+/// wrote (the reason names it), keep running, are never elected, and the
+/// old primary is fed again once upgraded and then takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_7_replicas_are_refused_the_records_a_valkey_primary_writes() {
+    let mut c = KeelCluster::start(Server::Redis, 1, 3, LEASE_MS).await;
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    for i in 0..20 {
+        assert_eq!(p.cmd(&["SET", &format!("k{i}"), "v"]), "+OK");
+    }
+    // Node 1 is upgraded and handed the primary by name: the one way a
+    // newer engine leads while older nodes are live.
+    restart_on(&mut c, 1, Server::Valkey);
+    c.wait_replica_synced(1, Duration::from_secs(30));
+    wait_fed(&c, 1, 0, "before");
+    let to = c.nodes[1].addr();
+    let (host, port) = to.rsplit_once(':').unwrap();
+    assert_eq!(p.cmd(&["FAILOVER", "TO", host, port]), "+OK");
+    assert_eq!(c.wait_new_primary(Some(0), Duration::from_secs(20)), 1);
+    let mut p = Resp::connect(&c.nodes[1].addr());
+    assert_eq!(p.cmd(&["SET", "by-valkey", "1"]), "+OK");
+
+    // Nodes 0 (the old primary) and 2 still run Redis 7.0.
+    for i in [0, 2] {
+        let reason = wait_refused(&c, i);
+        assert!(reason.contains("redis 7.0.15 here") && reason.contains("RDB version 80") && reason.contains("valkey 9"), "{reason}");
+        assert!(reason.contains("upgrade this server"), "says what to do: {reason}");
+        // Everything Redis wrote was fed; nothing Valkey wrote was.
+        let mut r = Resp::connect(&c.nodes[i].addr());
+        assert_eq!(r.cmd(&["GET", "before"]), "1", "node {i}");
+        assert_eq!(r.cmd(&["GET", "by-valkey"]), "(nil)", "node {i} was fed a record Valkey wrote");
+        assert_eq!(r.cmd(&["PING"]), "+PONG", "node {i}'s server keeps running");
+    }
+    assert_eq!(c.journal.client().get_meta("shard-1", "snapshot").await.unwrap(), None, "no snapshot: the base check alone refuses nothing");
+    for i in [0, 2] {
+        assert!(matches!(c.nodes[i].sidecar.as_mut().unwrap().try_wait(), Ok(None)), "node {i}'s sidecar exited");
+        assert_eq!(c.nodes[i].role(), "replica");
+    }
+
+    // Node 0 is upgraded: fed again from where it stopped.
+    restart_on(&mut c, 0, Server::Valkey);
+    wait_fed(&c, 0, 1, "after-upgrade");
+    assert_eq!(Resp::connect(&c.nodes[0].addr()).cmd(&["GET", "by-valkey"]), "1");
+
+    // The Valkey primary goes: node 0 takes over, never node 2.
+    c.nodes[1].kill_sidecar();
+    c.nodes[1].kill_redis();
+    assert_eq!(c.wait_new_primary(Some(1), Duration::from_secs(20)), 0, "the Redis 7.0 node was elected");
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    assert_eq!(p.cmd(&["GET", "after-upgrade"]), "1");
+    assert_eq!(p.cmd(&["SET", "after-failover", "1"]), "+OK");
+    // Node 2 still runs, still refused, and is no primary.
+    assert!(matches!(c.nodes[2].sidecar.as_mut().unwrap().try_wait(), Ok(None)), "node 2's sidecar exited");
+    assert_eq!(c.nodes[2].role(), "replica");
+    assert!(wait_refused(&c, 2).contains("valkey 9"));
+    assert_eq!(c.primaries(), vec![0]);
+}
+
+/// The election rule: a replica upgraded to Valkey 9.1 in a Redis 7.0
+/// deployment does not take over by itself when the primary's server dies
+/// (leading, it would strand the Redis 7.0 node); the old primary leads
+/// again once its server is back, and the Valkey replica becomes primary
+/// when handed it by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_engine_is_not_elected_by_itself_only_handed_the_primary() {
+    let mut c = KeelCluster::start(Server::Redis, 1, 2, LEASE_MS).await;
+    restart_on(&mut c, 1, Server::Valkey);
+    wait_fed(&c, 1, 0, "before");
+    c.nodes[0].kill_redis();
+    // Node 1 is caught up and the lease lapses: it says why it stays out.
+    let log = c.nodes[1].dir.join("sidecar.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("not standing for election")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "node 1 never held back (was it elected? primaries: {:?}); log {}", c.primaries(), log.display());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(line.contains("valkey 9.1") && line.contains("redis 7.0.15") && line.contains("FAILOVER TO"), "{line}");
+    assert_eq!(c.nodes[1].role(), "replica");
+    assert!(c.primaries().is_empty());
+    // The old primary's server comes back: it leads again.
+    c.nodes[0].start_redis();
+    assert_eq!(c.wait_new_primary(None, Duration::from_secs(30)), 0);
+    let mut p = Resp::connect(&c.nodes[0].addr());
+    assert_eq!(p.cmd(&["GET", "before"]), "1");
+    // Handed the primary by name, the Valkey node takes it.
+    wait_fed(&c, 1, 0, "handed");
+    let to = c.nodes[1].addr();
+    let (host, port) = to.rsplit_once(':').unwrap();
+    assert_eq!(p.cmd(&["FAILOVER", "TO", host, port]), "+OK");
+    assert_eq!(c.wait_new_primary(Some(0), Duration::from_secs(20)), 1);
+    assert_eq!(Resp::connect(&c.nodes[1].addr()).cmd(&["SET", "by-valkey", "1"]), "+OK");
 }

@@ -247,7 +247,7 @@ async fn an_unfinished_base_rdb_is_voided_by_the_next_leader() {
     let client = journal.client();
     let dead = keel_tests::new_uuid();
     client.set_leader("shard-1", &dead, "").await.unwrap();
-    let chunk = Record { kind: Kind::Rdb, replid: "a".repeat(40), start: 0, end: 0, payload: b"REDIS0010-half-an-rdb".to_vec() };
+    let chunk = Record { kind: Kind::Rdb, replid: "a".repeat(40), start: 0, end: 0, payload: b"REDIS0010-half-an-rdb".to_vec(), writer: None };
     client.append("shard-1", &dead, vec![chunk.encode()], Some(0)).await.unwrap();
     let c = KeelCluster::start_on(journal, Server::Redis, 2, LEASE_MS);
     let mut r = Resp::connect(&c.nodes[0].addr());
@@ -368,7 +368,7 @@ async fn an_unfinished_last_command_is_voided_by_the_next_leader() {
     let mut tail = encode_command(&[b"MULTI"]);
     tail.extend_from_slice(&encode_command(&[b"SET", b"tx:1", b"a"]));
     tail.extend_from_slice(&encode_command(&[b"SET", b"tx:2", b"b"])[..12]);
-    let cut = Record { kind: Kind::Stream, replid: last.replid.clone(), start: last.end, end: last.end + tail.len() as u64, payload: tail };
+    let cut = Record { kind: Kind::Stream, replid: last.replid.clone(), start: last.end, end: last.end + tail.len() as u64, payload: tail, writer: last.writer };
     client
         .append("shard-1", &info.leader_uuid, vec![cut.encode()], Some(info.last_seq))
         .await

@@ -41,7 +41,7 @@ fn expected(seq: u64) -> Record {
     let set = |i: u64| format!("*3\r\n$3\r\nSET\r\n${}\r\nk{i}\r\n$2\r\nv{}\r\n", format!("k{i}").len(), i % 10).into_bytes();
     // Offsets of the stream: each SET's bytes follow the previous ones.
     let offset_before = |seq: u64| (4..seq).map(|i| set(i).len() as u64).sum::<u64>();
-    let r = |kind, start, end, payload: Vec<u8>| Record { kind, replid: REPLID.into(), start, end, payload };
+    let r = |kind, start, end, payload: Vec<u8>| Record { kind, replid: REPLID.into(), start, end, payload, writer: None };
     match seq {
         1 => r(Kind::Rdb, 0, 0, b"REDIS0010\xfa\x09redis-ver\x067.0.15".to_vec()),
         2 => r(Kind::Rdb, 0, 0, b"\xff\x00\x01\x02\x03\x04\x05\x06\x07".to_vec()),
