@@ -85,6 +85,17 @@ impl Gate {
         }
     }
 
+    /// Whether a held write the journal confirmed may be answered now: the
+    /// node holds its lease, and has not handed it over. Unlike serving, a
+    /// handover's pause does not stop it: the writes held at the pause are
+    /// confirmed and answered before the lease is released (handover.rs).
+    pub fn confirms(&self, now_ms: u64) -> bool {
+        !self.replica
+            && !self.fenced
+            && self.handover != HandoverGate::HandedOver
+            && self.lease_until_ms.is_some_and(|t| now_ms < t)
+    }
+
     /// The sidecar renewed the lease until `until_ms`. A deadline never
     /// moves back within one tenure (renewals may arrive out of order).
     pub fn lease(&mut self, until_ms: u64) -> Result<(), &'static str> {
@@ -189,6 +200,8 @@ mod tests {
         g.lease(1000).unwrap();
         g.handover(HandoverGate::Paused).unwrap();
         assert_eq!(g.decide(1), Decision::Refuse(HANDING_OVER));
+        assert!(g.confirms(1), "the writes held at the pause are still answered");
+        assert!(!g.confirms(1000), "but not once the lease lapsed");
         assert_eq!(g.role_name(1), "primary-handing-over");
         g.lease(2000).unwrap();
         assert_eq!(g.decide(1), Decision::Refuse(HANDING_OVER), "a renewal does not lift the pause");
@@ -197,6 +210,7 @@ mod tests {
         g.handover(HandoverGate::Paused).unwrap();
         g.handover(HandoverGate::HandedOver).unwrap();
         assert_eq!(g.decide(1), Decision::Refuse(HANDED_OVER));
+        assert!(!g.confirms(1), "handed over: nothing is confirmed here any more");
         g.role_changed(true);
         assert_eq!(g.decide(1), Decision::Native);
         assert!(g.handover(HandoverGate::Paused).is_err());
@@ -260,6 +274,7 @@ mod tests {
                 for now in [0, 4, 5, 9, 10, 11] {
                     let serve = !replica && !fenced && best.is_some_and(|b| now < b);
                     assert_eq!(g.decide(now) == Decision::Serve, serve, "{h:?} at {now}");
+                    assert_eq!(g.confirms(now), serve, "without a handover, confirming is serving: {h:?} at {now}");
                     assert_eq!(g.decide(now) == Decision::Native, replica, "{h:?} at {now}");
                 }
             }

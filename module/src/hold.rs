@@ -13,7 +13,6 @@
 //! (`fail_everything_held`): an error, never a success.
 
 use crate::clients::TimedOut;
-use crate::gate::Decision;
 use crate::redis;
 use crate::redis::Blocked;
 use crate::redis::BlockedReply;
@@ -85,13 +84,14 @@ pub fn unconfirmed_message() -> String {
 }
 
 /// Sends the kept replies of durable clients; but a node whose lease lapsed
-/// acknowledges nothing (another node may lead by now): its clients learn
-/// that the outcome is unknown.
+/// (or that handed it over) acknowledges nothing (another node may lead by
+/// now): its clients learn that the outcome is unknown. A handover's pause
+/// does not stop it (`Gate::confirms`).
 pub fn release(clients: Vec<(Blocked, Answer)>) {
     let serving = {
         let mut st = state();
         st.released_total += clients.len() as u64;
-        st.gate.decide(crate::redis::monotonic_ms()) == Decision::Serve
+        st.gate.confirms(crate::redis::monotonic_ms())
     };
     for (bc, answer) in clients {
         if serving {

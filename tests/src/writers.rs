@@ -120,9 +120,19 @@ pub struct PyClient {
 const PY_CLIENT: &str = r#"
 import sys, time
 from redis.sentinel import Sentinel
+from redis.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError, ReadOnlyError
 sentinels = [(a.split(':')[0], int(a.split(':')[1])) for a in sys.argv[1].split(',')]
 s = Sentinel(sentinels, socket_timeout=1.0)
-m = s.master_for('keel', socket_timeout=1.0)
+if sys.argv[4] == 'retry':
+    # redis-py's own retries, as an application configures them: on a lost
+    # connection, a timeout, -READONLY (a Sentinel client then asks for the
+    # master again), up to about 4 s in all.
+    m = s.master_for('keel', socket_timeout=1.0, retry=Retry(ExponentialBackoff(cap=0.1, base=0.005), 40),
+                     retry_on_error=[ConnectionError, TimeoutError, ReadOnlyError])
+else:
+    m = s.master_for('keel', socket_timeout=1.0)
 end = time.time() + float(sys.argv[2])
 pause = float(sys.argv[3])
 i = 0
@@ -147,9 +157,19 @@ impl PyClient {
     /// Writes for `secs` through the cluster's discovery endpoints,
     /// pausing `pause` after an error.
     pub fn start(c: &KeelCluster, secs: f64, pause: Duration) -> PyClient {
+        PyClient::spawn(c, secs, pause, "plain")
+    }
+
+    /// The same, with redis-py's retries configured (`Retry` on lost
+    /// connections, timeouts and `-READONLY`), as an application would.
+    pub fn start_retrying(c: &KeelCluster, secs: f64) -> PyClient {
+        PyClient::spawn(c, secs, Duration::ZERO, "retry")
+    }
+
+    fn spawn(c: &KeelCluster, secs: f64, pause: Duration, mode: &str) -> PyClient {
         let sentinels: Vec<String> = c.nodes.iter().map(|n| n.sentinel_addr()).collect();
         let child = std::process::Command::new("python3")
-            .args(["-c", PY_CLIENT, &sentinels.join(","), &secs.to_string(), &pause.as_secs_f64().to_string()])
+            .args(["-c", PY_CLIENT, &sentinels.join(","), &secs.to_string(), &pause.as_secs_f64().to_string(), mode])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

@@ -45,6 +45,7 @@ async fn failover_hands_over_under_load_and_loses_nothing(server: Server) {
     let c = KeelCluster::start(server, 1, 3, LEASE_MS).await;
     let w = Writers::start(&c, REFUSED_PAUSE);
     let py = PyClient::start(&c, 5.0, PY_ERROR_PAUSE);
+    let py_retrying = PyClient::start_retrying(&c, 5.0);
     std::thread::sleep(Duration::from_millis(1500));
     let asked_at = Instant::now();
     let mut p = Resp::connect(&c.nodes[0].addr());
@@ -63,6 +64,12 @@ async fn failover_hands_over_under_load_and_loses_nothing(server: Server) {
     // Promoted without a fork, as in any election.
     assert_eq!(c.nodes[np].info_field("stats", "sync_full").as_deref(), Some("0"));
     py.check(&c);
+    // A client with redis-py's retries configured sees no error: the
+    // writes held at the pause are answered, the rest are refused with
+    // -READONLY and retried against the successor.
+    let report = py_retrying.check(&c);
+    assert!(report.errors.is_empty(), "a retrying redis-py client saw errors: {:?}", report.errors);
+    assert!(!report.acked.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
