@@ -407,6 +407,23 @@ pub fn server_acceptor(what: &str, cert: &Path, key: &Path) -> Result<tokio_rust
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A TLS client that trusts the deployment's CA at `ca` and shows no
+/// certificate: what a Redis client of a `--tls` deployment is (its Redis
+/// nodes and discovery endpoints serve certificates of that CA).
+pub fn client_connector(ca: &Path) -> Result<tokio_rustls::TlsConnector, String> {
+    let ca_pem = read("the CA certificate", ca)?;
+    let mut store = rustls::RootCertStore::empty();
+    for c in certs_of("the CA certificate", ca, &ca_pem)? {
+        store.add(c).map_err(|e| format!("the CA certificate {}: {e}", ca.display()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 /// Admits a caller only if the certificate it showed in the handshake is
 /// of the CA, for `name` (`JOURNAL_SERVER_NAME`: a journal node, the only
 /// callers of the Raft service; `JOURNAL_ADMIN_NAME`: the administrator),

@@ -109,6 +109,34 @@ async fn redis_py_over_tls_with_a_password_follows_a_failover() {
     eprintln!("redis-py over TLS: {} writes acknowledged across the failover, {} errors", acked.len(), out.iter().filter(|l| l.starts_with("err ")).count());
 }
 
+/// `keel-sidecar handover` (what `scripts/cluster handover` runs) reaches a
+/// TLS-only deployment as its clients do: TLS with the deployment's CA and
+/// the password, to discovery and to the primary; without them it cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handover_command_speaks_tls_with_a_password() {
+    let c = KeelCluster::start_secure(Server::Redis, 1, 2, 1000, PASSWORD).await;
+    let security = c.nodes[0].clients.as_ref().expect("secured");
+    let sentinels: Vec<String> = c.nodes.iter().map(|n| n.sentinel_addr()).collect();
+    let handover = |secure: bool| {
+        let mut cmd = Command::new(keel_tests::bin("keel-sidecar"));
+        cmd.args(["handover", "--sentinels", &sentinels.join(",")]);
+        if secure {
+            cmd.arg("--tls-ca").arg(&security.ca).arg("--password-file").arg(&security.password_file);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = handover(false);
+    assert!(!refused.status.success(), "a handover without TLS reached the deployment");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no discovery endpoint"), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert_eq!(c.primaries(), vec![0], "nothing moved");
+    let out = handover(true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let np = c.wait_new_primary(Some(0), Duration::from_secs(10));
+    assert!(text.contains(&format!("handed over: {} -> {}", c.nodes[0].addr(), c.nodes[np].addr())), "{text}");
+    assert!(text.contains("unavailability_ms="), "{text}");
+}
+
 fn stderr_of(child: &mut std::process::Child) -> String {
     use std::io::Read;
     let mut s = String::new();

@@ -4,7 +4,8 @@
 //! over, following discovery as a Sentinel client does, and the write
 //! unavailability is the time from the last write the old primary
 //! acknowledged to the first the new one did (it includes one write's
-//! round trip). Plain TCP clients only.
+//! round trip). With a CA (`--tls-ca`), every connection is TLS, as the
+//! clients of a `--tls` deployment connect.
 
 use std::time::Duration;
 use std::time::Instant;
@@ -22,20 +23,41 @@ const REQUEST_TIMEOUT_MS: u64 = 1_000;
 /// How long the whole handover may take, seen from here.
 pub const MAX_WAIT_MS: u64 = 15_000;
 
+/// A connection's byte stream: TCP, or TLS over it.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// How to reach the deployment's Redis nodes and discovery endpoints.
+#[derive(Clone)]
+pub struct Access {
+    pub password: Option<String>,
+    /// TLS trusting the deployment's CA, if the deployment serves TLS.
+    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
 struct Client {
-    sock: TcpStream,
+    sock: Box<dyn Stream>,
     buf: Vec<u8>,
 }
 
 impl Client {
-    async fn connect(addr: &str, password: Option<&str>) -> Result<Client, String> {
-        let sock = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), TcpStream::connect(addr))
-            .await
-            .map_err(|_| format!("{addr}: connect timed out"))?
-            .map_err(|e| format!("{addr}: {e}"))?;
-        sock.set_nodelay(true).ok();
+    async fn connect(addr: &str, access: &Access) -> Result<Client, String> {
+        let connected = async {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
+            tcp.set_nodelay(true).ok();
+            let sock: Box<dyn Stream> = match &access.tls {
+                None => Box::new(tcp),
+                Some(tls) => {
+                    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(|c| c == '[' || c == ']');
+                    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| format!("{addr}: {e}"))?;
+                    Box::new(tls.connect(name, tcp).await.map_err(|e| format!("{addr}: TLS: {e}"))?)
+                }
+            };
+            Ok::<_, String>(sock)
+        };
+        let sock = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), connected).await.map_err(|_| format!("{addr}: connect timed out"))??;
         let mut c = Client { sock, buf: Vec::new() };
-        if let Some(p) = password {
+        if let Some(p) = access.password.as_deref() {
             if let Reply::Error(e) = c.request(&[b"AUTH", p.as_bytes()]).await? {
                 return Err(format!("{addr}: AUTH: {e}"));
             }
@@ -96,9 +118,9 @@ impl Client {
 }
 
 /// The primary's address, as the first discovery endpoint that knows it says.
-async fn primary_of(sentinels: &[String], master_name: &str, password: Option<&str>) -> Option<String> {
+async fn primary_of(sentinels: &[String], master_name: &str, access: &Access) -> Option<String> {
     for s in sentinels {
-        let Ok(mut c) = Client::connect(s, password).await else { continue };
+        let Ok(mut c) = Client::connect(s, access).await else { continue };
         if let Ok(Some(v)) = c.request_array(&[b"SENTINEL", b"get-master-addr-by-name", master_name.as_bytes()]).await {
             if v.len() == 2 {
                 return Some(format!("{}:{}", String::from_utf8_lossy(&v[0]), String::from_utf8_lossy(&v[1])));
@@ -119,28 +141,28 @@ pub struct Args {
     pub sentinels: Vec<String>,
     pub master_name: String,
     pub to: Option<String>,
-    pub password: Option<String>,
+    pub access: Access,
     pub probe_key: String,
 }
 
 /// Runs the handover; prints what happened; the error says what to do.
 pub async fn run(a: Args) -> Result<(), String> {
-    let pw = a.password.as_deref();
-    let old = primary_of(&a.sentinels, &a.master_name, pw)
+    let access = &a.access;
+    let old = primary_of(&a.sentinels, &a.master_name, access)
         .await
         .ok_or_else(|| format!("no discovery endpoint of {} names a primary; is the deployment up?", a.sentinels.join(",")))?;
     let start = Instant::now();
     // The probe: follows discovery, writes until the new primary acknowledged one.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Ack>();
-    let (sentinels, master, key, pw2) = (a.sentinels.clone(), a.master_name.clone(), a.probe_key.clone(), a.password.clone());
+    let (sentinels, master, key, access2) = (a.sentinels.clone(), a.master_name.clone(), a.probe_key.clone(), a.access.clone());
     let probe = tokio::spawn(async move {
         let mut n = 0u64;
         let mut conn: Option<(String, Client)> = None;
         let mut errors = 0u64;
         loop {
             if conn.is_none() {
-                match primary_of(&sentinels, &master, pw2.as_deref()).await {
-                    Some(addr) => match Client::connect(&addr, pw2.as_deref()).await {
+                match primary_of(&sentinels, &master, &access2).await {
+                    Some(addr) => match Client::connect(&addr, &access2).await {
                         Ok(c) => conn = Some((addr, c)),
                         Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
                     },
@@ -168,7 +190,7 @@ pub async fn run(a: Args) -> Result<(), String> {
         probe.abort();
         return Err(format!("the probe could not write to the primary {old}"));
     };
-    let mut c = Client::connect(&old, pw).await?;
+    let mut c = Client::connect(&old, access).await?;
     let mut args: Vec<&[u8]> = vec![b"FAILOVER"];
     let to_parts: Vec<String> = a.to.as_deref().map(|t| t.rsplitn(2, ':').map(String::from).collect()).unwrap_or_default();
     if let [port, host] = &to_parts[..] {
@@ -196,12 +218,12 @@ pub async fn run(a: Args) -> Result<(), String> {
             Ok(Some(ack)) => break ack,
             _ => {
                 probe.abort();
-                let info = Client::connect(&old, pw).await.ok();
+                let info = Client::connect(&old, access).await.ok();
                 let last = match info {
                     Some(mut c) => match c.request(&[b"INFO", b"keel"]).await {
                         Ok(Reply::Bulk(Some(b))) => String::from_utf8_lossy(&b)
                             .lines()
-                            .find_map(|l| l.strip_prefix("handover_last:").map(String::from))
+                            .find_map(|l| l.strip_prefix("keel_handover_last:").map(String::from))
                             .unwrap_or_default(),
                         _ => String::new(),
                     },

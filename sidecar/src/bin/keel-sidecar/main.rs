@@ -48,6 +48,10 @@ enum Cmd {
         /// A file holding the clients' password (default user), if any.
         #[arg(long)]
         password_file: Option<PathBuf>,
+        /// The deployment's CA certificate (PEM): connect over TLS, as the
+        /// clients of a `--tls` deployment do.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
         /// The key the probe writes (its last value stays).
         #[arg(long, default_value = "keel:handover:probe")]
         probe_key: String,
@@ -483,7 +487,7 @@ fn main() -> ExitCode {
             }
             rt.block_on(s.run())
         }
-        Cmd::Handover { sentinels, master_name, to, password_file, probe_key } => {
+        Cmd::Handover { sentinels, master_name, to, password_file, tls_ca, probe_key } => {
             let password = match password_file.map(std::fs::read_to_string).transpose() {
                 Ok(p) => p.map(|p| p.trim_end().to_string()),
                 Err(e) => {
@@ -491,8 +495,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let tls = match tls_ca.as_deref().map(keel_journal_client::tls::client_connector).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("keel-sidecar: --tls-ca: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let sentinels = sentinels.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
-            match rt.block_on(handover_cli::run(handover_cli::Args { sentinels, master_name, to, password, probe_key })) {
+            let access = handover_cli::Access { password, tls };
+            match rt.block_on(handover_cli::run(handover_cli::Args { sentinels, master_name, to, access, probe_key })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("keel-sidecar handover: {e}");
