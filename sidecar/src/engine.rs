@@ -332,15 +332,16 @@ mod tests {
         // Every node upgraded: Valkey builds (it loads Redis's last snapshot).
         assert_eq!(pick_builder(&servers, Some(10), &[v9.clone(), v9.clone()]), Ok(0));
         // Back to Redis 7.0 after Valkey's snapshots: nothing fits, with why.
-        let e = pick_builder(&servers, Some(80), &[r70.clone()]).unwrap_err();
+        let e = pick_builder(&servers, Some(80), std::slice::from_ref(&r70)).unwrap_err();
         assert!(e.contains("redis/7.0.15") && e.contains("RDB version 80") && e.contains("--redis-server"), "{e}");
         // One server, every node on it: that one.
-        assert_eq!(pick_builder(&[r70.clone()], None, &[r70.clone(), r70.clone()]), Ok(0));
-        assert!(pick_builder(&[v9.clone()], None, &[r70.clone()]).is_err());
+        assert_eq!(pick_builder(std::slice::from_ref(&r70), None, &[r70.clone(), r70.clone()]), Ok(0));
+        assert!(pick_builder(std::slice::from_ref(&v9), None, std::slice::from_ref(&r70)).is_err());
         // No member known: the newest server.
         assert_eq!(pick_builder(&servers, None, &[]), Ok(0));
-}
+    }
 
+    #[test]
     fn writers_name_the_engine_its_version_and_rdb() {
         let w = Writer::of(&redis("7.0.15")).unwrap();
         assert_eq!((w.name(), w.version, w.rdb_version), ("redis", [7, 0, 15], 10));
