@@ -36,6 +36,9 @@
 //! Before the fence, any failure unpauses the running Redis and the
 //! adoption goes on; after it, the running Redis stays read-only and the
 //! first node to catch up takes the lease (the handover record expires).
+//! A process that dies between the fence and the handover record leaves
+//! the nodes out of elections: `keel-sidecar adopt --finish-fenced` (same
+//! work dir) checks the running Redis is fenced and finishes the switch.
 //! The decisions of the switch are `Switch`'s (pure, tested); the I/O is
 //! `run`'s.
 
@@ -447,14 +450,24 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
     }
 }
 
+/// The running Redis's address as host and port.
+fn host_port(cfg: &AdoptConfig) -> Result<(String, String), String> {
+    match cfg.redis.to_string().rsplit_once(':') {
+        Some((h, p)) => Ok((h.to_string(), p.to_string())),
+        None => Err(format!("the running Redis's address {} is not host:port", cfg.redis)),
+    }
+}
+
+/// Whether the running Redis's `INFO replication` shows it fenced: a
+/// replica of itself (at `host:port`).
+pub fn fenced(info: &str, host: &str, port: &str) -> bool {
+    info_field(info, "role") == Some("slave") && info_field(info, "master_host") == Some(host) && info_field(info, "master_port") == Some(port)
+}
+
 /// The switch's last steps, the journal holding every acknowledged write
-/// at `journaled`: fence the running Redis, release the lease, wait for a
-/// node to take it, shut the running Redis down.
+/// at `journaled`: fence the running Redis, then `after_fence`.
 async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mut Conn, journaled: u64, paused_at: Instant) -> Result<String, String> {
-    let (host, port) = match cfg.redis.to_string().rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.to_string()),
-        None => return Err(format!("the running Redis's address {} is not host:port", cfg.redis)),
-    };
+    let (host, port) = host_port(cfg)?;
     // A replica of itself never connects (it answers its own PSYNC with
     // -NOMASTERLINK) and never takes a write; with stale data refused its
     // clients get an error for every data command and rediscover.
@@ -469,20 +482,43 @@ async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mu
         return Err(format!("could not fence the running Redis ({e}); it takes writes again: run the adoption again"));
     }
     tracing::info!(journaled, "the running Redis is read-only now; releasing the lease");
-    let handing = HandoverRecord { from: me.to_string(), to: None, until_unix_ms: now_unix_ms() + TAKEOVER_MS };
-    if let Err(e) = crate::handover::announce(journal, &cfg.stream, &handing).await {
-        tracing::warn!(error = %e, "writing the handover record");
+    after_fence(cfg, journal, me, admin, paused_at).await
+}
+
+/// Once the running Redis is fenced (nothing is lost by letting a node
+/// lead from here): the handover record naming any node replaces the
+/// adoption's, so nodes may stand again; the lease is released; a
+/// caught-up node takes it; this process leaves the members; the running
+/// Redis is shut down unless kept. Until the record is replaced no node
+/// ever stands, so that write is retried until it lands (a process that
+/// died here is finished by `keel-sidecar adopt --finish-fenced`).
+async fn after_fence(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mut Conn, paused_at: Instant) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_millis(TAKEOVER_MS);
+    loop {
+        let handing = HandoverRecord { from: me.to_string(), to: None, until_unix_ms: now_unix_ms() + TAKEOVER_MS };
+        match crate::handover::announce(journal, &cfg.stream, &handing).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "writing the handover record; retrying");
+                tokio::time::sleep(Duration::from_millis(cfg.retry_pause_ms)).await;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "the running Redis is read-only, but the handover record could not be written ({e}); when the journal \
+                     answers, run `keel-sidecar adopt --finish-fenced` with the same --work-dir"
+                ));
+            }
+        }
     }
     if let Err(e) = journal.set_leader(&cfg.stream, "", me).await {
-        tracing::warn!(error = %e, "releasing the lease: no clear answer; looking at the stream");
+        tracing::warn!(error = %e, "releasing the lease: no clear answer; looking at the stream (it lapses anyway)");
     }
-    let deadline = Instant::now() + Duration::from_millis(TAKEOVER_MS);
     let successor = loop {
         match journal.stream_info(&cfg.stream).await {
             Ok(i) if !i.leader_uuid.is_empty() && i.leader_uuid != me => break Some(i.leader_uuid),
             _ => {}
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline + Duration::from_millis(TAKEOVER_MS) {
             break None;
         }
         tokio::time::sleep(Duration::from_millis(crate::handover::HANDOVER_POLL_MS)).await;
@@ -514,6 +550,34 @@ async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mu
         }
     };
     Ok(format!("adopted: the primary is now {addr} (writes paused {switch_ms} ms, from the pause to its lease); {old}"))
+}
+
+/// `keel-sidecar adopt --finish-fenced`: the switch's last steps for an
+/// adoption whose process died after it fenced the running Redis (the
+/// nodes stay out of elections until the adoption's record is replaced).
+/// Refused unless the running Redis is fenced: before that it may still
+/// take writes, and a node leading then would lose them.
+pub async fn finish_fenced(cfg: AdoptConfig) -> Result<String, String> {
+    cfg.validate()?;
+    let me = crate::primary::node_uuid(&cfg.work_dir.join("id")).map_err(|e| format!("{}: {e}", cfg.work_dir.display()))?;
+    let journal = JournalClient::from_list(&cfg.journal, &cfg.journal_tls).map_err(|e| e.to_string())?;
+    let record = journal.get_meta(&cfg.stream, crate::handover::HANDOVER_META_KEY).await.map_err(|e| format!("stream {}: {e}", cfg.stream))?;
+    match record.as_deref().and_then(HandoverRecord::decode) {
+        Some(r) if r.adopting() && r.from == me => {}
+        Some(r) if r.adopting() => return Err(format!("stream {} is being adopted by another process ({}), not the one of {}", cfg.stream, r.from, cfg.work_dir.display())),
+        _ => return Err(format!("stream {} is not being adopted: nothing to finish", cfg.stream)),
+    }
+    let mut admin = connect(&cfg).await?;
+    let (host, port) = host_port(&cfg)?;
+    let info = admin.info("replication").await?;
+    if !fenced(&info, &host, &port) {
+        return Err(format!(
+            "the running Redis at {} is not fenced (not a replica of itself): it may take writes, so no node may lead yet; \
+             run the adoption again instead",
+            cfg.redis
+        ));
+    }
+    after_fence(&cfg, &journal, &me, &mut admin, Instant::now()).await
 }
 
 /// Renews the lease when a third of it has passed.
@@ -712,6 +776,15 @@ mod tests {
         assert!(matches!(s, Switch::Draining { .. }), "at half the pause it still waits");
         s.journaled(999, 5_001, 10_000);
         assert!(matches!(&s, Switch::GiveUp(why) if why.contains("999") && why.contains("1000")));
+    }
+
+    #[test]
+    fn the_running_redis_is_fenced_only_as_a_replica_of_itself() {
+        let info = |role: &str, host: &str, port: &str| format!("role:{role}\r\nmaster_host:{host}\r\nmaster_port:{port}\r\n");
+        assert!(fenced(&info("slave", "127.0.0.1", "6379"), "127.0.0.1", "6379"));
+        assert!(!fenced(&info("slave", "127.0.0.1", "6380"), "127.0.0.1", "6379"), "a replica of another server");
+        assert!(!fenced(&info("master", "127.0.0.1", "6379"), "127.0.0.1", "6379"));
+        assert!(!fenced("role:master\r\n", "127.0.0.1", "6379"));
     }
 
     #[test]

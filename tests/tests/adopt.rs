@@ -22,7 +22,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
+use keel_tests::JournalCluster;
+use keel_tests::KeelNode;
 use keel_tests::Resp;
+use keel_tests::Server;
 use keel_tests::bin;
 
 /// Value size of the generated dataset.
@@ -149,6 +152,9 @@ fn writer(first: String, sentinels: Vec<String>, stop: Arc<AtomicBool>) -> Vec<(
         };
         if ok {
             acks.push((n, Instant::now()));
+            // About a thousand writes a second: a steady client, not a load
+            // test (the replicas catch up on what it wrote meanwhile).
+            std::thread::sleep(Duration::from_millis(1));
         } else {
             conn = None;
             if let Some(m) = discover(&sentinels) {
@@ -281,5 +287,73 @@ fn a_running_redis_is_adopted_under_writes_and_left_again() {
     assert_eq!(c.cmd(&["AUTH", "app", "app-password"]), "+OK");
     assert_eq!(c.cmd(&["GET", "app:after"]), "2");
     assert!(c.cmd(&["GET", "w:1"]).starts_with("-NOPERM"), "the user keeps its key pattern");
+    drop(cleanup);
+}
+
+/// An adopter that dies after it fenced the running Redis (here: the fence
+/// is made by hand, then the adopter is killed) leaves the nodes out of
+/// elections; `keel-sidecar adopt --finish-fenced` refuses while the
+/// running Redis can still take writes, and once it is fenced hands the
+/// primary role to a caught-up node, with every write on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adoption_that_died_after_its_fence_is_finished() {
+    let journal = JournalCluster::start(1).await;
+    let root = journal.dir.path().to_path_buf();
+    let stock_dir = root.join("stock");
+    std::fs::create_dir_all(&stock_dir).unwrap();
+    let stock_port = keel_tests::free_port();
+    let stock = format!("127.0.0.1:{stock_port}");
+    let cleanup = Cleanup { dir: root.join("none"), pids: vec![stock_redis(stock_port, &stock_dir)] };
+    let mut c = Resp::connect(&stock);
+    for i in 0..100 {
+        assert_eq!(c.cmd(&["SET", &format!("k:{i}"), &i.to_string()]), "+OK");
+    }
+    let work = root.join("adopt");
+    let adopt_args = |extra: &[&str]| {
+        let mut cmd = Command::new(bin("keel-sidecar"));
+        cmd.args(["adopt", "--redis", &stock, "--journal", &journal.endpoints(), "--store"]);
+        cmd.arg(root.join("snapshots")).arg("--work-dir").arg(&work).arg("--switch-file").arg(root.join("never"));
+        cmd.args(journal.sidecar_tls_args("adopter")).args(extra);
+        cmd
+    };
+    let mut adopter = adopt_args(&[]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut node = KeelNode::new("node-0", Server::Redis, &root, &journal.endpoints(), 1000);
+    node.start_redis();
+    node.start_sidecar();
+    // The node is fed the running Redis's data and its later writes.
+    assert_eq!(c.cmd(&["SET", "late", "1"]), "+OK");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Resp::try_connect(&node.addr(), Duration::from_secs(1)).map(|mut r| r.cmd(&["GET", "late"])).unwrap_or_default() != "1" {
+        assert!(Instant::now() < deadline, "the node was never fed the running Redis's writes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Not fenced yet: finishing is refused, nothing moves.
+    let out = adopt_args(&["--finish-fenced"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is not fenced"), "{err}");
+    // The adopter dies right after fencing the running Redis.
+    assert_eq!(c.cmd(&["CONFIG", "SET", "replica-serve-stale-data", "no"]), "+OK");
+    assert_eq!(c.cmd(&["REPLICAOF", "127.0.0.1", &stock_port.to_string()]), "+OK");
+    adopter.kill().unwrap();
+    adopter.wait().unwrap();
+    // Well past the adopter's lease, the node still does not lead.
+    let lapsed = Instant::now() + Duration::from_millis(3000);
+    while Instant::now() < lapsed {
+        assert_eq!(node.role(), "replica", "a node led while the adoption's record stood");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = adopt_args(&["--finish-fenced"]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("the primary is now {}", node.addr())), "{text}");
+    let mut p = Resp::connect(&node.addr());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.cmd(&["SET", "after", "1"]) != "+OK" {
+        assert!(Instant::now() < deadline, "the node never took writes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(p.cmd(&["GET", "k:99"]), "99");
+    assert_eq!(p.cmd(&["GET", "late"]), "1");
+    assert!(Resp::try_connect(&stock, Duration::from_secs(1)).is_err(), "the running Redis was shut down");
     drop(cleanup);
 }

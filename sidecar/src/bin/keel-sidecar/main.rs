@@ -254,10 +254,16 @@ struct AdoptArgs {
     /// Leave the running Redis up, read-only, after the switch.
     #[arg(long)]
     keep_old: bool,
+    /// Only finish the switch of an adoption (same --work-dir) whose process
+    /// died after it made the running Redis read-only: release the lease to
+    /// a caught-up node. Refused unless the running Redis is read-only.
+    #[arg(long)]
+    finish_fenced: bool,
 }
 
 impl AdoptArgs {
-    fn into_config(self) -> Result<keel_sidecar::adopt::AdoptConfig, String> {
+    /// The configuration, and whether only the fenced switch is finished.
+    fn into_config(self) -> Result<(keel_sidecar::adopt::AdoptConfig, bool), String> {
         let cfg = keel_sidecar::adopt::AdoptConfig {
             redis: keel_sidecar::link::RedisAddr::parse(&self.redis)?,
             announce: self.redis,
@@ -278,7 +284,7 @@ impl AdoptArgs {
             keep_old: self.keep_old,
         };
         cfg.validate()?;
-        Ok(cfg)
+        Ok((cfg, self.finish_fenced))
     }
 }
 
@@ -513,14 +519,17 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Adopt(args) => {
-            let cfg = match args.into_config() {
+            let (cfg, finish_fenced) = match args.into_config() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("keel-sidecar: bad configuration: {e}");
                     return ExitCode::from(2);
                 }
             };
-            match rt.block_on(keel_sidecar::adopt::run(cfg)) {
+            let run = async {
+                if finish_fenced { keel_sidecar::adopt::finish_fenced(cfg).await } else { keel_sidecar::adopt::run(cfg).await }
+            };
+            match rt.block_on(run) {
                 Ok(outcome) => {
                     println!("{outcome}");
                     ExitCode::SUCCESS
