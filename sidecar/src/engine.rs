@@ -55,9 +55,7 @@ impl Engine {
             Some(v) => ("valkey", v),
             None => ("redis", field("redis_version")?),
         };
-        let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
-        let version = (parts.next()??, parts.next().flatten().unwrap_or(0), parts.next().flatten().unwrap_or(0));
-        Some(Engine { name: name.into(), version })
+        Some(Engine { name: name.into(), version: parse_version(version)? })
     }
 
     /// The engine as a member record names it: `redis/7.0.15`.
@@ -72,7 +70,7 @@ impl Engine {
         if name != "redis" && name != "valkey" {
             return None;
         }
-        Engine::from_info(&format!("{}_version:{v}\n", name))
+        Some(Engine { name: name.into(), version: parse_version(v)? })
     }
 
     /// From a server binary's `--version` line: `Redis server v=7.0.15 …`,
@@ -109,6 +107,12 @@ impl Engine {
             self.name
         ))
     }
+}
+
+/// `major[.minor[.patch]]` (a missing or unreadable minor or patch is 0).
+fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next().flatten().unwrap_or(0), parts.next().flatten().unwrap_or(0)))
 }
 
 /// Which of the snapshotter's `servers` builds the next snapshot: the
