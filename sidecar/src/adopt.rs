@@ -114,6 +114,11 @@ pub const TAKEOVER_MS: u64 = 10_000;
 /// A node is caught up when its Redis is at most this far behind the
 /// journal's end (what a turn of writes adds meanwhile).
 pub const READY_SLACK_BYTES: u64 = 1 << 20;
+/// How long a switch waits for a node caught up with the journal before it
+/// is given up (the adoption goes on; the switch may be asked again).
+pub const READY_WAIT_MS: u64 = 600_000;
+/// Where a given-up switch says why (in the work dir), for the caller.
+pub const SWITCH_FAILED_FILE: &str = "switch.failed";
 /// How often the loop looks at the switch file, the lease and the nodes.
 const TICK_MS: u64 = 50;
 /// How often the running Redis is told how far this replica got.
@@ -150,8 +155,9 @@ impl AdoptConfig {
 pub enum Switch {
     /// No switch asked for yet.
     Idle,
-    /// Asked: waiting for a node caught up with the journal.
-    WaitingForNode,
+    /// Asked at `since_ms`: waiting for a node caught up with the journal
+    /// (at most `READY_WAIT_MS`).
+    WaitingForNode { since_ms: u64 },
     /// Writes paused at `target` (the running Redis's offset then) since
     /// `paused_at_ms`: appending until the journal holds it.
     Draining { target: u64, paused_at_ms: u64 },
@@ -163,15 +169,22 @@ pub enum Switch {
 
 impl Switch {
     /// The switch file appeared (or is still there).
-    pub fn asked(&mut self) {
+    pub fn asked(&mut self, now_ms: u64) {
         if *self == Switch::Idle {
-            *self = Switch::WaitingForNode;
+            *self = Switch::WaitingForNode { since_ms: now_ms };
         }
     }
 
-    /// A node is caught up: pause now (the caller pauses, then calls `paused`).
-    pub fn node_ready(&self) -> bool {
-        *self == Switch::WaitingForNode
+    /// Whether it waits for a caught-up node (the caller looks for one, and
+    /// pauses then calls `paused` when it finds one); past `READY_WAIT_MS`
+    /// of waiting it gives up instead.
+    pub fn node_ready(&mut self, now_ms: u64) -> bool {
+        let Switch::WaitingForNode { since_ms } = *self else { return false };
+        if now_ms.saturating_sub(since_ms) > READY_WAIT_MS {
+            *self = Switch::GiveUp(format!("no node caught up with the journal within {READY_WAIT_MS} ms; writes never paused"));
+            return false;
+        }
+        true
     }
 
     pub fn paused(&mut self, target: u64, now_ms: u64) {
@@ -413,10 +426,10 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
             acked = Instant::now();
         }
         if switch == Switch::Idle && cfg.switch_file.exists() {
-            switch.asked();
+            switch.asked(ms());
             tracing::info!(file = %cfg.switch_file.display(), "switch asked for; waiting for a node caught up with the journal");
         }
-        if switch.node_ready() {
+        if switch.node_ready(ms()) {
             match ready_node(&journal, &cfg, &me, tail.end).await {
                 Some(node) => {
                     command(&mut admin, &["CLIENT", "PAUSE", &cfg.pause_ms.to_string(), "WRITE"]).await?;
@@ -436,8 +449,10 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
         switch.journaled(tail.end, ms(), cfg.pause_ms);
         match &switch {
             Switch::GiveUp(why) => {
-                tracing::warn!(%why, "switch given up");
+                tracing::warn!(%why, "switch given up; the running Redis goes on serving, and the adoption goes on");
                 command(&mut admin, &["CLIENT", "UNPAUSE"]).await?;
+                // The caller learns it: the switch file goes, the reason stays.
+                let _ = std::fs::write(cfg.work_dir.join(SWITCH_FAILED_FILE), format!("{why}\n"));
                 let _ = std::fs::remove_file(&cfg.switch_file);
                 switch = Switch::Idle;
             }
@@ -754,23 +769,32 @@ mod tests {
     #[test]
     fn the_switch_pauses_once_a_node_is_ready_and_fences_once_the_journal_holds_the_pause() {
         let mut s = Switch::Idle;
-        assert!(!s.node_ready(), "nothing asked");
-        s.asked();
-        assert!(s.node_ready());
+        assert!(!s.node_ready(0), "nothing asked");
+        s.asked(5);
+        assert!(s.node_ready(6));
         s.paused(1_000, 10);
-        assert!(!s.node_ready());
+        assert!(!s.node_ready(11));
         s.journaled(900, 20, 10_000);
         assert_eq!(s, Switch::Draining { target: 1_000, paused_at_ms: 10 });
         s.journaled(1_000, 30, 10_000);
         assert_eq!(s, Switch::Fence);
-        s.asked();
+        s.asked(40);
         assert_eq!(s, Switch::Fence, "asking again changes nothing");
+    }
+
+    #[test]
+    fn a_switch_with_no_node_caught_up_is_given_up_before_any_pause() {
+        let mut s = Switch::Idle;
+        s.asked(100);
+        assert!(s.node_ready(100 + READY_WAIT_MS), "it waits that long");
+        assert!(!s.node_ready(101 + READY_WAIT_MS));
+        assert!(matches!(&s, Switch::GiveUp(why) if why.contains("never paused")));
     }
 
     #[test]
     fn a_journal_that_does_not_catch_up_within_half_the_pause_gives_the_switch_up() {
         let mut s = Switch::Idle;
-        s.asked();
+        s.asked(0);
         s.paused(1_000, 0);
         s.journaled(999, 5_000, 10_000);
         assert!(matches!(s, Switch::Draining { .. }), "at half the pause it still waits");

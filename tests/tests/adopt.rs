@@ -31,6 +31,8 @@ use keel_tests::bin;
 /// Value size of the generated dataset.
 const VALUE_BYTES: u64 = 1000;
 const REPLICAS: u16 = 1;
+/// The longest one `scripts/cluster` command may take here.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// A base port whose whole block `scripts/cluster` takes is free: node i on
 /// P+i, discovery P+20000+i, metrics P+20100+i; journal node j on JP+j-1,
@@ -49,20 +51,33 @@ fn free_block(from: u16, span: u16, width: u16) -> u16 {
     panic!("no free block of ports from {from}");
 }
 
-fn script(args: &[&str], dir: &Path) -> std::process::Output {
+fn script(args: &[&str], dir: &Path) {
     let bin_dir = bin("keel-sidecar").parent().unwrap().to_path_buf();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let out = Command::new(root.join("scripts/cluster"))
+    let log = dir.with_extension("script.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(root.join("scripts/cluster"))
         .args(args)
         .env("KEEL_USE_BIN_DIR", &bin_dir)
         .env("KEEL_NO_BUILD", "1")
         .env("KEEL_PROFILE", "debug")
-        .output()
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
         .expect("scripts/cluster");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Bounded: a script that hangs fails the test instead of the run.
+    let deadline = Instant::now() + SCRIPT_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("scripts/cluster {} did not end within {SCRIPT_TIMEOUT:?} (logs in {})", args.join(" "), dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!("scripts/cluster {}:\n{text}", args.join(" "));
-    assert!(out.status.success(), "scripts/cluster {} failed (logs in {})", args.join(" "), dir.display());
-    out
+    assert!(status.success(), "scripts/cluster {} failed (logs in {})", args.join(" "), dir.display());
 }
 
 /// Stops everything the test started, whatever happened.
