@@ -267,7 +267,6 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
         Err(e) => return Err(format!("stream {}: {e}", cfg.stream)),
     }
     let lease = journal.take_lease(&cfg.stream, &me, 0, cfg.lease_ms).await.map_err(journal_err("taking the new stream's lease"))?;
-    let mut last_seq = lease.last_seq;
     let adopting = HandoverRecord { from: me.clone(), to: Some(crate::handover::ADOPTING.into()), until_unix_ms: u64::MAX };
     crate::handover::announce(&journal, &cfg.stream, &adopting).await?;
 
@@ -275,15 +274,14 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
     let engine = Engine::from_info(&admin.info("server").await?);
     let engine_handle: crate::feeder::EngineHandle = Arc::new(std::sync::Mutex::new(engine.clone()));
     let member = Member { uuid: me.clone(), redis: cfg.announce.clone(), sentinel: String::new(), seen_unix_ms: 0, engine: String::new() };
-    let registered = tokio::spawn(crate::node::keep_registered(journal.clone(), cfg.stream.clone(), member, engine_handle));
-    let registered = AbortOnDrop(registered);
+    let registered = AbortOnDrop(tokio::spawn(crate::node::keep_registered(journal.clone(), cfg.stream.clone(), member, engine_handle)));
 
     // The full sync.
-    let mut link = connect(&cfg).await?;
-    command(&mut link, &["PING"]).await?;
-    command(&mut link, &["REPLCONF", "capa", "psync2"]).await?;
-    link.send(&[b"PSYNC", b"?", b"-1"]).await?;
-    let (replid, base_offset) = match link.reply().await? {
+    let mut conn = connect(&cfg).await?;
+    command(&mut conn, &["PING"]).await?;
+    command(&mut conn, &["REPLCONF", "capa", "psync2"]).await?;
+    conn.send(&[b"PSYNC", b"?", b"-1"]).await?;
+    let (replid, base_offset) = match conn.reply().await? {
         Reply::Status(s) if s.starts_with("FULLRESYNC ") => {
             let mut w = s.split_whitespace().skip(1);
             let replid = w.next().unwrap_or("").to_string();
@@ -294,173 +292,199 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
     };
     let rdb_path = cfg.work_dir.join("base.rdb");
     let t0 = Instant::now();
-    let (rdb_sha256, rdb_bytes) = receive_rdb(&mut link, &rdb_path).await?;
+    let (rdb_sha256, rdb_bytes) = receive_rdb(&mut conn, &rdb_path).await?;
     tracing::info!(%replid, offset = base_offset, rdb_bytes, ms = t0.elapsed().as_millis() as u64, "received the running Redis's dataset");
 
-    // Publish it as the first snapshot, spooling the stream meanwhile.
-    let base_seq = last_seq + 1;
-    let (mut r, mut w) = link.split();
-    let spool_path = cfg.work_dir.join("stream.spool");
-    let mut spool = tokio::fs::File::create(&spool_path).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
-    let mut spooled = 0u64;
-    let meta_parts = BaseParts {
-        stream: cfg.stream.clone(),
-        seq: base_seq,
-        replid: replid.clone(),
-        offset: base_offset,
-        engine: engine.clone(),
-        rdb_sha256,
-        rdb_bytes,
-    };
-    let mut publish = Box::pin(publish_base(&store, &journal, &cfg, meta_parts, &rdb_path));
-    let mut buf = vec![0u8; READ_CHUNK_BYTES];
-    let mut lease_renewed = Instant::now();
-    let mut acked = Instant::now();
-    let published = loop {
-        tokio::select! {
-            n = r.read(&mut buf) => {
-                let n = n.map_err(|e| format!("the running Redis's replication link: {e}"))?;
-                if n == 0 {
-                    return Err("the running Redis closed the replication link while the base was published; start the adoption again".into());
-                }
-                spool.write_all(&buf[..n]).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
-                spooled += n as u64;
-                if spooled > cfg.max_spool_bytes {
-                    return Err(format!("the running Redis wrote over --max-spool-bytes {} while its base was published; raise it", cfg.max_spool_bytes));
-                }
-            }
-            p = &mut publish => break p?,
-            _ = tokio::time::sleep(Duration::from_millis(TICK_MS)) => {
-                keep_lease(&journal, &cfg, &me, &mut lease_renewed).await?;
-                if acked.elapsed() >= Duration::from_millis(REPLCONF_ACK_MS) {
-                    let at = (base_offset + spooled).to_string();
-                    w.send(&[b"REPLCONF", b"ACK", at.as_bytes()]).await?;
-                    acked = Instant::now();
-                }
-            }
-        }
-    };
-    drop(publish);
+    // Published as the first snapshot, the stream spooled meanwhile.
+    let base_seq = lease.last_seq + 1;
+    let (r, w) = conn.split();
+    let mut link = Link { cfg: &cfg, journal: &journal, me: &me, r, w, lease_renewed: Instant::now(), acked: Instant::now() };
+    let mut spool = Spool::create(cfg.work_dir.join("stream.spool"), cfg.max_spool_bytes).await?;
+    let parts = BaseParts { stream: cfg.stream.clone(), seq: base_seq, replid: replid.clone(), offset: base_offset, engine: engine.clone(), rdb_sha256, rdb_bytes };
+    let published = link.spool_while(publish_base(&store, &journal, &cfg, parts, &rdb_path), &mut spool, base_offset).await?;
     let _ = tokio::fs::remove_file(&rdb_path).await;
-    tracing::info!(seq = published.seq, key = %published.key, spooled, "published the running Redis's dataset as the stream's first snapshot");
+    tracing::info!(seq = published.seq, key = %published.key, spooled = spool.written, "published the running Redis's dataset as the stream's first snapshot");
 
     let mut session = AppendSession::new(journal.clone());
     // Records name the running Redis's engine, as a Keel primary's name its own.
     let writer = engine.as_ref().and_then(crate::engine::Writer::of);
     let end_rec = Record { kind: Kind::RdbEnd, replid: replid.clone(), start: base_offset, end: base_offset, payload: Vec::new(), writer };
-    last_seq = crate::primary::append_records(&mut session, &cfg.stream, &me, &[end_rec], last_seq, cfg.retry_pause_ms).await.map_err(|e| e.to_string())?;
+    let last_seq = crate::primary::append_records(&mut session, &cfg.stream, &me, &[end_rec], lease.last_seq, cfg.retry_pause_ms).await.map_err(|e| e.to_string())?;
     assert_eq!(last_seq, base_seq, "under the lease, the base's record is the one the snapshot names");
 
     let mut tail = Tail { replid, writer, end: base_offset, last_seq, cuts: Cuts::new(base_offset), pending: Vec::new() };
-    // The spool first, then the live stream. The link is still read into
-    // the spool while it drains: the running Redis would drop a replica
-    // whose output buffer outgrows its limit.
-    let mut reader = tokio::fs::File::open(&spool_path).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
-    let mut drained = 0u64;
-    let mut link_buf = vec![0u8; READ_CHUNK_BYTES];
-    loop {
-        // What the link holds now (timeout polls the read once first).
-        while let Ok(n) = tokio::time::timeout(Duration::ZERO, r.read(&mut link_buf)).await {
-            let n = n.map_err(|e| format!("the running Redis's replication link: {e}"))?;
-            if n == 0 {
-                return Err("the running Redis closed the replication link while the spool was journaled; start the adoption again".into());
-            }
-            spool.write_all(&link_buf[..n]).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
-            spooled += n as u64;
-            if spooled - drained > cfg.max_spool_bytes {
-                return Err(format!(
-                    "the journal falls behind the running Redis's writes by over --max-spool-bytes {}",
-                    cfg.max_spool_bytes
-                ));
-            }
+    link.drain_spool(spool, &mut tail, &mut session).await?;
+    tracing::info!(offset = tail.end, seq = tail.last_seq, "the spooled stream is journaled; following the running Redis live");
+    let (journaled, paused_at) = link.follow_until_fence(&mut tail, &mut session, &mut admin).await?;
+    drop(registered);
+    finish(&cfg, &journal, &me, &mut admin, journaled, paused_at).await
+}
+
+/// The replication link from the running Redis, and the upkeep that goes
+/// with reading it: the lease renewed, the running Redis told how far its
+/// replica got.
+struct Link<'a> {
+    cfg: &'a AdoptConfig,
+    journal: &'a JournalClient,
+    me: &'a str,
+    r: crate::redis::ReadHalf,
+    w: crate::redis::WriteHalf,
+    lease_renewed: Instant,
+    acked: Instant,
+}
+
+/// The stream bytes that arrive while they cannot be journaled yet: a file
+/// written at its end and read from its start, at most `max_bytes` ahead.
+struct Spool {
+    path: PathBuf,
+    file: tokio::fs::File,
+    max_bytes: u64,
+    written: u64,
+}
+
+impl Spool {
+    async fn create(path: PathBuf, max_bytes: u64) -> Result<Spool, String> {
+        let file = tokio::fs::File::create(&path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Spool { path, file, max_bytes, written: 0 })
+    }
+
+    /// Appends `b`; `read`: how much was taken out so far.
+    async fn write(&mut self, b: &[u8], read: u64) -> Result<(), String> {
+        self.file.write_all(b).await.map_err(|e| format!("{}: {e}", self.path.display()))?;
+        self.written += b.len() as u64;
+        if self.written - read > self.max_bytes {
+            return Err(format!(
+                "the journal fell behind the running Redis's writes by over --max-spool-bytes {}; raise it",
+                self.max_bytes
+            ));
         }
-        if drained == spooled {
-            break;
-        }
-        spool.flush().await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
-        let want = ((spooled - drained) as usize).min(buf.len());
-        let n = reader.read(&mut buf[..want]).await.map_err(|e| format!("{}: {e}", spool_path.display()))?;
-        if n == 0 {
-            return Err(format!("{} holds less than was written to it", spool_path.display()));
-        }
-        drained += n as u64;
-        tail.take_bytes(&buf[..n]);
-        tail.flush(&mut session, &cfg, &me).await?;
-        keep_lease(&journal, &cfg, &me, &mut lease_renewed).await?;
-        if acked.elapsed() >= Duration::from_millis(REPLCONF_ACK_MS) {
-            let at = tail.end.to_string();
-            w.send(&[b"REPLCONF", b"ACK", at.as_bytes()]).await?;
-            acked = Instant::now();
+        Ok(())
+    }
+}
+
+impl Link<'_> {
+    /// Reads the link; its end is an error saying `what` was under way.
+    async fn read(&mut self, buf: &mut [u8], what: &str) -> Result<usize, String> {
+        match self.r.read(buf).await {
+            Ok(0) => Err(format!("the running Redis closed the replication link while {what}; start the adoption again in a new directory")),
+            Ok(n) => Ok(n),
+            Err(e) => Err(format!("the running Redis's replication link, while {what}: {e}")),
         }
     }
-    drop((spool, reader));
-    let _ = tokio::fs::remove_file(&spool_path).await;
-    tracing::info!(offset = tail.end, seq = tail.last_seq, spooled, "the spooled stream is journaled; following the running Redis live");
 
-    let mut switch = Switch::Idle;
-    let mut paused_at = Instant::now();
-    let mut waiting_logged = Instant::now() - Duration::from_secs(60);
-    let t_start = Instant::now();
-    let ms = || t_start.elapsed().as_millis() as u64;
-    loop {
-        let reading = tail.pending.len() < cfg.max_buffered_bytes;
-        tokio::select! {
-            n = r.read(&mut buf), if reading => {
-                let n = n.map_err(|e| format!("the running Redis's replication link: {e}"))?;
-                if n == 0 {
-                    return Err(format!(
-                        "the running Redis closed the replication link at offset {} (restarted? its output buffer limit?); \
-                         the stream holds everything journaled so far: start the adoption again in a new directory",
-                        tail.end
-                    ));
+    /// Renews the lease when due and tells the running Redis its replica
+    /// is at `offset` (once a second).
+    async fn upkeep(&mut self, offset: u64) -> Result<(), String> {
+        keep_lease(self.journal, self.cfg, self.me, &mut self.lease_renewed).await?;
+        if self.acked.elapsed() >= Duration::from_millis(REPLCONF_ACK_MS) {
+            let at = offset.to_string();
+            self.w.send(&[b"REPLCONF", b"ACK", at.as_bytes()]).await?;
+            self.acked = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Runs `work` (the base's publication), spooling the stream bytes that
+    /// arrive meanwhile (`base`: the offset they start at).
+    async fn spool_while<T>(&mut self, work: impl std::future::Future<Output = Result<T, String>>, spool: &mut Spool, base: u64) -> Result<T, String> {
+        let mut work = std::pin::pin!(work);
+        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        loop {
+            tokio::select! {
+                n = self.read(&mut buf, "its base was published") => spool.write(&buf[..n?], 0).await?,
+                done = &mut work => return done,
+                _ = tokio::time::sleep(Duration::from_millis(TICK_MS)) => self.upkeep(base + spool.written).await?,
+            }
+        }
+    }
+
+    /// Journals the spool, still reading the link into it meanwhile (the
+    /// running Redis drops a replica whose output buffer outgrows its
+    /// limit), until the spool is drained; then removes it.
+    async fn drain_spool(&mut self, mut spool: Spool, tail: &mut Tail, session: &mut AppendSession) -> Result<(), String> {
+        let mut reader = tokio::fs::File::open(&spool.path).await.map_err(|e| format!("{}: {e}", spool.path.display()))?;
+        let mut drained = 0u64;
+        let (mut buf, mut link_buf) = (vec![0u8; READ_CHUNK_BYTES], vec![0u8; READ_CHUNK_BYTES]);
+        loop {
+            // What the link holds now (timeout polls the read once first).
+            while let Ok(n) = tokio::time::timeout(Duration::ZERO, self.read(&mut link_buf, "the spool was journaled")).await {
+                spool.write(&link_buf[..n?], drained).await?;
+            }
+            if drained == spool.written {
+                break;
+            }
+            spool.file.flush().await.map_err(|e| format!("{}: {e}", spool.path.display()))?;
+            let want = ((spool.written - drained) as usize).min(buf.len());
+            let n = reader.read(&mut buf[..want]).await.map_err(|e| format!("{}: {e}", spool.path.display()))?;
+            if n == 0 {
+                return Err(format!("{} holds less than was written to it", spool.path.display()));
+            }
+            drained += n as u64;
+            tail.take_bytes(&buf[..n]);
+            tail.flush(session, self.cfg, self.me).await?;
+            self.upkeep(tail.end).await?;
+        }
+        let _ = tokio::fs::remove_file(&spool.path).await;
+        Ok(())
+    }
+
+    /// Journals the live stream and runs the switch (`Switch`) when the
+    /// switch file appears, until the running Redis may be fenced: returns
+    /// the journal's end then, and when its writes paused.
+    async fn follow_until_fence(&mut self, tail: &mut Tail, session: &mut AppendSession, admin: &mut Conn) -> Result<(u64, Instant), String> {
+        let cfg = self.cfg;
+        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        let mut switch = Switch::Idle;
+        let mut paused_at = Instant::now();
+        let mut waiting_logged = Instant::now() - Duration::from_secs(60);
+        let t_start = Instant::now();
+        let ms = || t_start.elapsed().as_millis() as u64;
+        loop {
+            let reading = tail.pending.len() < cfg.max_buffered_bytes;
+            let tick = if matches!(switch, Switch::Draining { .. }) { 2 } else { TICK_MS };
+            tokio::select! {
+                n = self.read(&mut buf, "it was followed live"), if reading => {
+                    tail.take_bytes(&buf[..n?]);
+                    tail.flush(session, cfg, self.me).await?;
                 }
-                tail.take_bytes(&buf[..n]);
-                tail.flush(&mut session, &cfg, &me).await?;
+                _ = tokio::time::sleep(Duration::from_millis(tick)) => {}
             }
-            _ = tokio::time::sleep(Duration::from_millis(if matches!(switch, Switch::Draining { .. }) { 2 } else { TICK_MS })) => {}
-        }
-        keep_lease(&journal, &cfg, &me, &mut lease_renewed).await?;
-        if acked.elapsed() >= Duration::from_millis(REPLCONF_ACK_MS) {
-            let at = tail.end.to_string();
-            w.send(&[b"REPLCONF", b"ACK", at.as_bytes()]).await?;
-            acked = Instant::now();
-        }
-        if switch == Switch::Idle && cfg.switch_file.exists() {
-            switch.asked(ms());
-            tracing::info!(file = %cfg.switch_file.display(), "switch asked for; waiting for a node caught up with the journal");
-        }
-        if switch.node_ready(ms()) {
-            match ready_node(&journal, &cfg, &me, tail.end).await {
-                Some(node) => {
-                    command(&mut admin, &["CLIENT", "PAUSE", &cfg.pause_ms.to_string(), "WRITE"]).await?;
-                    let info = admin.info("replication").await?;
-                    let target: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).ok_or("INFO replication has no master_repl_offset")?;
-                    tracing::info!(%node, target, journaled = tail.end, "writes paused on the running Redis; journaling up to their offset");
-                    switch.paused(target, ms());
-                    paused_at = Instant::now();
+            self.upkeep(tail.end).await?;
+            if switch == Switch::Idle && cfg.switch_file.exists() {
+                switch.asked(ms());
+                tracing::info!(file = %cfg.switch_file.display(), "switch asked for; waiting for a node caught up with the journal");
+            }
+            if switch.node_ready(ms()) {
+                match ready_node(self.journal, cfg, self.me, tail.end).await {
+                    Some(node) => {
+                        command(admin, &["CLIENT", "PAUSE", &cfg.pause_ms.to_string(), "WRITE"]).await?;
+                        let info = admin.info("replication").await?;
+                        let target: u64 =
+                            info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).ok_or("INFO replication has no master_repl_offset")?;
+                        tracing::info!(%node, target, journaled = tail.end, "writes paused on the running Redis; journaling up to their offset");
+                        switch.paused(target, ms());
+                        paused_at = Instant::now();
+                    }
+                    None if waiting_logged.elapsed() > Duration::from_secs(5) => {
+                        tracing::info!(journaled = tail.end, "no node is caught up with the journal yet");
+                        waiting_logged = Instant::now();
+                    }
+                    None => {}
                 }
-                None if waiting_logged.elapsed() > Duration::from_secs(5) => {
-                    tracing::info!(journaled = tail.end, "no node is caught up with the journal yet");
-                    waiting_logged = Instant::now();
+            }
+            switch.journaled(tail.end, ms(), cfg.pause_ms);
+            match &switch {
+                Switch::GiveUp(why) => {
+                    tracing::warn!(%why, "switch given up; the running Redis goes on serving, and the adoption goes on");
+                    command(admin, &["CLIENT", "UNPAUSE"]).await?;
+                    // The caller learns it: the switch file goes, the reason stays.
+                    let _ = std::fs::write(cfg.work_dir.join(SWITCH_FAILED_FILE), format!("{why}\n"));
+                    let _ = std::fs::remove_file(&cfg.switch_file);
+                    switch = Switch::Idle;
                 }
-                None => {}
+                Switch::Fence => return Ok((tail.end, paused_at)),
+                _ => {}
             }
-        }
-        switch.journaled(tail.end, ms(), cfg.pause_ms);
-        match &switch {
-            Switch::GiveUp(why) => {
-                tracing::warn!(%why, "switch given up; the running Redis goes on serving, and the adoption goes on");
-                command(&mut admin, &["CLIENT", "UNPAUSE"]).await?;
-                // The caller learns it: the switch file goes, the reason stays.
-                let _ = std::fs::write(cfg.work_dir.join(SWITCH_FAILED_FILE), format!("{why}\n"));
-                let _ = std::fs::remove_file(&cfg.switch_file);
-                switch = Switch::Idle;
-            }
-            Switch::Fence => {
-                drop(registered);
-                return finish(&cfg, &journal, &me, &mut admin, tail.end, paused_at).await;
-            }
-            _ => {}
         }
     }
 }
