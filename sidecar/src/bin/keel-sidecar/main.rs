@@ -69,13 +69,8 @@ enum Cmd {
         /// discovery (default: --redis; required with a unix socket).
         #[arg(long)]
         announce: Option<String>,
-        /// Comma-separated journal endpoints.
-        #[arg(long, env = "KEEL_JOURNAL")]
-        journal: String,
         #[command(flatten)]
-        journal_tls: JournalTlsArgs,
-        #[arg(long, default_value = "shard-1")]
-        stream: String,
+        stream: StreamArgs,
         /// Where this node keeps its identity.
         #[arg(long)]
         state_dir: PathBuf,
@@ -151,12 +146,8 @@ enum Cmd {
     /// them. Runs a cycle whenever the journal's untrimmed bytes reach
     /// --every-bytes; with --once, runs one cycle now and prints its seq.
     Snapshot {
-        #[arg(long, env = "KEEL_JOURNAL")]
-        journal: String,
         #[command(flatten)]
-        journal_tls: JournalTlsArgs,
-        #[arg(long, default_value = "shard-1")]
-        stream: String,
+        stream: StreamArgs,
         /// A directory, or s3://bucket/prefix (AWS_* variables give the
         /// endpoint and credentials).
         #[arg(long, env = "KEEL_STORE")]
@@ -199,12 +190,8 @@ enum Cmd {
     Adopt(AdoptArgs),
     /// Print a journaled stream: one line per command (or RDB chunk).
     Decode {
-        #[arg(long, env = "KEEL_JOURNAL")]
-        journal: String,
         #[command(flatten)]
-        journal_tls: JournalTlsArgs,
-        #[arg(long, default_value = "shard-1")]
-        stream: String,
+        stream: StreamArgs,
     },
 }
 
@@ -221,12 +208,8 @@ struct AdoptArgs {
     /// The file holding that user's password (mode 0600).
     #[arg(long)]
     redis_password_file: Option<PathBuf>,
-    #[arg(long, env = "KEEL_JOURNAL")]
-    journal: String,
     #[command(flatten)]
-    journal_tls: JournalTlsArgs,
-    #[arg(long, default_value = "shard-1")]
-    stream: String,
+    stream: StreamArgs,
     /// The deployment's snapshot store (a directory or s3://bucket/prefix).
     #[arg(long, env = "KEEL_STORE")]
     store: String,
@@ -269,9 +252,9 @@ impl AdoptArgs {
             announce: self.redis,
             redis_user: self.redis_user,
             redis_password_file: self.redis_password_file,
-            journal: self.journal,
-            journal_tls: self.journal_tls.load().map_err(|e| format!("bad journal TLS configuration: {e}"))?,
-            stream: self.stream,
+            journal: self.stream.journal,
+            journal_tls: self.stream.journal_tls.load().map_err(|e| format!("bad journal TLS configuration: {e}"))?,
+            stream: self.stream.stream,
             store: self.store,
             redis_server: self.redis_server,
             work_dir: self.work_dir,
@@ -285,6 +268,26 @@ impl AdoptArgs {
         };
         cfg.validate()?;
         Ok((cfg, self.finish_fenced))
+    }
+}
+
+/// The journal and the stream a subcommand works on.
+#[derive(clap::Args)]
+struct StreamArgs {
+    /// Comma-separated journal endpoints.
+    #[arg(long, env = "KEEL_JOURNAL")]
+    journal: String,
+    #[command(flatten)]
+    journal_tls: JournalTlsArgs,
+    #[arg(long, default_value = "shard-1")]
+    stream: String,
+}
+
+impl StreamArgs {
+    /// (journal endpoints, its TLS, stream), or exit code 2 with why.
+    fn load(self) -> Result<(String, JournalTls, String), ExitCode> {
+        let tls = load_journal_tls(self.journal_tls)?;
+        Ok((self.journal, tls, self.stream))
     }
 }
 
@@ -331,8 +334,6 @@ fn main() -> ExitCode {
         Cmd::Node {
             redis,
             announce,
-            journal,
-            journal_tls,
             stream,
             state_dir,
             lease_ms,
@@ -370,7 +371,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let journal_tls = match load_journal_tls(journal_tls) {
+            let (journal, journal_tls, stream) = match stream.load() {
                 Ok(t) => t,
                 Err(code) => return code,
             };
@@ -433,8 +434,8 @@ fn main() -> ExitCode {
             eprintln!("keel-sidecar: {stop}");
             ExitCode::from(1)
         }
-        Cmd::Snapshot { journal, journal_tls: tls, stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, once, show, fetch, fault } => {
-            let journal_tls = match load_journal_tls(tls) {
+        Cmd::Snapshot { stream, store, redis_server, work_dir, every_bytes, poll_ms, cycle_timeout_ms, once, show, fetch, fault } => {
+            let (journal, journal_tls, stream) = match stream.load() {
                 Ok(t) => t,
                 Err(code) => return code,
             };
@@ -540,9 +541,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Decode { journal, journal_tls: tls, stream } => match load_journal_tls(tls) {
+        Cmd::Decode { stream } => match stream.load() {
             Err(code) => code,
-            Ok(tls) => match rt.block_on(decode(&journal, &tls, &stream)) {
+            Ok((journal, tls, stream)) => match rt.block_on(decode(&journal, &tls, &stream)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("keel-sidecar: {e}");
