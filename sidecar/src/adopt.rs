@@ -60,6 +60,7 @@ use crate::engine::Engine;
 use crate::handover::HandoverRecord;
 use crate::link::RedisAddr;
 use crate::node::Member;
+use crate::primary::AbortOnDrop;
 use crate::record::Kind;
 use crate::record::MAX_PAYLOAD_BYTES;
 use crate::record::Record;
@@ -775,14 +776,6 @@ impl Tail {
             self.pending.drain(..used);
             self.end = at;
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -839,8 +839,8 @@ async fn handover_step(
     }
 }
 
-/// A task that does not outlive its handle.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+/// A spawned task that ends when this is dropped.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
