@@ -58,6 +58,7 @@ use tokio::io::AsyncWriteExt;
 use crate::cuts::Cuts;
 use crate::engine::Engine;
 use crate::handover::HandoverRecord;
+use crate::handover::now_unix_ms;
 use crate::link::RedisAddr;
 use crate::node::Member;
 use crate::primary::AbortOnDrop;
@@ -120,8 +121,11 @@ pub const READY_SLACK_BYTES: u64 = 1 << 20;
 pub const READY_WAIT_MS: u64 = 600_000;
 /// Where a given-up switch says why (in the work dir), for the caller.
 pub const SWITCH_FAILED_FILE: &str = "switch.failed";
-/// How often the loop looks at the switch file, the lease and the nodes.
+/// How often the loop looks at the switch file and the lease.
 const TICK_MS: u64 = 50;
+/// How often a switch looks for a caught-up node (each look reads the
+/// members and asks each node's Redis).
+const READY_CHECK_MS: u64 = 250;
 /// How often the running Redis is told how far this replica got.
 const REPLCONF_ACK_MS: u64 = 1_000;
 /// Bytes read from the running Redis at once.
@@ -218,10 +222,6 @@ pub fn caught_up(info: &str, journaled: u64) -> bool {
         && offset.is_some_and(|o| o + READY_SLACK_BYTES >= journaled)
 }
 
-fn now_unix_ms() -> u64 {
-    crate::handover::now_unix_ms()
-}
-
 /// A connection to the running Redis, authenticated if configured.
 async fn connect(cfg: &AdoptConfig) -> Result<Conn, String> {
     let mut c = Conn::open(&cfg.redis).await?;
@@ -245,10 +245,6 @@ async fn command(c: &mut Conn, args: &[&str]) -> Result<Reply, String> {
     }
 }
 
-fn journal_err(what: &str) -> impl Fn(JournalError) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
-
 /// Adopts the running Redis; returns what happened at the switch.
 pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
     cfg.validate()?;
@@ -267,7 +263,7 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
         Err(e) if e.rejection() == Some(&keel_journal_client::errors::Rejection::UnknownStream) => {}
         Err(e) => return Err(format!("stream {}: {e}", cfg.stream)),
     }
-    let lease = journal.take_lease(&cfg.stream, &me, 0, cfg.lease_ms).await.map_err(journal_err("taking the new stream's lease"))?;
+    let lease = journal.take_lease(&cfg.stream, &me, 0, cfg.lease_ms).await.map_err(|e| format!("taking the new stream's lease: {e}"))?;
     let adopting = HandoverRecord { from: me.clone(), to: Some(crate::handover::ADOPTING.into()), until_unix_ms: u64::MAX };
     crate::handover::announce(&journal, &cfg.stream, &adopting).await?;
 
@@ -283,12 +279,7 @@ pub async fn run(cfg: AdoptConfig) -> Result<String, String> {
     command(&mut conn, &["REPLCONF", "capa", "psync2"]).await?;
     conn.send(&[b"PSYNC", b"?", b"-1"]).await?;
     let (replid, base_offset) = match conn.reply().await? {
-        Reply::Status(s) if s.starts_with("FULLRESYNC ") => {
-            let mut w = s.split_whitespace().skip(1);
-            let replid = w.next().unwrap_or("").to_string();
-            let offset: u64 = w.next().and_then(|o| o.parse().ok()).ok_or_else(|| format!("bad FULLRESYNC answer {s:?}"))?;
-            (replid, offset)
-        }
+        Reply::Status(s) => crate::redis::full_resync(&s).ok_or_else(|| format!("the running Redis answered PSYNC with +{s}, not a full resync"))?,
         other => return Err(format!("the running Redis answered PSYNC with {other:?}, not a full resync")),
     };
     let rdb_path = cfg.work_dir.join("base.rdb");
@@ -411,19 +402,29 @@ impl Link<'_> {
             while let Ok(n) = tokio::time::timeout(Duration::ZERO, self.read(&mut link_buf, "the spool was journaled")).await {
                 spool.write(&link_buf[..n?], drained).await?;
             }
-            if drained == spool.written {
+            // Under steady writes the spool is never empty after a read of
+            // the link: once at most a chunk is left, that rest is journaled
+            // without reading the link again, and the link's next bytes
+            // follow live. Before, one chunk per round.
+            let last = spool.written - drained <= READ_CHUNK_BYTES as u64;
+            spool.file.flush().await.map_err(|e| format!("{}: {e}", spool.path.display()))?;
+            while drained < spool.written {
+                let want = ((spool.written - drained) as usize).min(buf.len());
+                let n = reader.read(&mut buf[..want]).await.map_err(|e| format!("{}: {e}", spool.path.display()))?;
+                if n == 0 {
+                    return Err(format!("{} holds less than was written to it", spool.path.display()));
+                }
+                drained += n as u64;
+                tail.take_bytes(&buf[..n]);
+                tail.flush(session, self.cfg, self.me).await?;
+                if !last {
+                    break;
+                }
+            }
+            self.upkeep(tail.end).await?;
+            if last {
                 break;
             }
-            spool.file.flush().await.map_err(|e| format!("{}: {e}", spool.path.display()))?;
-            let want = ((spool.written - drained) as usize).min(buf.len());
-            let n = reader.read(&mut buf[..want]).await.map_err(|e| format!("{}: {e}", spool.path.display()))?;
-            if n == 0 {
-                return Err(format!("{} holds less than was written to it", spool.path.display()));
-            }
-            drained += n as u64;
-            tail.take_bytes(&buf[..n]);
-            tail.flush(session, self.cfg, self.me).await?;
-            self.upkeep(tail.end).await?;
         }
         let _ = tokio::fs::remove_file(&spool.path).await;
         Ok(())
@@ -438,6 +439,7 @@ impl Link<'_> {
         let mut switch = Switch::Idle;
         let mut paused_at = Instant::now();
         let mut waiting_logged = Instant::now() - Duration::from_secs(60);
+        let mut looked_for_node: Option<Instant> = None;
         let t_start = Instant::now();
         let ms = || t_start.elapsed().as_millis() as u64;
         loop {
@@ -455,7 +457,9 @@ impl Link<'_> {
                 switch.asked(ms());
                 tracing::info!(file = %cfg.switch_file.display(), "switch asked for; waiting for a node caught up with the journal");
             }
-            if switch.node_ready(ms()) {
+            let look = looked_for_node.is_none_or(|t| t.elapsed() >= Duration::from_millis(READY_CHECK_MS));
+            if switch.node_ready(ms()) && look {
+                looked_for_node = Some(Instant::now());
                 match ready_node(self.journal, cfg, self.me, tail.end).await {
                     Some(node) => {
                         command(admin, &["CLIENT", "PAUSE", &cfg.pause_ms.to_string(), "WRITE"]).await?;
@@ -533,12 +537,12 @@ async fn finish(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mu
 /// ever stands, so that write is retried until it lands (a process that
 /// died here is finished by `keel-sidecar adopt --finish-fenced`).
 async fn after_fence(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin: &mut Conn, paused_at: Instant) -> Result<String, String> {
-    let deadline = Instant::now() + Duration::from_millis(TAKEOVER_MS);
+    let written_by = Instant::now() + Duration::from_millis(TAKEOVER_MS);
     loop {
         let handing = HandoverRecord { from: me.to_string(), to: None, until_unix_ms: now_unix_ms() + TAKEOVER_MS };
         match crate::handover::announce(journal, &cfg.stream, &handing).await {
             Ok(()) => break,
-            Err(e) if Instant::now() < deadline => {
+            Err(e) if Instant::now() < written_by => {
                 tracing::warn!(error = %e, "writing the handover record; retrying");
                 tokio::time::sleep(Duration::from_millis(cfg.retry_pause_ms)).await;
             }
@@ -553,12 +557,13 @@ async fn after_fence(cfg: &AdoptConfig, journal: &JournalClient, me: &str, admin
     if let Err(e) = journal.set_leader(&cfg.stream, "", me).await {
         tracing::warn!(error = %e, "releasing the lease: no clear answer; looking at the stream (it lapses anyway)");
     }
+    let deadline = Instant::now() + Duration::from_millis(TAKEOVER_MS);
     let successor = loop {
         match journal.stream_info(&cfg.stream).await {
             Ok(i) if !i.leader_uuid.is_empty() && i.leader_uuid != me => break Some(i.leader_uuid),
             _ => {}
         }
-        if Instant::now() >= deadline + Duration::from_millis(TAKEOVER_MS) {
+        if Instant::now() >= deadline {
             break None;
         }
         tokio::time::sleep(Duration::from_millis(crate::handover::HANDOVER_POLL_MS)).await;
