@@ -172,16 +172,16 @@ impl Feeder {
         &self.token
     }
 
-    /// Where the feed stopped on a record it cannot feed, or on a base the
-    /// local server cannot load, if it did.
     /// A refusal for the local server's engine alone (a base or a record's
     /// writer it cannot load), if any.
     pub fn refused(&self) -> Option<Stalled> {
         self.refusal.lock().unwrap().clone()
     }
 
+    /// Where the feed stopped on a record it cannot feed, or on a base the
+    /// local server cannot load, if it did.
     pub fn stalled(&self) -> Option<Stalled> {
-        self.stall.lock().unwrap().at().cloned().or_else(|| self.refusal.lock().unwrap().clone())
+        self.stall.lock().unwrap().at().cloned().or_else(|| self.refused())
     }
 
     /// The local server's engine (from its `INFO server`).

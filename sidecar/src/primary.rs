@@ -597,10 +597,8 @@ async fn attach(cfg: &PrimaryConfig, end: Option<u64>, redis_replid: &str) -> Re
         let replid = if replid.is_empty() { redis_replid.to_string() } else { replid.to_string() };
         tracing::info!(%replid, offset = end, "attached to the replication stream (no full sync)");
         Ok((Link::Continue(link), replid, end))
-    } else if let Some(rest) = answer.strip_prefix("+FULLRESYNC ") {
-        let mut parts = rest.split_whitespace();
-        let replid = parts.next().unwrap_or("").to_string();
-        let offset: u64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(|| retry(format!("bad FULLRESYNC {answer:?}")))?;
+    } else if answer.starts_with("+FULLRESYNC ") {
+        let (replid, offset) = crate::redis::full_resync(&answer[1..]).ok_or_else(|| retry(format!("bad FULLRESYNC {answer:?}")))?;
         if end.is_some() {
             return Err(Stop::LostHistory(format!(
                 "Redis at {} cannot continue the journaled history (it answered a full resync, replid {replid})",

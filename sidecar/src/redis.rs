@@ -126,6 +126,15 @@ pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim())
 }
 
+/// The replication id and offset of a `FULLRESYNC <replid> <offset>`
+/// status (the `PSYNC` answer of a master that sends its dataset); `None`
+/// for any other status.
+pub fn full_resync(status: &str) -> Option<(String, u64)> {
+    let mut w = status.strip_prefix("FULLRESYNC ")?.split_whitespace();
+    let replid = w.next()?.to_string();
+    Some((replid, w.next()?.parse().ok()?))
+}
+
 /// `work` (a fresh connection's exchange with the server at `addr`), or an
 /// error if it takes longer than `timeout_ms`.
 pub async fn within<T>(addr: &RedisAddr, timeout_ms: u64, work: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
@@ -271,6 +280,9 @@ pub(crate) mod tests {
         block_on(async {
             let mut c = conn(b"\n\n+FULLRESYNC abc 7\r\n\n$5\r\nREDIS*1\r\n$4\r\nPING\r\n", vec![3]);
             assert_eq!(c.reply().await.unwrap(), Reply::Status("FULLRESYNC abc 7".into()));
+            assert_eq!(full_resync("FULLRESYNC abc 7"), Some(("abc".into(), 7)));
+            assert_eq!(full_resync("FULLRESYNC abc"), None);
+            assert_eq!(full_resync("CONTINUE abc"), None);
             assert_eq!(c.bulk_header().await.unwrap(), "$5");
             let mut rdb = [0u8; 5];
             c.read_exact(&mut rdb).await.unwrap();

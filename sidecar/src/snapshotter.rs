@@ -180,8 +180,9 @@ pub struct Snapshotter {
     journal: Arc<JournalClient>,
     store: SnapshotStore,
     me: String,
-    /// The engine of each of `cfg.servers`.
-    engines: Vec<crate::engine::Engine>,
+    /// The engine of each of `cfg.servers`, read once by the first build
+    /// (`servers`): showing or fetching a snapshot runs no server.
+    engines: std::sync::OnceLock<Result<Vec<crate::engine::Engine>, String>>,
     /// Whether the threshold was said to be capped by the quota (once).
     warned_threshold: std::sync::atomic::AtomicBool,
 }
@@ -196,8 +197,7 @@ impl Snapshotter {
         let journal = Arc::new(JournalClient::from_list(&cfg.journal, &cfg.journal_tls).map_err(|e| e.to_string())?);
         let store = SnapshotStore::open(&cfg.store)?;
         let me = crate::primary::node_uuid(&cfg.work_dir).map_err(|e| format!("work dir {}: {e}", cfg.work_dir.display()))?;
-        let engines = cfg.servers.iter().map(|b| engine_of(b)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Snapshotter { cfg, journal, store, me, engines, warned_threshold: Default::default() })
+        Ok(Snapshotter { cfg, journal, store, me, engines: Default::default(), warned_threshold: Default::default() })
     }
 
     pub fn store(&self) -> &SnapshotStore {
@@ -419,6 +419,15 @@ impl Snapshotter {
         }
     }
 
+    /// The engine of each server binary it may build with (their
+    /// `--version`, read once); an error names a binary that is no server
+    /// Keel knows. Building needs it: call it at start to refuse a bad
+    /// `--redis-server` at once.
+    pub fn servers(&self) -> Result<&[crate::engine::Engine], String> {
+        let engines = self.engines.get_or_init(|| self.cfg.servers.iter().map(|b| engine_of(b)).collect());
+        engines.as_deref().map_err(String::clone)
+    }
+
     /// The server this cycle builds with (`pick_builder`), from the live
     /// members' engines.
     async fn builder(&self, prev: Option<&SnapshotMeta>) -> Result<(&Path, &crate::engine::Engine), String> {
@@ -430,8 +439,9 @@ impl Snapshotter {
             .filter(|m| now.saturating_sub(m.seen_unix_ms) < crate::node::MEMBER_STALE_MS)
             .filter_map(|m| crate::engine::Engine::from_tag(&m.engine))
             .collect();
-        let i = crate::engine::pick_builder(&self.engines, prev.map(|p| p.rdb_version), &engines)?;
-        Ok((&self.cfg.servers[i], &self.engines[i]))
+        let servers = self.servers()?;
+        let i = crate::engine::pick_builder(servers, prev.map(|p| p.rdb_version), &engines)?;
+        Ok((&self.cfg.servers[i], &servers[i]))
     }
 
     async fn build(&self, server: &Path, engine: &crate::engine::Engine, prev: Option<&SnapshotMeta>, target: u64, dir: &Path, id: &str) -> Result<SnapshotMeta, String> {

@@ -82,14 +82,17 @@ fn script(args: &[&str], dir: &Path) {
 
 /// Stops everything the test started, whatever happened.
 struct Cleanup {
-    dir: PathBuf,
+    /// A deployment `scripts/cluster` started, if any.
+    dir: Option<PathBuf>,
     pids: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-        let _ = Command::new(root.join("scripts/cluster")).args(["stop", "--dir", &self.dir.to_string_lossy()]).output();
+        if let Some(dir) = &self.dir {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+            let _ = Command::new(root.join("scripts/cluster")).args(["stop", "--dir", &dir.to_string_lossy()]).output();
+        }
         for p in &self.pids {
             if let Ok(pid) = std::fs::read_to_string(p) {
                 keel_tests::signal(pid.trim().parse().unwrap_or(0), "KILL");
@@ -214,7 +217,7 @@ fn a_running_redis_is_adopted_under_writes_and_left_again() {
     let stock_port = keel_tests::free_port();
     let plain_port = keel_tests::free_port();
     let stock = format!("127.0.0.1:{stock_port}");
-    let mut cleanup = Cleanup { dir: dir.clone(), pids: vec![stock_dir.join("redis.pid"), out.join("redis.pid")] };
+    let mut cleanup = Cleanup { dir: Some(dir.clone()), pids: vec![stock_dir.join("redis.pid"), out.join("redis.pid")] };
 
     // The running Redis: its dataset from its RDB, an ACL user.
     stock_redis(stock_port, &stock_dir);
@@ -318,7 +321,7 @@ async fn an_adoption_that_died_after_its_fence_is_finished() {
     std::fs::create_dir_all(&stock_dir).unwrap();
     let stock_port = keel_tests::free_port();
     let stock = format!("127.0.0.1:{stock_port}");
-    let cleanup = Cleanup { dir: root.join("none"), pids: vec![stock_redis(stock_port, &stock_dir)] };
+    let cleanup = Cleanup { dir: None, pids: vec![stock_redis(stock_port, &stock_dir)] };
     let mut c = Resp::connect(&stock);
     for i in 0..100 {
         assert_eq!(c.cmd(&["SET", &format!("k:{i}"), &i.to_string()]), "+OK");

@@ -475,6 +475,11 @@ fn main() -> ExitCode {
                     }
                 };
             }
+            // Building runs the servers: a binary that is none is refused now.
+            if let Err(e) = s.servers() {
+                eprintln!("keel-sidecar: bad configuration: {e}");
+                return ExitCode::from(2);
+            }
             if once {
                 return match rt.block_on(s.cycle()) {
                     Ok(Cycle::Published(m)) => {
